@@ -1,0 +1,9 @@
+"""mrloss: multi-region weighted SFT with a fused, zero-weight-skipping linear cross-entropy.
+
+Public names only; heavy or optional imports (transformers, verl, matplotlib, ...) happen inside the
+functions that need them, so ``import mrloss`` stays light.
+"""
+from mrloss.loss import LinearCrossEntropyLoss, linear_cross_entropy
+
+__version__ = "0.1.0"
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from mrloss.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""`mrloss` command line: one entry point, subcommands implemented next to the code they drive.
+
+    mrloss demo                      write example data, show a loss mask, train a tiny model on CPU
+    mrloss train --config F [k=v ...]
+    mrloss prepare ...               validate / convert / split raw data
+    mrloss show FILE [--index N] [--html out.html]
+    mrloss plot RUN_DIR
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help); each function takes argv (list[str]) and returns an exit code.
+SUBCOMMANDS = {
+    "demo": ("mrloss.demo", "main", "write example data, show a loss mask, train a tiny model on CPU"),
+    "train": ("mrloss.train", "main", "train from a YAML config: mrloss train --config F [key=value ...]"),
+    "prepare": ("mrloss.data.prepare", "main", "validate, convert and split a raw data file"),
+    "show": ("mrloss.debug.show", "main", "show the loss mask of one sample (terminal or HTML)"),
+    "plot": ("mrloss.debug.plot", "main", "plot per-region loss curves of a run directory"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mrloss <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"mrloss: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = SUBCOMMANDS[name]
+    return int(getattr(importlib.import_module(module), function)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

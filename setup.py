@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+# torch is a base requirement, but CI installs the CPU build (torch==2.13.0) first so that this
+# range does not pull a multi-GB CUDA build. transformers is capped below 5.11 because verl 0.9.1
+# (the `verl` extra) requires it; the cap keeps one environment able to hold every extra.
+BASE = [
+    "torch>=2.4",
+    "triton>=3.0",
+    "transformers>=5.5.3,<5.11,!=5.6.0",
+    "tokenizers>=0.20",
+    "pyyaml>=6",
+    "tqdm",
+    "pytest",
+    "pytest-benchmark",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-benchmark", "pytest-xdist", "hypothesis>=6", "pyarrow>=14", "matplotlib"],
+    "hf": ["accelerate>=1.0", "peft>=0.13", "datasets"],
+    "verl": ["verl==0.9.1"],
+    "bench": ["matplotlib", "pandas"],
+    "flash": ["flash-attn"],
+    "liger": ["liger-kernel"],
+    "cce": ["cut-cross-entropy"],
+}
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "flash" for req in reqs})
+
+setup(
+    name="mrloss",
+    version="0.1.0",
+    description="Multi-region weighted SFT: a fused, zero-weight-skipping linear cross-entropy and its tooling",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mrloss", "mrloss.*"]),
+    package_data={"mrloss": ["data/examples/*.jsonl", "configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=BASE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mrloss=mrloss.cli:main"]},
+)
