@@ -1,32 +1,333 @@
-"""TEMPORARY STUB (being replaced by the fused implementation): public API of the weighted linear
-cross-entropy. It delegates to the materializing reference so other modules can be built against
-the final signature meanwhile."""
+"""Public API of the fused, zero-weight-skipping weighted linear cross-entropy.
+
+``linear_cross_entropy`` validates its arguments, aligns targets and weights (``shift``), compacts the
+*learned* tokens (valid target and weight > 0: only they cost matmul work), and runs one
+``torch.autograd.Function`` over the chunk driver ``mrloss.chunked`` with a backend row op
+(``mrloss.torch_backend`` or the Triton kernel ``mrloss.kernels.cross_entropy_rows``). The formula is
+the one of ``mrloss.reference``.
+
+For reduction "mean"/"sum" (and ``normalizer``) the upstream gradient is a scalar, so the gradients are
+computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward only scales them.
+For "none" the forward computes losses only and backward re-runs the chunks with per-token scales.
+"""
 from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
 
 import torch
 
-from mrloss.reference import reference_linear_cross_entropy
+from mrloss.chunked import RowOp, accumulation_dtype, chunked_linear_cross_entropy, default_chunk_size
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def linear_cross_entropy(
-    hidden, weight, targets, token_weights=None, *, bias=None, ignore_index=-100, reduction="mean",
-    normalizer=None, softcap=None, label_smoothing=0.0, shift=False, backend="auto",
-    return_token_losses=False, chunk_size=None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    shift: bool = False,
+    backend: str = "auto",
+    return_token_losses: bool = False,
+    chunk_size: int | None = None,
 ):
-    out = reference_linear_cross_entropy(
-        hidden, weight, targets, token_weights, bias=bias, ignore_index=ignore_index, reduction=reduction,
-        normalizer=normalizer, softcap=softcap, label_smoothing=label_smoothing, shift=shift,
-        compute_dtype=torch.float32, return_token_losses=return_token_losses,
-    )
-    if return_token_losses:
-        return out[0].to(hidden.dtype), out[1].float()
-    return out.to(hidden.dtype)
+    """Weighted cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, without
+    ever materializing the ``[N, V]`` logits.
+
+    hidden [..., H] fp16|bf16|fp32|fp64; weight [V, H] and bias [V] of the same dtype;
+    targets [...] integer class ids (``ignore_index`` = no target); token_weights [...] float, finite,
+    >= 0 (None: all 1.0; 0: not learned; treated as constants, no gradient flows into them).
+    l_i = logsumexp(z_i) - (1 - eps) z_i[t_i] - eps/V sum_j z_i[j], z_i = softcap(h_i W^T + b).
+    reduction "mean": sum(w l) / sum(w) over valid tokens (0, with zero gradients, when that sum is 0);
+    "sum": sum(w l); "none": w l per token, shape of targets. normalizer (float or 0-dim tensor):
+    sum(w l) / normalizer instead (0 when normalizer <= 0). shift: position k-1 predicts targets[..., k]
+    with token_weights[..., k]; per-token outputs are target-aligned (index 0 of each sequence is 0).
+    backend "auto": Triton on CUDA tensors, chunked PyTorch otherwise ("triton" on the CPU needs
+    TRITON_INTERPRET=1). chunk_size: learned tokens per chunk (default: chunk logits ~ size of hidden).
+    Returns the loss (float32; float64 for float64 inputs) and, with return_token_losses, also the
+    detached unweighted per-token loss l (float32, shape of targets, 0 where skipped).
+    """
+    _check_arguments(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap,
+                     label_smoothing, shift, backend, chunk_size)
+    row_op = _row_op(backend, hidden)
+    hidden_size, vocab_size = hidden.shape[-1], weight.shape[0]
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    targets_used, weights_used = _aligned_targets(targets, token_weights, ignore_index, shift)
+    learned = targets_used != ignore_index
+    if weights_used is not None:
+        learned &= weights_used > 0
+    num_learned = _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size)
+
+    rows = torch.nonzero_static(learned, size=num_learned).squeeze(1)  # learned flat positions
+    learned_targets = targets_used.index_select(0, rows).long()
+    if weights_used is None:
+        learned_weights = torch.ones(num_learned, dtype=acc_dtype, device=hidden.device)
+    else:
+        learned_weights = weights_used.index_select(0, rows).to(acc_dtype)
+    # shift: flat hidden row j predicts the target at flat position j + 1 (never past its sequence)
+    output_positions = rows + 1 if shift else rows
+
+    hidden_2d = hidden.reshape(-1, hidden_size)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_size, vocab_size)
+    chunk_size = max(1, min(chunk_size, num_learned))
+    needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
+                       for t in (hidden, weight, bias))
+    plan = _Plan(row_op, softcap, float(label_smoothing), chunk_size, reduction == "none", needs_grad)
+
+    if reduction == "none":
+        scales = learned_weights
+    else:
+        denominator = _denominator(normalizer, reduction, learned_weights)
+        inverse = torch.where(denominator > 0, 1 / torch.where(denominator > 0, denominator, 1), 0)
+        scales = learned_weights * inverse
+    learned_loss, learned_token_losses = _LinearCrossEntropyFunction.apply(
+        hidden_2d, weight, bias, rows, learned_targets, scales, plan)
+
+    if reduction == "none":
+        loss = learned_loss.new_zeros(targets.numel()).index_copy(0, output_positions, learned_loss)
+        loss = loss.view(targets.shape)
+    else:
+        loss = learned_loss
+    if not return_token_losses:
+        return loss
+    token_losses = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
+    token_losses.index_copy_(0, output_positions, learned_token_losses.float())
+    return loss, token_losses.view(targets.shape)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`linear_cross_entropy`; the keyword options are fixed at construction.
+
+    ``LinearCrossEntropyLoss(reduction="sum", shift=True)(hidden, weight, targets, token_weights, bias)``
+    """
+
     def __init__(self, **options):
         super().__init__()
+        unknown = set(options) - _OPTION_NAMES
+        if unknown:
+            raise TypeError(f"LinearCrossEntropyLoss: unknown option(s) {sorted(unknown)}; "
+                            f"expected some of {sorted(_OPTION_NAMES)}")
         self.options = options
 
     def forward(self, hidden, weight, targets, token_weights=None, bias=None):
         return linear_cross_entropy(hidden, weight, targets, token_weights, bias=bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+_OPTION_NAMES = {"ignore_index", "reduction", "normalizer", "softcap", "label_smoothing", "shift",
+                 "backend", "return_token_losses", "chunk_size"}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    row_op: RowOp
+    softcap: float | None
+    label_smoothing: float
+    chunk_size: int
+    per_token: bool  # reduction "none": upstream gradient is per token, gradients built in backward
+    needs_grad: tuple[bool, bool, bool]  # gradients wanted for (hidden, weight, bias)
+
+    def run(self, hidden, weight, bias, rows, targets, grad_scales):
+        return chunked_linear_cross_entropy(
+            hidden, weight, bias, rows, targets, grad_scales, row_op=self.row_op, softcap=self.softcap,
+            label_smoothing=self.label_smoothing, chunk_size=self.chunk_size, needs_grad=self.needs_grad)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V]|None, rows [M], targets [M], scales [M], plan) ->
+    (loss, token_losses [M] unweighted, non-differentiable).
+
+    Reduced (plan.per_token False): loss = sum_i scales_i l_i, gradients built in forward, backward
+    multiplies them by the scalar upstream gradient. Per token: loss [M] = scales_i l_i (scales are the
+    token weights) and backward re-runs the chunks with grad scales scales_i * upstream_i.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, targets, scales, plan):
+        ctx.plan, ctx.dtypes = plan, (hidden.dtype, weight.dtype, weight.dtype)
+        build_grads = any(plan.needs_grad) and not plan.per_token
+        result = plan.run(hidden, weight, bias, rows, targets, scales if build_grads else None)
+        if plan.per_token:
+            ctx.save_for_backward(hidden, weight, bias, rows, targets, scales)
+            loss = result.losses * scales
+        else:
+            ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
+            loss = (result.losses * scales).sum()
+        ctx.mark_non_differentiable(result.losses)
+        return loss, result.losses
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_token_losses):
+        if ctx.plan.per_token:
+            hidden, weight, bias, rows, targets, scales = ctx.saved_tensors
+            grads = ctx.plan.run(hidden, weight, bias, rows, targets, scales * grad_loss.to(scales.dtype))[1:]
+            upstream = None
+        else:
+            grads = ctx.saved_tensors
+            upstream = None if bool(grad_loss == 1) else grad_loss  # loss.backward() passes 1: skip scaling
+        out = []
+        for grad, dtype in zip(grads, ctx.dtypes):
+            if grad is not None and upstream is not None:  # scale in float32 at least, round once
+                grad = grad.to(accumulation_dtype(dtype)) * upstream
+            out.append(None if grad is None else grad.to(dtype))
+        return (*out, None, None, None, None)
+
+
+def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap,
+                     label_smoothing, shift, backend, chunk_size):
+    """Shape, dtype, device and option checks (no device sync)."""
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    for name, value in (("token_weights", token_weights), ("bias", bias)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} has H={hidden.shape[-1]} "
+                         f"but weight {tuple(weight.shape)} has H={weight.shape[1]}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have V >= 1 rows, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"dtype mismatch: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"dtype mismatch: hidden is {hidden.dtype} but bias is {bias.dtype}")
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must hold integer class ids (int64), got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"shape mismatch: targets {tuple(targets.shape)} must be hidden's shape without "
+                         f"its last dim, {tuple(hidden.shape[:-1])} (hidden is {tuple(hidden.shape)})")
+    if token_weights is not None:
+        if not token_weights.is_floating_point():
+            raise TypeError(f"token_weights must be a float tensor, got {token_weights.dtype}")
+        if token_weights.shape != targets.shape:
+            raise ValueError(f"shape mismatch: token_weights {tuple(token_weights.shape)} must match "
+                             f"targets {tuple(targets.shape)}")
+    named = [("hidden", hidden), ("weight", weight), ("targets", targets), ("token_weights", token_weights),
+             ("bias", bias)]
+    if isinstance(normalizer, torch.Tensor):
+        named.append(("normalizer", normalizer))
+    for name, value in named:
+        if value is not None and value.device != hidden.device:
+            raise ValueError(f"device mismatch: hidden is on {hidden.device} but {name} is on {value.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if normalizer is not None:
+        if reduction == "none":
+            raise ValueError('normalizer cannot be combined with reduction="none"')
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.dim() != 0:
+                raise ValueError(f"normalizer must be a float or a 0-dim tensor, got shape "
+                                 f"{tuple(normalizer.shape)}")
+        elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+            raise TypeError(f"normalizer must be a float or a 0-dim tensor, got {type(normalizer).__name__}")
+        elif not math.isfinite(normalizer):
+            raise ValueError(f"normalizer must be finite, got {normalizer}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if shift and targets.dim() == 0:
+        raise ValueError("shift=True needs targets with a sequence dimension, got a 0-dim tensor")
+
+
+def _row_op(backend: str, hidden: torch.Tensor) -> RowOp:
+    """The row op of the chosen backend (see ``mrloss.chunked`` for the contract)."""
+    if backend == "auto":
+        backend = "triton" if hidden.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        from mrloss.torch_backend import cross_entropy_rows
+        return cross_entropy_rows
+    if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
+                         "TRITON_INTERPRET=1 set before triton is imported")
+    if not _triton_available():
+        raise ImportError('backend="triton" needs the triton package (pip install triton)')
+    from mrloss.kernels.cross_entropy_rows import cross_entropy_rows
+    return cross_entropy_rows
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _aligned_targets(targets, token_weights, ignore_index, shift):
+    """Flat targets [N] and weights [N] (or None) that row j of the flat hidden states predicts.
+
+    shift: t'[j] = t[j+1], w'[j] = w[j+1] within each sequence (last dim of targets); the last position
+    of every sequence predicts nothing (ignore_index, weight 0). hidden itself is never copied.
+    """
+    if shift:
+        pad_shape = targets.shape[:-1] + (1,)
+        targets = torch.cat([targets[..., 1:], targets.new_full(pad_shape, ignore_index)], dim=-1)
+        if token_weights is not None:
+            token_weights = torch.cat([token_weights[..., 1:], token_weights.new_zeros(pad_shape)], dim=-1)
+    return targets.reshape(-1), None if token_weights is None else token_weights.reshape(-1)
+
+
+def _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size) -> int:
+    """Raise on targets outside [0, V) (other than ignore_index) and on negative / NaN / inf token
+    weights; return the number of learned tokens. One device -> host sync for all three."""
+    bad_targets = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    counts = [bad_targets.sum(), learned.sum()]
+    if token_weights is not None:
+        bad_weights = ~torch.isfinite(token_weights) | (token_weights < 0)
+        counts.append(bad_weights.sum())
+    counts = torch.stack(counts).tolist()
+    if counts[0]:
+        position = _first_position(bad_targets)
+        raise ValueError(f"targets{position} = {targets[position].item()} is outside [0, V={vocab_size}) "
+                         f"and is not ignore_index ({ignore_index}); {counts[0]} such target(s) in "
+                         f"targets of shape {tuple(targets.shape)}")
+    if token_weights is not None and counts[2]:
+        position = _first_position(bad_weights)
+        raise ValueError(f"token_weights{position} = {token_weights[position].item()}: token weights must "
+                         f"be finite and >= 0; {counts[2]} bad value(s) in token_weights of shape "
+                         f"{tuple(token_weights.shape)}")
+    return counts[1]
+
+
+def _first_position(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.unravel_index(mask.reshape(-1).nonzero()[0, 0], mask.shape))
+
+
+def _denominator(normalizer, reduction, learned_weights) -> torch.Tensor:
+    """0-dim tensor in the weights' dtype: normalizer, sum of learned weights ("mean") or 1 ("sum")."""
+    if normalizer is not None:
+        return torch.as_tensor(normalizer, dtype=learned_weights.dtype, device=learned_weights.device)
+    if reduction == "mean":
+        return learned_weights.sum()
+    return torch.ones((), dtype=learned_weights.dtype, device=learned_weights.device)

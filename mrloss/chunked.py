@@ -1,0 +1,113 @@
+"""Chunk driver of the fused linear cross-entropy, shared by both backends.
+
+Only *learned* tokens (valid target, weight > 0) reach this module: the caller passes their row
+indices ``rows`` into ``hidden``, so ignored and zero-weight tokens cost no matmul at all. For chunks
+of C learned tokens the driver computes the logits with a plain matmul (cuBLAS on GPU), hands them to a
+backend *row op*, and turns the row op's logit gradients into the gradients of hidden, weight and bias.
+It never holds more than one ``[C, V]`` logits chunk.
+
+Row op contract (the one place for the formula; ``mrloss.torch_backend`` and
+``mrloss.kernels.cross_entropy_rows`` implement exactly this, in float32 at least):
+
+    row_op(logits, targets, grad_scales, *, softcap, label_smoothing) -> losses
+
+    logits      [C, V] fp16|bf16|fp32|fp64, contiguous, raw a_i = h_i W^T + b; scratch, overwritten
+    targets     [C]    int64 in [0, V)
+    grad_scales [C]    float (fp32, fp64 for fp64 logits) s_i, or None (loss only, logits left as garbage)
+    losses      [C]    same float dtype as grad_scales would have:
+        z_i = c * tanh(a_i / c)  with softcap c, else a_i
+        l_i = logsumexp(z_i) - (1 - eps) * z_i[t_i] - eps / V * sum_j z_i[j]     (eps = label_smoothing)
+    and, when grad_scales is given, logits[i] is overwritten (in its own dtype) with dL/da_i:
+        s_i * (softmax(z_i) - (1 - eps) * onehot(t_i) - eps / V) * (1 - (z_i / c)^2 if softcap else 1)
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+RowOp = Callable[..., torch.Tensor]
+
+
+class ChunkedResult(NamedTuple):
+    """losses [M] (accumulation dtype); gradients are None unless asked for.
+
+    grad_hidden [N, H] in hidden's dtype (zero rows for tokens not in ``rows``);
+    grad_weight [V, H] and grad_bias [V] in the accumulation dtype (fp32, or fp64 for fp64 inputs).
+    """
+
+    losses: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk so that one ``[C, V]`` logits chunk takes about as many bytes as the hidden
+    states ``[N, H]`` (C ~ N * H / V), rounded up to a multiple of 8 for the matmuls."""
+    chunk = -(-num_tokens * hidden_size // vocab_size)
+    return max(8, -(-chunk // 8) * 8)
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    grad_scales: torch.Tensor | None,
+    *,
+    row_op: RowOp,
+    softcap: float | None,
+    label_smoothing: float,
+    chunk_size: int,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> ChunkedResult:
+    """Per-token losses of the rows ``rows`` of ``hidden`` and, with ``grad_scales``, the gradients of
+    ``sum_i grad_scales[i] * losses[i]``.
+
+    hidden [N, H], weight [V, H], bias [V] or None (all one dtype); rows [M] int64 (unique indices into
+    hidden), targets [M] int64 in [0, V), grad_scales [M] float or None (loss only);
+    needs_grad: which of (hidden, weight, bias) gradients to build. The weight and bias gradients are
+    accumulated across chunks in fp32 (fp64 for fp64 inputs), each chunk's product computed in the
+    inputs' dtype. Deterministic: chunks run in order, rows are written with ``index_copy_``.
+    """
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    num_rows = rows.numel()
+    losses = torch.empty(num_rows, dtype=acc_dtype, device=hidden.device)
+    want_hidden, want_weight, want_bias = (grad_scales is not None and need for need in needs_grad)
+    want_bias = want_bias and bias is not None
+    grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_bias else None
+
+    for start in range(0, num_rows, chunk_size):
+        chunk_rows = rows[start:start + chunk_size]
+        chunk_hidden = hidden.index_select(0, chunk_rows)
+        if bias is None:
+            logits = chunk_hidden @ weight.T
+        else:
+            logits = torch.addmm(bias, chunk_hidden, weight.T)
+        chunk_scales = None if grad_scales is None else grad_scales[start:start + chunk_size]
+        losses[start:start + chunk_size] = row_op(
+            logits, targets[start:start + chunk_size], chunk_scales,
+            softcap=softcap, label_smoothing=label_smoothing,
+        )
+        if chunk_scales is None:
+            continue
+        grad_logits = logits  # overwritten in place by the row op
+        if want_hidden:
+            grad_hidden.index_copy_(0, chunk_rows, grad_logits @ weight)
+        if want_weight:
+            if grad_logits.dtype == acc_dtype:
+                grad_weight.addmm_(grad_logits.T, chunk_hidden)
+            else:
+                grad_weight += grad_logits.T @ chunk_hidden
+        if want_bias:
+            grad_bias += grad_logits.sum(0, dtype=acc_dtype)
+    return ChunkedResult(losses, grad_hidden, grad_weight, grad_bias)

@@ -1,0 +1,252 @@
+"""YAML config schema of a training run: load, validate, ``key.sub=value`` overrides, defaults.
+
+A config has six sections; every key is optional except ``data.train_files``::
+
+    data:      train_files, val_files, format, max_length, truncation, pack, add_eos, write_examples
+    model:     path (null: a tiny model built from a transformers config), arch, hidden_size, num_layers,
+               num_heads, num_kv_heads, intermediate_size, vocab_size, dtype, attn_implementation,
+               gradient_checkpointing
+    loss:      backend, chunk_size, softcap, label_smoothing
+    trainer:   output_dir, epochs, max_steps, learning_rate, per_device_batch_size,
+               gradient_accumulation_steps, weight_decay, warmup_ratio, lr_scheduler, max_grad_norm,
+               seed, logging_steps, save_steps, save_total_limit, eval_steps, resume_from_checkpoint,
+               device, dataloader_num_workers, report_to
+    weighting: dynamic_weights (DynamicWeightAdjuster config or null),
+               region_dependencies (RegionDependencyHandler config or null)
+    monitor:   enabled, output_dir
+
+Rules: an unknown key anywhere is an error naming its path (``data.max_lenght``); values are type-checked
+(an int is accepted for a float; a string such as ``1e-3`` -- which YAML reads as a string -- is accepted
+for a float when it parses as one; a single string for a list of strings). Relative paths are relative
+to the working directory of the run (the run scripts run from the repository root). Overrides
+``key.sub=value`` are applied before validation; the value is parsed as YAML (``trainer.max_steps=3``,
+``model.path=null``, ``data.train_files=[a.jsonl,b.jsonl]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the key path (``config trainer.epochs: ...``)."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the samples are and how they become token sequences (see `mrloss.data`)."""
+
+    train_files: list[str] = dataclasses.field(default_factory=list)  # JSONL / JSON / Parquet; required
+    val_files: list[str] = dataclasses.field(default_factory=list)
+    format: Literal["auto", "position_based", "tag_based", "structured"] = "auto"
+    max_length: int | None = 512
+    truncation: Literal["right", "left", "error"] = "right"
+    pack: bool = False  # pack several samples per row (position_ids restart per sample)
+    add_eos: bool = True
+    # True: a missing train/val file is created by writing the shipped example data set
+    # (`mrloss.data.examples.write_examples`) into that file's directory first.
+    write_examples: bool = False
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """``path``: a local HF model directory (model + tokenizer). null: a tiny randomly initialized model of
+    architecture ``arch`` (a transformers model_type) with the sizes below and a byte-level BPE tokenizer
+    of ``vocab_size`` trained on the training texts -- no downloads."""
+
+    path: str | None = None
+    arch: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 512
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    gradient_checkpointing: bool = False
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Options of `mrloss.linear_cross_entropy`; softcap null keeps the model's final_logit_softcapping."""
+
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    chunk_size: int | None = None
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Training loop settings (mapped onto `transformers.TrainingArguments` by `mrloss.train`)."""
+
+    output_dir: str = "outputs/multi_region"
+    epochs: float = 1.0
+    max_steps: int | None = None  # set: overrides epochs
+    learning_rate: float = 1e-3
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0  # fraction of the total steps, in [0, 1)
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int | None = None  # null: no intermediate checkpoints (the final model is always saved)
+    save_total_limit: int | None = 2
+    eval_steps: int | None = None  # null: evaluate at the end of each epoch when val_files are given
+    resume_from_checkpoint: str | bool | None = None  # a checkpoint dir, or true: the last in output_dir
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dataloader_num_workers: int = 0
+    report_to: list[str] = dataclasses.field(default_factory=list)  # e.g. [tensorboard]
+
+
+@dataclasses.dataclass
+class WeightingConfig:
+    """Region steering tools (`mrloss.weighting.RegionWeighting.from_config` takes this section)."""
+
+    dynamic_weights: dict | None = None
+    region_dependencies: dict | None = None
+
+
+@dataclasses.dataclass
+class MonitorConfig:
+    """`mrloss.debug.MultiRegionTrainingMonitor`: per-region statistics as JSONL (default
+    ``<trainer.output_dir>/monitor``)."""
+
+    enabled: bool = True
+    output_dir: str | None = None
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    weighting: WeightingConfig = dataclasses.field(default_factory=WeightingConfig)
+    monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read the YAML file at ``path`` (None: all defaults), apply ``key.sub=value`` overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} not found") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        raw = {} if raw is None else raw
+    raw = apply_overrides(raw, overrides)
+    config = config_from_dict(raw)
+    if not config.data.train_files:
+        raise ConfigError("config data.train_files: required (one or more JSONL / JSON / Parquet files)")
+    return config
+
+
+def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Return a copy of ``raw`` with each ``a.b.c=value`` set (value parsed as YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    raw = _deep_copy(raw)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {override!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {override!r}: value is not valid YAML: {error}") from None
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: config {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Validate a nested dict against the schema (unknown keys and wrong types raise ConfigError)."""
+    return _build(Config, raw, "")
+
+
+def _deep_copy(value):
+    return {k: _deep_copy(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _build(cls, raw, path: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path or '<top>'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"config {key_path}: unknown key (known keys here: {', '.join(sorted(fields))})")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            values[key] = _build(annotation, {} if value is None else value, key_path)
+        else:
+            values[key] = _check(value, annotation, key_path)
+    return cls(**values)
+
+
+def _check(value, annotation, path: str):
+    """``value`` converted to ``annotation`` (int, float, bool, str, dict, list[X], Literal, X | None)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, option, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config {path}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config {path}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_check(item, args[0], f"{path}[{i}]") for i, item in enumerate(items)]
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, annotation):
+        return value
+    raise ConfigError(f"config {path}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
+
+
+def _describe(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return "null" if annotation is type(None) else annotation.__name__

@@ -1,0 +1,93 @@
+"""MultiRegionDataset: raw files of any format -> tokenized items with token weights."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from mrloss.data.encode import encode_batch
+from mrloss.data.records import Record, read_records
+from mrloss.formats import FormatError, parse
+
+
+class MultiRegionDataset(torch.utils.data.Dataset):
+    """Every sample of ``paths`` (JSONL / JSON / Parquet, formats mixed freely), parsed and encoded up front,
+    so a bad sample fails at construction with a FormatError naming it (and counting the others).
+
+    Item ``i``: ``input_ids [T] int64``, ``token_weights [T] float32`` (``token_weights[0] == 0``),
+    ``region_ids [T] int64`` (index into the sample's regions, -1 outside), ``region_type_ids [T] int64``
+    (index into ``self.region_types``, -1 outside every region).
+
+    ``region_types``: the region-type vocabulary: the given list first (share ``train.region_types`` with
+    the validation set to keep ids equal), then the other types of the data, sorted.
+    Also kept: ``sample_ids``, ``region_texts`` and ``truncated`` (``(sample_id, [region index])`` of samples
+    whose learned regions truncation cut; a warning counts them).
+    """
+
+    def __init__(self, paths, tokenizer, *, format: str = "auto", max_length: int | None = None,
+                 truncation: str = "right", add_eos: bool = True, region_types: list[str] | None = None,
+                 overlap: str = "error"):
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        records = [record for path in paths for record in read_records(path)]
+        self._build(records, tokenizer, format=format, max_length=max_length, truncation=truncation,
+                    add_eos=add_eos, region_types=region_types, overlap=overlap)
+
+    @classmethod
+    def from_samples(cls, samples: list[dict], tokenizer, *, sample_ids: list | None = None, **options):
+        """The dataset of in-memory raw samples (same options as the constructor); ids default to indices."""
+        dataset = cls.__new__(cls)
+        sample_ids = list(range(len(samples))) if sample_ids is None else list(sample_ids)
+        dataset._build([Record(sample_id, index, sample=sample)
+                        for index, (sample_id, sample) in enumerate(zip(sample_ids, samples))], tokenizer, **options)
+        return dataset
+
+    def _build(self, records: list[Record], tokenizer, *, format="auto", max_length=None, truncation="right",
+               add_eos=True, region_types=None, overlap="error"):
+        region_texts, sample_ids, errors = [], [], []
+        for record in records:
+            try:
+                if record.error is not None:
+                    raise record.error
+                region_texts.append(parse(record.sample, format, overlap=overlap, sample_id=record.sample_id))
+                sample_ids.append(record.sample_id)
+            except FormatError as error:
+                errors.append(error)
+        if errors:
+            first = errors[0]
+            more = (f" (and {len(errors) - 1} more bad sample{'s' * (len(errors) > 2)}; `mrloss prepare FILE` lists "
+                    "them all)") if len(errors) > 1 else ""
+            raise FormatError(first.reason + more, sample_id=first.sample_id, field=first.field,
+                              position=first.position)
+        encodings = encode_batch(region_texts, tokenizer, max_length=max_length, truncation=truncation,
+                                 add_eos=add_eos, sample_ids=sample_ids)
+        given = list(region_types or [])
+        found = {region.type for rt in region_texts for region in rt.regions}
+        self.region_types = given + sorted(found - set(given))
+        type_ids = {name: index for index, name in enumerate(self.region_types)}
+        self.sample_ids = sample_ids
+        self.region_texts = region_texts
+        self.truncated = [(sample_id, encoding["truncated_regions"])
+                          for sample_id, encoding in zip(sample_ids, encodings) if encoding["truncated_regions"]]
+        if self.truncated:
+            warnings.warn(f"truncation (max_length={max_length}, {truncation}) cut learned regions of "
+                          f"{len(self.truncated)} of {len(records)} samples, e.g. {self.truncated[0][0]}; see "
+                          f"dataset.truncated", stacklevel=3)
+        self._items = [self._tensors(encoding, type_ids) for encoding in encodings]
+
+    @staticmethod
+    def _tensors(encoding: dict, type_ids: dict[str, int]) -> dict[str, torch.Tensor]:
+        region_ids = torch.tensor(encoding["region_ids"], dtype=torch.int64)
+        sample_type_ids = torch.tensor([type_ids[name] for name in encoding["region_types"]] + [-1], dtype=torch.int64)
+        return {
+            "input_ids": torch.tensor(encoding["input_ids"], dtype=torch.int64),
+            "token_weights": torch.tensor(encoding["token_weights"], dtype=torch.float32),
+            "region_ids": region_ids,
+            "region_type_ids": sample_type_ids[region_ids],  # index -1 picks the trailing -1
+        }
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return dict(self._items[index])

@@ -1,0 +1,220 @@
+"""MultiRegionTrainingMonitor: per-region-type statistics of each training batch, to JSONL / TensorBoard / wandb.
+
+Statistics of one batch, per region type (plus ``(outside)`` for tokens outside every region), over the
+non-padding tokens (``attention_mask`` = 1):
+  - ``tokens``: tokens of the type;
+  - ``learned_tokens``: those with weight > 0 (and a label other than -100 when ``labels`` is in the batch);
+  - ``weight_sum``: Σw over the learned tokens;
+  - ``mean_loss`` (token losses given): the plain mean of their token losses (unweighted, so that changing
+    the weights does not move it; None without learned tokens) — what ``RegionWeighting.update`` takes;
+  - ``grad_share``: the type's share of the effective gradient, Σ(w·l) of the type / Σ(w·l) of the batch:
+    the fraction of the weighted loss (and so of its gradient signal) that the type contributes; without
+    token losses, Σw of the type / Σw of the batch. None when the denominator is 0.
+``total`` holds the same for the whole batch, plus ``weighted_loss`` = Σ(w·l) / Σw (the batch's loss under
+its own normaliser).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from mrloss.debug.visualizer import OUTSIDE
+
+STATS_FILE = "region_stats.jsonl"
+BACKENDS = ("tensorboard", "wandb")
+
+
+def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor, region_types: Sequence[str], *,
+                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                      token_losses: torch.Tensor | None = None) -> dict:
+    """``{"regions": {type: stats}, "total": stats}`` of one batch (see the module docstring).
+
+    All tensors ``[B, T]`` (or any one shape), target-aligned: token_weights float, region_type_ids int64 in
+    ``[-1, len(region_types))``, attention_mask 0/1, labels int64 (-100 = not learned), token_losses float.
+    """
+    shape = token_weights.shape
+    for name, tensor in (("region_type_ids", region_type_ids), ("attention_mask", attention_mask),
+                         ("labels", labels), ("token_losses", token_losses)):
+        if tensor is not None and tensor.shape != shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} != token_weights shape {tuple(shape)}")
+    n_types = len(region_types)
+    ids = region_type_ids.detach().long()
+    if bool(((ids < -1) | (ids >= n_types)).any()):
+        raise ValueError(f"region_type_ids holds values outside [-1, {n_types}) (region_types: {list(region_types)})")
+    weights = token_weights.detach().double()
+    valid = torch.ones(shape, dtype=torch.bool, device=weights.device) if attention_mask is None \
+        else attention_mask.detach().bool()
+    learned = valid & (weights > 0)
+    if labels is not None:
+        learned &= labels.detach() != -100
+    bucket = torch.where(ids >= 0, ids, n_types)  # bucket n_types: outside every region
+
+    def per_bucket(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
+        sums = torch.zeros(n_types + 1, dtype=torch.float64, device=weights.device)
+        return sums.index_add_(0, bucket[mask], values[mask].double()).tolist()
+
+    ones = torch.ones_like(weights)
+    columns = {"tokens": per_bucket(ones, valid), "learned_tokens": per_bucket(ones, learned),
+               "weight_sum": per_bucket(weights, learned)}
+    if token_losses is not None:
+        losses = token_losses.detach().double()
+        columns["loss_sum"] = per_bucket(losses, learned)
+        columns["share_of"] = per_bucket(weights * losses, learned)
+    else:
+        columns["share_of"] = columns["weight_sum"]
+    share_total = sum(columns["share_of"])
+
+    def entry(values: dict[str, float]) -> dict:
+        stats = {"tokens": int(values["tokens"]), "learned_tokens": int(values["learned_tokens"]),
+                 "weight_sum": values["weight_sum"],
+                 "grad_share": values["share_of"] / share_total if share_total > 0 else None}
+        if token_losses is not None:
+            stats["mean_loss"] = values["loss_sum"] / stats["learned_tokens"] if stats["learned_tokens"] else None
+        return stats
+
+    names = list(region_types) + [OUTSIDE]
+    regions = {name: entry({key: column[i] for key, column in columns.items()}) for i, name in enumerate(names)}
+    total = entry({key: sum(column) for key, column in columns.items()})
+    if token_losses is not None:
+        total["weighted_loss"] = sum(columns["share_of"]) / total["weight_sum"] if total["weight_sum"] > 0 \
+            else None
+    return {"regions": regions, "total": total}
+
+
+class MultiRegionTrainingMonitor:
+    """Record per-region-type statistics of training batches.
+
+    ``output_dir``: where ``region_stats.jsonl`` (one JSON object per ``log_batch_stats`` call) and, when
+    enabled, the TensorBoard event files (``output_dir/tensorboard``) go; None keeps nothing on disk.
+    ``region_types``: names of the batch's ``region_type_ids`` (the dataset's ``region_types``).
+    ``report_to``: any of "tensorboard", "wandb"; each is used when its package is installed (wandb: when a
+    run is active, ``wandb.run``), else a warning says it is skipped. Imports happen on first use.
+    Under data parallelism give ``output_dir`` (and ``report_to``) on rank 0 only.
+    """
+
+    def __init__(self, output_dir=None, region_types: Sequence[str] | None = None, *,
+                 report_to: Sequence[str] = ()) -> None:
+        unknown = sorted(set(report_to) - set(BACKENDS))
+        if unknown:
+            raise ValueError(f"report_to: unknown backend(s) {unknown}; choose from {list(BACKENDS)}")
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.region_types = list(region_types) if region_types is not None else None
+        self.report_to = tuple(report_to)
+        self._backends: dict[str, object] = {}
+
+    @property
+    def stats_path(self) -> Path | None:
+        return self.output_dir / STATS_FILE if self.output_dir is not None else None
+
+    def log_batch_stats(self, batch: Mapping[str, torch.Tensor], step: int, token_losses: torch.Tensor | None = None,
+                        *, multipliers: Mapping[str, float] | None = None) -> dict:
+        """Statistics of one batch (collator output: ``token_weights``, ``region_type_ids``, optionally
+        ``attention_mask`` and ``labels``), recorded and returned as ``{"step", "regions", "total"}`` plus
+        ``"multipliers"`` (what the weighting tools did, region type -> factor) when given.
+
+        token_losses: ``[B, T]``, target-aligned like token_weights (index k = loss of predicting input_ids[k]).
+        """
+        for key in ("token_weights", "region_type_ids"):
+            if key not in batch:
+                raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}); pass the MultiRegionCollator's output")
+        region_types = self.region_types
+        if region_types is None:
+            largest = int(batch["region_type_ids"].max()) if batch["region_type_ids"].numel() else -1
+            region_types = [f"type{i}" for i in range(largest + 1)]
+        record = {"step": int(step), **region_statistics(
+            batch["token_weights"], batch["region_type_ids"], region_types, attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"), token_losses=token_losses)}
+        if multipliers is not None:
+            record["multipliers"] = {str(k): float(v) for k, v in multipliers.items()}
+        self._write(record)
+        return record
+
+    @staticmethod
+    def type_losses(record: Mapping) -> dict[str, float]:
+        """``{region type: mean_loss}`` of a ``log_batch_stats`` record, for ``RegionWeighting.update``."""
+        return {name: stats["mean_loss"] for name, stats in record["regions"].items()
+                if name != OUTSIDE and stats.get("mean_loss") is not None}
+
+    def _write(self, record: dict) -> None:
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.stats_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if not self.report_to:
+            return
+        scalars = flat_scalars(record)
+        tensorboard, wandb = self._backend("tensorboard"), self._backend("wandb")
+        if tensorboard is not None:
+            for tag, value in scalars.items():
+                tensorboard.add_scalar(tag, value, record["step"])
+        if wandb is not None and wandb.run is not None:
+            wandb.log(scalars, step=record["step"])
+
+    def _backend(self, name: str):
+        """The TensorBoard SummaryWriter / the wandb module, created or imported on first use; None when not
+        in ``report_to`` or not installed (warned once)."""
+        if name not in self.report_to:
+            return None
+        if name not in self._backends:
+            try:
+                if name == "wandb":
+                    import wandb as backend
+                else:
+                    import tensorboard  # noqa: F401  (SummaryWriter needs it)
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    log_dir = self.output_dir / "tensorboard" if self.output_dir is not None else None
+                    backend = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
+            except ImportError:
+                warnings.warn(f"MultiRegionTrainingMonitor: report_to includes {name!r} but it is not installed; "
+                              f"skipped", stacklevel=4)
+                backend = None
+            self._backends[name] = backend
+        return self._backends[name]
+
+    def log_trainer_logs(self, step: int, logs: Mapping) -> None:
+        """Append the trainer's own log line (loss, learning rate, ...) as ``{"step", "trainer": logs}``."""
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            with open(self.stats_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": int(step), "trainer": numbers}) + "\n")
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (JSONL lines are written as they come)."""
+        writer = self._backends.pop("tensorboard", None)
+        if writer is not None:
+            writer.close()
+
+    def hf_callback(self):
+        """A ``transformers.TrainerCallback`` that appends the Trainer's log lines (loss, learning rate) to the
+        JSONL file and closes the monitor when training ends. The batch statistics themselves come from the
+        training loop calling ``log_batch_stats`` (the callback never sees batches or token losses)."""
+        from transformers import TrainerCallback
+
+        monitor = self
+
+        class MultiRegionMonitorCallback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and state.is_world_process_zero:
+                    monitor.log_trainer_logs(state.global_step, logs)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                monitor.close()
+
+        return MultiRegionMonitorCallback()
+
+
+def flat_scalars(record: Mapping) -> dict[str, float]:
+    """``{"region/<type>/<stat>": value, "total/<stat>": value, "multiplier/<type>": value}`` of a record,
+    None values left out: the names used for TensorBoard and wandb."""
+    scalars = {f"region/{name}/{key}": value for name, stats in record["regions"].items()
+               for key, value in stats.items() if value is not None}
+    scalars.update({f"total/{key}": value for key, value in record["total"].items() if value is not None})
+    scalars.update({f"multiplier/{name}": value for name, value in record.get("multipliers", {}).items()})
+    return scalars

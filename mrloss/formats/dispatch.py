@@ -1,0 +1,68 @@
+"""parse / convert: pick the format of a sample and hand it to that format's module."""
+from __future__ import annotations
+
+from mrloss.formats import position_based, structured, tag_based
+from mrloss.formats.errors import FormatError
+from mrloss.formats.regions import RegionText
+
+FORMATS = ("position_based", "tag_based", "structured")
+_KEYS = {"position_based": position_based.KEYS, "tag_based": tag_based.KEYS, "structured": structured.KEYS}
+_WRITERS = {"position_based": position_based.to_position_based, "tag_based": tag_based.to_tag_based,
+            "structured": structured.to_structured}
+
+
+def detect_format(sample: dict) -> str:
+    """``segments`` -> structured; ``learning_regions`` -> position_based; otherwise tag_based."""
+    if "segments" in sample:
+        return "structured"
+    if "learning_regions" in sample:
+        return "position_based"
+    return "tag_based"
+
+
+def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_id=None) -> RegionText:
+    """RegionText of one raw sample in ``format`` (``"auto"``, or one of FORMATS).
+
+    Extra top-level keys are metadata and ignored, except keys of another format (e.g. ``text`` next to
+    ``segments``), which would otherwise be silently dropped. ``overlap`` ("error" | "max") applies to
+    position_based regions. Raises FormatError naming ``sample_id``, the field and the character position.
+    """
+    if format not in ("auto",) + FORMATS:
+        raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
+    if not isinstance(sample, dict):
+        raise FormatError(f"a sample must be an object, got {type(sample).__name__}", sample_id=sample_id)
+    chosen = detect_format(sample) if format == "auto" else format
+    foreign = [key for name, keys in _KEYS.items() if name != chosen for key in keys
+               if key in sample and key not in _KEYS[chosen]]
+    if foreign:
+        raise FormatError(f"key {foreign[0]!r} does not belong to a {chosen} sample (keys: "
+                          f"{', '.join(_KEYS[chosen])})", sample_id=sample_id, field=foreign[0])
+    if chosen == "position_based":
+        region_text = position_based.parse_position_based(sample, overlap=overlap, sample_id=sample_id)
+    elif chosen == "tag_based":
+        region_text = tag_based.parse_tag_based(sample, sample_id=sample_id)
+    else:
+        region_text = structured.parse_structured(sample, sample_id=sample_id)
+    if not region_text.text:
+        raise FormatError("the sample has no text", sample_id=sample_id,
+                          field="segments" if chosen == "structured" else "text")
+    return region_text
+
+
+def to_format(region_text: RegionText, format: str, *, sample_id=None) -> dict:
+    """The raw sample of ``region_text`` in ``format`` (one of FORMATS); parsing it gives the same
+    ``char_weights()``."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    try:
+        return _WRITERS[format](region_text)
+    except FormatError as error:
+        raise error.with_sample_id(sample_id) from None
+
+
+def convert(sample: dict, to: str, format: str = "auto", *, overlap: str = "error", sample_id=None) -> dict:
+    """``sample`` rewritten in format ``to``; its top-level metadata keys are kept."""
+    region_text = parse(sample, format, overlap=overlap, sample_id=sample_id)
+    source = detect_format(sample) if format == "auto" else format
+    metadata = {key: value for key, value in sample.items() if key not in _KEYS[source]}
+    return {**to_format(region_text, to, sample_id=sample_id), **metadata}

@@ -1,0 +1,152 @@
+"""Region, RegionText and the checks every format shares (weights, keys, types, overlaps)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+from mrloss.formats.errors import FormatError
+
+DEFAULT_TYPE = "default"
+OVERLAP_MODES = ("error", "max")
+
+
+@dataclass(frozen=True)
+class Region:
+    """Characters ``text[start:end]`` (half-open, Python code-point indices) learned with ``weight``."""
+
+    start: int
+    end: int
+    weight: float
+    type: str = DEFAULT_TYPE
+
+
+@dataclass(frozen=True)
+class RegionText:
+    """The exact text the model sees plus its weighted regions.
+
+    ``regions`` are sorted by ``start``, never overlap and never empty; every character outside them has
+    ``default_weight``. A character inside a region has the region's weight (even when it is below
+    ``default_weight``).
+    """
+
+    text: str
+    regions: tuple[Region, ...] = field(default_factory=tuple)
+    default_weight: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "regions", tuple(self.regions))
+        if not isinstance(self.text, str):
+            raise FormatError(f"must be a string, got {type(self.text).__name__}", field="text")
+        check_weight(self.default_weight, "default_weight")
+        previous_end = 0
+        for index, region in enumerate(self.regions):
+            name = f"regions[{index}]"
+            check_weight(region.weight, f"{name}.weight", region.start)
+            if not 0 <= region.start < region.end <= len(self.text):
+                raise FormatError(f"[{region.start}, {region.end}) is empty or outside the text (length "
+                                  f"{len(self.text)})", field=name, position=region.start)
+            if region.start < previous_end:
+                raise FormatError("regions must be sorted and must not overlap", field=name, position=region.start)
+            previous_end = region.end
+
+    def char_weights(self) -> list[float]:
+        """One weight per character of ``text``: the region's weight inside a region, else ``default_weight``."""
+        weights = [float(self.default_weight)] * len(self.text)
+        for region in self.regions:
+            weights[region.start:region.end] = [float(region.weight)] * (region.end - region.start)
+        return weights
+
+    def char_region_ids(self) -> list[int]:
+        """One index into ``regions`` per character of ``text``; -1 outside every region."""
+        ids = [-1] * len(self.text)
+        for index, region in enumerate(self.regions):
+            ids[region.start:region.end] = [index] * (region.end - region.start)
+        return ids
+
+
+def check_weight(value, field: str, position: int | None = None, sample_id=None) -> float:
+    """``value`` as a float if it is a finite, non-negative real number (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise FormatError(f"weight must be a number, got {value!r} ({type(value).__name__})",
+                          sample_id=sample_id, field=field, position=position)
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise FormatError(f"weight must be finite, got {value!r}", sample_id=sample_id, field=field, position=position)
+    if value < 0:
+        raise FormatError(f"weight must be >= 0, got {value!r}", sample_id=sample_id, field=field, position=position)
+    return value
+
+
+def check_int(value, field: str, sample_id=None) -> int:
+    """``value`` if it is an integer (bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise FormatError(f"must be an integer, got {value!r} ({type(value).__name__})", sample_id=sample_id, field=field)
+    return int(value)
+
+
+def check_str(value, field: str, sample_id=None, position: int | None = None, allow_empty: bool = True) -> str:
+    """``value`` if it is a string (non-empty unless ``allow_empty``)."""
+    if not isinstance(value, str):
+        raise FormatError(f"must be a string, got {value!r} ({type(value).__name__})",
+                          sample_id=sample_id, field=field, position=position)
+    if not allow_empty and not value:
+        raise FormatError("must not be empty", sample_id=sample_id, field=field, position=position)
+    return value
+
+
+def check_mapping(value, field: str, allowed: tuple[str, ...], sample_id=None, position: int | None = None) -> dict:
+    """``value`` if it is a dict whose keys are all in ``allowed`` (a typo like ``weigth`` is an error)."""
+    if not isinstance(value, dict):
+        raise FormatError(f"must be an object, got {type(value).__name__}", sample_id=sample_id, field=field,
+                          position=position)
+    unknown = [key for key in value if key not in allowed]
+    if unknown:
+        raise FormatError(f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})", sample_id=sample_id,
+                          field=f"{field}.{unknown[0]}", position=position)
+    return value
+
+
+def check_list(value, field: str, sample_id=None) -> list:
+    """``value`` if it is a list or tuple."""
+    if not isinstance(value, (list, tuple)):
+        raise FormatError(f"must be a list, got {type(value).__name__}", sample_id=sample_id, field=field)
+    return list(value)
+
+
+def resolve_overlaps(regions: list[Region], names: list[str], overlap: str, sample_id=None) -> list[Region]:
+    """Sorted, disjoint regions from possibly overlapping ``regions`` (``names[i]`` names region i in errors).
+
+    ``overlap="error"`` raises on the first overlap; ``overlap="max"`` splits the regions so that each
+    character keeps the highest weight covering it (on ties, the region listed first).
+    """
+    if overlap not in OVERLAP_MODES:
+        raise ValueError(f"overlap must be one of {OVERLAP_MODES}, got {overlap!r}")
+    order = sorted(range(len(regions)), key=lambda i: (regions[i].start, regions[i].end))
+    overlapping = any(regions[b].start < regions[a].end for a, b in zip(order, order[1:]))
+    if not overlapping:
+        return [regions[i] for i in order]
+    if overlap == "error":
+        furthest = order[0]
+        for index in order[1:]:
+            if regions[index].start < regions[furthest].end:
+                raise FormatError(
+                    f"overlaps {names[furthest]} [{regions[furthest].start}, {regions[furthest].end}) from "
+                    f"character {regions[index].start}; fix the offsets or parse with overlap='max'",
+                    sample_id=sample_id, field=names[index], position=regions[index].start)
+            if regions[index].end > regions[furthest].end:
+                furthest = index
+    borders = sorted({r.start for r in regions} | {r.end for r in regions})
+    pieces: list[Region] = []
+    piece_owner = -1
+    for left, right in zip(borders, borders[1:]):
+        covering = [i for i in range(len(regions)) if regions[i].start <= left and right <= regions[i].end]
+        if not covering:
+            continue
+        owner = max(covering, key=lambda i: (regions[i].weight, -i))
+        if pieces and piece_owner == owner and pieces[-1].end == left:
+            pieces[-1] = Region(pieces[-1].start, right, pieces[-1].weight, pieces[-1].type)
+        else:
+            pieces.append(Region(left, right, regions[owner].weight, regions[owner].type))
+        piece_owner = owner
+    return pieces

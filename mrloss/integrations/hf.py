@@ -1,0 +1,361 @@
+"""Hugging Face transformers integration: a model patch and a Trainer for multi-region weighted SFT.
+
+- `apply_mrloss(model, **loss_options)` patches a loaded ``*ForCausalLM`` *instance* (also inside a PEFT
+  wrapper): with ``labels`` its forward takes ``token_weights`` and ``num_items_in_batch``, runs the
+  decoder body for the last hidden states and computes the loss with `mrloss.linear_cross_entropy`
+  straight from ``lm_head.weight`` -- the ``[B, T, V]`` logits are never built (``logits=None``).
+  Without labels the model's own forward runs and returns logits as usual.
+- `MultiRegionTrainer(transformers.Trainer)`: uses `mrloss.data.MultiRegionCollator`, makes
+  ``num_items_in_batch`` the global sum of weights of the optimizer step (all micro-batches, all ranks),
+  applies an optional region weighting (`mrloss.weighting`) per batch, feeds an optional monitor, and
+  logs the mean token loss of every region type as ``loss/<type>`` next to the Trainer's ``loss``.
+
+transformers is imported at module level: this module is the integration itself, and `import mrloss`
+does not import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+import time
+from typing import Any, Callable
+
+import torch
+import transformers
+
+from mrloss.loss import linear_cross_entropy
+
+# Options of `linear_cross_entropy` a user may set; everything else is decided by the model and the batch.
+# `softcap` overrides the model's own `final_logit_softcapping` (None keeps the model's).
+LOSS_OPTIONS = ("backend", "chunk_size", "label_smoothing", "ignore_index", "softcap")
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadSpec:
+    """How an architecture turns the last hidden state into logits, beyond ``lm_head``:
+    ``logits = softcap(lm_head(hidden * hidden_scale))``; both read from the model instance."""
+
+    hidden_scale: Callable[[Any], float | None] = lambda model: None
+    softcap: Callable[[Any], float | None] = lambda model: getattr(model.config, "final_logit_softcapping", None)
+
+
+_PLAIN = _HeadSpec()
+# Keyed by class name; each entry is covered by tests/test_hf.py against the model's own forward.
+SUPPORTED_ARCHITECTURES: dict[str, _HeadSpec] = {
+    "LlamaForCausalLM": _PLAIN,
+    "MistralForCausalLM": _PLAIN,
+    "Qwen2ForCausalLM": _PLAIN,
+    "Qwen3ForCausalLM": _PLAIN,
+    "GemmaForCausalLM": _PLAIN,
+    "Phi3ForCausalLM": _PLAIN,
+    "Gemma2ForCausalLM": _PLAIN,  # final_logit_softcapping from the config
+    "Gemma3ForCausalLM": _PLAIN,
+    # logits = lm_head(h) * logit_scale == lm_head(h * logit_scale) (no bias on these heads)
+    "CohereForCausalLM": _HeadSpec(hidden_scale=lambda model: model.logit_scale),
+    # logits = lm_head(h) / logits_scaling
+    "GraniteForCausalLM": _HeadSpec(hidden_scale=lambda model: 1.0 / model.config.logits_scaling),
+}
+
+
+@functools.cache
+def _output_class():
+    @dataclasses.dataclass
+    class MultiRegionCausalLMOutput(transformers.modeling_outputs.CausalLMOutputWithPast):
+        """`CausalLMOutputWithPast` plus ``token_losses [B, T] fp32``: the unweighted cross-entropy of
+        predicting ``labels[:, k]`` at index k (target-aligned; 0 at k=0, on ignored and weight-0 targets)."""
+
+        token_losses: torch.FloatTensor | None = None
+
+    return MultiRegionCausalLMOutput
+
+
+def unwrap_causal_lm(model):
+    """The ``*ForCausalLM`` instance inside ``model`` (itself, or the base model of a PEFT wrapper)."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    return model
+
+
+def _lm_head(model) -> torch.nn.Module:
+    lm_head = model.get_output_embeddings()
+    if hasattr(lm_head, "lora_A") or hasattr(lm_head, "base_layer"):
+        raise ValueError(
+            f"apply_mrloss: the lm_head of {type(model).__name__} carries a PEFT adapter "
+            f"({type(lm_head).__name__}); the fused loss needs the head as one weight matrix. Leave lm_head "
+            "out of the adapter's target_modules (use modules_to_save=['lm_head'] to train it fully), or "
+            "merge the adapter first (model.merge_and_unload())."
+        )
+    weight = getattr(lm_head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"apply_mrloss: lm_head of {type(model).__name__} is {type(lm_head).__name__}, expected a linear "
+            "layer with a 2-D weight [vocab, hidden]"
+        )
+    return lm_head
+
+
+def apply_mrloss(model, **loss_options):
+    """Patch ``model`` (a ``*ForCausalLM`` instance, or a PEFT model around one) in place; returns it.
+
+    loss_options: any of `LOSS_OPTIONS` (``backend``, ``chunk_size``, ``label_smoothing``,
+    ``ignore_index``, ``softcap``), passed on to `mrloss.linear_cross_entropy`. Calling it again replaces
+    the options. Only the instance changes; other instances of the class keep the stock forward.
+
+    The patched forward, with ``labels [B, T]`` (HF convention: -100 on padding and weight-0 tokens):
+        ``token_weights [B, T] fp32`` aligned with ``input_ids`` (None: 1.0 on every valid label, i.e.
+        the stock HF loss); ``num_items_in_batch``: the normalizer, the global sum of valid weights of the
+        optimizer step (None: this batch's own sum, i.e. a weighted mean).
+        loss = Σ_k w_k CE(logits_{k-1}, labels_k) / normalizer, logits never materialized;
+        returns ``loss``, ``logits=None``, ``token_losses [B, T] fp32`` (target-aligned, detached).
+    Without labels it is the model's own forward (logits as usual); ``token_weights`` then is an error.
+    Raises TypeError for an architecture not in `SUPPORTED_ARCHITECTURES`.
+    """
+    unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"apply_mrloss: unknown loss option(s) {unknown}; allowed: {list(LOSS_OPTIONS)}")
+    causal_lm = unwrap_causal_lm(model)
+    name = type(causal_lm).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise TypeError(
+            f"apply_mrloss: cannot patch {name} (model_type {getattr(causal_lm.config, 'model_type', None)!r}); "
+            f"supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    _lm_head(causal_lm)  # fail now, not at the first training step
+    head = SUPPORTED_ARCHITECTURES[name]
+    options = dict(loss_options)
+    softcap_override = options.pop("softcap", None)
+    stock_forward = causal_lm.__dict__.get("_mrloss_stock_forward") or causal_lm.forward
+
+    def forward(
+        input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+        labels=None, use_cache=None, logits_to_keep=0, token_weights=None, num_items_in_batch=None, **kwargs,
+    ):
+        if labels is None:
+            if token_weights is not None:
+                raise ValueError("apply_mrloss: token_weights were given without labels")
+            return stock_forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                logits_to_keep=logits_to_keep, **kwargs,
+            )
+        if "shift_labels" in kwargs:
+            raise ValueError("apply_mrloss: shift_labels is not supported; pass labels aligned with input_ids")
+        return_dict = kwargs.pop("return_dict", None)
+        use_cache = False if use_cache is None else use_cache  # a loss pass has no use for a KV cache
+        outputs = causal_lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        scale = head.hidden_scale(causal_lm)
+        if scale is not None:
+            hidden = hidden * scale
+        lm_head = _lm_head(causal_lm)
+        softcap = softcap_override if softcap_override is not None else head.softcap(causal_lm)
+        loss, token_losses = linear_cross_entropy(
+            hidden, lm_head.weight, labels.to(hidden.device), token_weights, bias=lm_head.bias, shift=True,
+            softcap=softcap, normalizer=num_items_in_batch, return_token_losses=True, **options,
+        )
+        result = _output_class()(
+            loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, token_losses=token_losses,
+        )
+        return result.to_tuple() if return_dict is False else result
+
+    causal_lm._mrloss_stock_forward = stock_forward
+    causal_lm.forward = forward
+    causal_lm.accepts_loss_kwargs = True
+    return model
+
+
+def valid_weight_sum(labels: torch.Tensor, token_weights: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Σ of the weights of the targets a causal LM predicts: ``token_weights[..., 1:]`` where
+    ``labels[..., 1:] != ignore_index``. labels [B, T] int64, token_weights [B, T] -> 0-dim float64."""
+    valid = labels[..., 1:] != ignore_index
+    return torch.where(valid, token_weights[..., 1:].double(), 0.0).sum()
+
+
+class _WeightingCheckpointCallback(transformers.TrainerCallback):
+    """Saves the region weighting's state next to every checkpoint, so a resumed run continues exactly."""
+
+    FILE = "mrloss_weighting.pt"
+
+    def __init__(self, weighting):
+        self.weighting = weighting
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            torch.save(self.weighting.state_dict(), os.path.join(directory, self.FILE))
+
+
+class MultiRegionProgressCallback(transformers.trainer_callback.ProgressCallback):
+    """The Trainer's progress bar, with the last logged loss and tokens/s shown on the bar itself."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            postfix = {"loss": f"{logs['loss']:.4g}"}
+            if "tokens_per_second" in logs:
+                postfix["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+            self.training_bar.set_postfix(postfix, refresh=False)
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class MultiRegionTrainer(transformers.Trainer):
+    """`transformers.Trainer` for multi-region weighted SFT.
+
+    model: a supported ``*ForCausalLM`` (or PEFT model); `apply_mrloss(model, **loss_options)` is applied.
+    train_dataset / eval_dataset: `mrloss.data.MultiRegionDataset` (items with ``input_ids``,
+    ``token_weights``, ``region_type_ids``). data_collator: default `mrloss.data.MultiRegionCollator`
+    (pad id from ``processing_class``; ``pack`` / ``max_length`` / ``pad_to_multiple_of`` go to it).
+    region_types: names of ``region_type_ids`` (default ``train_dataset.region_types``).
+    weighting: optional object with ``adjust(token_weights, region_type_ids, region_types, epoch)``,
+    ``update(type_losses)``, ``multipliers()``, ``state_dict()`` / ``load_state_dict()`` (e.g.
+    `mrloss.weighting.RegionWeighting`); epochs passed to it count from 1.
+    monitor: optional object with ``log_batch_stats(batch, step, token_losses)`` (called on rank 0).
+
+    Normalization: ``num_items_in_batch`` = Σ valid shifted weights of all micro-batches of the optimizer
+    step on all ranks, so the loss equals one big batch on one device. Hence ``remove_unused_columns``
+    is switched off (the collator needs ``region_type_ids``) and ``average_tokens_across_devices`` on.
+    """
+
+    def __init__(
+        self, model=None, args=None, train_dataset=None, eval_dataset=None, *, processing_class=None,
+        data_collator=None, loss_options: dict | None = None, region_types: list[str] | None = None,
+        weighting=None, monitor=None, pack: bool = False, max_length: int | None = None,
+        pad_to_multiple_of: int | None = None, **kwargs,
+    ):
+        apply_mrloss(model, **(loss_options or {}))
+        self.ignore_index = (loss_options or {}).get("ignore_index", -100)
+        if data_collator is None:
+            from mrloss.data import MultiRegionCollator
+
+            if processing_class is None or processing_class.pad_token_id is None:
+                raise ValueError("MultiRegionTrainer: pass a tokenizer with a pad token (processing_class) or a data_collator")
+            data_collator = MultiRegionCollator(
+                processing_class.pad_token_id, pack=pack, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
+            )
+        if args is not None:
+            args.remove_unused_columns = False
+            args.average_tokens_across_devices = True
+        super().__init__(
+            model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, data_collator=data_collator, **kwargs,
+        )
+        self.model_accepts_loss_kwargs = True
+        self.region_types = list(region_types if region_types is not None else getattr(train_dataset, "region_types", []))
+        self.weighting = weighting
+        self.monitor = monitor
+        if weighting is not None:
+            self.add_callback(_WeightingCheckpointCallback(weighting))
+        if self.pop_callback(transformers.trainer_callback.ProgressCallback) is not None:
+            self.add_callback(MultiRegionProgressCallback)
+        # rows: loss sum, token count per region type; "step" feeds weighting.update, "log" the logs.
+        self._step_type_stats = torch.zeros(2, len(self.region_types), dtype=torch.float64)
+        self._log_type_stats = torch.zeros(2, len(self.region_types), dtype=torch.float64)
+        self._log_tokens = 0
+        self._log_time = time.perf_counter()
+
+    # -- weights and normalization ------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Micro-batches of one optimizer step, with weighting applied, and their global Σ of weights."""
+        self._update_weighting()
+        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+        if self.weighting is not None:
+            epoch = int(self.state.epoch or 0) + 1
+            for batch in batch_samples:
+                batch["token_weights"] = self.weighting.adjust(
+                    batch["token_weights"], batch["region_type_ids"], self.region_types, epoch
+                )
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Σ of valid shifted weights over ``batch_samples`` and all ranks (float32 on ``device``)."""
+        if not batch_samples or "token_weights" not in batch_samples[0]:
+            return None
+        total = sum(valid_weight_sum(b["labels"], b["token_weights"], self.ignore_index) for b in batch_samples)
+        total = total.to(device=device, dtype=torch.float32)
+        if self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total
+
+    def _update_weighting(self) -> None:
+        """Feed the last optimizer step's per-type mean token losses (all ranks) to the weighting."""
+        if self.weighting is None or not self.region_types:
+            return
+        stats = _all_reduce_sum(self._step_type_stats, self.args.device)
+        self._step_type_stats.zero_()
+        type_losses = {t: float(stats[0, i] / stats[1, i]) for i, t in enumerate(self.region_types) if stats[1, i] > 0}
+        if type_losses:
+            self.weighting.update(type_losses)
+
+    # -- loss ---------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = dict(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("region_type_ids", "region_ids")}
+        if "cu_seq_lens_q" in model_inputs:
+            # packed rows: without attention_mask, transformers masks per sample from position_ids
+            # (block-diagonal causal mask for sdpa / eager, varlen for flash attention)
+            model_inputs.pop("attention_mask", None)
+        loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and "region_type_ids" in batch:
+            self._record_region_losses(batch, outputs.token_losses)
+            if self.monitor is not None and self.is_world_process_zero():
+                multipliers = self.weighting.multipliers() if self.weighting is not None else None
+                self.monitor.log_batch_stats(batch, self.state.global_step, outputs.token_losses, multipliers=multipliers)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_region_losses(self, batch, token_losses) -> None:
+        region_type_ids = batch["region_type_ids"]
+        learned = (batch["labels"] != self.ignore_index) & (batch["token_weights"] > 0)
+        learned[..., 0] = False  # nothing predicts the first token
+        stats = torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64, device=token_losses.device)
+        type_index = torch.where(region_type_ids >= 0, region_type_ids, len(self.region_types))[learned]
+        stats[0].index_add_(0, type_index, token_losses[learned].double())
+        stats[1].index_add_(0, type_index, torch.ones_like(type_index, dtype=torch.float64))
+        self._step_type_stats += stats[:, :-1].cpu()
+        self._log_type_stats += stats[:, :-1].cpu()
+        self._log_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+    # -- logging ------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs (those with ``loss``) also get ``loss/<type>`` (mean unweighted token loss of the
+        region type since the last log, all ranks), ``tokens_per_second`` and ``weight/<type>``."""
+        if "loss" in logs:
+            tokens = torch.tensor([[float(self._log_tokens)]], dtype=torch.float64)
+            stats = _all_reduce_sum(torch.cat([self._log_type_stats, tokens.expand(2, 1)], dim=1), self.args.device)
+            now = time.perf_counter()
+            logs["tokens_per_second"] = round(float(stats[0, -1]) / max(now - self._log_time, 1e-9), 1)
+            for i, region_type in enumerate(self.region_types):
+                if stats[1, i] > 0:
+                    logs[f"loss/{region_type}"] = round(float(stats[0, i] / stats[1, i]), 4)
+            if self.weighting is not None:
+                logs.update({f"weight/{t}": round(m, 4) for t, m in self.weighting.multipliers().items()})
+            self._log_type_stats.zero_()
+            self._log_tokens, self._log_time = 0, now
+        super().log(logs, start_time)
+
+    # -- resume -------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """As `transformers.Trainer.train`; a resumed run also restores the weighting's state."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+        if resume_from_checkpoint and self.weighting is not None:
+            state_file = os.path.join(resume_from_checkpoint, _WeightingCheckpointCallback.FILE)
+            if os.path.exists(state_file):
+                self.weighting.load_state_dict(torch.load(state_file, weights_only=True))
+        self._log_time = time.perf_counter()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _all_reduce_sum(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Sum of a small CPU tensor over all ranks (itself when not distributed); returns a CPU tensor."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor.clone()
+    on_device = tensor.to(device)
+    torch.distributed.all_reduce(on_device)
+    return on_device.cpu()

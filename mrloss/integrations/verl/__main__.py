@@ -1,0 +1,135 @@
+"""``python -m mrloss.integrations.verl --nproc N --config CONFIG --save-path DIR [overrides...]``
+
+Builds verl's SFT launch from an mrloss YAML config and runs it:
+``torchrun --standalone --nproc_per_node=N -m mrloss.integrations.verl.trainer <verl overrides>``
+(verl's ``sft_trainer.main`` with our dataset class and loss). Overrides ``key.sub=value`` change the mrloss
+config; ``verl.key.sub=value`` goes to verl verbatim (without the ``verl.`` prefix, replacing a generated
+override of the same key), e.g. ``verl.engine.ulysses_sequence_parallel_size=2``. ``--dry-run`` prints
+the command instead of running it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+DATASET_PATH = "pkg://mrloss.integrations.verl.dataset"
+DATASET_NAME = "MultiRegionSFTDataset"
+
+
+def _hydra_list(values) -> str:
+    return "[" + ",".join("'" + str(value).replace("'", "\\'") + "'" for value in values) + "]"
+
+
+def _hydra_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = ()) -> list[str]:
+    """verl hydra overrides for an mrloss `Config`; ``verl_extra`` (``key=value``) replace same-key ones."""
+    if config.model.path is None:
+        raise ValueError("config model.path: --engine verl needs a local HF model directory (model + tokenizer)")
+    if config.trainer.device == "cpu":
+        raise ValueError("config trainer.device: verl's FSDP engine needs a GPU (cuda or npu), got cpu")
+    if config.weighting.dynamic_weights or config.weighting.region_dependencies:
+        raise ValueError("config weighting: dynamic weights / region dependencies are not supported with --engine verl")
+    extra = dict(item.partition("=")[::2] for item in verl_extra)
+    sp_size = int(extra.get("engine.ulysses_sequence_parallel_size", 1))
+    if nproc % sp_size:
+        raise ValueError(f"--nproc {nproc} is not a multiple of engine.ulysses_sequence_parallel_size {sp_size}")
+    trainer, data, loss = config.trainer, config.data, config.loss
+    resume = trainer.resume_from_checkpoint
+    generated = {
+        "data.train_files": _hydra_list(Path(p).resolve() for p in data.train_files),
+        "data.val_files": _hydra_list(Path(p).resolve() for p in data.val_files) if data.val_files else "null",
+        "data.custom_cls.path": DATASET_PATH,
+        "data.custom_cls.name": DATASET_NAME,
+        "data.pad_mode": "no_padding",
+        "data.max_length": _hydra_value(data.max_length),
+        "data.truncation": data.truncation,
+        "+data.format": data.format,
+        "+data.add_eos": _hydra_value(data.add_eos),
+        "data.use_dynamic_bsz": "false",
+        "data.micro_batch_size_per_gpu": str(trainer.per_device_batch_size),
+        "data.train_batch_size": str(trainer.per_device_batch_size * trainer.gradient_accumulation_steps
+                                     * (nproc // sp_size)),
+        "data.num_workers": str(trainer.dataloader_num_workers),
+        "model.path": str(Path(config.model.path).resolve()),
+        "model.use_remove_padding": "true",
+        "model.use_fused_kernels": "false",
+        "model.enable_gradient_checkpointing": _hydra_value(config.model.gradient_checkpointing),
+        "optim.lr": str(trainer.learning_rate),
+        "optim.weight_decay": str(trainer.weight_decay),
+        "optim.clip_grad": str(trainer.max_grad_norm),
+        "optim.lr_warmup_steps_ratio": str(trainer.warmup_ratio),
+        "trainer.default_local_dir": str(Path(save_path).resolve()),
+        "trainer.total_epochs": str(max(1, math.ceil(trainer.epochs))),
+        "trainer.total_training_steps": _hydra_value(trainer.max_steps),
+        "trainer.save_freq": str(trainer.save_steps or -1),
+        "trainer.test_freq": str(trainer.eval_steps or -1),
+        "trainer.seed": str(trainer.seed),
+        "trainer.logger": _hydra_list(["console", *trainer.report_to]),
+        "trainer.project_name": "mrloss",
+        "trainer.experiment_name": Path(save_path).name or "run",
+        "trainer.n_gpus_per_node": str(nproc),
+        "trainer.resume_mode": "disable" if not resume else ("auto" if resume is True else "resume_path"),
+        "+mrloss.loss": "mrloss",
+        "+mrloss.backend": loss.backend,
+        "+mrloss.chunk_size": _hydra_value(loss.chunk_size),
+        "+mrloss.softcap": _hydra_value(loss.softcap),
+        "+mrloss.label_smoothing": str(loss.label_smoothing),
+    }
+    if isinstance(resume, str):
+        generated["trainer.resume_from_path"] = str(Path(resume).resolve())
+    for key, value in extra.items():
+        generated.pop("+" + key.lstrip("+"), None)
+        generated.pop(key.lstrip("+"), None)
+        generated[key] = value
+    return [f"{key}={value}" for key, value in generated.items()]
+
+
+def launch_command(nproc: int, overrides: list[str]) -> list[str]:
+    """The torchrun command line (as argv) running verl's SFT trainer through our entry module."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "mrloss.integrations.verl.trainer", *overrides]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mrloss.integrations.verl", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--nproc", type=int, required=True, help="processes (GPUs) on this node")
+    parser.add_argument("--config", required=True, help="mrloss YAML config (configs/multi_region_*.yaml)")
+    parser.add_argument("--save-path", required=True, help="checkpoint directory (trainer.default_local_dir)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value (mrloss config) or verl.key.sub=value (verl)")
+    args = parser.parse_args(argv)
+
+    from mrloss.config import load_config
+
+    verl_extra, config_overrides = [], []
+    for item in args.overrides:
+        plus, body = ("+", item[1:]) if item.startswith("+") else ("", item)
+        if body.startswith("verl."):
+            verl_extra.append(plus + body[len("verl."):])
+        else:
+            config_overrides.append(item)
+    config = load_config(args.config, config_overrides)
+    command = launch_command(args.nproc, verl_overrides(config, args.nproc, args.save_path, verl_extra))
+    print(shlex.join(command), flush=True)
+    if args.dry_run:
+        return 0
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[3])  # so workers import this mrloss checkout
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return subprocess.call(command, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Sequence parallelism for the weighted linear cross-entropy (any ``torch.distributed`` group).
+
+Each rank of a sequence-parallel (SP) group holds a contiguous shard of the hidden states of one packed
+sequence and computes the loss of *its own* shard with the fused loss; only two scalars cross ranks
+(the local weighted sum and the local sum of weights, in ONE all-reduce). No logits, hidden states or
+per-token values are gathered.
+
+Sharding rule (the one of verl's ``ulysses_pad_and_slice_inputs``): targets and weights are shifted over
+the WHOLE sequence first (position k predicts target k+1), then padded at the end to a multiple of the
+group size and cut into equal contiguous slices, slice r going to group rank r. Padding carries
+``ignore_index`` / weight 0, so it counts nowhere.
+
+Normalization: ``loss = Σ_group Σ_shard w·l / normalizer`` with ``normalizer`` the global sum of weights
+(default: the all-reduced Σw over the group's valid tokens). The value is the same on every rank.
+
+Gradient scale (``grad_reduction``):
+    "mean": d loss / d local_sum = group_size / normalizer. For wrappers that AVERAGE parameter
+            gradients over ranks (FSDP, DDP, verl's FSDP engine): the average over the group is then
+            the exact gradient. This is what verl does: its ``gather_outputs_and_unpad`` (Gather with
+            grad_scaler=True) multiplies the gradient of the gathered log-probs by the SP size, and
+            ``sft_loss`` divides by the data-parallel token count times ``dp_size`` (pass
+            ``normalizer = global_sum_of_weights / dp_size`` there), so that FSDP's mean over all
+            dp*sp ranks gives d(Σ w·l / Σ w)/dθ.
+    "sum":  d loss / d local_sum = 1 / normalizer: each rank gets exactly its shard's share
+            (d loss / d hidden_shard is exact); SUM parameter gradients over the group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mrloss.loss import linear_cross_entropy
+
+GRAD_REDUCTIONS = ("mean", "sum")
+
+
+def group_size_and_rank(group=None) -> tuple[int, int]:
+    """(size, rank) of ``group`` in it; (1, 0) without an initialized process group or with group=None
+    and a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def shift_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, *, ignore_index: int = -100,
+                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target alignment -> prediction alignment over the whole (packed) sequence, last dimension T.
+
+    targets [..., T] int64, token_weights [..., T] float (None: all 1.0). Returns (shifted_targets,
+    shifted_weights), both [..., T]: index k holds target k+1 and its weight; the last position, and the
+    last position of every packed sequence when ``cu_seqlens`` [S+1] (offsets along T) is given, get
+    ``ignore_index`` / 0, so no sample predicts the next sample's first token.
+    """
+    if token_weights is None:
+        token_weights = torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
+    if token_weights.shape != targets.shape:
+        raise ValueError(f"token_weights shape {tuple(token_weights.shape)} != targets shape {tuple(targets.shape)}")
+    shifted_targets = torch.full_like(targets, ignore_index)
+    shifted_weights = torch.zeros_like(token_weights)
+    shifted_targets[..., :-1] = targets[..., 1:]
+    shifted_weights[..., :-1] = token_weights[..., 1:]
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].to(device=targets.device, dtype=torch.long) - 1
+        shifted_targets[..., ends] = ignore_index
+        shifted_weights[..., ends] = 0
+    return shifted_targets, shifted_weights
+
+
+def pad_and_slice(tensor: torch.Tensor, group=None, *, dim: int = -1, pad_value=0) -> torch.Tensor:
+    """This rank's shard of ``tensor`` along ``dim``: pad the end to a multiple of the group size with
+    ``pad_value``, then take the rank-th of the equal contiguous slices (verl's Ulysses rule)."""
+    size, rank = group_size_and_rank(group)
+    length = tensor.shape[dim]
+    pad = (-length) % size
+    if pad:
+        pad_shape = list(tensor.shape)
+        pad_shape[dim] = pad
+        tensor = torch.cat([tensor, tensor.new_full(pad_shape, pad_value)], dim=dim)
+    part = tensor.shape[dim] // size
+    return tensor.narrow(dim, rank * part, part).contiguous()
+
+
+def shard_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, group=None, *,
+                  ignore_index: int = -100, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift full-sequence targets/weights [..., T] (``shift_targets``), then take this rank's shard
+    (``pad_and_slice``): the targets/weights that line up with this rank's hidden-state shard."""
+    shifted_targets, shifted_weights = shift_targets(targets, token_weights, ignore_index=ignore_index,
+                                                     cu_seqlens=cu_seqlens)
+    return (pad_and_slice(shifted_targets, group, pad_value=ignore_index),
+            pad_and_slice(shifted_weights, group, pad_value=0))
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (SUM) of [local_sum, local_weight_sum] in one collective; the gradient of the summed
+    loss flows back to ``local_sum`` multiplied by ``grad_scale`` (no communication in backward)."""
+
+    @staticmethod
+    def forward(ctx, local_sum, local_weight_sum, group, grad_scale):
+        ctx.grad_scale = grad_scale
+        packed = torch.stack([local_sum.detach().float(), local_weight_sum.detach().float()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        return packed[0].clone(), packed[1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_sum, grad_weight_sum):
+        return grad_sum * ctx.grad_scale, None, None, None
+
+
+def sequence_parallel_linear_cross_entropy(
+    hidden_shard: torch.Tensor,
+    weight: torch.Tensor,
+    targets_shard: torch.Tensor,
+    token_weights_shard: torch.Tensor | None = None,
+    *,
+    group=None,
+    normalizer: float | torch.Tensor | None = None,
+    grad_reduction: str = "mean",
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    return_token_losses: bool = False,
+):
+    """Weighted mean cross-entropy of a sequence split over the ranks of ``group``.
+
+    hidden_shard [N_local, H] bf16|fp16|fp32 (this rank's shard); weight [V, H]; targets_shard [N_local]
+    int64 and token_weights_shard [N_local] float, already shifted and sharded (``shard_targets``), so
+    row i of hidden_shard predicts targets_shard[i]. group: the SP process group (None: the default group
+    when initialized, else a single process). normalizer: the global Σw of the optimizer step (None: Σw of
+    the valid tokens of the whole group). Returns the fp32 0-dim loss Σ_group Σ w·l / normalizer (0 when
+    the normalizer is 0), identical on every rank, with the gradient scale of ``grad_reduction`` (see the
+    module docstring); with ``return_token_losses`` also this shard's detached unweighted per-token losses.
+    """
+    if grad_reduction not in GRAD_REDUCTIONS:
+        raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
+    if token_weights_shard is None:
+        token_weights_shard = torch.ones(targets_shard.shape, dtype=torch.float32, device=targets_shard.device)
+    if hidden_shard.shape[:-1] != targets_shard.shape or token_weights_shard.shape != targets_shard.shape:
+        raise ValueError(
+            f"hidden_shard {tuple(hidden_shard.shape)}, targets_shard {tuple(targets_shard.shape)} and "
+            f"token_weights_shard {tuple(token_weights_shard.shape)} do not line up: shard them together")
+    out = linear_cross_entropy(
+        hidden_shard, weight, targets_shard, token_weights_shard, bias=bias, ignore_index=ignore_index,
+        reduction="sum", softcap=softcap, label_smoothing=label_smoothing, shift=False, backend=backend,
+        return_token_losses=return_token_losses, chunk_size=chunk_size,
+    )
+    local_sum, token_losses = out if return_token_losses else (out, None)
+    valid_weights = torch.where(targets_shard != ignore_index, token_weights_shard.float(), 0.0)
+    size, _ = group_size_and_rank(group)
+    total_sum, total_weights = _SumOverGroup.apply(
+        local_sum.float(), valid_weights.sum(), group, float(size) if grad_reduction == "mean" else 1.0)
+    denom = total_weights if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32,
+                                                                      device=total_sum.device)
+    loss = torch.where(denom > 0, total_sum / torch.where(denom > 0, denom, 1.0), total_sum * 0.0)
+    return (loss, token_losses) if return_token_losses else loss

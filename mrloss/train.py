@@ -1,0 +1,274 @@
+"""`mrloss train --config F [key=value ...]`: a config -> a training run with `MultiRegionTrainer`.
+
+Runs on CPU and GPU, as one process or under ``torchrun`` (DDP; gloo on CPU, NCCL on GPU). The output
+directory receives the model and tokenizer (``save_pretrained``), ``config.yaml`` (the resolved config),
+``metrics.json`` (final metrics, per-region losses, the log history), checkpoints every
+``trainer.save_steps`` and the monitor's ``monitor/region_stats.jsonl``.
+
+With ``model.path: null`` the model is a tiny ``model.arch`` built from a transformers config and the
+tokenizer a byte-level BPE trained on the training texts (no downloads): rank 0 trains it and saves it
+under ``<output_dir>/tokenizer`` for the other ranks; a resumed run takes it from the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from mrloss.config import Config, ConfigError, DataConfig, ModelConfig, load_config
+
+EXAMPLE_FILES = ("position_based.jsonl", "tag_based.jsonl", "structured.jsonl")
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """Everything a run is made of, built by `prepare_run`; `finish_run` trains and saves."""
+
+    config: Config
+    trainer: object  # mrloss.integrations.hf.MultiRegionTrainer
+    tokenizer: object
+    train_dataset: object
+    eval_dataset: object | None
+    resume_from_checkpoint: str | None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mrloss train", description="Train from a YAML config.")
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/multi_region_tag_based.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"mrloss train: {error}", file=sys.stderr)
+        return 2
+    metrics = finish_run(prepare_run(config))
+    if metrics["is_main_process"]:
+        print(f"mrloss train: model, tokenizer and metrics saved to {config.trainer.output_dir}")
+    _leave_process_group()
+    return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every rank, then close the group (no rank exits while a peer still talks)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
+    """Build the TrainingArguments (this joins the torchrun process group), data, model and trainer."""
+    from mrloss.data import MultiRegionDataset
+    from mrloss.integrations.hf import MultiRegionTrainer
+
+    args = training_arguments(config)
+    resume = resolve_checkpoint(config.trainer.resume_from_checkpoint, config.trainer.output_dir)
+    with args.main_process_first(desc="write the example data"):
+        ensure_data_files(config.data)
+    with args.main_process_first(desc="build the tokenizer"):
+        tokenizer = build_tokenizer(config, resume, is_main=args.local_process_index == 0)
+    data_options = dict(format=config.data.format, max_length=config.data.max_length,
+                        truncation=config.data.truncation, add_eos=config.data.add_eos)
+    train_dataset = MultiRegionDataset(config.data.train_files, tokenizer, **data_options)
+    eval_dataset = None
+    if config.data.val_files:
+        eval_dataset = MultiRegionDataset(config.data.val_files, tokenizer, region_types=train_dataset.region_types,
+                                          **data_options)
+    model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
+    weighting, monitor, callbacks = _tools(config, train_dataset.region_types, args.process_index == 0, callbacks)
+    loss_options = {"backend": config.loss.backend, "chunk_size": config.loss.chunk_size,
+                    "label_smoothing": config.loss.label_smoothing, "softcap": config.loss.softcap}
+    trainer = MultiRegionTrainer(
+        model, args, train_dataset, eval_dataset, processing_class=tokenizer, loss_options=loss_options,
+        weighting=weighting, monitor=monitor, pack=config.data.pack,
+        max_length=config.data.max_length if config.data.pack else None, callbacks=list(callbacks),
+    )
+    return TrainingRun(config, trainer, tokenizer, train_dataset, eval_dataset, resume)
+
+
+def finish_run(run: TrainingRun) -> dict:
+    """Train, then save model + tokenizer + ``config.yaml`` + ``metrics.json``; returns the metrics."""
+    import yaml
+
+    trainer = run.trainer
+    result = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
+    trainer.save_model(run.config.trainer.output_dir)
+    history = trainer.state.log_history
+    region_logs = [entry for entry in history if any(key.startswith("loss/") for key in entry)]
+    metrics = {
+        "train": result.metrics,
+        "region_losses": {
+            moment: {k[len("loss/"):]: v for k, v in entry.items() if k.startswith("loss/")} | {"step": entry["step"]}
+            for moment, entry in (("first", region_logs[0]), ("last", region_logs[-1])) if region_logs
+        },
+        "region_types": list(run.train_dataset.region_types),
+        "world_size": trainer.args.world_size,
+        "log_history": history,
+    }
+    if trainer.is_world_process_zero():
+        output_dir = Path(run.config.trainer.output_dir)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False, allow_unicode=True),
+                                                encoding="utf-8")
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    return {**metrics, "is_main_process": trainer.is_world_process_zero()}
+
+
+def training_arguments(config: Config):
+    """`transformers.TrainingArguments` of the ``trainer`` section (device, DDP backend, schedule, saving)."""
+    import torch
+    import transformers
+
+    t = config.trainer
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config trainer.device: 'cuda' but no CUDA device is available")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"config trainer.warmup_ratio: expected a fraction in [0, 1), got {t.warmup_ratio}")
+    use_cpu = t.device == "cpu" or not torch.cuda.is_available()
+    evaluate = "no" if not config.data.val_files else ("steps" if t.eval_steps else "epoch")
+    return transformers.TrainingArguments(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=evaluate,
+        eval_steps=t.eval_steps,
+        prediction_loss_only=True,
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=t.dataloader_num_workers,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        report_to=t.report_to or "none",
+        remove_unused_columns=False,
+    )
+
+
+def resolve_checkpoint(resume, output_dir: str) -> str | None:
+    """``resume_from_checkpoint``: None/False -> None; True -> the last ``checkpoint-N`` in output_dir."""
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ConfigError(f"config trainer.resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N")
+        return last
+    if not os.path.isdir(resume):
+        raise ConfigError(f"config trainer.resume_from_checkpoint: {resume!r} is not a directory")
+    return resume
+
+
+def ensure_data_files(data: DataConfig) -> None:
+    """With ``data.write_examples``, write the example data set into the directory of every missing file
+    (atomically: ranks and concurrent runs never see a half-written file). Then every file must exist."""
+    missing = [Path(f) for f in [*data.train_files, *data.val_files] if not Path(f).exists()]
+    if missing and data.write_examples:
+        from mrloss.data import write_examples
+
+        for directory in sorted({path.parent for path in missing}):
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=directory, prefix=".examples-") as scratch:
+                for name, path in write_examples(scratch).items():
+                    target = directory / Path(path).name
+                    if not target.exists():
+                        os.replace(path, target)
+        missing = [path for path in missing if not path.exists()]
+    if missing:
+        hint = "" if data.write_examples else " (data.write_examples=true writes the example data set there)"
+        raise ConfigError(f"config data: file(s) not found: {', '.join(map(str, missing))}{hint}")
+
+
+def build_tokenizer(config: Config, checkpoint: str | None, *, is_main: bool):
+    """The model's tokenizer (``model.path``), the one of the checkpoint, or a BPE trained on the data
+    (by the main process, saved in ``<output_dir>/tokenizer``; the others load it)."""
+    from transformers import AutoTokenizer
+
+    source = config.model.path or checkpoint
+    if source is None and not is_main:
+        source = os.path.join(config.trainer.output_dir, "tokenizer")
+    if source is not None:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    else:
+        tokenizer = _train_tokenizer(config)
+        tokenizer.save_pretrained(os.path.join(config.trainer.output_dir, "tokenizer"))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _train_tokenizer(config: Config):
+    from mrloss.data import train_bpe_tokenizer
+    from mrloss.data.records import read_records
+    from mrloss.formats import parse
+
+    texts = []
+    for path in config.data.train_files:
+        for record in read_records(path):
+            if record.error is not None:
+                raise record.error
+            texts.append(parse(record.sample, config.data.format, sample_id=record.sample_id).text)
+    return train_bpe_tokenizer(texts, vocab_size=config.model.vocab_size)
+
+
+def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None, seed: int):
+    """``model.path`` loaded with transformers, or a tiny randomly initialized ``model.arch``."""
+    import torch
+    import transformers
+
+    dtype = getattr(torch, model_config.dtype)
+    options = {"attn_implementation": model_config.attn_implementation} if model_config.attn_implementation else {}
+    if model_config.path is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype, **options)
+    head_dim = model_config.hidden_size // model_config.num_heads
+    try:
+        model_config_hf = transformers.AutoConfig.for_model(
+            model_config.arch, vocab_size=len(tokenizer), hidden_size=model_config.hidden_size,
+            intermediate_size=model_config.intermediate_size, num_hidden_layers=model_config.num_layers,
+            num_attention_heads=model_config.num_heads, num_key_value_heads=model_config.num_kv_heads,
+            head_dim=head_dim, max_position_embeddings=max(max_length or 0, 2048),
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    except ValueError as error:
+        raise ConfigError(f"config model.arch: {model_config.arch!r} is not a transformers model type ({error})") from None
+    transformers.set_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(model_config_hf, dtype=dtype, **options)
+
+
+def _tools(config: Config, region_types: list[str], is_main: bool, callbacks: tuple):
+    """The configured region weighting and monitor (and the monitor's Trainer callback)."""
+    weighting = None
+    if config.weighting.dynamic_weights is not None or config.weighting.region_dependencies is not None:
+        from mrloss.weighting import RegionWeighting
+
+        weighting = RegionWeighting.from_config(dataclasses.asdict(config.weighting))
+    monitor = None
+    if config.monitor.enabled:
+        from mrloss.debug import MultiRegionTrainingMonitor
+
+        monitor_dir = config.monitor.output_dir or os.path.join(config.trainer.output_dir, "monitor")
+        monitor = MultiRegionTrainingMonitor(monitor_dir if is_main else None, region_types)
+        if is_main and not config.trainer.resume_from_checkpoint and monitor.stats_path.exists():
+            monitor.stats_path.unlink()  # a fresh run starts a fresh record; a resumed one appends
+        callbacks = (*callbacks, monitor.hf_callback())
+    return weighting, monitor, callbacks

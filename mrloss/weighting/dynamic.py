@@ -1,0 +1,100 @@
+"""DynamicWeightAdjuster: per-region-type weight multipliers from the epoch and from each type's difficulty."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from mrloss.weighting.common import RegionMultiplierTool, check_epoch, finite_number, reject_unknown_keys
+from mrloss.weighting.ema import RegionLossEMA
+
+DEFAULTS = {
+    "difficulty_scaling": False,  # scale each type by its relative EMA loss
+    "epoch_weights": {},          # {"1": 1.0, "2": 1.2, "3": 1.5}: 1-based epoch -> multiplier
+    "ema_decay": 0.9,             # EMA of each type's batch mean loss
+    "exponent": 1.0,              # difficulty = (ema_type / mean_ema) ** exponent
+    "min_multiplier": 0.5,        # clamp of the difficulty multiplier
+    "max_multiplier": 2.0,
+}
+
+
+class DynamicWeightAdjuster(RegionMultiplierTool):
+    """Multiply the weights of region tokens by ``epoch_multiplier(epoch) * difficulty(type)``.
+
+    config keys (unknown keys are errors), defaults in ``DEFAULTS``:
+      - ``epoch_weights``: ``{epoch: multiplier}``, epochs 1-based (keys may be strings, as in YAML/JSON).
+        Epoch e uses the value of the largest key <= e: epochs past the last key keep its value, epochs
+        before the first key get 1.0.
+      - ``difficulty_scaling``: when true, a type's multiplier is also
+        ``clamp((ema[type] / mean_ema) ** exponent, min_multiplier, max_multiplier)``, where ``ema`` is the EMA
+        (``ema_decay``) of the type's batch mean loss fed through ``update`` and ``mean_ema`` the plain mean of
+        the EMAs of the types in ``region_types`` that have one. Types without an EMA yet get 1.0.
+    Tokens outside every region keep their weight (see ``RegionMultiplierTool.adjust``).
+    """
+
+    def __init__(self, config: Mapping | None = None) -> None:
+        super().__init__()
+        config = dict(config or {})
+        reject_unknown_keys(config, DEFAULTS, "dynamic_weights")
+        config = {**DEFAULTS, **config}
+        if not isinstance(config["difficulty_scaling"], bool):
+            raise TypeError(f"dynamic_weights.difficulty_scaling: expected true/false, got {config['difficulty_scaling']!r}")
+        self.difficulty_scaling = config["difficulty_scaling"]
+        self.epoch_weights = _parse_epoch_weights(config["epoch_weights"])
+        self.exponent = finite_number(config["exponent"], "dynamic_weights.exponent", low=0.0)
+        self.min_multiplier = finite_number(config["min_multiplier"], "dynamic_weights.min_multiplier",
+                                            low=0.0, low_open=True)
+        self.max_multiplier = finite_number(config["max_multiplier"], "dynamic_weights.max_multiplier",
+                                            low=self.min_multiplier)
+        decay = finite_number(config["ema_decay"], "dynamic_weights.ema_decay", low=0.0, high=1.0)
+        if decay == 1.0:
+            raise ValueError("dynamic_weights.ema_decay: 1.0 would never update the EMA; use a value in [0, 1)")
+        self.ema = RegionLossEMA(decay)
+
+    def epoch_multiplier(self, epoch: int) -> float:
+        """Multiplier of the 1-based ``epoch``: value of the largest ``epoch_weights`` key <= epoch, else 1.0."""
+        check_epoch(epoch)
+        multiplier = 1.0
+        for key, value in self.epoch_weights:
+            if key <= epoch:
+                multiplier = value
+        return multiplier
+
+    def difficulty_multipliers(self, region_types: list[str]) -> dict[str, float]:
+        """``clamp((ema[t] / mean_ema) ** exponent, min, max)`` per type (1.0 without an EMA or when disabled)."""
+        seen = {t: self.ema.values[t] for t in region_types if t in self.ema.values}
+        mean_ema = sum(seen.values()) / len(seen) if seen else 0.0
+        if not self.difficulty_scaling or mean_ema <= 0.0:
+            return {t: 1.0 for t in region_types}
+        return {t: min(max((seen[t] / mean_ema) ** self.exponent, self.min_multiplier), self.max_multiplier)
+                if t in seen else 1.0 for t in region_types}
+
+    def type_multipliers(self, region_types: list[str], epoch: int) -> dict[str, float]:
+        epoch_multiplier = self.epoch_multiplier(epoch)
+        return {t: epoch_multiplier * d for t, d in self.difficulty_multipliers(region_types).items()}
+
+    def update(self, type_losses: Mapping[str, float | None]) -> None:
+        """Feed one batch's mean loss per region type (e.g. the monitor's ``mean_loss``) into the EMAs."""
+        self.ema.update(type_losses)
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.ema.load_state_dict(state["ema"])
+
+
+def _parse_epoch_weights(epoch_weights) -> list[tuple[int, float]]:
+    if not isinstance(epoch_weights, Mapping):
+        raise TypeError(f"dynamic_weights.epoch_weights: expected a mapping epoch -> multiplier, got {epoch_weights!r}")
+    parsed = {}
+    for key, value in epoch_weights.items():
+        where = f"dynamic_weights.epoch_weights[{key!r}]"
+        try:
+            epoch = int(str(key).strip())
+        except ValueError:
+            raise ValueError(f"{where}: key must be a 1-based epoch number") from None
+        if epoch < 1:
+            raise ValueError(f"{where}: key must be a 1-based epoch number")
+        if epoch in parsed:
+            raise ValueError(f"{where}: epoch {epoch} appears twice")
+        parsed[epoch] = finite_number(value, where, low=0.0, low_open=True)
+    return sorted(parsed.items())

@@ -1,0 +1,124 @@
+"""Benchmark harness (bench/): inputs, baselines against the float64 reference, the report files of a
+--quick run, and pytest-benchmark CPU micro-benchmarks (``-k micro --benchmark-only`` to time them)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import baselines, report
+from bench.baselines import IMPLS, availability
+from bench.cases import HEADS, IGNORE_INDEX, Case, make_inputs, token_weights_for
+from mrloss.reference import reference_linear_cross_entropy
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_token_weights_have_contiguous_prompt_runs_and_three_regions():
+    weights = token_weights_for(tokens=250, seq_len=100, zero_frac=0.3)
+    for start, length in ((0, 100), (100, 100), (200, 50)):
+        sequence = weights[start:start + length]
+        prompt = round(0.3 * length)
+        assert torch.all(sequence[:prompt] == 0) and torch.all(sequence[prompt:] > 0)
+        assert sequence[prompt:].unique_consecutive().tolist() == [1.0, 0.5, 2.0]
+
+
+def test_inputs_are_deterministic_and_ignore_zero_weight_targets():
+    case = Case(HEADS["tiny"], 64, 0.5, "float32", 32)
+    first, second = make_inputs(case, "cpu"), make_inputs(case, "cpu")
+    assert torch.equal(first["hidden"], second["hidden"]) and torch.equal(first["weight"], second["weight"])
+    zero = first["token_weights"] == 0
+    assert zero.sum() == 32 and torch.all(first["targets"][zero] == IGNORE_INDEX)
+    assert torch.all(first["targets"][~zero] >= 0)
+
+
+def test_availability_reports_missing_and_unsupported_with_reasons():
+    absent = baselines.Impl("absent", baselines._plain, "x", module="no_such_module_for_mrloss_bench")
+    assert availability(absent, "cuda", None) == ("missing", "no_such_module_for_mrloss_bench is not installed")
+    assert availability(IMPLS["torch-chunked"], "cuda", 30.0) == ("unsupported", "no logit softcap option")
+    if availability(IMPLS["cce"], "cpu", None)[0] != "missing":
+        status, reason = availability(IMPLS["cce"], "cpu", None)
+        assert status == "unsupported" and "interpreter" in reason
+
+
+def _reference_and_grads(inputs, softcap):
+    hidden = inputs["hidden"].detach().double().requires_grad_()
+    weight = inputs["weight"].detach().double().requires_grad_()
+    loss = reference_linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], softcap=softcap)
+    loss.backward()
+    return loss, hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("name", list(IMPLS))
+def test_every_implementation_computes_the_weighted_mean(name, softcap, monkeypatch):
+    impl = IMPLS[name]
+    status, reason = availability(impl, "cpu", softcap)
+    if status != "ok":
+        pytest.skip(f"{name}: {status} ({reason})")
+    # the compiled chunk runs eagerly here (compiling takes long); bench/results show the compiled one
+    monkeypatch.setattr(baselines, "_compiled_chunk", baselines._chunk_loss_and_grads)
+    head = baselines.dataclasses.replace(HEADS["tiny"], vocab=517, hidden=24, softcap=softcap)
+    inputs = make_inputs(Case(head, 96, 0.5, "float32", 40, seed=3), "cpu")
+    inputs["weight"].data *= 8  # large logits, so the softcap matters
+    loss = impl.loss_fn(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["token_weights"], softcap)
+    loss.backward()
+    ref_loss, ref_grad_hidden, ref_grad_weight = _reference_and_grads(inputs, softcap)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inputs["hidden"].grad.double(), ref_grad_hidden, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(inputs["weight"].grad.double(), ref_grad_weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
+    command = [sys.executable, "-m", "bench.linear_ce", "--quick", "--heads", "tiny", "--tokens", "256",
+               "--zero-fracs", "0.5", "--impls", "plain,torch-chunked,cce,mrloss-torch", "--warmup", "0",
+               "--reps", "2", "--ceiling-size", "256", "--out-dir", str(tmp_path), "--name", "run"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["schema"] == report.SCHEMA and run["preset"] == "quick" and run["device"]["type"] == "cpu"
+    assert run["device"]["name"] and run["device"]["num_threads"] == 1
+    assert {"torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy"} <= set(run["versions"])
+    assert run["matmul_ceiling"]["status"] == "ok" and run["matmul_ceiling"]["tflops"] > 0
+    assert [case["id"] for case in run["cases"]] == ["tiny-N256-z0.5-float32"]
+    assert run["cases"][0]["learned_tokens"] == 128
+    results = {result["impl"]: result for result in run["results"]}
+    assert list(results) == ["plain", "torch-chunked", "cce", "mrloss-torch"]
+    for name in ("plain", "torch-chunked", "mrloss-torch"):
+        result = results[name]
+        assert result["status"] == "ok", result
+        assert result["reps"] == 2 and result["num_threads"] == 1
+        assert 0 < result["forward_ms"] <= result["fwd_bwd_ms"] and result["backward_ms"] > 0
+        assert result["grad_weight_rel_err"] < 1e-5 and result["loss_rel_err"] < 1e-5
+        assert result["reference_dtype"] == "float64" and 0 < result["ceiling_fraction"]
+        assert "peak_extra_mib" in result
+    assert results["cce"]["status"] in ("missing", "unsupported") and results["cce"]["reason"]
+    assert [entry["impl"] for entry in run["not_run"]] == ["cce"]
+
+    rows = (tmp_path / "run.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["case", "impl", "status"] and len(rows) == 5
+    markdown = (tmp_path / "run.md").read_text()
+    assert "## mrloss-torch / baseline" in markdown and "| tiny-N256-z0.5-float32 |" in markdown
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _micro_step(name, inputs):
+    inputs["hidden"].grad = inputs["weight"].grad = None
+    loss = IMPLS[name].loss_fn(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["token_weights"], None)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("name", ["plain", "torch-chunked", "mrloss-torch"])
+def test_micro_forward_backward(benchmark, name):
+    inputs = make_inputs(Case(HEADS["tiny"], 256, 0.5, "float32", 128), "cpu")
+    loss = benchmark.pedantic(_micro_step, args=(name, inputs), rounds=3, warmup_rounds=1)
+    ref_loss, _, ref_grad_weight = _reference_and_grads(inputs, None)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inputs["weight"].grad.double(), ref_grad_weight, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,310 @@
+"""mrloss.formats: the three formats, every error, and round trips between them (hypothesis)."""
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mrloss.data.examples import EXAMPLES
+from mrloss.formats import FORMATS, FormatError, Region, RegionText, convert, detect_format, parse, to_format
+
+# ---------------------------------------------------------------------------------------------- the guide's examples
+
+GUIDE_TAG = {"text": '\n    这是普通文本。\n    <LEARN weight="2.0" type="concept">\n    这是需要学习的重要概念。\n    </LEARN>\n    ',
+             "default_weight": 0.0}
+GUIDE_STRUCTURED = {"segments": [{"content": "介绍部分", "learn": False, "weight": 0.0},
+                                 {"content": "重要概念", "learn": True, "weight": 2.0, "segment_type": "concept"}]}
+GUIDE_POSITION = {"text": "完整的文本内容...",
+                  "learning_regions": [{"start_char": 100, "end_char": 200, "weight": 2.0, "region_type": "concept"}]}
+
+
+def test_guide_tag_example_keeps_whitespace_and_removes_tags():
+    rt = parse(GUIDE_TAG)
+    assert rt.text == "\n    这是普通文本。\n    \n    这是需要学习的重要概念。\n    \n    "
+    (region,) = rt.regions
+    assert rt.text[region.start:region.end] == "\n    这是需要学习的重要概念。\n    "
+    assert (region.weight, region.type) == (2.0, "concept")
+    weights = rt.char_weights()
+    assert len(weights) == len(rt.text)
+    assert [i for i, w in enumerate(weights) if w == 2.0] == list(range(region.start, region.end))
+    assert all(w == 0.0 for i, w in enumerate(weights) if not region.start <= i < region.end)
+
+
+def test_guide_structured_example():
+    rt = parse(GUIDE_STRUCTURED)
+    assert rt.text == "介绍部分重要概念"
+    assert rt.regions == (Region(4, 8, 2.0, "concept"),)
+    assert rt.char_weights() == [0.0] * 4 + [2.0] * 4
+
+
+def test_guide_position_example_literal_text_is_too_short():
+    with pytest.raises(FormatError) as info:
+        parse(GUIDE_POSITION, sample_id="guide")
+    assert info.value.field == "learning_regions[0].start_char" and info.value.position == 100
+    assert "guide" in str(info.value) and "length 10" in str(info.value)
+
+
+def test_guide_position_example_with_a_real_text():
+    sample = next(e for e in EXAMPLES if e["id"] == "guide-position")
+    position_based = convert(sample, "position_based")
+    assert position_based["learning_regions"] == GUIDE_POSITION["learning_regions"]
+    rt = parse(position_based)
+    assert rt.char_weights() == [0.0] * 100 + [2.0] * 100 + [0.0] * (len(rt.text) - 200)
+
+
+# ---------------------------------------------------------------------------------------------- each format
+
+def test_position_based_code_points_defaults_and_sorting():
+    text = "梯度下降 is 𝕏 fine"
+    rt = parse({"text": text, "default_weight": 0.25,
+                "learning_regions": [{"start_char": 8, "end_char": 9, "weight": 3, "region_type": "symbol"},
+                                     {"start_char": 2, "end_char": 4}]})
+    assert rt.regions == (Region(2, 4, 1.0, "default"), Region(8, 9, 3.0, "symbol"))
+    assert text[8] == "𝕏"  # one code point, 4 UTF-8 bytes
+    weights = rt.char_weights()
+    assert weights[2:4] == [1.0, 1.0] and weights[8] == 3.0 and weights[0] == 0.25 and weights[-1] == 0.25
+    assert rt.char_region_ids()[:5] == [-1, -1, 0, 0, -1]
+
+
+def test_region_weight_below_default_weight_wins_inside_the_region():
+    rt = parse({"text": "abc", "default_weight": 1.0, "learning_regions": [{"start_char": 1, "end_char": 2, "weight": 0}]})
+    assert rt.char_weights() == [1.0, 0.0, 1.0]
+
+
+def test_tag_attributes_quotes_order_case_and_defaults():
+    rt = parse({"text": "a<LEARN type='t1' weight='0.5'>b</LEARN>c<learn>d</learn>e<Learn  WEIGHT = \"2e0\" >f</LEARN >"})
+    assert rt.text == "abcdef"
+    assert rt.regions == (Region(1, 2, 0.5, "t1"), Region(3, 4, 1.0, "default"), Region(5, 6, 2.0, "default"))
+
+
+def test_tag_nesting_inner_weight_and_type_apply():
+    rt = parse({"text": 'x<LEARN weight="1.5" type="m">ab<LEARN weight="3" type="c">cd</LEARN>e</LEARN>y'})
+    assert rt.text == "xabcdey"
+    assert rt.regions == (Region(1, 3, 1.5, "m"), Region(3, 5, 3.0, "c"), Region(5, 6, 1.5, "m"))
+    assert rt.char_weights() == [0, 1.5, 1.5, 3, 3, 1.5, 0]
+
+
+def test_text_without_tags_has_the_default_weight_everywhere():
+    rt = parse({"text": "平文 plain <LEARNING> <b>", "default_weight": 0.7})
+    assert rt.regions == () and rt.char_weights() == [0.7] * len(rt.text)
+
+
+def test_structured_separator_and_learn_weight_defaults():
+    rt = parse({"separator": "\n\n", "segments": [
+        {"content": "Q: why?"},                                   # neither: context
+        {"content": "A: because.", "learn": True},                # weight 1.0
+        {"content": "note", "weight": 0.5, "segment_type": "n"},  # learn defaults to True
+        {"content": "aside", "learn": False, "segment_type": "q"},  # typed context: a weight-0 region
+    ]})
+    assert rt.text == "Q: why?\n\nA: because.\n\nnote\n\naside"
+    assert rt.regions == (Region(9, 20, 1.0, "default"), Region(22, 26, 0.5, "n"), Region(28, 33, 0.0, "q"))
+    weights = rt.char_weights()
+    assert weights[7:9] == [0.0, 0.0] and weights[20:22] == [0.0, 0.0]  # separators
+
+
+@pytest.mark.parametrize("sample, expected", [
+    ({"segments": [], "text": None}, "structured"),
+    ({"text": "x", "learning_regions": []}, "position_based"),
+    ({"text": "x"}, "tag_based"),
+    ({"text": "x", "default_weight": 1}, "tag_based"),
+])
+def test_detect_format(sample, expected):
+    assert detect_format(sample) == expected
+
+
+def test_metadata_keys_are_allowed_and_kept_by_convert():
+    sample = {"text": "a<LEARN>b</LEARN>", "id": 7, "source": {"book": "x"}}
+    assert parse(sample).text == "ab"
+    for name in FORMATS:
+        converted = convert(sample, name)
+        assert converted["id"] == 7 and converted["source"] == {"book": "x"}
+        assert detect_format(converted) == name
+
+
+def test_explicit_format_is_used():
+    assert parse({"text": "a<LEARN>b</LEARN>"}, "position_based").regions == ()
+    with pytest.raises(FormatError, match="learning_regions"):
+        parse({"text": "ab", "learning_regions": []}, "tag_based")
+    with pytest.raises(ValueError, match="format"):
+        parse({"text": "ab"}, "xml")
+
+
+# ---------------------------------------------------------------------------------------------- every error
+
+def _regions(*regions):
+    return {"text": "0123456789", "learning_regions": list(regions)}
+
+
+ERRORS = [
+    # (sample, field, position, words in the message)
+    ({"text": "a<LEARN>b"}, "text", 1, "unclosed"),
+    ({"text": "a<LEARN>b<LEARN>c</LEARN>"}, "text", 1, "unclosed"),
+    ({"text": "ab</LEARN>c"}, "text", 2, "stray"),
+    ({"text": "a<LEARN>b</LEARN></LEARN>"}, "text", 17, "stray"),
+    ({"text": "a<LEARN weigth=\"2\">b</LEARN>"}, "text.<LEARN>.weigth", 1, "unknown <LEARN> attribute 'weigth'"),
+    ({"text": "a<LEARN weight=2>b</LEARN>"}, "text", 1, "malformed"),
+    ({"text": "a<LEARN weight=\"2\"b</LEARN>"}, "text", 1, "malformed"),
+    ({"text": "a</LEARN b>"}, "text", 1, "malformed closing"),
+    ({"text": "a<LEARN weight=\"1\" weight=\"2\">b</LEARN>"}, "text.<LEARN>.weight", 1, "twice"),
+    ({"text": "<LEARN></LEARN>x"}, "text", 0, "empty"),
+    ({"text": "a<LEARN weight=\"-1\">b</LEARN>"}, "text.<LEARN>.weight", 1, ">= 0"),
+    ({"text": "a<LEARN weight=\"nan\">b</LEARN>"}, "text.<LEARN>.weight", 1, "finite"),
+    ({"text": "a<LEARN weight=\"inf\">b</LEARN>"}, "text.<LEARN>.weight", 1, "finite"),
+    ({"text": "a<LEARN weight=\"high\">b</LEARN>"}, "text.<LEARN>.weight", 1, "number"),
+    ({"text": "a<LEARN type=\"\">b</LEARN>"}, "text.<LEARN>.type", 1, "empty"),
+    ({"text": "a", "default_weight": -0.5}, "default_weight", None, ">= 0"),
+    ({"text": "a", "default_weight": "1"}, "default_weight", None, "number"),
+    ({"text": 5}, "text", None, "string"),
+    ({"default_weight": 0.0}, "text", None, "missing"),
+    ({"text": ""}, "text", None, "no text"),
+    (_regions({"start_char": 1, "end_char": 3, "weigth": 2.0}), "learning_regions[0].weigth", None, "unknown key 'weigth'"),
+    (_regions({"start_char": 1}), "learning_regions[0].end_char", None, "missing"),
+    (_regions({"start_char": 1, "end_char": 3, "weight": -2}), "learning_regions[0].weight", 1, ">= 0"),
+    (_regions({"start_char": 1, "end_char": 3, "weight": float("nan")}), "learning_regions[0].weight", 1, "finite"),
+    (_regions({"start_char": 1, "end_char": 3, "weight": float("-inf")}), "learning_regions[0].weight", 1, "finite"),
+    (_regions({"start_char": 1, "end_char": 3, "weight": "2.0"}), "learning_regions[0].weight", 1, "number"),
+    (_regions({"start_char": 1, "end_char": 3, "weight": True}), "learning_regions[0].weight", 1, "number"),
+    (_regions({"start_char": 3, "end_char": 3}), "learning_regions[0].end_char", 3, "must be <"),
+    (_regions({"start_char": 5, "end_char": 2}), "learning_regions[0].end_char", 5, "must be <"),
+    (_regions({"start_char": -1, "end_char": 2}), "learning_regions[0].start_char", -1, "outside"),
+    (_regions({"start_char": 4, "end_char": 11}), "learning_regions[0].end_char", 11, "beyond"),
+    (_regions({"start_char": 1.0, "end_char": 2}), "learning_regions[0].start_char", None, "integer"),
+    (_regions({"start_char": 1, "end_char": 2, "region_type": 3}), "learning_regions[0].region_type", 1, "string"),
+    (_regions("1-2"), "learning_regions[0]", None, "object"),
+    ({"text": "ab", "learning_regions": {"start_char": 0}}, "learning_regions", None, "list"),
+    ({"segments": [{"content": "a", "learn": False, "weight": 2.0}]}, "segments[0].learn", 0, "contradicts"),
+    ({"segments": [{"content": "a", "learn": True, "weight": 0}]}, "segments[0].learn", 0, "contradicts"),
+    ({"segments": [{"content": "ab"}, {"content": "c", "lern": True}]}, "segments[1].lern", 2, "unknown key 'lern'"),
+    ({"segments": [{"content": "ab"}, {"learn": True}]}, "segments[1].content", 2, "missing"),
+    ({"segments": [{"content": 3}]}, "segments[0].content", 0, "string"),
+    ({"segments": [{"content": "a", "learn": "yes"}]}, "segments[0].learn", 0, "true or false"),
+    ({"segments": [{"content": "a", "weight": float("inf")}]}, "segments[0].weight", 0, "finite"),
+    ({"segments": [{"content": "", "learn": True}, {"content": "a"}]}, "segments[0].content", 0, "empty"),
+    ({"segments": "abc"}, "segments", None, "list"),
+    ({"segments": [{"content": "a"}], "separator": None}, "separator", None, "string"),
+    ({"segments": []}, "segments", None, "no text"),
+    ({"segments": [{"content": "a"}], "text": "b"}, "text", None, "does not belong"),
+    ({"segments": [{"content": "a"}], "default_weight": 1.0}, "default_weight", None, "does not belong"),
+]
+
+
+@pytest.mark.parametrize("sample, field, position, words", ERRORS)
+def test_every_error_names_sample_field_and_position(sample, field, position, words):
+    with pytest.raises(FormatError) as info:
+        parse(sample, sample_id="data.jsonl:42")
+    error = info.value
+    assert isinstance(error, ValueError)
+    assert (error.sample_id, error.field, error.position) == ("data.jsonl:42", field, position)
+    assert words in error.reason
+    message = str(error)
+    assert "data.jsonl:42" in message and repr(field) in message
+    if position is not None:
+        assert f"character {position}" in message
+
+
+def test_a_sample_must_be_an_object():
+    with pytest.raises(FormatError, match="object"):
+        parse(["text"], sample_id=1)
+
+
+def test_overlap_is_an_error_by_default_and_max_on_request():
+    sample = _regions({"start_char": 0, "end_char": 6, "weight": 1.0, "region_type": "a"},
+                      {"start_char": 4, "end_char": 9, "weight": 2.0, "region_type": "b"},
+                      {"start_char": 5, "end_char": 7, "weight": 0.5, "region_type": "c"})
+    with pytest.raises(FormatError) as info:
+        parse(sample, sample_id=3)
+    assert info.value.field == "learning_regions[1]" and info.value.position == 4
+    assert "learning_regions[0]" in info.value.reason and "overlap='max'" in info.value.reason
+    rt = parse(sample, overlap="max")
+    assert rt.regions == (Region(0, 4, 1.0, "a"), Region(4, 9, 2.0, "b"))
+    assert rt.char_weights() == [1.0] * 4 + [2.0] * 5 + [0.0]
+    with pytest.raises(ValueError, match="overlap"):
+        parse(sample, overlap="min")
+
+
+def test_region_text_checks_its_invariants():
+    with pytest.raises(FormatError, match="overlap"):
+        RegionText("abcd", [Region(0, 2, 1.0), Region(1, 3, 1.0)])
+    with pytest.raises(FormatError, match="outside"):
+        RegionText("abcd", [Region(2, 5, 1.0)])
+    with pytest.raises(FormatError, match="finite"):
+        RegionText("abcd", [Region(0, 1, math.nan)])
+
+
+def test_to_tag_based_refuses_a_text_with_literal_tags():
+    with pytest.raises(FormatError) as info:
+        to_format(parse({"text": "see <learn> here", "learning_regions": []}), "tag_based", sample_id="s")
+    assert info.value.position == 4 and info.value.sample_id == "s"
+
+
+def test_examples_parse_identically_in_every_format():
+    for sample in EXAMPLES:
+        reference = parse(sample, sample_id=sample["id"])
+        for name in FORMATS:
+            assert parse(convert(sample, name)) == reference
+
+
+# ---------------------------------------------------------------------------------------------- round trips (hypothesis)
+
+CHARACTERS = st.sampled_from(list("ab xy,.\n\t学习概念梯度降𝕏é<>'\"="))
+WEIGHTS = st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.25])
+TYPES = st.sampled_from(["default", "concept", "definition", "method's", '"q"'])
+
+
+@st.composite
+def region_texts(draw):
+    text = draw(st.text(CHARACTERS, min_size=1, max_size=40))
+    borders = sorted(draw(st.sets(st.integers(0, len(text)), max_size=8)))
+    regions = [Region(start, end, draw(WEIGHTS), draw(TYPES))
+               for start, end in zip(borders[::2], borders[1::2]) if start < end]
+    return RegionText(text, regions, draw(WEIGHTS))
+
+
+@settings(max_examples=150, deadline=None)
+@given(region_texts())
+def test_any_region_text_round_trips_through_every_format(region_text):
+    for name in FORMATS:
+        back = parse(to_format(region_text, name), name)
+        assert back.text == region_text.text
+        assert back.char_weights() == region_text.char_weights()
+        if name != "structured" or region_text.default_weight == 0:
+            assert back.regions == region_text.regions
+
+
+@st.composite
+def nested_tag_texts(draw, depth=0):
+    """(raw tagged text, expected weight of each character) with tags nested up to 3 deep."""
+    raw, weights = "", []
+    for _ in range(draw(st.integers(1, 3))):
+        if depth < 3 and draw(st.booleans()):
+            weight, region_type = draw(WEIGHTS), draw(st.sampled_from(["concept", "method"]))
+            inner_raw, inner_weights = draw(nested_tag_texts(depth + 1))
+            raw += f"<LEARN type='{region_type}' weight=\"{weight}\">{inner_raw}</LEARN>"
+            weights += [weight if w is None else w for w in inner_weights]
+        else:
+            plain = draw(st.text(st.sampled_from(list("ab 学习\n")), min_size=1, max_size=5))
+            raw += plain
+            weights += [None] * len(plain)
+    return raw, weights
+
+
+@settings(max_examples=150, deadline=None)
+@given(nested_tag_texts(), WEIGHTS)
+def test_nested_tags_give_the_innermost_weight_and_survive_conversion(tagged, default_weight):
+    raw, expected = tagged
+    region_text = parse({"text": raw, "default_weight": default_weight})
+    assert region_text.char_weights() == [default_weight if w is None else w for w in expected]
+    for name in FORMATS:
+        assert parse(to_format(region_text, name)).char_weights() == region_text.char_weights()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 30).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(1, n), WEIGHTS), max_size=6))))
+def test_overlap_max_keeps_the_highest_weight_of_each_character(case):
+    length, spans = case
+    spans = [(start, end, weight) for start, end, weight in spans if start < end]
+    sample = {"text": "字" * length, "learning_regions": [
+        {"start_char": start, "end_char": end, "weight": weight} for start, end, weight in spans]}
+    expected = [max([w for s, e, w in spans if s <= i < e], default=0.0) for i in range(length)]
+    assert parse(sample, overlap="max").char_weights() == expected

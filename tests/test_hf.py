@@ -1,0 +1,173 @@
+"""`mrloss.integrations.hf`: the patched forward against each model's own logits + a float64 weighted CE."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mrloss.integrations.hf import SUPPORTED_ARCHITECTURES, apply_mrloss, valid_weight_sum  # noqa: E402
+from mrloss.reference import reference_linear_cross_entropy  # noqa: E402
+
+VOCAB = 97
+# model_type -> config extras that make the architecture's head special enough to test it.
+ARCHITECTURES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma": {},  # tied embeddings
+    "phi3": {},
+    "gemma2": {"final_logit_softcapping": 0.7},  # small, so the cap matters on a tiny model's logits
+    "gemma3_text": {"final_logit_softcapping": 0.7},
+    "cohere": {"logit_scale": 0.37},
+    "granite": {"logits_scaling": 2.5},
+}
+
+
+def tiny_model(model_type, **extra):
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **{**ARCHITECTURES.get(model_type, {}), **extra},
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).float()
+
+
+def random_batch(batch=2, length=13, seed=1):
+    """HF convention: labels = input_ids, -100 on padding and on weight-0 tokens; weights 0 on padding."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    attention_mask[1, -4:] = 0
+    token_weights = torch.rand(batch, length, generator=g) * 2.0
+    token_weights[torch.rand(batch, length, generator=g) < 0.3] = 0.0
+    token_weights[attention_mask == 0] = 0.0
+    labels = torch.where(token_weights > 0, input_ids, torch.full_like(input_ids, -100))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "token_weights": token_weights}
+
+
+def oracle(model, batch, normalizer=None):
+    """The model's own logits (stock forward) + a float64 weighted cross-entropy: loss, token losses."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    identity = torch.eye(VOCAB, dtype=torch.float64)  # logits @ I^T = logits: the oracle's "head"
+    return reference_linear_cross_entropy(
+        logits, identity, batch["labels"], batch["token_weights"], shift=True, normalizer=normalizer,
+        return_token_losses=True,
+    )
+
+
+def trainable(model):
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+@pytest.mark.parametrize("with_normalizer", [False, True])
+def test_patched_loss_and_grads_match_model_logits(model_type, with_normalizer):
+    model = tiny_model(model_type)
+    batch = random_batch()
+    # num_items_in_batch: the global Σw of a bigger optimizer step (this micro-batch is part of it).
+    normalizer = valid_weight_sum(batch["labels"], batch["token_weights"]) * 1.75 if with_normalizer else None
+    params = trainable(model)
+    expected, expected_token_losses = oracle(model, batch, normalizer)
+    expected_grads = torch.autograd.grad(expected, [p for _, p in params])
+
+    apply_mrloss(model)
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    out = model(**batch, num_items_in_batch=normalizer)
+    assert out.logits is None and not head_calls  # no [B, T, V] logits
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.token_losses.double(), expected_token_losses, rtol=1e-4, atol=1e-5)
+    assert out.token_losses.shape == batch["input_ids"].shape
+    grads = torch.autograd.grad(out.loss, [p for _, p in params], allow_unused=True)
+    for (name, _), grad, expected_grad in zip(params, grads, expected_grads):
+        assert grad is not None, name
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_supported_architectures_are_all_tested():
+    tested = {type(tiny_model(model_type)).__name__ for model_type in ARCHITECTURES}
+    assert tested == set(SUPPORTED_ARCHITECTURES)
+
+
+def test_without_token_weights_equals_the_stock_hf_loss():
+    model = tiny_model("qwen3")
+    batch = random_batch(seed=5)
+    stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    stock_sum = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+        num_items_in_batch=torch.tensor(31),
+    )
+    apply_mrloss(model)
+    ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    ours_sum = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+        num_items_in_batch=torch.tensor(31),
+    )
+    torch.testing.assert_close(ours.loss, stock.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_sum.loss, stock_sum.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_without_labels_returns_the_stock_logits_and_generates():
+    model = tiny_model("gemma2")
+    batch = random_batch()
+    stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    apply_mrloss(model)
+    apply_mrloss(model, label_smoothing=0.1)  # re-applying replaces the options, does not stack
+    patched = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(patched, stock)
+    generated = model.generate(batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 7)
+    with pytest.raises(ValueError, match="token_weights were given without labels"):
+        model(input_ids=batch["input_ids"], token_weights=batch["token_weights"])
+
+
+def test_label_smoothing_and_softcap_options_reach_the_loss():
+    model = tiny_model("llama")
+    batch = random_batch(seed=3)
+    apply_mrloss(model, label_smoothing=0.1, softcap=0.9)
+    out = model(**batch)
+    logits = model.lm_head(model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state)
+    expected = reference_linear_cross_entropy(
+        logits, torch.eye(VOCAB, dtype=torch.float64), batch["labels"], batch["token_weights"], shift=True,
+        label_smoothing=0.1, softcap=0.9,
+    )
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_lora_model_matches_and_trains_only_the_adapter():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_model("llama"),
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                        modules_to_save=["lm_head"], init_lora_weights=False),
+    )
+    batch = random_batch(seed=7)
+    params = trainable(model)
+    assert any("lora_" in name for name, _ in params) and any("modules_to_save" in name for name, _ in params)
+    expected, _ = oracle(model, batch)
+    expected_grads = torch.autograd.grad(expected, [p for _, p in params])
+    apply_mrloss(model)
+    out = model(**batch)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.loss, [p for _, p in params])
+    for (name, _), grad, expected_grad in zip(params, grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_on_lm_head_is_a_clear_error():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="lm_head .*PEFT adapter"):
+        apply_mrloss(model)
+
+
+def test_unknown_architecture_and_options_are_clear_errors():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(TypeError, match="cannot patch GPT2LMHeadModel.*supported architectures"):
+        apply_mrloss(gpt2)
+    with pytest.raises(TypeError, match="unknown loss option.*'reduction'"):
+        apply_mrloss(tiny_model("llama"), reduction="sum")

@@ -1,0 +1,166 @@
+"""MultiRegionTrainingMonitor: statistics against a hand count, JSONL / TensorBoard / wandb output, the HF
+callback and `mrloss plot`."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from mrloss.debug import MultiRegionTrainingMonitor
+from mrloss.debug.monitor import region_statistics
+from mrloss.debug.plot import main as plot_main
+from mrloss.debug.plot import per_step_series
+
+TYPES = ["concept", "definition", "methodology"]
+
+
+def make_batch(seed: int, batch: int = 3, length: int = 11) -> tuple[dict, torch.Tensor]:
+    """A collator-like batch with padding, weight-0 tokens and every region type, plus token losses."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([length, length - 3, length - 6][:batch])
+    attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    region_type_ids = torch.randint(-1, len(TYPES), (batch, length), generator=generator)
+    token_weights = torch.rand(batch, length, generator=generator) * 2 + 0.1
+    token_weights[torch.rand(batch, length, generator=generator) < 0.3] = 0.0
+    token_weights[:, 0] = 0.0
+    token_weights[attention_mask == 0] = 0.0
+    region_type_ids[attention_mask == 0] = -1
+    input_ids = torch.randint(2, 50, (batch, length), generator=generator)
+    labels = torch.where(token_weights > 0, input_ids, -100)
+    token_losses = torch.rand(batch, length, generator=generator) * 5
+    token_losses[labels == -100] = float("nan")  # must never leak into the statistics
+    return ({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "token_weights": token_weights, "region_type_ids": region_type_ids}, token_losses)
+
+
+def hand_count(batch: dict, token_losses: torch.Tensor | None) -> dict:
+    """The statistics by a plain loop over tokens (float64)."""
+    names = TYPES + ["(outside)"]
+    acc = {name: {"tokens": 0, "learned": 0, "w": 0.0, "l": 0.0, "wl": 0.0} for name in names}
+    for b in range(batch["input_ids"].shape[0]):
+        for t in range(batch["input_ids"].shape[1]):
+            if batch["attention_mask"][b, t] == 0:
+                continue
+            type_id = int(batch["region_type_ids"][b, t])
+            entry = acc[names[type_id] if type_id >= 0 else "(outside)"]
+            entry["tokens"] += 1
+            weight = float(batch["token_weights"][b, t])
+            if weight > 0 and int(batch["labels"][b, t]) != -100:
+                entry["learned"] += 1
+                entry["w"] += weight
+                if token_losses is not None:
+                    loss = float(token_losses[b, t])
+                    entry["l"] += loss
+                    entry["wl"] += weight * loss
+    share_key = "wl" if token_losses is not None else "w"
+    share_total = sum(entry[share_key] for entry in acc.values())
+    return {name: {"tokens": e["tokens"], "learned_tokens": e["learned"], "weight_sum": e["w"],
+                   "grad_share": e[share_key] / share_total,
+                   **({"mean_loss": e["l"] / e["learned"] if e["learned"] else None} if token_losses is not None else {})}
+            for name, e in acc.items()}
+
+
+@pytest.mark.parametrize("with_losses", [True, False])
+def test_statistics_match_a_hand_count(tmp_path, with_losses):
+    batch, token_losses = make_batch(seed=1)
+    token_losses = token_losses if with_losses else None
+    monitor = MultiRegionTrainingMonitor(tmp_path, TYPES)
+    record = monitor.log_batch_stats(batch, step=7, token_losses=token_losses)
+    expected = hand_count(batch, token_losses)
+    assert record["step"] == 7 and set(record["regions"]) == set(expected)
+    for name, stats in expected.items():
+        assert record["regions"][name] == pytest.approx(stats, rel=1e-12), name
+    assert sum(stats["grad_share"] for stats in record["regions"].values()) == pytest.approx(1.0)
+    total = record["total"]
+    assert total["tokens"] == int(batch["attention_mask"].sum())
+    assert total["learned_tokens"] == int((batch["labels"] != -100).sum())
+    if with_losses:
+        learned = batch["labels"] != -100
+        weights, losses = batch["token_weights"].double()[learned], token_losses.double()[learned]
+        assert total["weighted_loss"] == pytest.approx(float((weights * losses).sum() / weights.sum()), rel=1e-12)
+        assert monitor.type_losses(record) == {t: record["regions"][t]["mean_loss"] for t in TYPES
+                                               if record["regions"][t]["mean_loss"] is not None}
+    else:
+        assert "mean_loss" not in total
+    lines = (tmp_path / "region_stats.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [record]
+
+
+def test_absent_type_and_multipliers():
+    batch, token_losses = make_batch(seed=2)
+    batch["region_type_ids"][batch["region_type_ids"] == 2] = -1  # no methodology token
+    record = MultiRegionTrainingMonitor(None, TYPES).log_batch_stats(batch, 3, token_losses,
+                                                                      multipliers={"concept": 1.5})
+    assert record["regions"]["methodology"] == {"tokens": 0, "learned_tokens": 0, "weight_sum": 0.0,
+                                                "grad_share": 0.0, "mean_loss": None}
+    assert record["multipliers"] == {"concept": 1.5}
+    assert "methodology" not in MultiRegionTrainingMonitor.type_losses(record)
+
+
+def test_bad_batches_raise():
+    batch, token_losses = make_batch(seed=3)
+    monitor = MultiRegionTrainingMonitor(None, TYPES)
+    with pytest.raises(ValueError, match="token_losses shape"):
+        monitor.log_batch_stats(batch, 0, token_losses[:, :-1])
+    with pytest.raises(KeyError, match="region_type_ids"):
+        monitor.log_batch_stats({"token_weights": batch["token_weights"]}, 0)
+    with pytest.raises(ValueError, match="outside"):
+        region_statistics(batch["token_weights"], batch["region_type_ids"], TYPES[:2])
+    with pytest.raises(ValueError, match="unknown backend"):
+        MultiRegionTrainingMonitor(None, TYPES, report_to=["mlflow"])
+
+
+def test_wandb_and_tensorboard(tmp_path, monkeypatch):
+    logged = []
+    fake_wandb = types.SimpleNamespace(run=object(), log=lambda data, step: logged.append((step, data)))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monitor = MultiRegionTrainingMonitor(tmp_path, TYPES, report_to=["tensorboard", "wandb"])
+    batch, token_losses = make_batch(seed=4)
+    record = monitor.log_batch_stats(batch, 5, token_losses, multipliers={"concept": 0.5})
+    monitor.close()
+    step, data = logged[0]
+    assert step == 5
+    assert data["region/concept/mean_loss"] == record["regions"]["concept"]["mean_loss"]
+    assert data["multiplier/concept"] == 0.5 and data["total/weighted_loss"] == record["total"]["weighted_loss"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    [scalar] = events.Scalars("region/definition/weight_sum")
+    assert scalar.step == 5 and scalar.value == pytest.approx(record["regions"]["definition"]["weight_sum"], rel=1e-6)
+
+
+def test_hf_callback_appends_trainer_logs(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    monitor = MultiRegionTrainingMonitor(tmp_path, TYPES)
+    callback = monitor.hf_callback()
+    state = TrainerState()
+    state.global_step = 4
+    callback.on_log(None, state, TrainerControl(), logs={"loss": 2.5, "learning_rate": 1e-4, "note": "x"})
+    callback.on_train_end(None, state, TrainerControl())
+    line = json.loads((tmp_path / "region_stats.jsonl").read_text())
+    assert line == {"step": 4, "trainer": {"loss": 2.5, "learning_rate": 1e-4}}
+
+
+def test_plot_merges_micro_batches_and_writes_png(tmp_path, capsys):
+    monitor = MultiRegionTrainingMonitor(tmp_path, TYPES)
+    records = []
+    for step in range(4):
+        for micro in range(2):  # two micro-batches per optimizer step
+            batch, token_losses = make_batch(seed=10 * step + micro)
+            records.append(monitor.log_batch_stats(batch, step, token_losses * (4 - step) / 4,
+                                                   multipliers={t: 1.0 + step / 10 for t in TYPES}))
+    monitor.log_trainer_logs(3, {"loss": 1.0})
+    series = per_step_series(tmp_path / "region_stats.jsonl")
+    assert series["steps"] == [0, 1, 2, 3]
+    first, second = records[2]["regions"]["concept"], records[3]["regions"]["concept"]  # step 1
+    merged = ((first["mean_loss"] * first["learned_tokens"] + second["mean_loss"] * second["learned_tokens"])
+              / (first["learned_tokens"] + second["learned_tokens"]))
+    assert series["mean_loss"]["concept"][1] == pytest.approx(merged, rel=1e-12)
+    assert series["multipliers"]["definition"] == pytest.approx([1.0, 1.1, 1.2, 1.3])
+    assert plot_main([str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "curves.png" in capsys.readouterr().out
+    assert plot_main([str(tmp_path / "missing")]) == 1

@@ -1,0 +1,193 @@
+"""Sequence-parallel loss (mrloss.parallel) on CPU with gloo: SP=2/4 against SP=1, in fp32.
+
+One spawned process group per world size (2 and 4 ranks) runs every case, because process start-up
+dominates on a small machine. Each case builds one packed sequence identically on every rank, shards it
+with verl's own ``ulysses_pad_and_slice_inputs`` (the ids that make the hidden shard) and with
+``mrloss.parallel.shard_targets`` (targets / weights), and checks the loss, the hidden-shard gradient and
+the parameter gradients (embedding = the "model body", LM head) against the single-process loss.
+"""
+import functools
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mrloss import linear_cross_entropy
+from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shard_targets, shift_targets
+
+V, H = 29, 12
+ATOL, RTOL = 2e-6, 2e-5
+pytest.importorskip("verl")  # installed in CI (the verl extra); the tests must run there
+
+
+@functools.cache
+def verl_ulysses():
+    """verl's own ``verl/utils/ulysses.py``, loaded from its file: it needs only torch, and each rank
+    skips ``import verl`` (~5 s: ray, tensordict)."""
+    location = importlib.util.find_spec("verl").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("verl_ulysses", os.path.join(location, "utils", "ulysses.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_case(seed, lengths, zero_prefix=0, all_zero=False):
+    """A packed sequence: input_ids [T], token weights [T] (0 on each sample's first token, on the first
+    ``zero_prefix`` tokens, on random tokens), cu_seqlens [S+1], embedding [V, H], LM head [V, H]."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    input_ids = torch.randint(1, V, (total,), generator=generator)
+    weights = torch.rand(total, generator=generator) * 2
+    weights[torch.rand(total, generator=generator) < 0.3] = 0
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    weights[cu_seqlens[:-1]] = 0
+    weights[:zero_prefix] = 0
+    if all_zero:
+        weights.zero_()
+    embedding = torch.randn(V, H, generator=generator)
+    head = torch.randn(V, H, generator=generator) * 0.5
+    return input_ids, weights, cu_seqlens, embedding, head
+
+
+def single_process(input_ids, weights, cu_seqlens, embedding, head):
+    """SP=1: loss, d loss/d hidden [T, H], d loss/d embedding, d loss/d head."""
+    embedding, head = embedding.clone().requires_grad_(), head.clone().requires_grad_()
+    hidden = embedding[input_ids]
+    hidden.retain_grad()
+    targets, shifted_weights = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
+    loss = linear_cross_entropy(hidden, head, targets, shifted_weights, reduction="mean")
+    loss.backward()
+    return loss.detach(), hidden.grad, embedding.grad, head.grad
+
+
+def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reduction, normalizer=None):
+    """This rank's SP computation: hidden shard from verl-sliced ids, mrloss-sharded targets/weights."""
+    ulysses = verl_ulysses()
+    size = dist.get_world_size(group)
+    ulysses.set_ulysses_sequence_parallel_group(group or dist.group.WORLD)
+    ids_shard, _, pad = ulysses.ulysses_pad_and_slice_inputs(input_ids[None], sp_size=size)
+    # verl's own weight alignment (roll the packed mask by -1, then pad and slice) must equal ours
+    verl_weights, _, _ = ulysses.ulysses_pad_and_slice_inputs(torch.roll(weights, -1)[None], sp_size=size,
+                                                              pad_value=0)
+    ulysses.set_ulysses_sequence_parallel_group(None)
+    targets_shard, weights_shard = shard_targets(input_ids, weights, group, cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(weights_shard, verl_weights[0], atol=0, rtol=0)
+    assert torch.equal(pad_and_slice(input_ids, group), ids_shard[0])
+    embedding, head = embedding.clone().requires_grad_(), head.clone().requires_grad_()
+    hidden_shard = embedding[ids_shard[0]]
+    hidden_shard.retain_grad()
+    loss, token_losses = sequence_parallel_linear_cross_entropy(
+        hidden_shard, head, targets_shard, weights_shard, group=group, normalizer=normalizer,
+        grad_reduction=grad_reduction, return_token_losses=True)
+    loss.backward()
+    return loss.detach(), hidden_shard.grad, embedding.grad, head.grad, token_losses, pad
+
+
+def reduce_grad(grad, op, group):
+    grad = grad.clone()
+    dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+    return grad / dist.get_world_size(group) if op == "mean" else grad
+
+
+def check_against_single_process(case, group):
+    """Loss and gradients of SP over ``group`` equal SP=1, for both gradient reductions; token losses
+    gathered with verl's gather_outputs_and_unpad equal the single-process ones."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    ref_loss, ref_hidden_grad, ref_embedding_grad, ref_head_grad = single_process(*case)
+    ref_hidden_shard_grad = pad_and_slice(ref_hidden_grad, group, dim=0)
+    for grad_reduction in ("mean", "sum"):
+        loss, hidden_grad, embedding_grad, head_grad, token_losses, pad = sharded(*case, group, grad_reduction)
+        scale = size if grad_reduction == "mean" else 1
+        torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(hidden_grad, ref_hidden_shard_grad * scale, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(reduce_grad(head_grad, grad_reduction, group), ref_head_grad, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(reduce_grad(embedding_grad, grad_reduction, group), ref_embedding_grad,
+                                   atol=ATOL, rtol=RTOL)
+    input_ids, weights, cu_seqlens, embedding, head = case
+    targets, shifted_weights = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
+    _, ref_token_losses = linear_cross_entropy(embedding[input_ids], head, targets, shifted_weights,
+                                               reduction="sum", return_token_losses=True)
+    gathered = verl_ulysses().gather_outputs_and_unpad(token_losses, gather_dim=0, unpad_dim=0, padding_size=pad,
+                                                       group=group or dist.group.WORLD)
+    torch.testing.assert_close(gathered, ref_token_losses, atol=ATOL, rtol=RTOL)
+    return rank
+
+
+def check_data_and_sequence_parallel(world_group, sp_group, dp_index, dp_size):
+    """dp x sp (verl's layout): each SP group holds its own sequence; normalizer = global Σw / dp_size and
+    grad_reduction="mean", then averaging gradients over ALL ranks (FSDP) gives the one-big-batch gradient."""
+    cases = [make_case(100 + index, [13, 8, 10]) for index in range(dp_size)]
+    embedding, head = cases[0][3], cases[0][4]  # one model for every data-parallel rank
+    global_weights = sum(float(case[1].sum()) for case in cases)
+    loss, _, embedding_grad, head_grad, _, _ = sharded(*cases[dp_index][:3], embedding, head, sp_group, "mean",
+                                                       normalizer=global_weights / dp_size)
+    # reference: every sequence in one packed batch on one process
+    packed_cu_seqlens, offset = [0], 0
+    for case in cases:
+        packed_cu_seqlens += [offset + int(end) for end in case[2][1:]]
+        offset += case[0].numel()
+    packed = (torch.cat([case[0] for case in cases]), torch.cat([case[1] for case in cases]),
+              torch.tensor(packed_cu_seqlens), embedding, head)
+    ref_loss, _, ref_embedding_grad, ref_head_grad = single_process(*packed)
+    reported = loss.clone()
+    dist.all_reduce(reported, group=world_group)  # verl: sum over micro-batches, AVG over dp
+    torch.testing.assert_close(reported / dist.get_world_size(world_group), ref_loss, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(reduce_grad(head_grad, "mean", world_group), ref_head_grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(reduce_grad(embedding_grad, "mean", world_group), ref_embedding_grad,
+                               atol=ATOL, rtol=RTOL)
+
+
+def worker(rank, world_size, store_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        sp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        cases = {
+            "uneven packed (pad)": make_case(1, [11, 9, 7, 10]),                  # T=37: needs padding
+            "zero-weight shard": make_case(2, [6, 9, 8, 5, 9], zero_prefix=20),   # leading shards learn nothing
+            "single short sequence": make_case(3, [5]),                           # shards of 1-2 tokens
+            "all weights zero": make_case(4, [9, 8], all_zero=True),               # loss 0, grads 0
+        }
+        # SP=4: the default group (group=None); SP=2: two groups of 2 ranks side by side
+        for sp_size, group in ((4, None), (2, sp_groups[rank // 2])):
+            for name, case in cases.items():
+                try:
+                    check_against_single_process(case, group)
+                except AssertionError as error:
+                    raise AssertionError(f"SP={sp_size}, case {name!r}: {error}") from None
+        check_data_and_sequence_parallel(dist.group.WORLD, sp_groups[rank // 2], rank // 2, 2)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sequence_parallel_matches_single_process(tmp_path):
+    """SP=2, SP=4 and dp=2 x sp=2 on 4 gloo ranks equal one process."""
+    mp.spawn(worker, args=(4, str(tmp_path / "store")), nprocs=4, join=True)
+
+
+def test_pad_and_slice_without_process_group():
+    """No process group: one shard, the whole tensor; shift_targets ignores sample ends."""
+    tensor = torch.arange(7)
+    assert torch.equal(pad_and_slice(tensor), tensor)
+    targets, weights = shift_targets(torch.tensor([5, 6, 7, 8, 9]), torch.tensor([0.0, 1, 2, 0, 3]),
+                                     cu_seqlens=torch.tensor([0, 3, 5]))
+    assert targets.tolist() == [6, 7, -100, 9, -100]
+    assert weights.tolist() == [1.0, 2.0, 0.0, 3.0, 0.0]
+
+
+def test_sequence_parallel_loss_single_process_equals_mean():
+    case = make_case(7, [10, 7])
+    input_ids, weights, cu_seqlens, embedding, head = case
+    targets, shifted = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
+    hidden = embedding[input_ids]
+    expected = linear_cross_entropy(hidden, head, targets, shifted, reduction="mean")
+    got = sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted)
+    torch.testing.assert_close(got, expected.float(), atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="grad_reduction"):
+        sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, grad_reduction="avg")
+    with pytest.raises(ValueError, match="line up"):
+        sequence_parallel_linear_cross_entropy(hidden[:-1], head, targets, shifted)

@@ -1,0 +1,162 @@
+"""`mrloss prepare`: validation with line numbers, conversion, atomic split outputs, --force, summary."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mrloss.data.examples import EXAMPLES
+from mrloss.data.prepare import main
+from mrloss.data.records import read_records, write_samples
+from mrloss.formats import FORMATS, detect_format, parse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD_LINES = [
+    '{"text": "fine <LEARN type=\\"concept\\">sample</LEARN> one"}',
+    '{"text": "unclosed <LEARN>tag"}',
+    "",
+    '{"text": "abc", "learning_regions": [{"start_char": 0, "end_char": 2, "weigth": 2.0}]}',
+    "{broken json",
+    '{"segments": [{"content": "ctx", "learn": false, "weight": 1.0}]}',
+    '{"segments": [{"content": "题目", "learn": false}, {"content": "答案", "learn": true, "segment_type": "concept"}]}',
+]
+
+
+def _jsonl(path, samples):
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    return path
+
+
+def _char_weights(path):
+    return [parse(r.sample).char_weights() for r in read_records(path)]
+
+
+def test_example_writes_three_formats_and_refuses_to_overwrite(tmp_path, capsys):
+    directory = tmp_path / "examples"
+    assert main(["--example", str(directory)]) == 0
+    files = {name: directory / f"{name}.jsonl" for name in FORMATS}
+    for name, path in files.items():
+        records = read_records(path)
+        assert len(records) == len(EXAMPLES) >= 24
+        assert all(detect_format(r.sample) == name for r in records)
+        assert {r.sample["language"] for r in records} >= {"zh", "en"}
+    assert _char_weights(files["tag_based"]) == _char_weights(files["position_based"]) == _char_weights(files["structured"])
+    types = {region.type for r in read_records(files["structured"]) for region in parse(r.sample).regions}
+    assert types == {"concept", "definition", "methodology"}
+    before = files["tag_based"].read_bytes()
+    files["tag_based"].write_text("changed\n")
+    assert main(["--example", str(directory)]) == 2
+    assert "--force" in capsys.readouterr().err and files["tag_based"].read_text() == "changed\n"
+    assert main(["--example", str(directory), "--force"]) == 0
+    assert files["tag_based"].read_bytes() == before
+
+
+def test_bad_lines_are_listed_with_line_numbers_and_nothing_is_written(tmp_path, capsys):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(BAD_LINES) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main([str(raw), "--output-dir", str(out)]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4
+    for line_number, words in [(2, "unclosed"), (4, "'learning_regions[0].weigth'"), (5, "invalid JSON"),
+                               (6, "contradicts")]:
+        assert any(f"{raw}:{line_number}," in e and words in e for e in errors), (line_number, captured.err)
+    assert "samples: 2 valid, 4 bad" in captured.out and "nothing written" in captured.err
+    assert not out.exists()
+
+    assert main([str(raw), "--output-dir", str(out), "--drop-invalid", "--to", "position_based"]) == 0
+    written = read_records(out / "train.jsonl")
+    assert [detect_format(r.sample) for r in written] == ["position_based"] * 2
+    assert [parse(r.sample).text for r in written] == ["fine sample one", "题目答案"]
+
+
+def test_validation_only_exit_codes(tmp_path, capsys):
+    good = _jsonl(tmp_path / "good.jsonl", EXAMPLES[:4])
+    assert main([str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 4 valid, 0 bad" in out and "tokens:" in out and "learned" in out and "samples/s" in out
+    assert main([]) == 2 and main([str(tmp_path / "missing.jsonl")]) == 2
+    assert main([str(good), "--to", "tag_based"]) == 2  # --to needs --output-dir
+    assert main([str(good), "--output-dir", str(tmp_path), "--val-fraction", "1.5"]) == 2
+    assert main(["--bogus"]) == 2
+    assert main([str(tmp_path / "data.csv")]) == 2
+
+
+@pytest.mark.parametrize("to", FORMATS)
+def test_conversion_and_split_keep_every_sample_and_its_weights(tmp_path, to):
+    raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES)
+    out = tmp_path / to
+    assert main([str(raw), "--output-dir", str(out), "--to", to, "--val-fraction", "0.25", "--seed", "3"]) == 0
+    train, validation = read_records(out / "train.jsonl"), read_records(out / "validation.jsonl")
+    assert len(validation) == round(len(EXAMPLES) * 0.25) and len(train) + len(validation) == len(EXAMPLES)
+    assert all(detect_format(r.sample) == to for r in train + validation)
+    by_id = {r.sample["id"]: parse(r.sample).char_weights() for r in train + validation}
+    assert by_id == {s["id"]: parse(s).char_weights() for s in EXAMPLES}
+    again = tmp_path / "again"
+    assert main([str(raw), "--output-dir", str(again), "--to", to, "--val-fraction", "0.25", "--seed", "3"]) == 0
+    assert (again / "validation.jsonl").read_bytes() == (out / "validation.jsonl").read_bytes()
+    assert main([str(raw), "--output-dir", str(again), "--val-fraction", "0.25", "--seed", "4", "--force"]) == 0
+    assert (again / "validation.jsonl").read_bytes() != (out / "validation.jsonl").read_bytes()
+
+
+def test_outputs_are_never_overwritten_without_force(tmp_path, capsys):
+    raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES[:6])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.jsonl").write_text("keep me\n")
+    assert main([str(raw), "--output-dir", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "train.jsonl").read_text() == "keep me\n"
+    assert main([str(raw), "--output-dir", str(out), "--force"]) == 0
+    assert len(read_records(out / "train.jsonl")) == 6
+    assert sorted(os.listdir(out)) == ["train.jsonl"]  # no temporary files left
+
+
+def test_write_is_atomic_when_writing_fails(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(TypeError):
+        write_samples(path, [{"text": "ok"}, {"text": {1, 2}}], force=True)  # a set is not JSON
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["data.jsonl"]
+    with pytest.raises(FileExistsError):
+        write_samples(path, [{"text": "new"}])
+
+
+def test_json_and_parquet_in_and_out(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    source = tmp_path / "raw.json"
+    source.write_text(json.dumps(EXAMPLES[:5] + [{"text": "x", "default_weight": -1}], ensure_ascii=False),
+                      encoding="utf-8")
+    assert main([str(source)]) == 1
+    assert f"{source}[5]" in capsys.readouterr().err
+    source.write_text(json.dumps(EXAMPLES[:5], ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main([str(source), "--output-dir", str(out), "--file-type", "parquet", "--to", "structured"]) == 0
+    assert _char_weights(out / "train.parquet") == [parse(s).char_weights() for s in EXAMPLES[:5]]
+    capsys.readouterr()
+    assert main([str(out / "train.parquet")]) == 0
+    assert "samples: 5 valid, 0 bad" in capsys.readouterr().out
+
+
+def test_local_tokenizer_and_truncation_error(tmp_path, capsys):
+    from mrloss.data.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer([parse(s).text for s in EXAMPLES], vocab_size=400).save_pretrained(tmp_path / "tok")
+    raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES[:3] + [{"text": "<LEARN>short</LEARN>"}])
+    assert main([str(raw), "--tokenizer", str(tmp_path / "tok"), "--max-length", "20", "--truncation", "error"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("more than --max-length 20") == 3 and f"{raw}:1," in captured.err
+    assert str(tmp_path / "tok") in captured.out and "samples: 1 valid, 3 bad" in captured.out
+    assert main([str(raw), "--tokenizer", str(tmp_path / "tok"), "--max-length", "20"]) == 0
+    assert "truncation cut learned regions of 3 sample(s)" in capsys.readouterr().out
+    assert main([str(raw), "--tokenizer", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mrloss", "prepare", "--example", str(tmp_path)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["position_based.jsonl", "structured.jsonl", "tag_based.jsonl"]

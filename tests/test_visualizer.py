@@ -1,0 +1,205 @@
+"""LossMaskVisualizer on the shipped example data (Chinese included): terminal text, warnings, HTML, the
+`mrloss show` command and a real-browser rendering (headless Chromium, when installed)."""
+import io
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from mrloss.data import encode, train_bpe_tokenizer, write_examples
+from mrloss.debug import LossMaskVisualizer
+from mrloss.debug.show import main as show_main
+from mrloss.debug.visualizer import token_texts
+from mrloss.formats import parse
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    """(paths of the example files, {sample id: raw tag_based sample}, a BPE tokenizer trained on them)."""
+    paths = write_examples(tmp_path_factory.mktemp("examples"))
+    samples = {s["id"]: s for s in map(json.loads, paths["tag_based"].read_text(encoding="utf-8").splitlines())}
+    tokenizer = train_bpe_tokenizer([parse(s).text for s in samples.values()], vocab_size=600)
+    return paths, samples, tokenizer
+
+
+def encoded(examples, sample_id, **options):
+    _, samples, tokenizer = examples
+    region_text = parse(samples[sample_id], sample_id=sample_id)
+    return region_text, encode(region_text, tokenizer, sample_id=sample_id, **options)
+
+
+def test_terminal_view_of_a_chinese_sample(examples):
+    region_text, enc = encoded(examples, "zh-gradient-descent")
+    out = io.StringIO()
+    text = LossMaskVisualizer(examples[2]).print_detailed_analysis(
+        enc["input_ids"], enc["token_weights"], enc, region_text=region_text, color=False, file=out)
+    assert out.getvalue() == text + "\n" and "\x1b" not in text
+    definition = region_text.text[region_text.regions[0].start:region_text.regions[0].end]
+    assert f"⟦1.5 definition│{definition}⟧" in text  # the weighted run, Chinese intact
+    assert text.splitlines()[1].startswith("问题：什么是梯度下降？")
+    learned = sum(w > 0 for w in enc["token_weights"])
+    total = sum(enc["token_weights"])
+    assert f"{len(enc['input_ids'])} tokens, {learned} learned (weight > 0), total weight {total:g}" in text
+    rows = {line.split()[1]: line.split() for line in text.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])}
+    for index, region in enumerate(region_text.regions):  # type, tokens, weight, Σ weight, share
+        count = enc["region_ids"].count(index)
+        weight_sum = sum(w for w, r in zip(enc["token_weights"], enc["region_ids"]) if r == index)
+        assert rows[region.type][2:] == [str(count), f"{region.weight:g}", f"{weight_sum:g}",
+                                         f"{100 * weight_sum / total:.1f}%"]
+    assert text.rstrip().endswith("Warnings: none")
+
+
+def test_colour_follows_tty_and_no_color(examples, monkeypatch):
+    region_text, enc = encoded(examples, "zh-photosynthesis")
+    visualizer = LossMaskVisualizer(examples[2])
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    coloured = visualizer.print_detailed_analysis(enc["input_ids"], enc["token_weights"], enc, file=Terminal())
+    assert "\x1b[48;5;" in coloured and "\x1b[90m" in coloured
+    # colour codes aside, every token's text is there in order
+    body = ANSI.sub("", coloured.split("\n", 2)[2]).replace("↵\n", "\n")
+    assert body.startswith(examples[2].decode(enc["input_ids"]))
+    assert "\x1b" not in visualizer.print_detailed_analysis(enc["input_ids"], enc["token_weights"], enc,
+                                                            file=io.StringIO())  # not a TTY
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\x1b" not in visualizer.print_detailed_analysis(enc["input_ids"], enc["token_weights"], enc, file=Terminal())
+
+
+def test_warnings_truncation_straddle_and_lost_region(examples):
+    paths, samples, tokenizer = examples
+    visualizer = LossMaskVisualizer(tokenizer)
+    region_text, enc = encoded(examples, "en-gradient-descent", max_length=60)
+    text = visualizer.print_detailed_analysis(enc["input_ids"], enc["token_weights"], enc, region_text=region_text,
+                                              color=False, file=io.StringIO())
+    assert f"sample truncated: 60 of {enc['untruncated_length']} tokens kept" in text
+    assert "region 1 (methodology) cut by truncation: 0 token(s) left" in text
+    assert "region 0 (definition) cut by truncation" in text
+
+    # a token spanning two characters: give its first character a region of its own, the rest another one
+    full_text = parse(samples["zh-recursion"]).text
+    plain = encode(parse({"text": full_text, "learning_regions": []}), tokenizer)
+    position, (start, end) = next((k, span) for k, span in enumerate(plain["offsets"])
+                                  if k > 0 and span[1] - span[0] >= 2 and full_text[span[0]] != " ")
+    sample = {"text": full_text, "learning_regions": [
+        {"start_char": start, "end_char": start + 1, "weight": 1.0, "region_type": "definition"},
+        {"start_char": start + 1, "end_char": end + 3, "weight": 2.0, "region_type": "concept"}]}
+    region_text = parse(sample)
+    enc = encode(region_text, tokenizer)
+    analysis = visualizer.analyze(enc["input_ids"], enc["token_weights"], enc, region_text=region_text)
+    assert "region 0 (definition) has no tokens after tokenization" in analysis.warnings[0]
+    straddle = [w for w in analysis.warnings if w.startswith(f"token {position} ")]
+    assert straddle and f"straddles the end of region 0 (definition) at character {start + 1}" in straddle[0]
+    assert "it counts for region 1 (concept) with weight 2" in straddle[0]
+    assert [row.tokens for row in analysis.rows][:2] == [0, enc["region_ids"].count(1)]
+
+
+def test_plain_mask_tensors_and_bad_input(examples):
+    tokenizer = examples[2]
+    ids = tokenizer("学习率决定了每一步走多远")["input_ids"]
+    mask = torch.tensor([0] * 3 + [1] * (len(ids) - 3))  # a 0/1 mask, no region information
+    analysis = LossMaskVisualizer(tokenizer).analyze(torch.tensor(ids), mask)
+    assert [(row.region_type, row.tokens, row.share) for row in analysis.rows] == [
+        ("weight 0", 3, 0.0), ("weight 1", len(ids) - 3, 1.0)]
+    assert "".join(token.text for token in analysis.tokens) == "学习率决定了每一步走多远"
+    with pytest.raises(ValueError, match="loss_mask has 2 entries but input_ids has"):
+        LossMaskVisualizer(tokenizer).analyze(ids, [1, 0])
+    with pytest.raises(ValueError, match="1-D"):
+        LossMaskVisualizer(tokenizer).analyze(torch.tensor([ids]), mask)
+    with pytest.raises(ValueError, match=r"region_ids'\]\[0\] = 5"):
+        LossMaskVisualizer(tokenizer).analyze(ids, mask, {"region_ids": [5] * len(ids), "region_types": ["a"]})
+
+
+def test_token_texts_join_multibyte_characters(examples):
+    tokenizer = examples[2]
+    text = "罕见字：龘靐齉。Mixed 文本"
+    ids = tokenizer(text)["input_ids"]
+    pieces = token_texts(tokenizer, ids)
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # rare characters are split into byte tokens, joined on the last one
+
+
+class Spans(HTMLParser):
+    """Token spans of the page: (attributes, text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans, self._open = [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "span" and "tok" in attrs.get("class", "").split():
+            self._open = [attrs, ""]
+
+    def handle_data(self, data):
+        if self._open is not None:
+            self._open[1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self._open is not None:
+            self.spans.append(tuple(self._open))
+            self._open = None
+
+
+def test_html_page(examples):
+    region_text, enc = encoded(examples, "zh-newton-second-law", max_length=120)
+    page = LossMaskVisualizer(examples[2]).to_html(enc["input_ids"], enc["token_weights"], enc,
+                                                   region_text=region_text)
+    assert page.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page
+    assert not re.search(r"https?://|<script|<link|src=|url\(", page)  # self-contained
+    parser = Spans()
+    parser.feed(page)
+    assert len(parser.spans) == len(enc["input_ids"])
+    shown = "".join(text for _, text in parser.spans).replace("↵\n", "\n")
+    assert shown == examples[2].decode(enc["input_ids"]) and "物体加速度的大小与所受合外力成正比" in shown
+    for position, (attrs, text) in enumerate(parser.spans):
+        weight, region = enc["token_weights"][position], enc["region_ids"][position]
+        assert attrs["data-id"] == str(enc["input_ids"][position]) and float(attrs["data-weight"]) == weight
+        assert attrs["title"].startswith(f"#{position}  id {enc['input_ids'][position]}  text ")
+        assert f"weight {weight:g}  region " + (f"{region} ({enc['region_types'][region]})" if region >= 0 else "none") \
+            in attrs["title"]
+        assert ("background: rgb(" in attrs["style"]) == (weight > 0)
+    assert "sample truncated: 120 of" in page and "cut by truncation" in page
+
+
+def test_show_command(examples, tmp_path, capsys):
+    paths = examples[0]
+    out = tmp_path / "view.html"
+    assert show_main([str(paths["structured"]), "--index", "3", "--html", str(out), "--color", "never"]) == 0
+    printed = capsys.readouterr().out
+    assert "structured.jsonl:4" in printed and "⟦1.5 definition│梯度下降是" in printed and "wrote" in printed
+    parser = Spans()
+    parser.feed(out.read_text(encoding="utf-8"))
+    assert "梯度下降是一种" in "".join(text for _, text in parser.spans)
+    assert show_main([str(paths["tag_based"]), "--index", "999"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_html_renders_in_headless_chromium(examples, tmp_path):
+    from matplotlib.image import imread
+
+    region_text, enc = encoded(examples, "zh-gradient-descent")
+    page = tmp_path / "view.html"
+    page.write_text(LossMaskVisualizer(examples[2]).to_html(enc["input_ids"], enc["token_weights"], enc,
+                                                            region_text=region_text), encoding="utf-8")
+    screenshot = tmp_path / "view.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}", "--window-size=900,700",
+                    f"file://{page}"], check=True, capture_output=True, timeout=60)
+    pixels = imread(screenshot)[..., :3]
+    assert pixels.shape[:2] == (700, 900)
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    warm = (red > 0.85) & (green < 0.8) & (blue < 0.45)  # weight backgrounds (orange: the largest weight)
+    dark = pixels.max(axis=-1) < 0.3  # glyphs
+    assert warm.sum() > 5000 and dark.sum() > 2000
