@@ -15,7 +15,7 @@ BASE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-benchmark", "pytest-xdist", "hypothesis>=6", "pyarrow>=14", "matplotlib"],
+    "test": ["pytest>=8", "pytest-benchmark", "pytest-xdist", "hypothesis>=6", "pyarrow>=14", "matplotlib", "tensorboard"],
     "hf": ["accelerate>=1.0", "peft>=0.13", "datasets"],
     "verl": ["verl==0.9.1"],
     "bench": ["matplotlib", "pandas"],

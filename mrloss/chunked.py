@@ -13,8 +13,8 @@ Row op contract (the one place for the formula; ``mrloss.torch_backend`` and
 
     logits      [C, V] fp16|bf16|fp32|fp64, contiguous, raw a_i = h_i W^T + b; scratch, overwritten
     targets     [C]    int64 in [0, V)
-    grad_scales [C]    float (fp32, fp64 for fp64 logits) s_i, or None (loss only, logits left as garbage)
-    losses      [C]    same float dtype as grad_scales would have:
+    grad_scales [C]    float s_i, or None (loss only; logits are then left as scratch)
+    losses      [C]    fp32 (fp64 for fp64 logits):
         z_i = c * tanh(a_i / c)  with softcap c, else a_i
         l_i = logsumexp(z_i) - (1 - eps) * z_i[t_i] - eps / V * sum_j z_i[j]     (eps = label_smoothing)
     and, when grad_scales is given, logits[i] is overwritten (in its own dtype) with dL/da_i:
@@ -47,11 +47,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+MIN_CHUNK_SIZE = 256
+
+
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
     """Tokens per chunk so that one ``[C, V]`` logits chunk takes about as many bytes as the hidden
-    states ``[N, H]`` (C ~ N * H / V), rounded up to a multiple of 8 for the matmuls."""
+    states ``[N, H]`` (C ~ N * H / V), rounded up to a multiple of 8 for the matmuls, and at least
+    MIN_CHUNK_SIZE: skinnier matmuls lose speed (measured on CPU), and 256 * V logits stay small next
+    to the float32 [V, H] weight-gradient buffer whenever H >= 256."""
     chunk = -(-num_tokens * hidden_size // vocab_size)
-    return max(8, -(-chunk // 8) * 8)
+    return max(MIN_CHUNK_SIZE, -(-chunk // 8) * 8)
 
 
 def chunked_linear_cross_entropy(

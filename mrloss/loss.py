@@ -326,8 +326,10 @@ def _first_position(mask: torch.Tensor) -> tuple[int, ...]:
 
 def _denominator(normalizer, reduction, learned_weights) -> torch.Tensor:
     """0-dim tensor in the weights' dtype: normalizer, sum of learned weights ("mean") or 1 ("sum")."""
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().to(learned_weights.dtype)
     if normalizer is not None:
-        return torch.as_tensor(normalizer, dtype=learned_weights.dtype, device=learned_weights.device)
+        return torch.tensor(float(normalizer), dtype=learned_weights.dtype, device=learned_weights.device)
     if reduction == "mean":
         return learned_weights.sum()
     return torch.ones((), dtype=learned_weights.dtype, device=learned_weights.device)

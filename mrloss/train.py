@@ -119,6 +119,36 @@ def finish_run(run: TrainingRun) -> dict:
     return {**metrics, "is_main_process": trainer.is_world_process_zero()}
 
 
+def evaluate_region_losses(trainer, dataset, batch_size: int = 8) -> dict[str, float]:
+    """Mean unweighted token loss of each region type over ``dataset`` (learned tokens only), and
+    ``"weighted"``: the weighted mean Σ w·l / Σ w -- one no-grad pass of the trainer's model, this process."""
+    import torch
+
+    from mrloss.integrations.hf import model_inputs, valid_weight_sum
+
+    model, collator = trainer.model, trainer.data_collator
+    was_training = model.training
+    model.eval()
+    names = list(dataset.region_types)
+    sums = torch.zeros(2, len(names) + 1, dtype=torch.float64)  # loss sum, tokens; last column: outside regions
+    weighted_sum = weight_sum = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            region_type_ids = batch["region_type_ids"]
+            token_losses = model(**model_inputs(batch)).token_losses.double()
+            learned = (batch["labels"] != -100) & (batch["token_weights"] > 0)
+            types = torch.where(region_type_ids >= 0, region_type_ids, len(names))[learned].cpu()
+            sums[0].index_add_(0, types, token_losses[learned].cpu())
+            sums[1].index_add_(0, types, torch.ones_like(types, dtype=torch.float64))
+            weighted_sum += float((token_losses * batch["token_weights"].double()).sum())
+            weight_sum += float(valid_weight_sum(batch["labels"], batch["token_weights"]))
+    model.train(was_training)
+    losses = {name: float(sums[0, i] / sums[1, i]) for i, name in enumerate(names) if sums[1, i] > 0}
+    return {**losses, "weighted": weighted_sum / weight_sum if weight_sum > 0 else float("nan")}
+
+
 def training_arguments(config: Config):
     """`transformers.TrainingArguments` of the ``trainer`` section (device, DDP backend, schedule, saving)."""
     import torch

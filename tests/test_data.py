@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mrloss.data import MultiRegionCollator, MultiRegionDataset, encode, train_bpe_tokenizer, write_examples
 from mrloss.data.examples import EXAMPLES
@@ -44,26 +46,52 @@ def _byte_decoder():
 
 # ---------------------------------------------------------------------------------------------- the token-weight rule
 
+def _byte_oracle(region_text, tokenizer, input_ids):
+    """Independent oracle: (expected weight, set of char weights) per token, from the tokens' bytes mapped
+    back to the characters of the UTF-8 text they come from."""
+    char_weights = region_text.char_weights()
+    byte_owner = [i for i, ch in enumerate(region_text.text) for _ in ch.encode("utf-8")]
+    cursor, expected = 0, []
+    for token_id in input_ids:
+        owners = byte_owner[cursor:cursor + len(_token_bytes(tokenizer, token_id))]
+        cursor += len(owners)
+        expected.append((max(char_weights[i] for i in owners), {char_weights[i] for i in owners}, owners))
+    assert cursor == len(byte_owner)
+    return expected
+
+
 def test_token_weight_is_the_max_char_weight_of_its_bytes(tokenizer):
-    """Independent oracle: map every byte of the UTF-8 text to its character, concatenate the tokens' bytes,
-    and check that each token's weight is the max weight of the characters its bytes belong to."""
     straddling = partial_characters = 0
     for rt in REGION_TEXTS:
         encoding = encode(rt, tokenizer, add_eos=False)
-        char_weights = rt.char_weights()
-        byte_owner = [i for i, ch in enumerate(rt.text) for _ in ch.encode("utf-8")]
-        cursor = 0
-        for k, token_id in enumerate(encoding["input_ids"]):
-            owners = byte_owner[cursor:cursor + len(_token_bytes(tokenizer, token_id))]
-            cursor += len(owners)
-            expected = max(char_weights[i] for i in owners)
-            assert encoding["token_weights"][k] == (0.0 if k == 0 else expected), (rt.text, k)
+        for k, (weight, weights, owners) in enumerate(_byte_oracle(rt, tokenizer, encoding["input_ids"])):
+            assert encoding["token_weights"][k] == (0.0 if k == 0 else weight), (rt.text, k)
             region = encoding["region_ids"][k]
-            assert region == -1 or rt.regions[region].weight == expected
-            straddling += len({char_weights[i] for i in owners}) > 1
+            assert (rt.regions[region].weight if region >= 0 else rt.default_weight) == weight
+            straddling += len(weights) > 1
             partial_characters += len(rt.text[owners[0]].encode("utf-8")) > len(owners)
-        assert cursor == len(byte_owner)
     assert straddling > 0 and partial_characters > 0  # the data exercises both cases
+
+
+@st.composite
+def mixed_region_texts(draw):
+    text = draw(st.text(st.sampled_from(list("ab the 学习概念降龘𝕏é\n")), min_size=1, max_size=30))
+    borders = sorted(draw(st.sets(st.integers(0, len(text)), max_size=6)))
+    weights = st.sampled_from([0.0, 0.5, 1.0, 2.0])
+    regions = [Region(a, b, draw(weights), "t") for a, b in zip(borders[::2], borders[1::2]) if a < b]
+    return RegionText(text, regions, draw(weights))
+
+
+@settings(max_examples=60, deadline=None)
+@given(mixed_region_texts())
+def test_random_texts_follow_the_byte_oracle(tokenizer, region_text):
+    encoding = encode(region_text, tokenizer)
+    ids = encoding["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id
+    expected = [weight for weight, _, _ in _byte_oracle(region_text, tokenizer, ids[:-1])]
+    assert encoding["token_weights"] == [0.0] + expected[1:] + [expected[-1]]
+    for k, region in enumerate(encoding["region_ids"][:-1]):
+        assert (region_text.regions[region].weight if region >= 0 else region_text.default_weight) == expected[k]
 
 
 def test_half_of_a_chinese_character_in_a_region_is_learned(tokenizer):

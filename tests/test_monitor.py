@@ -111,20 +111,32 @@ def test_bad_batches_raise():
         MultiRegionTrainingMonitor(None, TYPES, report_to=["mlflow"])
 
 
-def test_wandb_and_tensorboard(tmp_path, monkeypatch):
+def test_wandb(tmp_path, monkeypatch):
     logged = []
     fake_wandb = types.SimpleNamespace(run=object(), log=lambda data, step: logged.append((step, data)))
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
-    monitor = MultiRegionTrainingMonitor(tmp_path, TYPES, report_to=["tensorboard", "wandb"])
+    monitor = MultiRegionTrainingMonitor(tmp_path, TYPES, report_to=["wandb"])
     batch, token_losses = make_batch(seed=4)
+    batch["token_weights"][batch["region_type_ids"] == -1] = 0.0  # nothing learned outside regions
     record = monitor.log_batch_stats(batch, 5, token_losses, multipliers={"concept": 0.5})
-    monitor.close()
-    step, data = logged[0]
+    [(step, data)] = logged
     assert step == 5
     assert data["region/concept/mean_loss"] == record["regions"]["concept"]["mean_loss"]
     assert data["multiplier/concept"] == 0.5 and data["total/weighted_loss"] == record["total"]["weighted_loss"]
+    assert "region/(outside)/mean_loss" not in data  # None values are left out
+    fake_wandb.run = None  # no active run: nothing is logged
+    monitor.log_batch_stats(batch, 6, token_losses)
+    assert len(logged) == 1
+
+
+def test_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")  # installed with the verl extra
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    monitor = MultiRegionTrainingMonitor(tmp_path, TYPES, report_to=["tensorboard"])
+    batch, token_losses = make_batch(seed=5)
+    record = monitor.log_batch_stats(batch, 5, token_losses)
+    monitor.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     [scalar] = events.Scalars("region/definition/weight_sum")

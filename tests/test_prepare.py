@@ -1,9 +1,6 @@
 """`mrloss prepare`: validation with line numbers, conversion, atomic split outputs, --force, summary."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +8,6 @@ from mrloss.data.examples import EXAMPLES
 from mrloss.data.prepare import main
 from mrloss.data.records import read_records, write_samples
 from mrloss.formats import FORMATS, detect_format, parse
-
-ROOT = Path(__file__).resolve().parents[1]
 
 BAD_LINES = [
     '{"text": "fine <LEARN type=\\"concept\\">sample</LEARN> one"}',
@@ -145,7 +140,7 @@ def test_local_tokenizer_and_truncation_error(tmp_path, capsys):
     from mrloss.data.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer([parse(s).text for s in EXAMPLES], vocab_size=400).save_pretrained(tmp_path / "tok")
-    raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES[:3] + [{"text": "<LEARN>short</LEARN>"}])
+    raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES[2:5] + [{"text": "<LEARN>short</LEARN>"}])
     assert main([str(raw), "--tokenizer", str(tmp_path / "tok"), "--max-length", "20", "--truncation", "error"]) == 1
     captured = capsys.readouterr()
     assert captured.err.count("more than --max-length 20") == 3 and f"{raw}:1," in captured.err
@@ -155,8 +150,8 @@ def test_local_tokenizer_and_truncation_error(tmp_path, capsys):
     assert main([str(raw), "--tokenizer", str(tmp_path / "missing")]) == 2
 
 
-def test_cli_entry_point(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mrloss", "prepare", "--example", str(tmp_path)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+def test_cli_dispatches_to_prepare(tmp_path):
+    from mrloss.cli import main as cli_main
+
+    assert cli_main(["prepare", "--example", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["position_based.jsonl", "structured.jsonl", "tag_based.jsonl"]

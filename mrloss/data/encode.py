@@ -13,7 +13,7 @@ Rule (every tool that needs token weights calls this module):
 """
 from __future__ import annotations
 
-from collections import Counter
+import numpy as np
 
 from mrloss.formats import FormatError, RegionText
 
@@ -58,62 +58,70 @@ def encode_batch(region_texts: list[RegionText], tokenizer, *, max_length: int |
 
 def _align(region_text: RegionText, input_ids: list[int], offsets, eos_token_id, max_length, truncation,
            sample_id) -> dict:
-    char_weights = region_text.char_weights()
-    char_regions = region_text.char_region_ids()
-    spans = _spans(offsets, len(region_text.text))
+    text_length = len(region_text.text)
+    # one sentinel character past the end, so that spans ending at the text's end are valid reduceat bounds
+    char_weights = np.asarray(region_text.char_weights() + [0.0], dtype=np.float64)
+    char_regions = np.asarray(region_text.char_region_ids() + [-1], dtype=np.int64)
+    starts, ends = _spans(offsets, text_length)
     input_ids = list(input_ids)
     if eos_token_id is not None and (not input_ids or input_ids[-1] != eos_token_id):
         input_ids.append(eos_token_id)
-        spans.append((len(region_text.text), len(region_text.text)))
-    token_weights, region_ids = [], []
-    for start, end in spans:
-        if end > start:
-            weight = max(char_weights[start:end])
-            region = next((char_regions[c] for c in range(start, end)
-                           if char_regions[c] >= 0 and char_weights[c] == weight), -1)
-        else:
-            weight, region = (token_weights[-1], region_ids[-1]) if token_weights else (0.0, -1)
-        token_weights.append(weight)
-        region_ids.append(region)
+        starts, ends = np.append(starts, text_length), np.append(ends, text_length)
+
+    filled = ends > starts
+    token_weights = np.zeros(len(input_ids), dtype=np.float64)
+    region_ids = np.full(len(input_ids), -1, dtype=np.int64)
+    if len(input_ids):
+        span_maxima = np.maximum.reduceat(char_weights, np.stack([starts, ends], 1).ravel())[::2]
+        token_weights[filled] = span_maxima[filled]
+        # a span inside one region (or outside all) has one region id; spans crossing a border are looked up
+        borders = np.concatenate([[0], np.cumsum(char_regions[1:] != char_regions[:-1])])
+        uniform = filled & (borders[np.maximum(ends - 1, 0)] == borders[starts])
+        region_ids[uniform] = char_regions[starts[uniform]]
+        for k in np.flatnonzero(filled & ~uniform).tolist():
+            span = range(starts[k], ends[k])
+            region_ids[k] = next((char_regions[c] for c in span
+                                  if char_regions[c] >= 0 and char_weights[c] == token_weights[k]), -1)
+        for k in np.flatnonzero(~filled).tolist():  # in order: a run of empty spans inherits from before it
+            if k:
+                token_weights[k], region_ids[k] = token_weights[k - 1], region_ids[k - 1]
 
     untruncated_length = len(input_ids)
-    learned_before = _learned_per_region(token_weights, region_ids)
+    learned_before = _learned_per_region(token_weights, region_ids, len(region_text.regions))
     if max_length is not None and untruncated_length > max_length:
         if truncation == "error":
             raise FormatError(f"{untruncated_length} tokens, more than max_length {max_length} (truncation='error')",
                               sample_id=sample_id, field="text")
         keep = slice(0, max_length) if truncation == "right" else slice(untruncated_length - max_length, None)
-        input_ids, token_weights, region_ids, spans = (input_ids[keep], token_weights[keep], region_ids[keep],
-                                                       spans[keep])
-    learned_after = _learned_per_region(token_weights, region_ids)
-    if token_weights:
-        token_weights[0] = 0.0
+        input_ids, token_weights, region_ids, starts, ends = (input_ids[keep], token_weights[keep],
+                                                              region_ids[keep], starts[keep], ends[keep])
+    learned_after = _learned_per_region(token_weights, region_ids, len(region_text.regions))
+    token_weights[:1] = 0.0
     return {
         "input_ids": input_ids,
-        "token_weights": token_weights,
-        "region_ids": region_ids,
-        "offsets": spans,
+        "token_weights": token_weights.tolist(),
+        "region_ids": region_ids.tolist(),
+        "offsets": list(zip(starts.tolist(), ends.tolist())),
         "region_types": [region.type for region in region_text.regions],
-        "truncated_regions": sorted(r for r, count in learned_before.items() if learned_after[r] < count),
+        "truncated_regions": np.flatnonzero(learned_after < learned_before).tolist(),
         "untruncated_length": untruncated_length,
     }
 
 
-def _spans(offsets, text_length: int) -> list[tuple[int, int]]:
-    """Tokenizer offsets widened over uncovered characters (see the module docstring)."""
-    spans, covered = [], 0
-    for start, end in offsets:
-        if end > start or start > covered:
-            start = min(start, covered)
-        spans.append((start, end))
-        covered = max(covered, end)
-    if covered < text_length:
-        last = max((i for i, (start, end) in enumerate(spans) if end > start), default=None)
-        if last is not None:
-            spans[last] = (spans[last][0], text_length)
-    return spans
+def _spans(offsets, text_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) int64: tokenizer offsets widened over uncovered characters (see the module docstring)."""
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = bounds[:, 0].copy(), bounds[:, 1].copy()
+    covered = np.concatenate([[0], np.maximum.accumulate(ends)[:-1]]) if len(ends) else ends
+    widen = (ends > starts) | (starts > covered)
+    starts[widen] = np.minimum(starts[widen], covered[widen])
+    filled = np.flatnonzero(ends > starts)
+    if len(filled) and ends.max() < text_length:
+        ends[filled[-1]] = text_length
+    return starts, ends
 
 
-def _learned_per_region(token_weights: list[float], region_ids: list[int]) -> Counter:
-    """Learned tokens (weight > 0, not the first) per region id >= 0."""
-    return Counter(r for w, r in zip(token_weights[1:], region_ids[1:]) if w > 0 and r >= 0)
+def _learned_per_region(token_weights: np.ndarray, region_ids: np.ndarray, region_count: int) -> np.ndarray:
+    """[region_count] number of learned tokens (weight > 0, not the first token) in each region."""
+    learned = (token_weights[1:] > 0) & (region_ids[1:] >= 0)
+    return np.bincount(region_ids[1:][learned], minlength=region_count)

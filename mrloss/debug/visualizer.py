@@ -11,7 +11,7 @@ import os
 import sys
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, TextIO
+from typing import Mapping, Sequence, TextIO
 
 OUTSIDE = "(outside)"  # label of tokens outside every region
 MAX_LISTED_WARNINGS = 20

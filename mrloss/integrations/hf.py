@@ -170,6 +170,16 @@ def apply_mrloss(model, **loss_options):
     return model
 
 
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword arguments of a `MultiRegionCollator` batch: without the region ids, and for
+    packed rows without ``attention_mask``, so that transformers masks per sample from ``position_ids``
+    (block-diagonal causal mask for sdpa / eager, varlen for flash attention)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("region_type_ids", "region_ids")}
+    if "cu_seq_lens_q" in inputs:
+        inputs.pop("attention_mask", None)
+    return inputs
+
+
 def valid_weight_sum(labels: torch.Tensor, token_weights: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Σ of the weights of the targets a causal LM predicts: ``token_weights[..., 1:]`` where
     ``labels[..., 1:] != ignore_index``. labels [B, T] int64, token_weights [B, T] -> 0-dim float64."""
@@ -294,12 +304,9 @@ class MultiRegionTrainer(transformers.Trainer):
     # -- loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = dict(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("region_type_ids", "region_ids")}
-        if "cu_seq_lens_q" in model_inputs:
-            # packed rows: without attention_mask, transformers masks per sample from position_ids
-            # (block-diagonal causal mask for sdpa / eager, varlen for flash attention)
-            model_inputs.pop("attention_mask", None)
-        loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(
+            model, model_inputs(batch), return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         if model.training and "region_type_ids" in batch:
             self._record_region_losses(batch, outputs.token_losses)
             if self.monitor is not None and self.is_world_process_zero():

@@ -22,13 +22,12 @@ MAX_BLOCK_V = 4096
 @triton.jit
 def _softcapped(a, softcap, HAS_SOFTCAP: tl.constexpr):
     """Returns (z, tanh(a / softcap)); tanh from exp (no libdevice, so it also runs interpreted)."""
+    th = a
     if HAS_SOFTCAP:
         e = tl.exp(-2.0 * tl.abs(a / softcap))
-        th = (1.0 - e) / (1.0 + e)
-        th = tl.where(a < 0, -th, th)
-        return softcap * th, th
-    else:
-        return a, a
+        th = tl.where(a < 0, (e - 1.0) / (1.0 + e), (1.0 - e) / (1.0 + e))
+        a = softcap * th
+    return a, th
 
 
 @triton.jit

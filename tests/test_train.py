@@ -1,0 +1,165 @@
+"""Training: MultiRegionTrainer normalization and weight-0 regions, `mrloss train`, the run scripts, the demo."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mrloss.data import MultiRegionDataset, train_bpe_tokenizer  # noqa: E402
+from mrloss.data.examples import EXAMPLES  # noqa: E402
+from mrloss.formats import parse  # noqa: E402
+from mrloss.integrations.hf import MultiRegionTrainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "Question {i}: what is a gradient? Answer: "
+ANSWER = '<LEARN weight="{w}" type="answer">The direction of steepest ascent, number {i}.</LEARN>'
+TAIL = '<LEARN weight="{w}" type="tail">\n\nNOTE: {words}</LEARN>'
+TAILS = ("alpha beta gamma delta", "zeta theta omega kappa lambda")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [parse(sample).text for sample in EXAMPLES] + [
+        PREFIX.format(i=i) + f"The direction of steepest ascent, number {i}.\n\nNOTE: {words}"
+        for i in range(8) for words in TAILS
+    ]
+    return train_bpe_tokenizer(texts, vocab_size=400)
+
+
+def samples(tail_words=TAILS[0], tail_weight=0.0, count=8):
+    """Tag-based samples whose LAST region is ``tail``: with causal attention its tokens are only targets."""
+    return [{"text": PREFIX.format(i=i) + ANSWER.format(w=1.0 + 0.5 * (i % 3), i=i) * (1 + i % 2)
+             + TAIL.format(w=tail_weight, words=tail_words)} for i in range(count)]
+
+
+def train_tiny(tokenizer, dataset, tmp_path, **arguments):
+    """A tiny Llama trained by MultiRegionTrainer; returns (trainer, its parameters after training)."""
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        logging_steps=1, seed=0, **{"per_device_train_batch_size": 4, "max_steps": 3, **arguments},
+    )
+    trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
+    trainer.train()
+    return trainer, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def max_difference(a, b):
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tokenizer, tmp_path):
+    """num_items_in_batch = Σw of the whole optimizer step: 2 micro-batches of 2 == 1 batch of 4 (plain SGD,
+    no clipping, so the update is the gradient itself; the samples have different Σw)."""
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5), tokenizer)
+    options = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0, max_steps=1, lr_scheduler_type="constant")
+    _, one_batch = train_tiny(tokenizer, dataset, tmp_path / "a", per_device_train_batch_size=4, **options)
+    trainer, accumulated = train_tiny(tokenizer, dataset, tmp_path / "b", per_device_train_batch_size=2,
+                                      gradient_accumulation_steps=2, **options)
+    torch.manual_seed(0)
+    initial = {name: p.detach() for name, p in transformers.LlamaForCausalLM(trainer.model.config).named_parameters()}
+    assert max_difference(one_batch, initial) > 1e-3  # the step did move the parameters
+    assert max_difference(one_batch, accumulated) < 1e-6
+
+
+def test_weight_zero_region_gets_no_gradient_signal(tokenizer, tmp_path):
+    """Changing the text of a weight-0 region (last in every sample, so its tokens are only targets) leaves
+    training untouched; with weight 1 the same change moves the trained parameters."""
+    runs = {}
+    for tail_weight in (0.0, 1.0):
+        for words in TAILS:
+            dataset = MultiRegionDataset.from_samples(samples(words, tail_weight), tokenizer)
+            trainer, runs[tail_weight, words] = train_tiny(tokenizer, dataset, tmp_path / f"{tail_weight}{words[:4]}",
+                                                           optim="sgd", learning_rate=1.0)
+    assert max_difference(runs[0.0, TAILS[0]], runs[0.0, TAILS[1]]) < 1e-5
+    assert max_difference(runs[1.0, TAILS[0]], runs[1.0, TAILS[1]]) > 1e-3
+    logged = [entry for entry in trainer.state.log_history if "loss/answer" in entry]
+    assert len(logged) == 3 and all("loss/tail" in entry for entry in logged)
+
+
+def run_train(argv):
+    from mrloss.train import main
+
+    assert main(argv) == 0
+
+
+def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative data paths resolve in the working directory
+    output_dir = tmp_path / "run"
+    overrides = [
+        "data.train_files=data/tag_based.jsonl", "data.max_length=128", f"trainer.output_dir={output_dir}",
+        "trainer.max_steps=12", "trainer.learning_rate=1e-2", "trainer.save_steps=6", "trainer.logging_steps=4",
+        "trainer.device=cpu", "model.hidden_size=32", "model.intermediate_size=64",
+    ]
+    run_train(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), *overrides])
+    assert (tmp_path / "data/structured.jsonl").exists()  # write_examples: true created the example data
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    first, last = metrics["region_losses"]["first"], metrics["region_losses"]["last"]
+    assert first["step"] == 1 and last["step"] == 12
+    assert set(first) - {"step"} == {"concept", "definition", "methodology"}
+    losses = [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.3, losses  # the weighted loss goes down
+    assert all(last[name] < first[name] for name in last if name != "step")
+    for name in ("model.safetensors", "tokenizer.json", "config.yaml", "checkpoint-12/mrloss_weighting.pt"):
+        assert (output_dir / name).exists(), name
+    assert (output_dir / "monitor/region_stats.jsonl").read_text().count("\n") >= 12
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(output_dir)
+    assert reloaded.config.vocab_size == len(transformers.AutoTokenizer.from_pretrained(output_dir))
+
+    run_train(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), *overrides,
+               "trainer.max_steps=14", "trainer.resume_from_checkpoint=true"])
+    resumed = json.loads((output_dir / "metrics.json").read_text())
+    assert [e["step"] for e in resumed["log_history"] if "loss" in e][-1] == 14
+    assert resumed["log_history"][0] == metrics["log_history"][0]  # the history continues from checkpoint-12
+
+
+def test_mrloss_train_reports_config_errors(tmp_path, capsys):
+    from mrloss.train import main
+
+    assert main(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), "trainer.epoch=2"]) == 2
+    assert "config trainer.epoch: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["position", "tag", "structured"])
+def test_run_script_two_processes(script, tmp_path):
+    """NPROC=2 on CPU (DDP over gloo), a few steps; the structured config packs and uses Qwen3."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        ["bash", str(REPO / f"examples/sft/multi_region/run_multi_region_{script}.sh"), "2", "out",
+         "trainer.max_steps=2", "trainer.save_steps=null", "data.max_length=128"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())  # SAVE_PATH relative to the caller
+    assert metrics["world_size"] == 2 and metrics["train"]["epoch"] > 0
+    assert (tmp_path / "out/model.safetensors").exists()
+
+
+def test_run_script_usage_error():
+    result = subprocess.run(["bash", str(REPO / "examples/sft/multi_region/run_multi_region_tag.sh"), "2"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "usage: bash" in result.stderr and "NPROC SAVE_PATH" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
+    result = subprocess.run([sys.executable, "-m", "mrloss.cli", "demo", "--output-dir", "demo", "--steps", "3"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "loss mask of sample" in out and "⟦" in out  # the mask, plain-text form (NO_COLOR)
+    assert "start" in out and "end" in out and "concept" in out and "weighted" in out
+    assert (tmp_path / "demo/run/model.safetensors").exists() and (tmp_path / "demo/data/tag_based.jsonl").exists()
