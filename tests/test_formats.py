@@ -308,3 +308,11 @@ def test_overlap_max_keeps_the_highest_weight_of_each_character(case):
         {"start_char": start, "end_char": end, "weight": weight} for start, end, weight in spans]}
     expected = [max([w for s, e, w in spans if s <= i < e], default=0.0) for i in range(length)]
     assert parse(sample, overlap="max").char_weights() == expected
+
+
+def test_format_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(FormatError("bad", sample_id="f:1", field="text", position=3)))
+    assert (error.reason, error.sample_id, error.field, error.position) == ("bad", "f:1", "text", 3)
+    assert str(error) == "sample f:1, field 'text', character 3: bad"

@@ -171,3 +171,23 @@ def test_unknown_architecture_and_options_are_clear_errors():
         apply_mrloss(gpt2)
     with pytest.raises(TypeError, match="unknown loss option.*'reduction'"):
         apply_mrloss(tiny_model("llama"), reduction="sum")
+
+
+def test_packed_rows_give_the_padded_loss():
+    """MultiRegionCollator(pack=True) + model_inputs: each packed sample attends only to itself."""
+    from mrloss.data import MultiRegionCollator
+    from mrloss.integrations.hf import model_inputs
+
+    g = torch.Generator().manual_seed(11)
+    items = []
+    for length in (7, 12, 5, 9):
+        weights = torch.rand(length, generator=g) + 0.1
+        weights[0] = 0.0
+        items.append({"input_ids": torch.randint(3, VOCAB, (length,), generator=g), "token_weights": weights,
+                      "region_type_ids": torch.zeros(length, dtype=torch.long)})
+    model = apply_mrloss(tiny_model("llama"))
+    padded = model(**model_inputs(MultiRegionCollator(0)(items)))
+    packed_batch = MultiRegionCollator(0, pack=True, max_length=24)(items)
+    assert packed_batch["input_ids"].shape[0] < len(items)  # really packed
+    packed = model(**model_inputs(packed_batch))
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)

@@ -155,3 +155,11 @@ def test_cli_dispatches_to_prepare(tmp_path):
 
     assert cli_main(["prepare", "--example", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["position_based.jsonl", "structured.jsonl", "tag_based.jsonl"]
+
+
+def test_weight_histogram_bins_many_distinct_weights():
+    from mrloss.data.prepare import _histogram
+
+    assert _histogram({2.0: 3, 0.5: 1}) == "0.5×1 2×3"
+    binned = _histogram({w / 10: 1 for w in range(20)}, bins=4)
+    assert binned.count("×5") == 4 and binned.startswith("[0,0.475)")

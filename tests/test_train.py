@@ -118,9 +118,9 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     assert reloaded.config.vocab_size == len(transformers.AutoTokenizer.from_pretrained(output_dir))
 
     run_train(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), *overrides,
-               "trainer.max_steps=14", "trainer.resume_from_checkpoint=true"])
+               "trainer.max_steps=16", "trainer.resume_from_checkpoint=true"])
     resumed = json.loads((output_dir / "metrics.json").read_text())
-    assert [e["step"] for e in resumed["log_history"] if "loss" in e][-1] == 14
+    assert [e["step"] for e in resumed["log_history"] if "loss" in e][-1] == 16
     assert resumed["log_history"][0] == metrics["log_history"][0]  # the history continues from checkpoint-12
 
 

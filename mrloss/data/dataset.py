@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from mrloss.data.encode import encode_batch
-from mrloss.data.records import Record, read_records
-from mrloss.formats import FormatError, parse
+from mrloss.data.records import Record, parse_records, read_records
+from mrloss.formats import FormatError
 
 
 class MultiRegionDataset(torch.utils.data.Dataset):
@@ -44,15 +44,8 @@ class MultiRegionDataset(torch.utils.data.Dataset):
 
     def _build(self, records: list[Record], tokenizer, *, format="auto", max_length=None, truncation="right",
                add_eos=True, region_types=None, overlap="error"):
-        region_texts, sample_ids, errors = [], [], []
-        for record in records:
-            try:
-                if record.error is not None:
-                    raise record.error
-                region_texts.append(parse(record.sample, format, overlap=overlap, sample_id=record.sample_id))
-                sample_ids.append(record.sample_id)
-            except FormatError as error:
-                errors.append(error)
+        valid, region_texts, errors = parse_records(records, format, overlap)
+        sample_ids = [record.sample_id for record in valid]
         if errors:
             first = errors[0]
             more = (f" (and {len(errors) - 1} more bad sample{'s' * (len(errors) > 2)}; `mrloss prepare FILE` lists "

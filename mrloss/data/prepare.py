@@ -15,12 +15,12 @@ import argparse
 import random
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from mrloss.data.encode import TRUNCATION_MODES, encode_batch
-from mrloss.data.records import FILE_TYPES, read_records, write_samples
-from mrloss.formats import FORMATS, FormatError, convert, parse
+from mrloss.data.records import FILE_TYPES, parse_records, read_records, write_samples
+from mrloss.formats import FORMATS, FormatError, convert
 
 OUTSIDE = "(outside regions)"
 
@@ -139,23 +139,14 @@ def _output_paths(args) -> list[Path]:
 
 
 def _read_and_parse(args):
-    samples, region_texts, sample_ids, errors = [], [], [], []
+    records = []
     for path in args.inputs:
         try:
-            records = read_records(path)
+            records += read_records(path)
         except (OSError, ValueError) as error:
             raise _UsageError(f"cannot read {path}: {error}") from None
-        for record in records:
-            try:
-                if record.error is not None:
-                    raise record.error
-                region_texts.append(parse(record.sample, args.format, overlap=args.overlap,
-                                          sample_id=record.sample_id))
-                samples.append(record.sample)
-                sample_ids.append(record.sample_id)
-            except FormatError as error:
-                errors.append(error)
-    return samples, region_texts, sample_ids, errors
+    valid, region_texts, errors = parse_records(records, args.format, args.overlap)
+    return [r.sample for r in valid], region_texts, [r.sample_id for r in valid], errors
 
 
 def _tokenizer(args, region_texts):
@@ -188,44 +179,52 @@ def _split(samples: list, val_fraction: float, seed: int) -> tuple[list, list]:
 
 
 def _summary(region_texts, encodings, bad: int, tokenizer_note: str, seconds: float) -> str:
-    tokens = learned = 0
-    per_type = defaultdict(lambda: {"regions": 0, "tokens": 0, "learned": 0, "weights": Counter()})
+    import numpy as np
+
+    names = sorted({region.type for rt in region_texts for region in rt.regions}) + [OUTSIDE]
+    index = {name: i for i, name in enumerate(names)}
+    region_counts = np.zeros(len(names), dtype=np.int64)
+    weights, types, firsts = [], [], []
     for rt, encoding in zip(region_texts, encodings):
-        for region in rt.regions:
-            per_type[region.type]["regions"] += 1
-        for k, (weight, region) in enumerate(zip(encoding["token_weights"], encoding["region_ids"])):
-            stats = per_type[rt.regions[region].type if region >= 0 else OUTSIDE]
-            stats["tokens"] += 1
-            stats["learned"] += weight > 0
-            if k:  # the first token predicts nothing; its weight is always 0
-                stats["weights"][weight] += 1
-        tokens += len(encoding["input_ids"])
-        learned += sum(w > 0 for w in encoding["token_weights"])
+        region_types = np.array([index[region.type] for region in rt.regions] + [index[OUTSIDE]], dtype=np.int64)
+        np.add.at(region_counts, region_types[:-1], 1)
+        weights.append(np.asarray(encoding["token_weights"], dtype=np.float64))
+        types.append(region_types[np.asarray(encoding["region_ids"], dtype=np.int64)])  # id -1 -> OUTSIDE
+        firsts.append(np.arange(len(encoding["input_ids"])) == 0)
+    weights = np.concatenate(weights) if weights else np.zeros(0)
+    types = np.concatenate(types) if types else np.zeros(0, dtype=np.int64)
+    firsts = np.concatenate(firsts) if firsts else np.zeros(0, dtype=bool)
+    learned = weights > 0
     truncated = sum(bool(e["truncated_regions"]) for e in encodings)
     lines = [f"samples: {len(region_texts)} valid, {bad} bad",
-             f"tokens: {tokens} ({learned} learned, {learned / max(tokens, 1):.1%})",
+             f"tokens: {len(weights)} ({int(learned.sum())} learned, {learned.sum() / max(len(weights), 1):.1%})",
              f"tokenizer: {tokenizer_note}"]
     if truncated:
         lines.append(f"truncation cut learned regions of {truncated} sample(s)")
     lines.append(f"{'region type':<20} {'regions':>8} {'tokens':>8} {'learned':>8}  token weight histogram")
-    for name in sorted(per_type, key=lambda n: (n == OUTSIDE, n)):
-        stats = per_type[name]
-        lines.append(f"{name:<20} {stats['regions']:>8} {stats['tokens']:>8} {stats['learned']:>8}  "
-                     f"{_histogram(stats['weights'])}")
+    for i, name in enumerate(names):
+        in_type = types == i
+        if not in_type.any() and not region_counts[i]:
+            continue
+        values, counts = np.unique(weights[in_type & ~firsts], return_counts=True)  # first tokens: always 0
+        lines.append(f"{name:<20} {region_counts[i]:>8} {int(in_type.sum()):>8} {int((in_type & learned).sum()):>8}  "
+                     f"{_histogram(dict(zip(values.tolist(), counts.tolist())))}")
     rate = len(region_texts) / seconds if seconds > 0 else float("inf")
     lines.append(f"throughput: {len(region_texts)} samples in {seconds:.3f} s ({rate:.0f} samples/s, "
                  "tokenizer set-up excluded)")
     return "\n".join(lines)
 
 
-def _histogram(weights: Counter, bins: int = 8) -> str:
+def _histogram(counts: dict[float, int], bins: int = 8) -> str:
     """``weight×count`` for up to ``bins`` distinct weights, else counts in ``bins`` equal-width bins."""
-    if len(weights) <= bins:
-        return " ".join(f"{weight:g}×{count}" for weight, count in sorted(weights.items()))
-    low, high = min(weights), max(weights)
+    if len(counts) <= bins:
+        return " ".join(f"{weight:g}×{count}" for weight, count in sorted(counts.items()))
+    low, high = min(counts), max(counts)
     width = (high - low) / bins
-    counts = Counter(min(int((w - low) / width), bins - 1) for w in weights.elements())
-    return " ".join(f"[{low + b * width:.3g},{low + (b + 1) * width:.3g})×{counts[b]}" for b in range(bins) if counts[b])
+    binned = Counter()
+    for weight, count in counts.items():
+        binned[min(int((weight - low) / width), bins - 1)] += count
+    return " ".join(f"[{low + b * width:.3g},{low + (b + 1) * width:.3g})×{binned[b]}" for b in sorted(binned))
 
 
 if __name__ == "__main__":

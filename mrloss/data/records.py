@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mrloss.formats import FormatError
+from mrloss.formats import FormatError, RegionText, parse
 
 FILE_TYPES = (".jsonl", ".json", ".parquet")
 
@@ -25,6 +25,22 @@ class Record:
     line: int
     sample: dict | None = None
     error: FormatError | None = None
+
+
+def parse_records(records: list[Record], format: str = "auto", overlap: str = "error"):
+    """(valid records, their RegionTexts, every FormatError in file order) of ``records``."""
+    valid: list[Record] = []
+    region_texts: list[RegionText] = []
+    errors: list[FormatError] = []
+    for record in records:
+        try:
+            if record.error is not None:
+                raise record.error
+            region_texts.append(parse(record.sample, format, overlap=overlap, sample_id=record.sample_id))
+            valid.append(record)
+        except FormatError as error:
+            errors.append(error)
+    return valid, region_texts, errors
 
 
 def file_type(path) -> str:
