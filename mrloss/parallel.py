@@ -35,9 +35,9 @@ GRAD_REDUCTIONS = ("mean", "sum")
 
 
 def group_size_and_rank(group=None) -> tuple[int, int]:
-    """(size, rank) of ``group`` in it; (1, 0) without an initialized process group or with group=None
-    and a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """(size, rank) of ``group`` in it; (1, 0) for group=None (no sequence parallelism, verl's convention:
+    pass ``torch.distributed.group.WORLD`` to shard over every rank)."""
+    if group is None:
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
 
@@ -98,7 +98,7 @@ class _SumOverGroup(torch.autograd.Function):
     def forward(ctx, local_sum, local_weight_sum, group, grad_scale):
         ctx.grad_scale = grad_scale
         packed = torch.stack([local_sum.detach().float(), local_weight_sum.detach().float()])
-        if dist.is_available() and dist.is_initialized():
+        if group is not None:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         return packed[0].clone(), packed[1].clone()
 
@@ -128,8 +128,8 @@ def sequence_parallel_linear_cross_entropy(
 
     hidden_shard [N_local, H] bf16|fp16|fp32 (this rank's shard); weight [V, H]; targets_shard [N_local]
     int64 and token_weights_shard [N_local] float, already shifted and sharded (``shard_targets``), so
-    row i of hidden_shard predicts targets_shard[i]. group: the SP process group (None: the default group
-    when initialized, else a single process). normalizer: the global Σw of the optimizer step (None: Σw of
+    row i of hidden_shard predicts targets_shard[i]. group: the SP process group (None: no sequence
+    parallelism, nothing is communicated). normalizer: the global Σw of the optimizer step (None: Σw of
     the valid tokens of the whole group). Returns the fp32 0-dim loss Σ_group Σ w·l / normalizer (0 when
     the normalizer is 0), identical on every rank, with the gradient scale of ``grad_reduction`` (see the
     module docstring); with ``return_token_losses`` also this shard's detached unweighted per-token losses.

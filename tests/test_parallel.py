@@ -68,7 +68,7 @@ def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reducti
     """This rank's SP computation: hidden shard from verl-sliced ids, mrloss-sharded targets/weights."""
     ulysses = verl_ulysses()
     size = dist.get_world_size(group)
-    ulysses.set_ulysses_sequence_parallel_group(group or dist.group.WORLD)
+    ulysses.set_ulysses_sequence_parallel_group(group)
     ids_shard, _, pad = ulysses.ulysses_pad_and_slice_inputs(input_ids[None], sp_size=size)
     # verl's own weight alignment (roll the packed mask by -1, then pad and slice) must equal ours
     verl_weights, _, _ = ulysses.ulysses_pad_and_slice_inputs(torch.roll(weights, -1)[None], sp_size=size,
@@ -112,7 +112,7 @@ def check_against_single_process(case, group):
     _, ref_token_losses = linear_cross_entropy(embedding[input_ids], head, targets, shifted_weights,
                                                reduction="sum", return_token_losses=True)
     gathered = verl_ulysses().gather_outputs_and_unpad(token_losses, gather_dim=0, unpad_dim=0, padding_size=pad,
-                                                       group=group or dist.group.WORLD)
+                                                       group=group)
     torch.testing.assert_close(gathered, ref_token_losses, atol=ATOL, rtol=RTOL)
     return rank
 
@@ -152,8 +152,8 @@ def worker(rank, world_size, store_path):
             "single short sequence": make_case(3, [5]),                           # shards of 1-2 tokens
             "all weights zero": make_case(4, [9, 8], all_zero=True),               # loss 0, grads 0
         }
-        # SP=4: the default group (group=None); SP=2: two groups of 2 ranks side by side
-        for sp_size, group in ((4, None), (2, sp_groups[rank // 2])):
+        # SP=4: every rank; SP=2: two groups of 2 ranks side by side
+        for sp_size, group in ((4, dist.group.WORLD), (2, sp_groups[rank // 2])):
             for name, case in cases.items():
                 try:
                     check_against_single_process(case, group)
