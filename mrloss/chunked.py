@@ -19,6 +19,13 @@ Row op contract (the one place for the formula; ``mrloss.torch_backend`` and
         l_i = logsumexp(z_i) - (1 - eps) * z_i[t_i] - eps / V * sum_j z_i[j]     (eps = label_smoothing)
     and, when grad_scales is given, logits[i] is overwritten (in its own dtype) with dL/da_i:
         s_i * (softmax(z_i) - (1 - eps) * onehot(t_i) - eps / V) * (1 - (z_i / c)^2 if softcap else 1)
+
+A backend may also offer a fused loss-only forward (``mrloss.kernels.linear_cross_entropy_forward``),
+the same losses l_i without any logits in memory (a_i accumulated in float32); ``mrloss.loss`` uses it
+for passes that need no gradient:
+
+    fused_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing) -> losses [M] fp32
+    (arguments as in ``chunked_linear_cross_entropy``; fp16|bf16|fp32 inputs)
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from typing import Callable, NamedTuple
 import torch
 
 RowOp = Callable[..., torch.Tensor]
+FusedLosses = Callable[..., torch.Tensor]
 
 
 class ChunkedResult(NamedTuple):

@@ -3,8 +3,10 @@
 ``linear_cross_entropy`` validates its arguments, aligns targets and weights (``shift``), compacts the
 *learned* tokens (valid target and weight > 0: only they cost matmul work), and runs one
 ``torch.autograd.Function`` over the chunk driver ``mrloss.chunked`` with a backend row op
-(``mrloss.torch_backend`` or the Triton kernel ``mrloss.kernels.cross_entropy_rows``). The formula is
-the one of ``mrloss.reference``.
+(``mrloss.torch_backend`` or the Triton kernel ``mrloss.kernels.cross_entropy_rows``). With the Triton
+backend, passes that need losses only (no gradient wanted, or the forward of reduction "none") run the
+fused kernel ``mrloss.kernels.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra
+memory. The formula is the one of ``mrloss.reference``.
 
 For reduction "mean"/"sum" (and ``normalizer``) the upstream gradient is a scalar, so the gradients are
 computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward only scales them.
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mrloss.chunked import RowOp, accumulation_dtype, chunked_linear_cross_entropy, default_chunk_size
+from mrloss.chunked import (ChunkedResult, FusedLosses, RowOp, accumulation_dtype,
+                            chunked_linear_cross_entropy, default_chunk_size)
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -60,7 +63,7 @@ def linear_cross_entropy(
     """
     _check_arguments(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap,
                      label_smoothing, shift, backend, chunk_size)
-    row_op = _row_op(backend, hidden)
+    row_op, fused_losses = _backend_ops(backend, hidden)
     hidden_size, vocab_size = hidden.shape[-1], weight.shape[0]
     acc_dtype = accumulation_dtype(hidden.dtype)
     targets_used, weights_used = _aligned_targets(targets, token_weights, ignore_index, shift)
@@ -84,7 +87,8 @@ def linear_cross_entropy(
     chunk_size = max(1, min(chunk_size, num_learned))
     needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
                        for t in (hidden, weight, bias))
-    plan = _Plan(row_op, softcap, float(label_smoothing), chunk_size, reduction == "none", needs_grad)
+    plan = _Plan(row_op, fused_losses, softcap, float(label_smoothing), chunk_size, reduction == "none",
+                 needs_grad)
 
     if reduction == "none":
         scales = learned_weights
@@ -135,6 +139,7 @@ _OPTION_NAMES = {"ignore_index", "reduction", "normalizer", "softcap", "label_sm
 @dataclass(frozen=True)
 class _Plan:
     row_op: RowOp
+    fused_losses: FusedLosses | None  # loss-only passes use it instead of the chunks when given
     softcap: float | None
     label_smoothing: float
     chunk_size: int
@@ -142,6 +147,10 @@ class _Plan:
     needs_grad: tuple[bool, bool, bool]  # gradients wanted for (hidden, weight, bias)
 
     def run(self, hidden, weight, bias, rows, targets, grad_scales):
+        if grad_scales is None and self.fused_losses is not None:
+            losses = self.fused_losses(hidden, weight, bias, rows, targets, softcap=self.softcap,
+                                       label_smoothing=self.label_smoothing)
+            return ChunkedResult(losses, None, None, None)
         return chunked_linear_cross_entropy(
             hidden, weight, bias, rows, targets, grad_scales, row_op=self.row_op, softcap=self.softcap,
             label_smoothing=self.label_smoothing, chunk_size=self.chunk_size, needs_grad=self.needs_grad)
@@ -260,20 +269,22 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
         raise ValueError("shift=True needs targets with a sequence dimension, got a 0-dim tensor")
 
 
-def _row_op(backend: str, hidden: torch.Tensor) -> RowOp:
-    """The row op of the chosen backend (see ``mrloss.chunked`` for the contract)."""
+def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses | None]:
+    """The row op of the chosen backend and its fused loss-only forward, or None where there is none
+    (torch backend; float64, which the fused kernel leaves to the chunks). Contracts: ``mrloss.chunked``."""
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and _triton_available() else "torch"
     if backend == "torch":
         from mrloss.torch_backend import cross_entropy_rows
-        return cross_entropy_rows
+        return cross_entropy_rows, None
     if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
                          "TRITON_INTERPRET=1 set before triton is imported")
     if not _triton_available():
         raise ImportError('backend="triton" needs the triton package (pip install triton)')
     from mrloss.kernels.cross_entropy_rows import cross_entropy_rows
-    return cross_entropy_rows
+    from mrloss.kernels.linear_cross_entropy_forward import linear_cross_entropy_forward
+    return cross_entropy_rows, None if hidden.dtype == torch.float64 else linear_cross_entropy_forward
 
 
 def _triton_available() -> bool:

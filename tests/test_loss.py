@@ -3,6 +3,8 @@
 The Triton backend runs through the interpreter here (TRITON_INTERPRET=1, set by conftest.py), so the
 shapes stay small and odd. GPU tests at the end use larger shapes and skip without CUDA.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -234,6 +236,65 @@ def test_no_grad_and_constant_inputs():
         torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
 
 
+def recording(monkeypatch, module, name, calls):
+    """Replace ``module.name`` by a wrapper that appends ``name`` to ``calls``."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+@pytest.mark.parametrize("reduction,mode,calls_fused,calls_row_op", [
+    ("mean", "no_grad", True, False),
+    ("sum", "constant_inputs", True, False),
+    ("none", "grad", True, True),  # fused forward, row op in the backward pass
+    ("mean", "grad", False, True),  # gradients are built during the forward pass: chunks
+])
+def test_triton_loss_only_passes_use_the_fused_forward(monkeypatch, reduction, mode, calls_fused, calls_row_op):
+    import mrloss.kernels.cross_entropy_rows
+    import mrloss.kernels.linear_cross_entropy_forward
+    calls = []
+    recording(monkeypatch, mrloss.kernels.linear_cross_entropy_forward, "linear_cross_entropy_forward", calls)
+    recording(monkeypatch, mrloss.kernels.cross_entropy_rows, "cross_entropy_rows", calls)
+    inputs = make_inputs((3, 13))
+    options = dict(reduction=reduction, shift=True, softcap=4.0, label_smoothing=0.1)
+    expected = loss_and_grads(reference_linear_cross_entropy, inputs, options, compute=torch.float64)
+    if mode == "grad":
+        ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend="triton"))
+    else:
+        if mode == "no_grad":
+            inputs["hidden"].requires_grad_()
+        with torch.no_grad() if mode == "no_grad" else contextlib.nullcontext():
+            ours = [linear_cross_entropy(**inputs, **options, backend="triton")]
+        assert not ours[0].requires_grad
+    assert ("linear_cross_entropy_forward" in calls) == calls_fused
+    assert ("cross_entropy_rows" in calls) == calls_row_op
+    if calls_fused:
+        assert calls[0] == "linear_cross_entropy_forward"  # the forward pass comes first
+    assert_matches(ours, expected[:len(ours)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(reduction="none", label_smoothing=0.1), dict(softcap=3.0)])
+def test_unlearned_hidden_rows_are_never_read(backend, options):
+    """Hidden rows of unlearned tokens filled with NaN change nothing, bitwise: no path reads them
+    (fused forward, chunks with gradients, reduction "none" backward, loss only)."""
+    inputs = make_inputs((3, 13), torch.bfloat16)
+    options = dict(options, shift=True, backend=backend)
+    next_learned = (inputs["targets"][:, 1:] != -100) & (inputs["token_weights"][:, 1:] > 0)
+    learned_rows = torch.cat([next_learned, torch.zeros(3, 1, dtype=torch.bool)], dim=1)
+    poisoned = dict(inputs, hidden=inputs["hidden"].masked_fill(~learned_rows[..., None], float("nan")))
+    clean = loss_and_grads(linear_cross_entropy, inputs, options)
+    dirty = loss_and_grads(linear_cross_entropy, poisoned, options)
+    assert all(torch.equal(a, b) for a, b in zip(clean, dirty) if a is not None)
+    assert all(t.isfinite().all() for t in dirty if t is not None)
+    with torch.no_grad():
+        assert torch.equal(linear_cross_entropy(**inputs, **options), linear_cross_entropy(**poisoned, **options))
+
+
 def test_module_matches_function():
     inputs = make_inputs((3, 13))
     module = LinearCrossEntropyLoss(reduction="sum", shift=True, softcap=4.0)
@@ -328,3 +389,22 @@ def test_gpu_deterministic_and_bounded_memory():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     full_logits_bytes = 8 * 1024 * 32000 * 2
     assert torch.cuda.max_memory_allocated() - before < full_logits_bytes / 2
+
+
+@pytest.mark.gpu
+def test_gpu_loss_only_triton_holds_no_logits_chunk():
+    """Under no_grad the Triton backend runs the fused forward: its peak extra memory stays far below
+    a quarter of the hidden states, which the torch backend's logits chunk exceeds."""
+    inputs = make_inputs((8, 1024), torch.bfloat16, hidden_size=1024, vocab=32000, device="cuda")
+    bound = inputs["hidden"].numel() * inputs["hidden"].element_size() / 4
+    peaks, losses = {}, {}
+    for backend in BACKENDS:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            losses[backend] = linear_cross_entropy(**inputs, shift=True, softcap=30.0, backend=backend)
+        peaks[backend] = torch.cuda.max_memory_allocated() - before
+    assert peaks["triton"] < bound < peaks["torch"]
+    exact = reference_linear_cross_entropy(**inputs, shift=True, softcap=30.0)
+    torch.testing.assert_close(losses["triton"].double(), exact, rtol=1e-5, atol=0)

@@ -8,9 +8,11 @@
 """
 import functools
 import importlib.util
+import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ import torch.multiprocessing as mp
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("verl") is None, reason="needs verl (the verl extra)")
 
 MAX_LENGTH = 48
-ROOT = __file__.rsplit("/tests/", 1)[0]
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @functools.cache
@@ -77,13 +79,15 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     from mrloss.data import encode
     from mrloss.formats import parse
     from mrloss.integrations.verl.__main__ import main, verl_overrides
+    from mrloss.integrations.verl.dataset import MultiRegionSFTDataset
     from mrloss.integrations.verl.trainer import mrloss_options
 
     files = example_files(tmp_path)
     config_path = mrloss_config_file(tmp_path, files, tmp_path / "model")
-    overrides = verl_overrides(load_config(config_path), 4, str(tmp_path / "out"),
+    overrides = verl_overrides(load_config(config_path), 4, str(tmp_path / "out dir"),
                                ["engine.ulysses_sequence_parallel_size=2", "+mrloss.chunk_size=8"])
     config = verl_config(overrides)
+    assert config.trainer.default_local_dir == str(tmp_path / "out dir")
     assert config.data.custom_cls.path == "pkg://mrloss.integrations.verl.dataset"
     assert config.data.train_batch_size == 2 * 2 * 2  # per device x accumulation x dp (4 ranks / sp 2)
     assert config.engine.ulysses_sequence_parallel_size == 2 and config.model.use_remove_padding
@@ -110,6 +114,24 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     assert torch.equal(batch["loss_mask"].offsets(), batch["input_ids"].offsets())
     assert torch.equal(batch["loss_mask"].values(), torch.cat([dataset[i]["loss_mask"] for i in range(3)]))
     assert len(create_sft_dataset(files[0], config.data, tokenizer(), None, max_samples=2)) == 2
+    with pytest.raises(ValueError, match="no_padding"):
+        MultiRegionSFTDataset(files[0], tokenizer(), {"pad_mode": "right"})
+
+
+def test_trainer_entry_runs_verl_hydra_main(monkeypatch, capsys):
+    """``-m mrloss.integrations.verl.trainer`` is verl's own hydra main (config found, our block in it)."""
+    from verl.trainer import sft_trainer
+
+    from mrloss.integrations.verl import trainer
+
+    # main() installs the wrapper; monkeypatch puts verl's method back afterwards
+    monkeypatch.setattr(sft_trainer.SFTTrainer, "_build_engine", sft_trainer.SFTTrainer._build_engine)
+    monkeypatch.setattr(sys, "argv", ["trainer", "data.train_files=[x.jsonl]", "+mrloss.loss=mrloss",
+                                      "data.custom_cls.path=pkg://mrloss.integrations.verl.dataset", "--cfg", "job"])
+    trainer.main()
+    assert sft_trainer.SFTTrainer._build_engine.mrloss_installed
+    output = capsys.readouterr().out
+    assert "mrloss:\n  loss: mrloss" in output and "pkg://mrloss.integrations.verl.dataset" in output
 
 
 def _raw_samples(path):

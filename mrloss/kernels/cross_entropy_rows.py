@@ -19,8 +19,13 @@ from mrloss.chunked import accumulation_dtype
 MAX_BLOCK_V = 4096
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @triton.jit
-def _softcapped(a, softcap, HAS_SOFTCAP: tl.constexpr):
+def softcapped(a, softcap, HAS_SOFTCAP: tl.constexpr):
     """Returns (z, tanh(a / softcap)); tanh from exp (no libdevice, so it also runs interpreted)."""
     th = a
     if HAS_SOFTCAP:
@@ -49,7 +54,7 @@ def _cross_entropy_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
-    target_logit, _ = _softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
+    target_logit, _ = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
 
     running_max = tl.full((), float("-inf"), ACC)
     sum_exp = tl.zeros((), ACC)
@@ -57,7 +62,7 @@ def _cross_entropy_rows_kernel(
     for start in range(0, vocab_size, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < vocab_size
-        z, _ = _softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
+        z, _ = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
         z = tl.where(mask, z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
@@ -72,7 +77,7 @@ def _cross_entropy_rows_kernel(
         for start in range(0, vocab_size, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < vocab_size
-            z, th = _softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
+            z, th = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
             grad = tl.exp(z - lse) - label_smoothing / vocab_size
             grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
             if HAS_SOFTCAP:
@@ -107,7 +112,7 @@ def cross_entropy_rows(
         vocab_size, float(softcap or 1.0), float(label_smoothing),
         HAS_SOFTCAP=softcap is not None, WRITE_GRAD=grad_scales is not None, BLOCK_V=block_v,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        MANUAL_BF16_ROUNDING=logits.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        MANUAL_BF16_ROUNDING=logits.dtype == torch.bfloat16 and triton_interpreted(),
         num_warps=8 if block_v >= 2048 else 4,
     )
     return losses

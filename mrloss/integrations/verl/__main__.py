@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -21,8 +22,16 @@ DATASET_PATH = "pkg://mrloss.integrations.verl.dataset"
 DATASET_NAME = "MultiRegionSFTDataset"
 
 
+def _hydra_string(value) -> str:
+    """A string as a hydra override value: bare when hydra's grammar allows it, else single-quoted."""
+    text = str(value)
+    if re.fullmatch(r"[\w./\-+:@~%]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _hydra_list(values) -> str:
-    return "[" + ",".join("'" + str(value).replace("'", "\\'") + "'" for value in values) + "]"
+    return "[" + ",".join(_hydra_string(value) for value in values) + "]"
 
 
 def _hydra_value(value) -> str:
@@ -62,7 +71,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "data.train_batch_size": str(trainer.per_device_batch_size * trainer.gradient_accumulation_steps
                                      * (nproc // sp_size)),
         "data.num_workers": str(trainer.dataloader_num_workers),
-        "model.path": str(Path(config.model.path).resolve()),
+        "model.path": _hydra_string(Path(config.model.path).resolve()),
         "model.use_remove_padding": "true",
         "model.use_fused_kernels": "false",
         "model.enable_gradient_checkpointing": _hydra_value(config.model.gradient_checkpointing),
@@ -70,7 +79,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "optim.weight_decay": str(trainer.weight_decay),
         "optim.clip_grad": str(trainer.max_grad_norm),
         "optim.lr_warmup_steps_ratio": str(trainer.warmup_ratio),
-        "trainer.default_local_dir": str(Path(save_path).resolve()),
+        "trainer.default_local_dir": _hydra_string(Path(save_path).resolve()),
         "trainer.total_epochs": str(max(1, math.ceil(trainer.epochs))),
         "trainer.total_training_steps": _hydra_value(trainer.max_steps),
         "trainer.save_freq": str(trainer.save_steps or -1),
@@ -78,7 +87,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "trainer.seed": str(trainer.seed),
         "trainer.logger": _hydra_list(["console", *trainer.report_to]),
         "trainer.project_name": "mrloss",
-        "trainer.experiment_name": Path(save_path).name or "run",
+        "trainer.experiment_name": _hydra_string(Path(save_path).resolve().name or "run"),
         "trainer.n_gpus_per_node": str(nproc),
         "trainer.resume_mode": "disable" if not resume else ("auto" if resume is True else "resume_path"),
         "+mrloss.loss": "mrloss",
@@ -88,7 +97,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "+mrloss.label_smoothing": str(loss.label_smoothing),
     }
     if isinstance(resume, str):
-        generated["trainer.resume_from_path"] = str(Path(resume).resolve())
+        generated["trainer.resume_from_path"] = _hydra_string(Path(resume).resolve())
     for key, value in extra.items():
         generated.pop("+" + key.lstrip("+"), None)
         generated.pop(key.lstrip("+"), None)

@@ -1,0 +1,119 @@
+"""Fused Triton forward of the linear cross-entropy: per-row losses straight from the hidden states.
+
+Loss only (no gradients, no autograd): the loss-only passes of ``mrloss.loss`` with backend="triton"
+use it instead of the chunked matmul + row op, so no ``[C, V]`` logits chunk is ever written to
+memory; the extra memory is O(M) (the losses). Formula and contract: ``mrloss.chunked`` (row op
+contract, ``grad_scales`` None), with a_i = h_i W^T + b computed here in float32.
+
+Tiling: one program per BLOCK_N learned rows (gathered by index from ``hidden``, never copied). It loops
+over the vocabulary in BLOCK_V tiles; for each tile the [BLOCK_N, BLOCK_V] logits are accumulated in
+float32 registers by ``tl.dot`` over H in BLOCK_H steps (+ bias, softcap), then folded into per-row
+running max / sum-exp (online logsumexp), the target logit (picked when the target falls in the tile)
+and the sum of logits (label smoothing). Only those four [BLOCK_N] vectors live across tiles. Each
+program reads all of ``weight`` once per BLOCK_N rows. No atomics: deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mrloss.kernels.cross_entropy_rows import softcapped, triton_interpreted
+
+# Block sizes are fixed, not autotuned: they were chosen without a GPU to tune on. GPU: the usual
+# tensor-core friendly tile (a 64 x 128 fp32 accumulator). Interpreter: small tiles (numpy per tile).
+GPU_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
+GPU_LAUNCH = dict(num_warps=8, num_stages=3)
+INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32)
+
+
+@triton.jit
+def _linear_cross_entropy_forward_kernel(
+    hidden_ptr, stride_hidden_row, stride_hidden_col,
+    weight_ptr, stride_weight_row, stride_weight_col,
+    bias_ptr, rows_ptr, targets_ptr, losses_ptr,
+    num_rows, hidden_size, vocab_size, softcap, label_smoothing,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offsets = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offsets < num_rows
+    hidden_rows = tl.load(rows_ptr + offsets, mask=row_mask, other=0).to(tl.int64)
+    targets = tl.load(targets_ptr + offsets, mask=row_mask, other=0)
+    hidden_row_ptrs = hidden_ptr + hidden_rows[:, None] * stride_hidden_row
+
+    running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    sum_exp = tl.zeros((BLOCK_N,), tl.float32)
+    sum_logits = tl.zeros((BLOCK_N,), tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    for v_start in range(0, vocab_size, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < vocab_size
+        weight_col_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * stride_weight_row
+        logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for h_start in range(0, hidden_size, BLOCK_H):
+            ks = h_start + tl.arange(0, BLOCK_H)
+            k_mask = ks < hidden_size
+            h = tl.load(hidden_row_ptrs + ks[None, :] * stride_hidden_col,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(weight_col_ptrs + ks[:, None] * stride_weight_col,  # [BLOCK_H, BLOCK_V] = W^T tile
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if DOT_IN_FLOAT32:  # interpreter only: it multiplies the raw bits of bfloat16 operands
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            logits = tl.dot(h, w, logits, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            logits += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z, _ = softcapped(logits, softcap, HAS_SOFTCAP)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        running_max = new_max
+        sum_logits += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+    lse = running_max + tl.log(sum_exp)
+    losses = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
+    tl.store(losses_ptr + offsets, losses, mask=row_mask)
+
+
+def linear_cross_entropy_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    softcap: float | None,
+    label_smoothing: float,
+    blocks: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Per-row losses [M] float32 of the rows ``rows`` of ``hidden``, without materializing logits.
+
+    hidden [N, H], weight [V, H], bias [V] or None: one dtype of fp16|bf16|fp32 (any strides);
+    rows [M] int64 indices into hidden; targets [M] int64 in [0, V). Logits are accumulated in float32
+    (fp32 inputs exactly: IEEE products, no TF32). blocks: BLOCK_N / BLOCK_V / BLOCK_H (each a power
+    of two >= 16) to override the per-device defaults. See ``mrloss.chunked`` for the formula.
+    """
+    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"linear_cross_entropy_forward takes float16, bfloat16 or float32, got {hidden.dtype}")
+    num_rows = rows.numel()
+    losses = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+    if num_rows == 0:
+        return losses
+    interpreted = triton_interpreted()
+    blocks = dict(INTERPRETER_BLOCKS if interpreted else GPU_BLOCKS, **(blocks or {}))
+    launch = {} if interpreted else GPU_LAUNCH
+    vocab_size, hidden_size = weight.shape
+    grid = (triton.cdiv(num_rows, blocks["BLOCK_N"]),)
+    _linear_cross_entropy_forward_kernel[grid](
+        hidden, hidden.stride(0), hidden.stride(1),
+        weight, weight.stride(0), weight.stride(1),
+        weight if bias is None else bias, rows.contiguous(), targets.contiguous(), losses,  # dummy bias ptr
+        num_rows, hidden_size, vocab_size, float(softcap or 1.0), float(label_smoothing),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        DOT_IN_FLOAT32=interpreted and hidden.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+        **blocks, **launch,
+    )
+    return losses
