@@ -81,7 +81,8 @@ def pad_and_slice(tensor: torch.Tensor, group=None, *, dim: int = -1, pad_value=
 
 
 def shard_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, group=None, *,
-                  ignore_index: int = -100, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  ignore_index: int = -100,
+                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift full-sequence targets/weights [..., T] (``shift_targets``), then take this rank's shard
     (``pad_and_slice``): the targets/weights that line up with this rank's hidden-state shard."""
     shifted_targets, shifted_weights = shift_targets(targets, token_weights, ignore_index=ignore_index,

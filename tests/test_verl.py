@@ -8,7 +8,6 @@
 """
 import functools
 import importlib.util
-import os
 import subprocess
 import sys
 import types
@@ -167,7 +166,8 @@ def test_install_switches_the_trainer_loss():
             installed = getattr(fake.training_client, "loss_fn", None)
             assert (installed.func if installed else None) is expected
         with pytest.raises(ValueError, match="mrloss.loss"):
-            sft_trainer.SFTTrainer._build_engine(types.SimpleNamespace(config=OmegaConf.create({"mrloss": {"loss": "x"}})))
+            bad = types.SimpleNamespace(config=OmegaConf.create({"mrloss": {"loss": "x"}}))
+            sft_trainer.SFTTrainer._build_engine(bad)
     finally:
         sft_trainer.SFTTrainer._build_engine = original
 

@@ -1,7 +1,7 @@
 """torchrun entry: verl's own SFT trainer (``verl.trainer.sft_trainer.main``) with the mrloss loss.
 
     torchrun --standalone --nproc_per_node=N -m mrloss.integrations.verl.trainer <verl hydra overrides>
-        +mrloss.loss=mrloss [+mrloss.backend=auto +mrloss.chunk_size=... +mrloss.softcap=... +mrloss.label_smoothing=...]
+        +mrloss.loss=mrloss [+mrloss.backend=auto +mrloss.chunk_size=N +mrloss.softcap=C +mrloss.label_smoothing=E]
 
 The switch is the ``mrloss`` block of verl's config: ``mrloss.loss=mrloss`` swaps verl's ``sft_loss`` for
 `mrloss.integrations.verl.engine` (fused loss from hidden states, Ulysses shards, no logits);
