@@ -18,7 +18,7 @@ BASE = [
 EXTRAS = {
     "test": ["pytest>=8", "pytest-benchmark", "pytest-xdist", "hypothesis>=6", "pyarrow>=14", "matplotlib", "tensorboard"],
     "hf": ["accelerate>=1.0", "peft>=0.13", "datasets"],
-    "verl": ["verl==0.9.1"],
+    "verl": ["verl==0.9.1", "fastapi", "uvicorn"],
     "bench": ["matplotlib", "pandas"],
     "flash": ["flash-attn"],
     "liger": ["liger-kernel"],

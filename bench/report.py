@@ -24,8 +24,8 @@ METHOD = {
     "errors": "relative to a reference computed from the same inputs by mrloss.reference in reference_dtype "
               "(float64; float32 on a CPU for large cases): |loss - ref| / |ref|, and ||g - g_ref|| / ||g_ref|| "
               "for the gradients of hidden and weight",
-    "ceiling": "median time of a square matmul in the bench dtype; ceiling_fraction = 6 * N_learned * H * V "
-               "/ fwd_bwd time / ceiling rate",
+    "ceiling": "rate of the fastest of several square matmuls in the bench dtype (median rate also "
+               "recorded); ceiling_fraction = 6 * N_learned * H * V / fwd_bwd time / ceiling rate",
     "token_weights": "sequences of seq_len tokens: a zero-weight prompt of round(zero_frac * seq_len) tokens, "
                      "then three response regions of weights 1.0, 0.5, 2.0; targets are -100 on weight 0",
 }
@@ -45,7 +45,8 @@ def one_line(result: dict) -> str:
         return (f"fwd+bwd {result['fwd_bwd_ms']:.2f} ms, peak extra {result['peak_extra_mib']:.1f} MiB, "
                 f"grad_W err {result['grad_weight_rel_err']:.1e}")
     if result.get("status") == "ok" and "tflops" in result:
-        return f"{result['tflops']:.3f} TFLOP/s ({result['dtype']}, {result['shape'][0]}^3)"
+        return (f"{result['tflops']:.3f} TFLOP/s best, {result['median_tflops']:.3f} median "
+                f"({result['dtype']}, {result['shape'][0]}^3)")
     if result.get("status") == "verified":
         return f"verified: loss err {result['loss_rel_err']:.1e}, grad_W err {result['grad_weight_rel_err']:.1e}"
     return f"{result.get('status')}: {result.get('reason')}"
@@ -163,6 +164,7 @@ def plot(run: dict, path: Path) -> None:
     cases = {case["id"]: case for case in run["cases"]}
     groups = sorted({(case["head"]["name"], case["zero_frac"]) for case in cases.values()})
     figure, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    colors = {impl: f"C{index}" for index, impl in enumerate(run["impls"])}
     for (head, zero_frac), (time_axis, memory_axis) in zip(groups, axes):
         for impl in run["impls"]:
             points = sorted(
@@ -172,8 +174,8 @@ def plot(run: dict, path: Path) -> None:
             )
             if points:
                 tokens, times, memories = zip(*points)
-                time_axis.plot(tokens, times, marker="o", label=impl)
-                memory_axis.plot(tokens, [max(m, 0.0) for m in memories], marker="o", label=impl)
+                time_axis.plot(tokens, times, marker="o", label=impl, color=colors[impl])
+                memory_axis.plot(tokens, [max(m, 0.0) for m in memories], marker="o", label=impl, color=colors[impl])
         for axis, what in ((time_axis, "fwd+bwd ms"), (memory_axis, "peak extra MiB")):
             axis.set_title(f"{head}, zero-weight fraction {zero_frac:g}", fontsize=9)
             axis.set_xlabel("N tokens")

@@ -52,11 +52,12 @@ def verl_config(overrides=()):
         return compose(config_name="sft_trainer_engine", overrides=list(overrides))
 
 
-def mrloss_config_file(directory, files, model_path):
+def mrloss_config_file(directory, files):
+    """An mrloss config with the tiny default model (model.path null)."""
     path = directory / "config.yaml"
     path.write_text(
         "data:\n  train_files: [" + ", ".join(files) + f"]\n  max_length: {MAX_LENGTH}\n  truncation: right\n"
-        f"model:\n  path: {model_path}\nloss:\n  backend: torch\n  chunk_size: 16\n"
+        "model:\n  hidden_size: 16\n  num_layers: 1\n  vocab_size: 300\nloss:\n  backend: torch\n  chunk_size: 16\n"
         "trainer:\n  per_device_batch_size: 2\n  gradient_accumulation_steps: 2\n  max_steps: 3\n")
     return path
 
@@ -69,24 +70,31 @@ def test_import_mrloss_does_not_import_verl():
 
 
 def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
-    """Our overrides are valid for verl's own config; the dataset class is built by verl's own
-    create_sft_dataset from that config and collated by verl's SFTTensorCollator."""
+    """Our overrides are valid for verl's own config; the tiny model + tokenizer saved for verl load with
+    transformers; the dataset class is built by verl's own create_sft_dataset from that config and
+    collated by verl's SFTTensorCollator."""
+    from transformers import AutoConfig, AutoTokenizer
     from verl.trainer.sft_trainer import create_sft_dataset
     from verl.utils.dataset.dataset_utils import SFTTensorCollator
 
     from mrloss.config import load_config
     from mrloss.data import encode
     from mrloss.formats import parse
-    from mrloss.integrations.verl.__main__ import main, verl_overrides
+    from mrloss.integrations.verl.__main__ import main, prepare_model, verl_overrides
     from mrloss.integrations.verl.dataset import MultiRegionSFTDataset
     from mrloss.integrations.verl.trainer import mrloss_options
 
     files = example_files(tmp_path)
-    config_path = mrloss_config_file(tmp_path, files, tmp_path / "model")
-    overrides = verl_overrides(load_config(config_path), 4, str(tmp_path / "out dir"),
+    config_path = mrloss_config_file(tmp_path, files)
+    ours = load_config(config_path)
+    overrides = verl_overrides(ours, 4, str(tmp_path / "out dir"),
                                ["engine.ulysses_sequence_parallel_size=2", "+mrloss.chunk_size=8"])
     config = verl_config(overrides)
     assert config.trainer.default_local_dir == str(tmp_path / "out dir")
+    prepare_model(ours, str(tmp_path / "out dir"))
+    assert config.model.path == str(tmp_path / "out dir" / "initial_model")
+    assert AutoConfig.from_pretrained(config.model.path).num_hidden_layers == 1
+    model_tokenizer = AutoTokenizer.from_pretrained(config.model.path)
     assert config.data.custom_cls.path == "pkg://mrloss.integrations.verl.dataset"
     assert config.data.train_batch_size == 2 * 2 * 2  # per device x accumulation x dp (4 ranks / sp 2)
     assert config.engine.ulysses_sequence_parallel_size == 2 and config.model.use_remove_padding
@@ -97,8 +105,8 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     command = capsys.readouterr().out
     assert "-m mrloss.integrations.verl.trainer" in command and "optim.lr=0.01" in command
 
-    dataset = create_sft_dataset(config.data.train_files, config.data, tokenizer(), None, max_samples=-1)
-    reference = [encode(parse(record), tokenizer(), max_length=MAX_LENGTH)
+    dataset = create_sft_dataset(config.data.train_files, config.data, model_tokenizer, None, max_samples=-1)
+    reference = [encode(parse(record), model_tokenizer, max_length=MAX_LENGTH)
                  for path in files for record in _raw_samples(path)]
     assert len(dataset) == len(reference)
     for index in (0, len(dataset) // 2, len(dataset) - 1):
@@ -112,7 +120,7 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     assert all(batch[key].is_nested for key in ("input_ids", "position_ids", "loss_mask"))
     assert torch.equal(batch["loss_mask"].offsets(), batch["input_ids"].offsets())
     assert torch.equal(batch["loss_mask"].values(), torch.cat([dataset[i]["loss_mask"] for i in range(3)]))
-    assert len(create_sft_dataset(files[0], config.data, tokenizer(), None, max_samples=2)) == 2
+    assert len(create_sft_dataset(files[0], config.data, model_tokenizer, None, max_samples=2)) == 2
     with pytest.raises(ValueError, match="no_padding"):
         MultiRegionSFTDataset(files[0], tokenizer(), {"pad_mode": "right"})
 

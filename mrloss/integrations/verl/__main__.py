@@ -42,14 +42,35 @@ def _hydra_value(value) -> str:
     return str(value)
 
 
+def initial_model_path(config, save_path: str) -> Path:
+    """``model.path``, or where `prepare_model` saves the tiny model of a config whose model.path is null."""
+    return Path(config.model.path if config.model.path is not None else Path(save_path) / "initial_model")
+
+
+def prepare_model(config, save_path: str) -> None:
+    """What verl needs on disk before it starts: the data files (``data.write_examples``) and, when
+    ``model.path`` is null, the tiny model + BPE tokenizer that `mrloss train` would build, saved to
+    ``initial_model_path``. Reuses `mrloss.train`'s builders."""
+    from mrloss.train import build_model, build_tokenizer, ensure_data_files
+
+    ensure_data_files(config.data)
+    if config.model.path is not None:
+        return
+    config.trainer.output_dir = str(save_path)  # build_tokenizer keeps its trained tokenizer there
+    tokenizer = build_tokenizer(config, None, is_main=True)
+    model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
+    directory = initial_model_path(config, save_path)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = ()) -> list[str]:
     """verl hydra overrides for an mrloss `Config`; ``verl_extra`` (``key=value``) replace same-key ones."""
-    if config.model.path is None:
-        raise ValueError("config model.path: --engine verl needs a local HF model directory (model + tokenizer)")
     if config.trainer.device == "cpu":
         raise ValueError("config trainer.device: verl's FSDP engine needs a GPU (cuda or npu), got cpu")
     if config.weighting.dynamic_weights or config.weighting.region_dependencies:
-        raise ValueError("config weighting: dynamic weights / region dependencies are not supported with --engine verl")
+        print("note: config weighting (dynamic weights, region dependencies) is not applied by the verl engine; "
+              "the data's static region weights are", file=sys.stderr)
     extra = dict(item.partition("=")[::2] for item in verl_extra)
     sp_size = int(extra.get("engine.ulysses_sequence_parallel_size", 1))
     if nproc % sp_size:
@@ -71,7 +92,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "data.train_batch_size": str(trainer.per_device_batch_size * trainer.gradient_accumulation_steps
                                      * (nproc // sp_size)),
         "data.num_workers": str(trainer.dataloader_num_workers),
-        "model.path": _hydra_string(Path(config.model.path).resolve()),
+        "model.path": _hydra_string(initial_model_path(config, save_path).resolve()),
         "model.use_remove_padding": "true",
         "model.use_fused_kernels": "false",
         "model.enable_gradient_checkpointing": _hydra_value(config.model.gradient_checkpointing),
@@ -79,6 +100,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "optim.weight_decay": str(trainer.weight_decay),
         "optim.clip_grad": str(trainer.max_grad_norm),
         "optim.lr_warmup_steps_ratio": str(trainer.warmup_ratio),
+        "optim.lr_scheduler_type": "cosine" if trainer.lr_scheduler == "cosine" else "constant",
         "trainer.default_local_dir": _hydra_string(Path(save_path).resolve()),
         "trainer.total_epochs": str(max(1, math.ceil(trainer.epochs))),
         "trainer.total_training_steps": _hydra_value(trainer.max_steps),
@@ -129,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             verl_extra.append(plus + body[len("verl."):])
         else:
             config_overrides.append(item)
-    config = load_config(args.config, config_overrides)
-    command = launch_command(args.nproc, verl_overrides(config, args.nproc, args.save_path, verl_extra))
+    try:
+        config = load_config(args.config, config_overrides)
+        command = launch_command(args.nproc, verl_overrides(config, args.nproc, args.save_path, verl_extra))
+    except ValueError as error:  # ConfigError included
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(shlex.join(command), flush=True)
     if args.dry_run:
         return 0
+    prepare_model(config, args.save_path)
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[3])  # so workers import this mrloss checkout
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
