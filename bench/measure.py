@@ -6,8 +6,8 @@ The command ``bench.linear_ce`` starts one such process per (implementation, cas
 - ``time``: ``warmup`` untimed forward+backward steps, then ``reps`` timed steps. Each step times the
   forward (loss) and the backward (``loss.backward()``) apart: CUDA events around each on the GPU,
   ``time.perf_counter`` on a CPU. Reported: the median of forward, of backward and of their sum.
-  The first timed step also measures the peak extra memory and gives the outputs compared with the
-  reference.
+  The first timed step also measures the peak extra memory; the outputs of the last one are compared
+  with the reference.
 - ``verify``: one step, only the errors (Triton kernels under the CPU interpreter: never timed).
 - ``reference``: the oracle of a case, saved for the other processes: row chunks of
   ``mrloss.reference.reference_linear_cross_entropy`` in ``--ref-dtype`` (float64, or float32 when
@@ -112,7 +112,9 @@ def errors(loss: torch.Tensor, inputs: dict, reference: dict) -> dict:
     }
 
 
-def measure_time(impl_name: str, case: Case, device, warmup: int, reps: int, reference: dict) -> dict:
+def measure_time(impl_name: str, case: Case, device, warmup: int, reps: int, reference_path: str) -> dict:
+    """Timings and peak extra memory; errors of the last step (the reference is loaded only then, so
+    it takes no device memory while the implementation runs)."""
     loss_fn = IMPLS[impl_name].loss_fn
     inputs = make_inputs(case, device)
     for _ in range(warmup):
@@ -121,25 +123,26 @@ def measure_time(impl_name: str, case: Case, device, warmup: int, reps: int, ref
     with PeakMemory(device) as peak:
         loss, forward_ms, backward_ms = step(loss_fn, inputs, case.head.softcap, device)
     grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in (inputs["hidden"], inputs["weight"]))
-    result = {"status": "ok", **errors(loss, inputs, reference)}
     times = [(forward_ms, backward_ms)]
     for _ in range(reps - 1):
-        times.append(step(loss_fn, inputs, case.head.softcap, device)[1:])
-    result.update(
-        forward_ms=statistics.median(f for f, _ in times),
-        backward_ms=statistics.median(b for _, b in times),
-        fwd_bwd_ms=statistics.median(f + b for f, b in times),
-        reps=len(times),
-        peak_extra_mib=(peak.peak_bytes - grad_bytes) / 2**20,
-    )
-    return result
+        loss, forward_ms, backward_ms = step(loss_fn, inputs, case.head.softcap, device)
+        times.append((forward_ms, backward_ms))
+    return {
+        "status": "ok",
+        "forward_ms": statistics.median(f for f, _ in times),
+        "backward_ms": statistics.median(b for _, b in times),
+        "fwd_bwd_ms": statistics.median(f + b for f, b in times),
+        "reps": len(times),
+        "peak_extra_mib": (peak.peak_bytes - grad_bytes) / 2**20,
+        **errors(loss, inputs, torch.load(reference_path, map_location=device)),
+    }
 
 
-def measure_verify(impl_name: str, case: Case, device, reference: dict) -> dict:
+def measure_verify(impl_name: str, case: Case, device, reference_path: str) -> dict:
     inputs = make_inputs(case, device)
     loss, _, _ = step(IMPLS[impl_name].loss_fn, inputs, case.head.softcap, device)
     return {"status": "verified", "reason": "Triton interpreter on CPU: errors checked, not timed",
-            **errors(loss, inputs, reference)}
+            **errors(loss, inputs, torch.load(reference_path, map_location=device))}
 
 
 def compute_reference(case: Case, device, ref_dtype: torch.dtype) -> dict:
@@ -217,12 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.mode == "reference":
             torch.save(compute_reference(case, device, getattr(torch, args.ref_dtype)), args.reference)
             result = {"status": "ok"}
+        elif args.mode == "verify":
+            result = measure_verify(args.impl, case, device, args.reference)
         else:
-            reference = torch.load(args.reference, map_location=device)
-            if args.mode == "verify":
-                result = measure_verify(args.impl, case, device, reference)
-            else:
-                result = measure_time(args.impl, case, device, args.warmup, args.reps, reference)
+            result = measure_time(args.impl, case, device, args.warmup, args.reps, args.reference)
     except torch.OutOfMemoryError as error:
         result = {"status": "oom", "reason": str(error).splitlines()[0][:300]}
     except Exception as error:  # recorded in the results, with the traceback on stderr

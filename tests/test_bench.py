@@ -75,8 +75,8 @@ def test_every_implementation_computes_the_weighted_mean(name, softcap, monkeypa
 @pytest.mark.slow
 def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
     command = [sys.executable, "-m", "bench.linear_ce", "--quick", "--heads", "tiny", "--tokens", "256",
-               "--zero-fracs", "0.5", "--impls", "plain,torch-chunked,cce,mrloss-torch", "--warmup", "0",
-               "--reps", "2", "--ceiling-size", "256", "--out-dir", str(tmp_path), "--name", "run"]
+               "--zero-fracs", "0.5", "--impls", "plain,torch-chunked,cce,mrloss-triton,mrloss-torch",
+               "--warmup", "0", "--reps", "2", "--ceiling-size", "256", "--out-dir", str(tmp_path), "--name", "run"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
     assert [case["id"] for case in run["cases"]] == ["tiny-N256-z0.5-float32"]
     assert run["cases"][0]["learned_tokens"] == 128
     results = {result["impl"]: result for result in run["results"]}
-    assert list(results) == ["plain", "torch-chunked", "cce", "mrloss-torch"]
+    assert list(results) == ["plain", "torch-chunked", "cce", "mrloss-triton", "mrloss-torch"]
     for name in ("plain", "torch-chunked", "mrloss-torch"):
         result = results[name]
         assert result["status"] == "ok", result
@@ -99,10 +99,12 @@ def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
         assert result["reference_dtype"] == "float64" and 0 < result["ceiling_fraction"]
         assert "peak_extra_mib" in result
     assert results["cce"]["status"] in ("missing", "unsupported") and results["cce"]["reason"]
+    triton = results["mrloss-triton"]  # Triton interpreter on a CPU: checked, not timed
+    assert triton["status"] == "verified" and "fwd_bwd_ms" not in triton and triton["grad_weight_rel_err"] < 1e-5
     assert [entry["impl"] for entry in run["not_run"]] == ["cce"]
 
     rows = (tmp_path / "run.csv").read_text().splitlines()
-    assert rows[0].split(",")[:3] == ["case", "impl", "status"] and len(rows) == 5
+    assert rows[0].split(",")[:3] == ["case", "impl", "status"] and len(rows) == 6
     markdown = (tmp_path / "run.md").read_text()
     assert "## mrloss-torch / baseline" in markdown and "| tiny-N256-z0.5-float32 |" in markdown
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,8 +4,12 @@
 - the launcher's overrides composed with verl's real ``sft_trainer_engine`` config (hydra);
 - the loss: verl's real ``FSDPEngineWithLMHead.forward_backward_batch`` (on CPU/gloo, without FSDP
   wrapping) with verl's ``sft_loss`` on logits vs our patched engine + ``mrloss_sft_loss``: same loss per
-  micro-batch and same gradients on every rank, for SP=2 (Ulysses slicing and gather) and DP=2.
+  micro-batch and same gradients on every rank, for SP=2 (Ulysses slicing and gather) and DP=2;
+- the region tools in that engine: weighting-adjusted weights give verl's loss on the adjusted mask (same
+  normalizer), the monitor's JSONL rows equal a hand count and the HF path's statistics of the same
+  micro-batches, the weighting's update gets the per-type means over all data-parallel ranks.
 """
+import json
 import functools
 import importlib.util
 import subprocess
@@ -21,6 +25,10 @@ import torch.multiprocessing as mp
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("verl") is None, reason="needs verl (the verl extra)")
 
 MAX_LENGTH = 48
+WEIGHTING = {"dynamic_weights": {"difficulty_scaling": True, "ema_decay": 0.0},
+             "region_dependencies": {"learned_threshold": 0.0, "region_dependencies": {
+                 "methodology": {"requires": ["definition"], "penalty_factor": 0.5}}}}
+FIRST_STEP_MULTIPLIERS = {"concept": 1.0, "definition": 1.0, "methodology": 0.5}  # nothing learned yet
 ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -58,7 +66,8 @@ def mrloss_config_file(directory, files):
     path.write_text(
         "data:\n  train_files: [" + ", ".join(files) + f"]\n  max_length: {MAX_LENGTH}\n  truncation: right\n"
         "model:\n  hidden_size: 16\n  num_layers: 1\n  vocab_size: 300\nloss:\n  backend: torch\n  chunk_size: 16\n"
-        "trainer:\n  per_device_batch_size: 2\n  gradient_accumulation_steps: 2\n  max_steps: 3\n")
+        "trainer:\n  per_device_batch_size: 2\n  gradient_accumulation_steps: 2\n  max_steps: 3\n"
+        "weighting:\n  region_dependencies:\n    region_dependencies:\n      methodology: {requires: [definition]}\n")
     return path
 
 
@@ -98,8 +107,11 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     assert config.data.custom_cls.path == "pkg://mrloss.integrations.verl.dataset"
     assert config.data.train_batch_size == 2 * 2 * 2  # per device x accumulation x dp (4 ranks / sp 2)
     assert config.engine.ulysses_sequence_parallel_size == 2 and config.model.use_remove_padding
-    assert mrloss_options(config) == {"loss": "mrloss", "backend": "torch", "chunk_size": 8, "softcap": None,
-                                      "label_smoothing": 0.0}
+    assert mrloss_options(config) == {
+        "loss": "mrloss", "backend": "torch", "chunk_size": 8, "softcap": None, "label_smoothing": 0.0,
+        "monitor_dir": str((tmp_path / "out dir" / "monitor").resolve()),
+        "weighting": {"dynamic_weights": None,
+                      "region_dependencies": {"region_dependencies": {"methodology": {"requires": ["definition"]}}}}}
     assert main(["--nproc", "2", "--config", str(config_path), "--save-path", str(tmp_path / "out"), "--dry-run",
                  "trainer.learning_rate=0.01", "verl.trainer.logger=[console]"]) == 0
     command = capsys.readouterr().out
@@ -111,13 +123,17 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     assert len(dataset) == len(reference)
     for index in (0, len(dataset) // 2, len(dataset) - 1):
         item = dataset[index]
-        assert set(item) == {"input_ids", "position_ids", "loss_mask"}
+        assert set(item) == {"input_ids", "position_ids", "loss_mask", "region_type_ids"}
         assert item["loss_mask"].dtype == torch.float32 and item["loss_mask"][0] == 0
         assert item["input_ids"].tolist() == reference[index]["input_ids"]
         assert item["loss_mask"].tolist() == pytest.approx(reference[index]["token_weights"])
         assert item["position_ids"].tolist() == list(range(len(item["input_ids"])))
+        encoding = reference[index]
+        assert item["region_type_ids"].tolist() == [
+            -1 if r < 0 else dataset.region_types.index(encoding["region_types"][r]) for r in encoding["region_ids"]]
     batch = SFTTensorCollator("no_padding")([dataset[i] for i in range(3)])
-    assert all(batch[key].is_nested for key in ("input_ids", "position_ids", "loss_mask"))
+    assert all(batch[key].is_nested for key in ("input_ids", "position_ids", "loss_mask", "region_type_ids"))
+    assert torch.equal(batch["region_type_ids"].offsets(), batch["input_ids"].offsets())
     assert torch.equal(batch["loss_mask"].offsets(), batch["input_ids"].offsets())
     assert torch.equal(batch["loss_mask"].values(), torch.cat([dataset[i]["loss_mask"] for i in range(3)]))
     assert len(create_sft_dataset(files[0], config.data, model_tokenizer, None, max_samples=2)) == 2
@@ -147,8 +163,11 @@ def _raw_samples(path):
     return [record.sample for record in read_records(path)]
 
 
-def test_install_switches_the_trainer_loss():
-    """mrloss.loss=mrloss: SFTTrainer._build_engine installs our loss function and engine patches."""
+def test_install_switches_the_trainer_loss(tmp_path, monkeypatch):
+    """mrloss.loss=mrloss: SFTTrainer._build_engine installs our loss function and engine patches, and the
+    region tools when mrloss.monitor_dir / mrloss.weighting ask for them (monitor on rank 0 only); fit()
+    gives them the resumed step and epoch length, a fresh run restarts the stats file, and the weighting's
+    state goes into every verl checkpoint and comes back on resume."""
     from omegaconf import OmegaConf
     from verl.trainer import sft_trainer
 
@@ -162,32 +181,73 @@ def test_install_switches_the_trainer_loss():
     def fake_build_engine(self):
         self.training_client = FakeClient()
         self.engine = types.SimpleNamespace(model_config=types.SimpleNamespace(use_fused_kernels=False),
-                                            _build_module=None, prepare_model_inputs=None)
+                                            _build_module=None, prepare_model_inputs=None, forward_backward_batch=None)
 
-    original = sft_trainer.SFTTrainer._build_engine
-    sft_trainer.SFTTrainer._build_engine = fake_build_engine
-    try:
-        trainer.install()
-        for block, expected in ((None, None), ({"loss": "verl"}, None), ({"loss": "mrloss"}, mrloss_sft_loss)):
-            fake = types.SimpleNamespace(config=OmegaConf.create({} if block is None else {"mrloss": block}))
-            sft_trainer.SFTTrainer._build_engine(fake)
-            installed = getattr(fake.training_client, "loss_fn", None)
-            assert (installed.func if installed else None) is expected
-        with pytest.raises(ValueError, match="mrloss.loss"):
-            bad = types.SimpleNamespace(config=OmegaConf.create({"mrloss": {"loss": "x"}}))
-            sft_trainer.SFTTrainer._build_engine(bad)
-    finally:
-        sft_trainer.SFTTrainer._build_engine = original
+    def fake_fit(self):
+        self.ckpt_handler.save_checkpoint(self.resume_global_step + 3)
+
+    # install() wraps both methods; monkeypatch puts verl's back afterwards
+    monkeypatch.setattr(sft_trainer.SFTTrainer, "_build_engine", fake_build_engine)
+    monkeypatch.setattr(sft_trainer.SFTTrainer, "fit", fake_fit)
+    trainer.install()
+    for block, expected in ((None, None), ({"loss": "verl"}, None), ({"loss": "mrloss"}, mrloss_sft_loss)):
+        fake = types.SimpleNamespace(config=OmegaConf.create({} if block is None else {"mrloss": block}))
+        sft_trainer.SFTTrainer._build_engine(fake)
+        installed = getattr(fake.training_client, "loss_fn", None)
+        assert (installed.func if installed else None) is expected
+        assert getattr(fake, "mrloss_region_tools", None) is None
+    with pytest.raises(ValueError, match="mrloss.loss"):
+        bad = types.SimpleNamespace(config=OmegaConf.create({"mrloss": {"loss": "x"}}))
+        sft_trainer.SFTTrainer._build_engine(bad)
+    with pytest.raises(ValueError, match="need mrloss.loss=mrloss"):
+        bad = types.SimpleNamespace(config=OmegaConf.create({"mrloss": {"loss": "verl", "monitor_dir": "x"}}))
+        sft_trainer.SFTTrainer._build_engine(bad)
+
+    def fake_trainer(rank, resume_global_step=0):
+        block = {"loss": "mrloss", "monitor_dir": str(tmp_path / "monitor"), "weighting": json.dumps(WEIGHTING)}
+        fake = types.SimpleNamespace(
+            rank=rank, resume_global_step=resume_global_step, steps_per_epoch=5,
+            config=OmegaConf.create({"mrloss": block, "trainer": {"default_local_dir": str(tmp_path)}}),
+            train_dataset=types.SimpleNamespace(region_types=list(FIRST_STEP_MULTIPLIERS)),
+            ckpt_handler=types.SimpleNamespace(save_checkpoint=lambda step: (tmp_path / f"global_step_{step}").mkdir()))
+        sft_trainer.SFTTrainer._build_engine(fake)
+        return fake
+
+    assert fake_trainer(rank=1).mrloss_region_tools.monitor is None
+    fresh = fake_trainer(rank=0)
+    tools = fresh.mrloss_region_tools
+    assert tools.monitor.stats_path == tmp_path / "monitor" / "region_stats.jsonl"
+    assert tools.weighting.dynamic_weights.difficulty_scaling and tools.weighting.region_dependencies is not None
+    tools.monitor.stats_path.parent.mkdir()
+    tools.monitor.stats_path.write_text("{}\n")
+    tools.weighting.update({"concept": 2.0, "definition": 0.5})
+    sft_trainer.SFTTrainer.fit(fresh)  # saves global_step_3
+    assert not tools.monitor.stats_path.exists()
+    assert (tools.step, tools.steps_per_epoch) == (0, 5)
+    resumed = fake_trainer(rank=0, resume_global_step=3)
+    resumed.mrloss_region_tools.monitor.stats_path.write_text("{}\n")
+    sft_trainer.SFTTrainer.fit(resumed)
+    resumed_tools = resumed.mrloss_region_tools
+    assert resumed_tools.monitor.stats_path.exists() and resumed_tools.step == 3
+    assert resumed_tools.weighting.state_dict() == tools.weighting.state_dict()
+    assert resumed_tools.epoch == 1 and (setattr(resumed_tools, "step", 6) or resumed_tools.epoch == 2)
 
 
-def tiny_model(vocab_size):
+def tiny_model(vocab_size, context_free=False):
+    """A tiny Llama; ``context_free``: attention output zeroed, so each token's loss depends on that token
+    only (on CPU the eager attention of an SP shard sees only the shard: no Ulysses all-to-all without
+    flash-attn, which verl's patch needs, so shard-local context differs from the HF path's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                          attn_implementation="eager")
-    return LlamaForCausalLM(config).float()
+    model = LlamaForCausalLM(config).float()
+    if context_free:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.o_proj.weight.zero_()
+    return model
 
 
 def make_engine(model, sp_size):
@@ -230,7 +290,47 @@ def run_engine(engine, items, loss_function):
     return output["loss"], {name: p.grad.clone() for name, p in engine.module.named_parameters()}
 
 
-def engine_worker(rank, world_size, store_path, items, vocab_size):
+def adjusted_items(items, region_types, multipliers):
+    """``items`` with ``loss_mask`` multiplied by the region type multipliers (what the weighting does)."""
+    from mrloss.weighting.common import apply_type_multipliers
+
+    return [{**item, "loss_mask": apply_type_multipliers(item["loss_mask"], item["region_type_ids"], region_types,
+                                                         multipliers)} for item in items]
+
+
+def check_region_tools(rank, sp_size, local_items, vocab_size, region_types, output_dir):
+    """One training step of the patched engine with the weighting and (rank 0) the monitor: same loss and
+    gradients as verl's sft_loss on the adjusted loss_mask; writes rank 0's weighting state for the test."""
+    from verl.workers.utils.losses import sft_loss
+
+    from mrloss.debug import MultiRegionTrainingMonitor
+    from mrloss.integrations.verl.engine import mrloss_sft_loss, patch_engine
+    from mrloss.integrations.verl.region_tools import EngineRegionTools
+    from mrloss.weighting import RegionWeighting
+
+    where = f"region tools sp={sp_size} rank={rank}"
+    engine = make_engine(tiny_model(vocab_size, context_free=True), sp_size)
+    engine.module = engine._build_module()
+    verl_losses, verl_grads = run_engine(engine, adjusted_items(local_items, region_types, FIRST_STEP_MULTIPLIERS),
+                                         functools.partial(sft_loss, config=None))
+    monitor = MultiRegionTrainingMonitor(output_dir, region_types) if rank == 0 else None
+    tools = EngineRegionTools(region_types, weighting=RegionWeighting.from_config(WEIGHTING), monitor=monitor)
+    engine = patch_engine(make_engine(tiny_model(vocab_size, context_free=True), sp_size),
+                          {"backend": "torch", "chunk_size": 16}, tools)
+    engine.module = engine._build_module()
+    ours_losses, ours_grads = run_engine(engine, local_items, functools.partial(mrloss_sft_loss, config=None))
+    assert tools.step == 1 and tools.weighting.multipliers() == FIRST_STEP_MULTIPLIERS, where
+    torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(verl_losses), atol=1e-5, rtol=1e-5,
+                               msg=lambda m: f"{where} loss: {m}")
+    for name, grad in verl_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{where} grad {name}: {m}")
+    if rank == 0:
+        with open(f"{output_dir}/ema.json", "w") as handle:
+            json.dump(tools.weighting.dynamic_weights.ema.values, handle)
+
+
+def engine_worker(rank, world_size, store_path, items, vocab_size, region_types, output_dir):
     from verl.workers.engine.fsdp import transformer_impl
     from verl.workers.utils.losses import sft_loss
 
@@ -257,6 +357,7 @@ def engine_worker(rank, world_size, store_path, items, vocab_size):
             for name, grad in verl_grads.items():
                 torch.testing.assert_close(ours_grads[name], grad, atol=1e-5, rtol=1e-4,
                                            msg=lambda m, name=name: f"{where} grad {name}: {m}")
+            check_region_tools(rank, sp_size, local_items, vocab_size, region_types, f"{output_dir}/sp{sp_size}")
     finally:
         dist.destroy_process_group()
 
@@ -264,10 +365,65 @@ def engine_worker(rank, world_size, store_path, items, vocab_size):
 @pytest.mark.slow
 def test_mrloss_engine_matches_verl_sft_loss(tmp_path):
     """Per micro-batch loss and per-rank gradients of our patched engine equal verl's logits + sft_loss,
-    with Ulysses SP=2 (verl slices and gathers over gloo) and with DP=2."""
+    with Ulysses SP=2 (verl slices and gathers over gloo) and with DP=2; with the region tools, the
+    monitor's rows (rank 0: its dp rank's micro-batches of 2) equal a hand count and the statistics of the HF
+    path (`apply_mrloss` token losses -> `MultiRegionTrainingMonitor`) for the same micro-batches, and the
+    weighting's EMA (decay 0) holds the per-type mean losses over all 8 samples (all dp ranks)."""
+    from mrloss.data import MultiRegionCollator
+    from mrloss.debug import MultiRegionTrainingMonitor
+    from mrloss.debug.plot import find_stats_file, per_step_series
+    from mrloss.integrations.hf import apply_mrloss, model_inputs
     from mrloss.integrations.verl.dataset import MultiRegionSFTDataset
 
     files = example_files(tmp_path)
     dataset = MultiRegionSFTDataset(files[:1], tokenizer(), {"max_length": MAX_LENGTH, "truncation": "right"})
-    items = [dataset[i] for i in range(8)]
-    mp.spawn(engine_worker, args=(2, str(tmp_path / "store"), items, len(tokenizer())), nprocs=2, join=True)
+    items = [dataset[i] for i in (0, 1, 4, 5, 10, 21, 8, 9)]  # learned tokens of every type on both dp ranks
+    types = dataset.region_types
+    assert set(types) == set(FIRST_STEP_MULTIPLIERS)
+    mp.spawn(engine_worker, args=(2, str(tmp_path / "store"), items, len(tokenizer()), types, str(tmp_path)),
+             nprocs=2, join=True)
+
+    hf_model = apply_mrloss(tiny_model(len(tokenizer()), context_free=True), backend="torch")
+    collator, hf_monitor = MultiRegionCollator(pad_token_id=0), MultiRegionTrainingMonitor(None, types)
+    adjusted = adjusted_items(items, types, FIRST_STEP_MULTIPLIERS)
+
+    def hf_record(micro_items):
+        batch = collator([{"input_ids": item["input_ids"], "token_weights": item["loss_mask"],
+                           "region_type_ids": item["region_type_ids"]} for item in micro_items])
+        with torch.no_grad():
+            token_losses = hf_model(**model_inputs(batch)).token_losses
+        return hf_monitor.log_batch_stats(batch, 1, token_losses, multipliers=FIRST_STEP_MULTIPLIERS)
+
+    loss_sums = {name: [0.0, 0] for name in types}
+    for record in (hf_record(adjusted[i:i + 2]) for i in range(0, 8, 2)):
+        for name in types:
+            stats = record["regions"][name]
+            if stats["learned_tokens"]:
+                loss_sums[name][0] += stats["mean_loss"] * stats["learned_tokens"]
+                loss_sums[name][1] += stats["learned_tokens"]
+    expected_ema = {name: total / count for name, (total, count) in loss_sums.items()}
+    for sp_size, rank0_items in ((2, adjusted), (1, adjusted[0::2])):
+        rows = [json.loads(line) for line in (tmp_path / f"sp{sp_size}" / "region_stats.jsonl").read_text().splitlines()]
+        assert len(rows) == len(rank0_items) // 2, sp_size
+        for row, start in zip(rows, range(0, len(rank0_items), 2)):
+            micro_items = rank0_items[start:start + 2]
+            assert row["step"] == 1 and row["multipliers"] == FIRST_STEP_MULTIPLIERS
+            type_ids = torch.cat([item["region_type_ids"] for item in micro_items])
+            weights = torch.cat([item["loss_mask"] for item in micro_items])
+            for index, name in enumerate(types):  # hand count
+                in_type = type_ids == index
+                assert row["regions"][name]["tokens"] == int(in_type.sum())
+                assert row["regions"][name]["learned_tokens"] == int((in_type & (weights > 0)).sum())
+                assert row["regions"][name]["weight_sum"] == pytest.approx(float(weights[in_type].sum()), rel=1e-6)
+            expected = hf_record(micro_items)
+            for name, stats in [*expected["regions"].items(), ("total", expected["total"])]:
+                got = row["total"] if name == "total" else row["regions"][name]
+                assert {key for key, value in got.items() if value is None} == \
+                    {key for key, value in stats.items() if value is None}, (sp_size, start, name)
+                assert {key: value for key, value in got.items() if value is not None} == pytest.approx(
+                    {key: value for key, value in stats.items() if value is not None}, rel=1e-5, abs=1e-7), \
+                    (sp_size, start, name)
+        series = per_step_series(find_stats_file(tmp_path / f"sp{sp_size}"))  # what `mrloss plot` draws
+        assert series["steps"] == [1] and series["multipliers"]["methodology"] == [0.5]
+        ema = json.loads((tmp_path / f"sp{sp_size}" / "ema.json").read_text())
+        assert ema == pytest.approx(expected_ema, rel=1e-5), sp_size

@@ -10,6 +10,8 @@ the command instead of running it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import re
@@ -68,9 +70,6 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
     """verl hydra overrides for an mrloss `Config`; ``verl_extra`` (``key=value``) replace same-key ones."""
     if config.trainer.device == "cpu":
         raise ValueError("config trainer.device: verl's FSDP engine needs a GPU (cuda or npu), got cpu")
-    if config.weighting.dynamic_weights or config.weighting.region_dependencies:
-        print("note: config weighting (dynamic weights, region dependencies) is not applied by the verl engine; "
-              "the data's static region weights are", file=sys.stderr)
     extra = dict(item.partition("=")[::2] for item in verl_extra)
     sp_size = int(extra.get("engine.ulysses_sequence_parallel_size", 1))
     if nproc % sp_size:
@@ -117,6 +116,11 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "+mrloss.chunk_size": _hydra_value(loss.chunk_size),
         "+mrloss.softcap": _hydra_value(loss.softcap),
         "+mrloss.label_smoothing": str(loss.label_smoothing),
+        "+mrloss.monitor_dir": _hydra_string(Path(config.monitor.output_dir or Path(save_path) / "monitor").resolve())
+        if config.monitor.enabled else "null",
+        "+mrloss.weighting": _hydra_string(json.dumps(dataclasses.asdict(config.weighting)))
+        if config.weighting.dynamic_weights is not None or config.weighting.region_dependencies is not None
+        else "null",
     }
     if isinstance(resume, str):
         generated["trainer.resume_from_path"] = _hydra_string(Path(resume).resolve())

@@ -2,8 +2,10 @@
 
 verl builds it as ``cls(parquet_files=, tokenizer=, config=, processor=, max_samples=)`` and, with
 ``data.pad_mode=no_padding``, collates items with ``SFTTensorCollator`` into jagged (nested) tensors.
-Each item is ``input_ids`` [T] int64, ``position_ids`` [T] int64 (0..T-1) and ``loss_mask`` [T] float32:
-the token weights of `mrloss.data` (target-aligned, ``loss_mask[0] == 0``). verl rolls the packed mask by
+Each item is ``input_ids`` [T] int64, ``position_ids`` [T] int64 (0..T-1), ``loss_mask`` [T] float32:
+the token weights of `mrloss.data` (target-aligned, ``loss_mask[0] == 0``), and ``region_type_ids`` [T] int64
+(index into ``dataset.region_types``, -1 outside every region; verl's collator passes it on as one more jagged
+tensor and verl's own model inputs ignore it; the mrloss weighting and monitor read it). verl rolls the packed mask by
 -1 so that position k-1 (which predicts token k) gets weight ``loss_mask[k]``; the zero first weight is
 what keeps a packed sample from learning the next sample's first token.
 
@@ -17,7 +19,7 @@ import torch
 
 
 class MultiRegionSFTDataset(torch.utils.data.Dataset):
-    """Items ``{"input_ids", "position_ids", "loss_mask"}`` for verl's no_padding SFT path.
+    """Items ``{"input_ids", "position_ids", "loss_mask", "region_type_ids"}`` for verl's no_padding SFT path.
 
     parquet_files: one path or a list (JSONL / JSON / Parquet, any of our three formats); tokenizer: a
     fast HF tokenizer (or a path to one); config: verl's data config (mapping); processor: unused (text
@@ -63,4 +65,5 @@ class MultiRegionSFTDataset(torch.utils.data.Dataset):
             "input_ids": input_ids,
             "position_ids": torch.arange(input_ids.shape[0], dtype=torch.long),
             "loss_mask": item["token_weights"].float(),
+            "region_type_ids": item["region_type_ids"].long(),
         }

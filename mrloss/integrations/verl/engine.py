@@ -13,6 +13,10 @@ them over the Ulysses group), and ``verl.workers.utils.losses.sft_loss`` returns
    forward where the weight is unsharded. No logits; zero-weight tokens are skipped by the fused loss.
 3. ``prepare_model_outputs`` passes that loss on; ``mrloss_sft_loss`` (the ``set_loss_fn`` function)
    returns it.
+With ``region_tools`` (`mrloss.integrations.verl.region_tools.EngineRegionTools`: the config's weighting and
+monitor), ``forward_backward_batch`` of a training step first adjusts ``loss_mask`` (before verl sums it into
+``batch_num_tokens``), the forward also returns the shard's token losses, ``prepare_model_outputs`` hands them
+to the tools, and the step ends with the weighting's update.
 
 Scale: normalizer = batch_num_tokens / dp_size (batch_num_tokens = Σ loss_mask of the step, all-reduced
 over the data-parallel group by the engine) and grad_reduction="mean", so the value equals verl's
@@ -35,12 +39,16 @@ LOSS_OPTIONS = ("backend", "chunk_size", "softcap", "label_smoothing")
 class ShardBatch:
     """This rank's loss inputs for one micro-batch: targets [n_local] int64, token_weights [n_local] fp32,
     normalizer (float), group (the SP group or None). A plain object on purpose: FSDP casts floating
-    tensors found in forward arguments (also inside dataclasses) to the parameter dtype."""
+    tensors found in forward arguments (also inside dataclasses) to the parameter dtype.
 
-    __slots__ = ("targets", "token_weights", "normalizer", "group")
+    ``keep_token_losses``: the forward stores this shard's detached token losses [n_local] in ``token_losses``.
+    """
+
+    __slots__ = ("targets", "token_weights", "normalizer", "group", "keep_token_losses", "token_losses")
 
     def __init__(self, targets, token_weights, normalizer, group):
         self.targets, self.token_weights, self.normalizer, self.group = targets, token_weights, normalizer, group
+        self.keep_token_losses, self.token_losses = False, None
 
 
 def mrloss_sft_loss(config, model_output, data, dp_group=None):
@@ -96,23 +104,28 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
         loss = sequence_parallel_linear_cross_entropy(
             hidden[0], head.weight, mrloss_shard.targets.to(hidden.device),
             mrloss_shard.token_weights.to(hidden.device), bias=getattr(head, "bias", None),
-            group=mrloss_shard.group, normalizer=mrloss_shard.normalizer, grad_reduction="mean", **options,
+            group=mrloss_shard.group, normalizer=mrloss_shard.normalizer, grad_reduction="mean",
+            return_token_losses=mrloss_shard.keep_token_losses, **options,
         )
+        if mrloss_shard.keep_token_losses:
+            loss, mrloss_shard.token_losses = loss
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)
     return model
 
 
-def patch_engine(engine, loss_options: dict | None = None):
+def patch_engine(engine, loss_options: dict | None = None, region_tools=None):
     """Patch one ``FSDPEngineWithLMHead`` instance (before ``initialize``): its model gets the mrloss
-    forward, its micro-batches the mrloss shard, its outputs the mrloss loss. Returns the engine."""
+    forward, its micro-batches the mrloss shard, its outputs the mrloss loss; with ``region_tools``
+    (`EngineRegionTools`) its training steps also apply the weighting and feed the monitor. Returns the engine."""
     from verl.utils import tensordict_utils as tu
 
     if getattr(engine.model_config, "use_fused_kernels", False):
         raise ValueError("mrloss replaces verl's fused kernels: set model.use_fused_kernels=False")
     original_build_module = engine._build_module
     original_prepare_inputs = engine.prepare_model_inputs
+    original_forward_backward = engine.forward_backward_batch
 
     def build_module():
         return patch_causal_lm_forward(original_build_module(), loss_options)
@@ -121,16 +134,29 @@ def patch_engine(engine, loss_options: dict | None = None):
         if not tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
             raise ValueError("the mrloss verl loss needs model.use_remove_padding=True")
         model_inputs, output_args = original_prepare_inputs(micro_batch)
-        model_inputs[SHARD_KWARG] = shard_micro_batch(micro_batch, int(output_args.get("pad_size", 0)),
-                                                      engine.ulysses_parallel_group)
+        shard = shard_micro_batch(micro_batch, int(output_args.get("pad_size", 0)), engine.ulysses_parallel_group)
+        shard.keep_token_losses = region_tools is not None and region_tools.needs_token_losses
+        model_inputs[SHARD_KWARG] = output_args[SHARD_KWARG] = shard
         return model_inputs, output_args
 
     def prepare_model_outputs(output, output_args, micro_batch, logits_processor_func):
+        shard = output_args[SHARD_KWARG]
+        if shard.token_losses is not None:
+            region_tools.record_micro_batch(micro_batch, shard.token_losses, shard.group)
         return {LOSS_KEY: output.loss}
+
+    def forward_backward_batch(data, loss_function, forward_only=False):
+        if region_tools is None or forward_only:
+            return original_forward_backward(data, loss_function, forward_only=forward_only)
+        region_tools.begin_step(data)
+        output = original_forward_backward(data, loss_function, forward_only=False)
+        region_tools.end_step(engine.get_data_parallel_group())  # a collective: not run after a failed step
+        return output
 
     engine._build_module = build_module
     engine.prepare_model_inputs = prepare_model_inputs
     engine.prepare_model_outputs = prepare_model_outputs
+    engine.forward_backward_batch = forward_backward_batch
     return engine
 
 
