@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sample_to_show(dataset) -> int:
-    """The shortest sample among those with the most distinct region types."""
+    """The shortest sample among the untruncated ones with the most distinct region types."""
+    truncated = {sample_id for sample_id, _ in dataset.truncated}
+
     def key(i):
         region_text = dataset.region_texts[i]
-        return -len({region.type for region in region_text.regions}), len(region_text.text)
+        return (dataset.sample_ids[i] in truncated, -len({region.type for region in region_text.regions}),
+                len(region_text.text))
 
     return min(range(len(dataset)), key=key)
