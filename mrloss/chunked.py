@@ -117,10 +117,24 @@ def chunked_linear_cross_entropy(
         if want_hidden:
             grad_hidden.index_copy_(0, chunk_rows, grad_logits @ weight)
         if want_weight:
-            if grad_logits.dtype == acc_dtype:
-                grad_weight.addmm_(grad_logits.T, chunk_hidden)
-            else:
-                grad_weight += grad_logits.T @ chunk_hidden
+            _accumulate_weight_grad(grad_weight, grad_logits, chunk_hidden)
         if want_bias:
             grad_bias += grad_logits.sum(0, dtype=acc_dtype)
     return ChunkedResult(losses, grad_hidden, grad_weight, grad_bias)
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, chunk_hidden: torch.Tensor):
+    """grad_weight [V, H] (accumulation dtype) += grad_logits[C, V]^T @ chunk_hidden [C, H].
+
+    Same dtype: one in-place addmm. Half/bfloat16 inputs: the product is computed in the inputs' dtype
+    (tensor cores) and added to the fp32 buffer slice by slice of vocabulary rows, so the temporary is
+    one ``[V_slice, H]`` block about the size of the logits chunk, never a second ``[V, H]`` matrix.
+    """
+    if grad_logits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad_logits.T, chunk_hidden)
+        return
+    vocab_size, hidden_size = grad_weight.shape
+    rows_per_slice = max(grad_logits.shape[0] * vocab_size // hidden_size, 1024)
+    for start in range(0, vocab_size, rows_per_slice):
+        stop = start + rows_per_slice
+        grad_weight[start:stop] += grad_logits[:, start:stop].T @ chunk_hidden

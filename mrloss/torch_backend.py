@@ -2,8 +2,9 @@
 
 The formula and the contract are documented once, in ``mrloss.chunked``; the Triton kernel
 ``mrloss.kernels.cross_entropy_rows`` computes the same thing. Math runs in float32 (float64 for
-float64 logits), in place on the chunk where the dtype allows, so the extra memory is at most two
-float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one more for the softcap factor).
+float64 logits), in place on the chunk where the dtype allows (the softmax overwrites the logits), so
+the extra memory is at most two float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one
+more for the softcap factor) and none for float32 logits without softcap.
 """
 from __future__ import annotations
 
@@ -32,14 +33,17 @@ def cross_entropy_rows(
             softcap_factor = 1 - z.square()  # d(c tanh(a/c))/da = 1 - tanh^2
         z = z.mul_(softcap)
     target_logits = z.gather(1, targets[:, None]).squeeze(1)
-    lse = torch.logsumexp(z, dim=1)
-    losses = lse - (1 - label_smoothing) * target_logits
+    losses = -(1 - label_smoothing) * target_logits
     if label_smoothing:
         losses = losses - label_smoothing / vocab_size * z.sum(1)
+    row_max = z.amax(1)
+    probs = z.sub_(row_max[:, None]).exp_()  # unnormalized softmax, in place: no [C, V] temporary
+    sum_exp = probs.sum(1)
+    losses = losses + row_max + sum_exp.log()  # + logsumexp
     if grad_scales is None:
         return losses
 
-    grad = z.sub_(lse[:, None]).exp_()  # softmax, in place
+    grad = probs.div_(sum_exp[:, None])  # softmax
     if label_smoothing:
         grad.sub_(label_smoothing / vocab_size)
     grad.scatter_add_(1, targets[:, None], grad.new_full((grad.shape[0], 1), label_smoothing - 1))
