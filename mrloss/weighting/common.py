@@ -6,6 +6,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from mrloss.weighting.ema import RegionLossEMA
+
 
 def reject_unknown_keys(config: Mapping, allowed: Iterable[str], where: str) -> None:
     """Raise ``ValueError`` naming ``where`` when ``config`` has a key outside ``allowed``."""
@@ -86,6 +88,28 @@ class RegionMultiplierTool:
     def multipliers(self) -> dict[str, float]:
         """Region type -> multiplier applied by the last ``adjust`` call (empty before the first)."""
         return dict(self._last_multipliers)
+
+
+class LossTrackingTool(RegionMultiplierTool):
+    """A weighting tool whose whole state is an EMA of each region type's batch mean loss (``self.ema``)."""
+
+    def __init__(self, ema_decay, config_name: str) -> None:
+        """ema_decay: in [0, 1) (validated here, named ``<config_name>.ema_decay`` in errors)."""
+        super().__init__()
+        decay = finite_number(ema_decay, f"{config_name}.ema_decay", low=0.0, high=1.0)
+        if decay == 1.0:
+            raise ValueError(f"{config_name}.ema_decay: 1.0 would never update the EMA; use a value in [0, 1)")
+        self.ema = RegionLossEMA(decay)
+
+    def update(self, type_losses: Mapping[str, float | None]) -> None:
+        """Feed one batch's mean loss per region type (e.g. the monitor's ``mean_loss``) into the EMA."""
+        self.ema.update(type_losses)
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.ema.load_state_dict(state["ema"])
 
 
 def check_epoch(epoch) -> int:

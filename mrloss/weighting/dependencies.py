@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from mrloss.weighting.common import RegionMultiplierTool, finite_number, reject_unknown_keys
-from mrloss.weighting.ema import RegionLossEMA
+from mrloss.weighting.common import LossTrackingTool, finite_number, reject_unknown_keys
 
 DEFAULTS = {
     "cascade_learning": True,   # false: the handler changes nothing
@@ -15,7 +14,7 @@ DEFAULTS = {
 DEPENDENCY_DEFAULTS = {"requires": None, "penalty_factor": 0.5}
 
 
-class RegionDependencyHandler(RegionMultiplierTool):
+class RegionDependencyHandler(LossTrackingTool):
     """Multiply a dependent type's weights by its ``penalty_factor`` while any type it requires is not learned.
 
     A type is *learned* while the EMA (``ema_decay``) of its batch mean loss, fed through ``update``, is
@@ -29,7 +28,6 @@ class RegionDependencyHandler(RegionMultiplierTool):
     """
 
     def __init__(self, config: Mapping | None = None) -> None:
-        super().__init__()
         config = dict(config or {})
         reject_unknown_keys(config, DEFAULTS, "region_dependencies")
         config = {**DEFAULTS, **config}
@@ -38,10 +36,7 @@ class RegionDependencyHandler(RegionMultiplierTool):
         self.cascade_learning = config["cascade_learning"]
         self.learned_threshold = finite_number(config["learned_threshold"], "region_dependencies.learned_threshold",
                                                low=0.0)
-        decay = finite_number(config["ema_decay"], "region_dependencies.ema_decay", low=0.0, high=1.0)
-        if decay == 1.0:
-            raise ValueError("region_dependencies.ema_decay: 1.0 would never update the EMA; use a value in [0, 1)")
-        self.ema = RegionLossEMA(decay)
+        super().__init__(config["ema_decay"], "region_dependencies")
         self.dependencies = _parse_dependencies(config["region_dependencies"])
 
     def is_learned(self, region_type: str) -> bool:
@@ -63,15 +58,6 @@ class RegionDependencyHandler(RegionMultiplierTool):
                     multipliers[dependent] = penalty_factor
         return multipliers
 
-    def update(self, type_losses: Mapping[str, float | None]) -> None:
-        """Feed one batch's mean loss per region type into the EMAs."""
-        self.ema.update(type_losses)
-
-    def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict()}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.ema.load_state_dict(state["ema"])
 
 
 def _parse_dependencies(dependencies) -> dict[str, tuple[tuple[str, ...], float]]:

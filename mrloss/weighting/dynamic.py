@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from mrloss.weighting.common import RegionMultiplierTool, check_epoch, finite_number, reject_unknown_keys
-from mrloss.weighting.ema import RegionLossEMA
+from mrloss.weighting.common import LossTrackingTool, check_epoch, finite_number, reject_unknown_keys
 
 DEFAULTS = {
     "difficulty_scaling": False,  # scale each type by its relative EMA loss
@@ -16,7 +15,7 @@ DEFAULTS = {
 }
 
 
-class DynamicWeightAdjuster(RegionMultiplierTool):
+class DynamicWeightAdjuster(LossTrackingTool):
     """Multiply the weights of region tokens by ``epoch_multiplier(epoch) * difficulty(type)``.
 
     config keys (unknown keys are errors), defaults in ``DEFAULTS``:
@@ -31,7 +30,6 @@ class DynamicWeightAdjuster(RegionMultiplierTool):
     """
 
     def __init__(self, config: Mapping | None = None) -> None:
-        super().__init__()
         config = dict(config or {})
         reject_unknown_keys(config, DEFAULTS, "dynamic_weights")
         config = {**DEFAULTS, **config}
@@ -44,10 +42,7 @@ class DynamicWeightAdjuster(RegionMultiplierTool):
                                             low=0.0, low_open=True)
         self.max_multiplier = finite_number(config["max_multiplier"], "dynamic_weights.max_multiplier",
                                             low=self.min_multiplier)
-        decay = finite_number(config["ema_decay"], "dynamic_weights.ema_decay", low=0.0, high=1.0)
-        if decay == 1.0:
-            raise ValueError("dynamic_weights.ema_decay: 1.0 would never update the EMA; use a value in [0, 1)")
-        self.ema = RegionLossEMA(decay)
+        super().__init__(config["ema_decay"], "dynamic_weights")
 
     def epoch_multiplier(self, epoch: int) -> float:
         """Multiplier of the 1-based ``epoch``: value of the largest ``epoch_weights`` key <= epoch, else 1.0."""
@@ -71,15 +66,6 @@ class DynamicWeightAdjuster(RegionMultiplierTool):
         epoch_multiplier = self.epoch_multiplier(epoch)
         return {t: epoch_multiplier * d for t, d in self.difficulty_multipliers(region_types).items()}
 
-    def update(self, type_losses: Mapping[str, float | None]) -> None:
-        """Feed one batch's mean loss per region type (e.g. the monitor's ``mean_loss``) into the EMAs."""
-        self.ema.update(type_losses)
-
-    def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict()}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.ema.load_state_dict(state["ema"])
 
 
 def _parse_epoch_weights(epoch_weights) -> list[tuple[int, float]]:
