@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 # range does not pull a multi-GB CUDA build. transformers is capped below 5.11 because verl 0.9.1
 # (the `verl` extra) requires it; the cap keeps one environment able to hold every extra.
 BASE = [
-    "torch>=2.4",
+    "torch>=2.6",
     "triton>=3.0",
     "transformers>=5.5.3,<5.11,!=5.6.0",
     "tokenizers>=0.20",
