@@ -1,15 +1,16 @@
 """Public API of the fused, zero-weight-skipping weighted linear cross-entropy.
 
-``linear_cross_entropy`` validates its arguments, aligns targets and weights (``shift``), compacts the
-*learned* tokens (valid target and weight > 0: only they cost matmul work), and runs one
-``torch.autograd.Function`` over the chunk driver ``mrloss.chunked`` with a backend row op
-(``mrloss.torch_backend`` or the Triton kernel ``mrloss.kernels.cross_entropy_rows``). With the Triton
-backend, passes that need losses only (no gradient wanted, or the forward of reduction "none") run the
+``linear_cross_entropy`` validates its arguments, aligns targets and weights (``shift``, with the one
+shift rule of ``mrloss.alignment``), compacts the *learned* tokens (valid target and weight > 0: only
+they cost matmul work), and runs one ``torch.autograd.Function`` over the chunk driver
+``mrloss.chunked`` with a backend row op (``mrloss.torch_backend`` or the Triton kernel
+``mrloss.kernels.cross_entropy_rows``). With the Triton backend, passes that need losses only (no gradient wanted, or the forward of reduction "none") run the
 fused kernel ``mrloss.kernels.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra
 memory. The formula is the one of ``mrloss.reference``.
 
 For reduction "mean"/"sum" (and ``normalizer``) the upstream gradient is a scalar, so the gradients are
-computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward only scales them.
+computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward only scales them, in
+place (so one backward per forward: a second one through the same graph raises RuntimeError).
 For "none" the forward computes losses only and backward re-runs the chunks with per-token scales.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mrloss.alignment import shift_targets
 from mrloss.chunked import (ChunkedResult, FusedLosses, RowOp, accumulation_dtype,
                             chunked_linear_cross_entropy, default_chunk_size)
 
@@ -53,8 +55,9 @@ def linear_cross_entropy(
     >= 0 (None: all 1.0; 0: not learned; treated as constants, no gradient flows into them).
     l_i = logsumexp(z_i) - (1 - eps) z_i[t_i] - eps/V sum_j z_i[j], z_i = softcap(h_i W^T + b).
     reduction "mean": sum(w l) / sum(w) over valid tokens (0, with zero gradients, when that sum is 0);
-    "sum": sum(w l); "none": w l per token, shape of targets. normalizer (float or 0-dim tensor):
-    sum(w l) / normalizer instead (0 when normalizer <= 0). shift: position k-1 predicts targets[..., k]
+    "sum": sum(w l); "none": w l per token, shape of targets. normalizer: sum(w l) / normalizer instead,
+    a float >= 0 or a 0-dim tensor (on hidden's device or the CPU; used as given, without a host sync,
+    detached); 0, with zero gradients, when normalizer <= 0. shift: position k-1 predicts targets[..., k]
     with token_weights[..., k]; per-token outputs are target-aligned (index 0 of each sequence is 0).
     backend "auto": Triton on CUDA tensors, chunked PyTorch otherwise ("triton" on the CPU needs
     TRITON_INTERPRET=1). chunk_size: learned tokens per chunk (default: chunk logits ~ size of hidden).
@@ -66,7 +69,12 @@ def linear_cross_entropy(
     row_op, fused_losses = _backend_ops(backend, hidden)
     hidden_size, vocab_size = hidden.shape[-1], weight.shape[0]
     acc_dtype = accumulation_dtype(hidden.dtype)
-    targets_used, weights_used = _aligned_targets(targets, token_weights, ignore_index, shift)
+    if shift:  # flat hidden row j predicts flat target j + 1 (never past its sequence)
+        targets_used, weights_used = shift_targets(targets, token_weights, ignore_index=ignore_index)
+    else:
+        targets_used, weights_used = targets, token_weights
+    targets_used = targets_used.reshape(-1)
+    weights_used = None if weights_used is None else weights_used.reshape(-1)
     learned = targets_used != ignore_index
     if weights_used is not None:
         learned &= weights_used > 0
@@ -78,7 +86,6 @@ def linear_cross_entropy(
         learned_weights = torch.ones(num_learned, dtype=acc_dtype, device=hidden.device)
     else:
         learned_weights = weights_used.index_select(0, rows).to(acc_dtype)
-    # shift: flat hidden row j predicts the target at flat position j + 1 (never past its sequence)
     output_positions = rows + 1 if shift else rows
 
     hidden_2d = hidden.reshape(-1, hidden_size)
@@ -112,9 +119,11 @@ def linear_cross_entropy(
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
-    """Module form of :func:`linear_cross_entropy`; the keyword options are fixed at construction.
+    """Module form of :func:`linear_cross_entropy`; the keyword options are fixed at construction,
+    except ``normalizer``, which a call may give (it changes every step) to override the constructor's.
 
     ``LinearCrossEntropyLoss(reduction="sum", shift=True)(hidden, weight, targets, token_weights, bias)``
+    ``LinearCrossEntropyLoss(shift=True)(hidden, weight, targets, token_weights, normalizer=global_sum)``
     """
 
     def __init__(self, **options):
@@ -125,8 +134,10 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                             f"expected some of {sorted(_OPTION_NAMES)}")
         self.options = options
 
-    def forward(self, hidden, weight, targets, token_weights=None, bias=None):
-        return linear_cross_entropy(hidden, weight, targets, token_weights, bias=bias, **self.options)
+    def forward(self, hidden, weight, targets, token_weights=None, bias=None, normalizer=None):
+        """normalizer: this call's (None: the constructor's, if any)."""
+        options = self.options if normalizer is None else dict(self.options, normalizer=normalizer)
+        return linear_cross_entropy(hidden, weight, targets, token_weights, bias=bias, **options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
@@ -160,9 +171,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V]|None, rows [M], targets [M], scales [M], plan) ->
     (loss, token_losses [M] unweighted, non-differentiable).
 
-    Reduced (plan.per_token False): loss = sum_i scales_i l_i, gradients built in forward, backward
-    multiplies them by the scalar upstream gradient. Per token: loss [M] = scales_i l_i (scales are the
-    token weights) and backward re-runs the chunks with grad scales scales_i * upstream_i.
+    Reduced (plan.per_token False): loss = sum_i scales_i l_i, gradients built in forward; backward
+    multiplies those buffers in place by the scalar upstream gradient (no copy, no host sync), so they
+    serve one backward only: a second one through the same graph raises. Per token: loss [M] =
+    scales_i l_i (scales are the token weights) and backward re-runs the chunks with grad scales
+    scales_i * upstream_i (any number of backward passes).
     """
 
     @staticmethod
@@ -184,16 +197,38 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.plan.per_token:
             hidden, weight, bias, rows, targets, scales = ctx.saved_tensors
             grads = ctx.plan.run(hidden, weight, bias, rows, targets, scales * grad_loss.to(scales.dtype))[1:]
-            upstream = None
         else:
+            if getattr(ctx, "grads_consumed", False):
+                raise RuntimeError(
+                    "linear_cross_entropy: a second backward through the same graph is not supported for "
+                    'reduction "mean"/"sum": the gradients built in the forward pass were scaled in place '
+                    "by the first backward. Recompute the loss (or use reduction=\"none\" and reduce it).")
+            ctx.grads_consumed = True
             grads = ctx.saved_tensors
-            upstream = None if bool(grad_loss == 1) else grad_loss  # loss.backward() passes 1: skip scaling
-        out = []
-        for grad, dtype in zip(grads, ctx.dtypes):
-            if grad is not None and upstream is not None:  # scale in float32 at least, round once
-                grad = grad.to(accumulation_dtype(dtype)) * upstream
-            out.append(None if grad is None else grad.to(dtype))
-        return (*out, None, None, None, None)
+            for grad in grads:
+                if grad is not None:
+                    _scale_in_place(grad, grad_loss)
+        return (*(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)),
+                None, None, None, None)
+
+
+SCALE_BLOCK_ELEMENTS = 1 << 24  # float32 temporary of the half-precision scaling: at most 64 MiB
+
+
+def _scale_in_place(grad: torch.Tensor, upstream: torch.Tensor) -> None:
+    """grad *= upstream (0-dim, grad's device), in float32 at least and rounded once into grad's dtype.
+
+    float32/float64 buffers: one ``mul_``. Half-precision buffers (grad_hidden of bf16/fp16 inputs): in
+    blocks of rows through a float32 temporary, because a half-precision ``mul_`` by a 0-dim device
+    tensor would first round the upstream gradient itself to half precision (on CUDA)."""
+    acc_dtype = accumulation_dtype(grad.dtype)
+    upstream = upstream.to(acc_dtype)
+    if grad.dtype == acc_dtype:
+        grad.mul_(upstream)
+        return
+    rows_per_block = max(1, SCALE_BLOCK_ELEMENTS // max(1, math.prod(grad.shape[1:])))
+    for block in grad.split(rows_per_block):
+        block.copy_(block.to(acc_dtype) * upstream)
 
 
 def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap,
@@ -236,8 +271,6 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
                              f"targets {tuple(targets.shape)}")
     named = [("hidden", hidden), ("weight", weight), ("targets", targets), ("token_weights", token_weights),
              ("bias", bias)]
-    if isinstance(normalizer, torch.Tensor):
-        named.append(("normalizer", normalizer))
     for name, value in named:
         if value is not None and value.device != hidden.device:
             raise ValueError(f"device mismatch: hidden is on {hidden.device} but {name} is on {value.device}")
@@ -245,17 +278,9 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if normalizer is not None:
-        if reduction == "none":
-            raise ValueError('normalizer cannot be combined with reduction="none"')
-        if isinstance(normalizer, torch.Tensor):
-            if normalizer.dim() != 0:
-                raise ValueError(f"normalizer must be a float or a 0-dim tensor, got shape "
-                                 f"{tuple(normalizer.shape)}")
-        elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-            raise TypeError(f"normalizer must be a float or a 0-dim tensor, got {type(normalizer).__name__}")
-        elif not math.isfinite(normalizer):
-            raise ValueError(f"normalizer must be finite, got {normalizer}")
+    if normalizer is not None and reduction == "none":
+        raise ValueError('normalizer cannot be combined with reduction="none"')
+    check_normalizer(normalizer, hidden.device)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
             or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
@@ -287,26 +312,40 @@ def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses
     return cross_entropy_rows, None if hidden.dtype == torch.float64 else linear_cross_entropy_forward
 
 
+def check_normalizer(normalizer, device: torch.device) -> None:
+    """Accept None, a finite Python number >= 0, or a 0-dim tensor on ``device`` or the CPU (a tensor's
+    value is not checked: that would be a host sync; it is used as given, <= 0 giving a loss of 0)."""
+    if normalizer is None:
+        return
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a float or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(f"device mismatch: hidden is on {device} but normalizer is on {normalizer.device} "
+                             "(a 0-dim normalizer may be on hidden's device or the CPU)")
+        if normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
+        return
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(f"normalizer must be a float or a 0-dim tensor, got {type(normalizer).__name__}")
+    if not math.isfinite(normalizer) or normalizer < 0:
+        raise ValueError(f"normalizer must be a finite number >= 0 (the global sum of token weights), "
+                         f"got {normalizer}")
+
+
+def normalizer_tensor(normalizer: float | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The normalizer as a detached 0-dim ``dtype`` tensor on ``device`` (a CPU scalar is copied over)."""
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().to(device=device, dtype=dtype)
+    return torch.tensor(float(normalizer), dtype=dtype, device=device)
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
-
-
-def _aligned_targets(targets, token_weights, ignore_index, shift):
-    """Flat targets [N] and weights [N] (or None) that row j of the flat hidden states predicts.
-
-    shift: t'[j] = t[j+1], w'[j] = w[j+1] within each sequence (last dim of targets); the last position
-    of every sequence predicts nothing (ignore_index, weight 0). hidden itself is never copied.
-    """
-    if shift:
-        pad_shape = targets.shape[:-1] + (1,)
-        targets = torch.cat([targets[..., 1:], targets.new_full(pad_shape, ignore_index)], dim=-1)
-        if token_weights is not None:
-            token_weights = torch.cat([token_weights[..., 1:], token_weights.new_zeros(pad_shape)], dim=-1)
-    return targets.reshape(-1), None if token_weights is None else token_weights.reshape(-1)
 
 
 def _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size) -> int:
@@ -337,10 +376,8 @@ def _first_position(mask: torch.Tensor) -> tuple[int, ...]:
 
 def _denominator(normalizer, reduction, learned_weights) -> torch.Tensor:
     """0-dim tensor in the weights' dtype: normalizer, sum of learned weights ("mean") or 1 ("sum")."""
-    if isinstance(normalizer, torch.Tensor):
-        return normalizer.detach().to(learned_weights.dtype)
     if normalizer is not None:
-        return torch.tensor(float(normalizer), dtype=learned_weights.dtype, device=learned_weights.device)
+        return normalizer_tensor(normalizer, learned_weights.dtype, learned_weights.device)
     if reduction == "mean":
         return learned_weights.sum()
     return torch.ones((), dtype=learned_weights.dtype, device=learned_weights.device)

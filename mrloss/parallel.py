@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mrloss.loss import linear_cross_entropy
+from mrloss.alignment import shift_targets  # the shift rule; also importable from here (verl engine)
+from mrloss.loss import check_normalizer, linear_cross_entropy, normalizer_tensor
 
 GRAD_REDUCTIONS = ("mean", "sum")
 
@@ -40,30 +41,6 @@ def group_size_and_rank(group=None) -> tuple[int, int]:
     if group is None:
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
-
-
-def shift_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, *, ignore_index: int = -100,
-                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target alignment -> prediction alignment over the whole (packed) sequence, last dimension T.
-
-    targets [..., T] int64, token_weights [..., T] float (None: all 1.0). Returns (shifted_targets,
-    shifted_weights), both [..., T]: index k holds target k+1 and its weight; the last position, and the
-    last position of every packed sequence when ``cu_seqlens`` [S+1] (offsets along T) is given, get
-    ``ignore_index`` / 0, so no sample predicts the next sample's first token.
-    """
-    if token_weights is None:
-        token_weights = torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
-    if token_weights.shape != targets.shape:
-        raise ValueError(f"token_weights shape {tuple(token_weights.shape)} != targets shape {tuple(targets.shape)}")
-    shifted_targets = torch.full_like(targets, ignore_index)
-    shifted_weights = torch.zeros_like(token_weights)
-    shifted_targets[..., :-1] = targets[..., 1:]
-    shifted_weights[..., :-1] = token_weights[..., 1:]
-    if cu_seqlens is not None:
-        ends = cu_seqlens[1:].to(device=targets.device, dtype=torch.long) - 1
-        shifted_targets[..., ends] = ignore_index
-        shifted_weights[..., ends] = 0
-    return shifted_targets, shifted_weights
 
 
 def pad_and_slice(tensor: torch.Tensor, group=None, *, dim: int = -1, pad_value=0) -> torch.Tensor:
@@ -83,8 +60,11 @@ def pad_and_slice(tensor: torch.Tensor, group=None, *, dim: int = -1, pad_value=
 def shard_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, group=None, *,
                   ignore_index: int = -100,
                   cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift full-sequence targets/weights [..., T] (``shift_targets``), then take this rank's shard
-    (``pad_and_slice``): the targets/weights that line up with this rank's hidden-state shard."""
+    """Shift full-sequence targets/weights [..., T] (``mrloss.alignment.shift_targets``; token_weights
+    None: all 1.0), then take this rank's shard (``pad_and_slice``): the targets/weights that line up with
+    this rank's hidden-state shard."""
+    if token_weights is None:
+        token_weights = torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
     shifted_targets, shifted_weights = shift_targets(targets, token_weights, ignore_index=ignore_index,
                                                      cu_seqlens=cu_seqlens)
     return (pad_and_slice(shifted_targets, group, pad_value=ignore_index),
@@ -131,12 +111,14 @@ def sequence_parallel_linear_cross_entropy(
     int64 and token_weights_shard [N_local] float, already shifted and sharded (``shard_targets``), so
     row i of hidden_shard predicts targets_shard[i]. group: the SP process group (None: no sequence
     parallelism, nothing is communicated). normalizer: the global Σw of the optimizer step (None: Σw of
-    the valid tokens of the whole group). Returns the fp32 0-dim loss Σ_group Σ w·l / normalizer (0 when
-    the normalizer is 0), identical on every rank, with the gradient scale of ``grad_reduction`` (see the
+    the valid tokens of the whole group; a float must be >= 0, a 0-dim tensor, on the device or the CPU,
+    is used as given, without a host sync). Returns the fp32 0-dim loss Σ_group Σ w·l / normalizer (0 when
+    the normalizer is <= 0), identical on every rank, with the gradient scale of ``grad_reduction`` (see the
     module docstring); with ``return_token_losses`` also this shard's detached unweighted per-token losses.
     """
     if grad_reduction not in GRAD_REDUCTIONS:
         raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
+    check_normalizer(normalizer, hidden_shard.device)
     if token_weights_shard is None:
         token_weights_shard = torch.ones(targets_shard.shape, dtype=torch.float32, device=targets_shard.device)
     if hidden_shard.shape[:-1] != targets_shard.shape or token_weights_shard.shape != targets_shard.shape:
@@ -153,7 +135,6 @@ def sequence_parallel_linear_cross_entropy(
     size, _ = group_size_and_rank(group)
     total_sum, total_weights = _SumOverGroup.apply(
         local_sum.float(), valid_weights.sum(), group, float(size) if grad_reduction == "mean" else 1.0)
-    denom = total_weights if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32,
-                                                                      device=total_sum.device)
+    denom = total_weights if normalizer is None else normalizer_tensor(normalizer, torch.float32, total_sum.device)
     loss = torch.where(denom > 0, total_sum / torch.where(denom > 0, denom, 1.0), total_sum * 0.0)
     return (loss, token_losses) if return_token_losses else loss

@@ -121,32 +121,33 @@ def finish_run(run: TrainingRun) -> dict:
 
 def evaluate_region_losses(trainer, dataset, batch_size: int = 8) -> dict[str, float]:
     """Mean unweighted token loss of each region type over ``dataset`` (learned tokens only), and
-    ``"weighted"``: the weighted mean Σ w·l / Σ w -- one no-grad pass of the trainer's model, this process."""
+    ``"weighted"``: the weighted mean Σ w·l / Σ w -- one no-grad pass of the trainer's model, this process.
+    Counted by `mrloss.debug.monitor.region_statistics` with the trainer's ``ignore_index``."""
     import torch
 
-    from mrloss.integrations.hf import model_inputs, valid_weight_sum
+    from mrloss.debug.monitor import mean_region_losses, region_loss_sums, region_statistics
+    from mrloss.integrations.hf import model_inputs
 
     model, collator = trainer.model, trainer.data_collator
     was_training = model.training
     model.eval()
     names = list(dataset.region_types)
-    sums = torch.zeros(2, len(names) + 1, dtype=torch.float64)  # loss sum, tokens; last column: outside regions
+    sums = torch.zeros(2, len(names), dtype=torch.float64)  # loss sum, learned tokens per region type
     weighted_sum = weight_sum = 0.0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            region_type_ids = batch["region_type_ids"]
-            token_losses = model(**model_inputs(batch)).token_losses.double()
-            learned = (batch["labels"] != -100) & (batch["token_weights"] > 0)
-            types = torch.where(region_type_ids >= 0, region_type_ids, len(names))[learned].cpu()
-            sums[0].index_add_(0, types, token_losses[learned].cpu())
-            sums[1].index_add_(0, types, torch.ones_like(types, dtype=torch.float64))
-            weighted_sum += float((token_losses * batch["token_weights"].double()).sum())
-            weight_sum += float(valid_weight_sum(batch["labels"], batch["token_weights"]))
+            token_losses = model(**model_inputs(batch)).token_losses
+            record = region_statistics(batch["token_weights"], batch["region_type_ids"], names,
+                                       attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                                       token_losses=token_losses, ignore_index=trainer.ignore_index)
+            sums += region_loss_sums(record, names)
+            if record["total"]["weight_sum"] > 0:
+                weighted_sum += record["total"]["weighted_loss"] * record["total"]["weight_sum"]
+                weight_sum += record["total"]["weight_sum"]
     model.train(was_training)
-    losses = {name: float(sums[0, i] / sums[1, i]) for i, name in enumerate(names) if sums[1, i] > 0}
-    return {**losses, "weighted": weighted_sum / weight_sum if weight_sum > 0 else float("nan")}
+    return {**mean_region_losses(sums, names), "weighted": weighted_sum / weight_sum if weight_sum > 0 else float("nan")}
 
 
 def training_arguments(config: Config):
@@ -239,25 +240,13 @@ def build_tokenizer(config: Config, checkpoint: str | None, *, is_main: bool):
     if source is not None:
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
-        tokenizer = _train_tokenizer(config)
+        from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
+
+        tokenizer = train_bpe_tokenizer_for_files(config.data.train_files, config.data.format, config.model.vocab_size)
         tokenizer.save_pretrained(os.path.join(config.trainer.output_dir, "tokenizer"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _train_tokenizer(config: Config):
-    from mrloss.data import train_bpe_tokenizer
-    from mrloss.data.records import read_records
-    from mrloss.formats import parse
-
-    texts = []
-    for path in config.data.train_files:
-        for record in read_records(path):
-            if record.error is not None:
-                raise record.error
-            texts.append(parse(record.sample, config.data.format, sample_id=record.sample_id).text)
-    return train_bpe_tokenizer(texts, vocab_size=config.model.vocab_size)
 
 
 def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None, seed: int):

@@ -191,3 +191,65 @@ def test_packed_rows_give_the_padded_loss():
     assert packed_batch["input_ids"].shape[0] < len(items)  # really packed
     packed = model(**model_inputs(packed_batch))
     torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_num_items_in_batch_with_weights_warns_once_and_is_used_as_given():
+    """An integer num_items_in_batch next to token_weights is a token count (a stock Trainer's): used as the
+    normalizer, with one warning per model; a float one (MultiRegionTrainer's Σw) or no weights: no warning."""
+    import warnings
+
+    model = apply_mrloss(tiny_model("llama"))
+    batch = random_batch(seed=4)
+    expected = oracle(model, batch, normalizer=torch.tensor(23.0, dtype=torch.float64))[0]
+    with pytest.warns(UserWarning, match="integer .*token count.*MultiRegionTrainer"):
+        out = model(**batch, num_items_in_batch=torch.tensor(23))
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batch, num_items_in_batch=23)  # warned once per model
+        apply_mrloss(tiny_model("llama"))(**batch, num_items_in_batch=torch.tensor(23.0))
+        unweighted = {key: value for key, value in batch.items() if key != "token_weights"}
+        apply_mrloss(tiny_model("llama"))(**unweighted, num_items_in_batch=torch.tensor(23))
+
+
+def test_stock_trainer_passes_a_token_count(tmp_path):
+    """transformers' own Trainer (not MultiRegionTrainer) with a patched model: num_items_in_batch is its
+    count of labels[..., 1:] != -100, so the patched forward warns that the loss is not the weighted mean."""
+    from mrloss.data import MultiRegionCollator
+    from mrloss.integrations.hf import model_inputs
+
+    g = torch.Generator().manual_seed(2)
+    items = [{"input_ids": torch.randint(3, VOCAB, (9,), generator=g), "token_weights": torch.rand(9, generator=g) + 0.5,
+              "region_type_ids": torch.zeros(9, dtype=torch.long)} for _ in range(4)]
+    collator = MultiRegionCollator(0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1,
+                                          per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True,
+                                          remove_unused_columns=False)
+    trainer = transformers.Trainer(apply_mrloss(tiny_model("llama")), args, train_dataset=items,
+                                   data_collator=lambda batch: model_inputs(collator(batch)))
+    with pytest.warns(UserWarning, match="integer .*token count"):
+        trainer.train()
+
+
+@pytest.mark.gpu
+def test_labels_weights_and_normalizer_follow_the_hidden_states_device():
+    """Inputs on the GPU, labels / token_weights / num_items_in_batch left on the CPU (as with a model split
+    over devices, whose last hidden state is not where the batch is): same loss as all on the CPU."""
+    model = tiny_model("llama")
+    batch = random_batch(seed=6)
+    normalizer = valid_weight_sum(batch["labels"], batch["token_weights"]).float() * 1.5
+    expected = apply_mrloss(model, backend="torch")(**batch, num_items_in_batch=normalizer).loss
+    model.cuda()
+    out = model(input_ids=batch["input_ids"].cuda(), attention_mask=batch["attention_mask"].cuda(),
+                labels=batch["labels"], token_weights=batch["token_weights"], num_items_in_batch=normalizer)
+    torch.testing.assert_close(out.loss.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_one_head_table_for_both_integrations():
+    """hf and verl read the same table and option list (mrloss.integrations.heads)."""
+    from mrloss.integrations import heads, hf
+
+    assert hf.SUPPORTED_ARCHITECTURES is heads.SUPPORTED_ARCHITECTURES and hf.LOSS_OPTIONS is heads.LOSS_OPTIONS
+    granite = tiny_model("granite")
+    assert heads.model_head(granite, caller="t") == heads.Head(hidden_scale=1 / 2.5, softcap=None)
+    assert heads.model_head(tiny_model("gemma2"), 0.3, caller="t").softcap == 0.3

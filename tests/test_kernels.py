@@ -127,3 +127,42 @@ def test_gpu_fused_forward_matches_float64_reference(dtype):
     losses = fused_forward(hidden, weight, bias_, rows, targets, **options)
     expected = float64_row_losses(hidden, weight, bias_, rows, targets, **options)
     torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_forward_reads_strided_views():
+    """Every input a non-contiguous view (hidden transposed, weight / bias / rows / targets with step 2):
+    bitwise the losses of contiguous copies, and the float64 reference."""
+    hidden, weight, bias_, rows, targets = fused_inputs(torch.float32, True)
+
+    def strided(t):
+        """The same values in a view with doubled strides (2-D: on column-major storage), zeros between."""
+        if t.dim() == 1:
+            storage = torch.zeros(2 * t.shape[0], dtype=t.dtype)
+            storage[::2] = t
+            return storage[::2]
+        storage = torch.zeros(2 * t.shape[1], t.shape[0], dtype=t.dtype).T  # [R, 2C]
+        storage[:, ::2] = t
+        return storage[:, ::2]
+
+    views = [strided(t) for t in (hidden, weight, bias_, rows, targets)]
+    assert not any(view.is_contiguous() for view in views) and views[2].stride() == (2,)
+    options = dict(softcap=3.0, label_smoothing=0.1, blocks=dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16))
+    losses = fused_forward(*views, **options)
+    assert torch.equal(losses, fused_forward(hidden, weight, bias_, rows, targets, **options))
+    expected = float64_row_losses(hidden, weight, bias_, rows, targets, softcap=3.0, label_smoothing=0.1)
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_rows_read_strided_views():
+    """Logits rows with a stride > V, targets / grad_scales with step 2: same losses and gradients as
+    contiguous inputs; the columns past V are left alone."""
+    logits, targets, scales = row_inputs(6, 257, torch.float32)
+    wide = torch.full((6, 300), 7.0)
+    wide[:, :257] = logits
+    strided_targets = torch.stack([targets, torch.zeros_like(targets)], 1)[:, 0]
+    strided_scales = torch.stack([scales, torch.zeros_like(scales)], 1)[:, 0]
+    losses = triton_rows(wide[:, :257], strided_targets, strided_scales, softcap=None, label_smoothing=0.0)
+    contiguous = logits.clone()
+    expected = triton_rows(contiguous, targets, scales, softcap=None, label_smoothing=0.0)
+    assert torch.equal(losses, expected)
+    assert torch.equal(wide[:, :257], contiguous) and (wide[:, 257:] == 7.0).all()

@@ -10,6 +10,7 @@ import torch
 
 import mrloss.torch_backend
 from mrloss import LinearCrossEntropyLoss, linear_cross_entropy
+from mrloss.alignment import shift_targets, valid_weight_sum
 from mrloss.reference import reference_linear_cross_entropy
 
 BACKENDS = ["torch", "triton"]
@@ -118,14 +119,21 @@ def test_half_precision_no_worse_than_plain_pytorch(backend, dtype, case):
 
 
 def test_float64_gradcheck_torch_backend():
+    """gradcheck needs several backward passes through one graph: reduction "none" (recomputed in
+    backward) takes it; the reduced losses (gradients built in the forward, one backward per forward)
+    are held to the float64 reference's autograd gradients instead."""
     inputs = make_inputs((2, 5), torch.float64, hidden_size=4, vocab=7)
-    for options in (dict(reduction="none", shift=True, softcap=2.0, label_smoothing=0.2),
-                    dict(reduction="mean", label_smoothing=0.1)):
-        def fn(hidden, weight, bias, options=options):
-            return linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias,
-                                        backend="torch", chunk_size=3, **options)
-        leaves = [inputs[n].clone().requires_grad_() for n in ("hidden", "weight", "bias")]
-        assert torch.autograd.gradcheck(fn, leaves)
+    options = dict(reduction="none", shift=True, softcap=2.0, label_smoothing=0.2)
+
+    def fn(hidden, weight, bias):
+        return linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias,
+                                    backend="torch", chunk_size=3, **options)
+
+    leaves = [inputs[n].clone().requires_grad_() for n in ("hidden", "weight", "bias")]
+    assert torch.autograd.gradcheck(fn, leaves)
+    options = dict(reduction="mean", label_smoothing=0.1, softcap=2.0)
+    ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend="torch", chunk_size=3))
+    assert_matches(ours, loss_and_grads(reference_linear_cross_entropy, inputs, options), rtol=1e-12)
 
 
 def test_float64_triton_matches_reference():
@@ -175,63 +183,114 @@ def test_nothing_to_learn_gives_zero_loss_and_zero_grads(backend, options):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_positive_normalizer_gives_zero(backend):
+    """0 (a global batch with nothing to learn), and tensors <= 0 (used as given: no host sync)."""
     inputs = make_inputs((37,))
-    for normalizer in (0.0, -3.0, torch.tensor(0.0)):
+    for normalizer in (0.0, 0, torch.tensor(0.0), torch.tensor(-3.0)):
         loss, *grads = loss_and_grads(linear_cross_entropy, inputs, dict(normalizer=normalizer, backend=backend))
         assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic_bitwise(backend):
-    inputs = make_inputs((3, 13), torch.bfloat16)
-    options = dict(backend=backend, shift=True, softcap=5.0, chunk_size=7)
-    first = loss_and_grads(linear_cross_entropy, inputs, options)
-    second = loss_and_grads(linear_cross_entropy, inputs, options)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_chunk_size_does_not_change_results(reduction):
+@pytest.mark.parametrize("normalizer", [torch.tensor(13.5), torch.tensor(13.5, dtype=torch.float64),
+                                        torch.tensor(27, dtype=torch.int64)])
+def test_zero_dim_tensor_normalizer_equals_float(normalizer):
     inputs = make_inputs((37,))
-    results = [loss_and_grads(linear_cross_entropy, inputs, dict(reduction=reduction, chunk_size=chunk))
-               for chunk in (None, 1, 5, 10_000)]
-    for other in results[1:]:
-        assert_matches(other, [r.double() for r in results[0]], rtol=1e-5)
+    expected = loss_and_grads(linear_cross_entropy, inputs, dict(normalizer=float(normalizer)))
+    ours = loss_and_grads(linear_cross_entropy, inputs, dict(normalizer=normalizer))
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
 
 
-def test_bfloat16_weight_grad_accumulates_in_vocabulary_slices():
-    """Half-precision weight gradients go into the fp32 buffer slice by slice of the vocabulary (here
-    3 slices of <= 1024 rows, chunks of 8 tokens): same result as float64 up to bf16 rounding."""
-    inputs = make_inputs((29,), dtype=torch.bfloat16, hidden_size=64, vocab=3001)
-    ours = loss_and_grads(linear_cross_entropy, inputs, dict(chunk_size=8, backend="torch"))
-    plain = loss_and_grads(reference_linear_cross_entropy, inputs, dict(compute_dtype=None))
-    exact = loss_and_grads(reference_linear_cross_entropy, inputs, {}, compute=torch.float64)
-    assert relative_error(ours[2], exact[2]) <= 1.25 * relative_error(plain[2], exact[2])
+def test_module_takes_the_normalizer_per_call():
+    inputs = make_inputs((3, 13))
+    module = LinearCrossEntropyLoss(shift=True, normalizer=5.0)
+    args = (inputs["hidden"], inputs["weight"], inputs["targets"], inputs["token_weights"], inputs["bias"])
+    for normalizer in (None, 11.0, torch.tensor(7.25)):
+        expected = linear_cross_entropy(*args[:4], bias=args[4], shift=True,
+                                        normalizer=5.0 if normalizer is None else normalizer)
+        assert torch.equal(module(*args, normalizer=normalizer), expected)
+
+
+def test_backward_scales_in_place_without_host_sync(monkeypatch):
+    """A non-unit upstream gradient (DDP, sequence parallelism) scales the gradient buffers built in the
+    forward pass in place: the weight gradient IS the saved float32 [V, H] buffer (no second one), no
+    device -> host sync happens in backward, and the values are the upstream times those at upstream 1."""
+    inputs = make_inputs((37,))
+    hidden, weight, bias = (inputs[name].clone().requires_grad_() for name in ("hidden", "weight", "bias"))
+    upstream = torch.tensor(1 / 3)
+    at_one = torch.autograd.grad(linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"],
+                                                      bias=bias), (hidden, weight, bias))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias)
+
+    def no_sync(*args):
+        raise AssertionError("device -> host sync in backward")
+
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), upstream)
+    monkeypatch.undo()
+    assert any(grads[1].data_ptr() == t.data_ptr() for t in saved if t.shape == weight.shape)
+    assert all(torch.equal(g, g1 * upstream) for g, g1 in zip(grads, at_one))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_upstream_scaling_rounds_once(dtype):
+    """Half-precision hidden gradients are scaled in float32 (the upstream gradient is not rounded to
+    half precision first) and rounded once; an upstream of 1 leaves them bitwise unchanged."""
+    inputs = make_inputs((37,), dtype)
+    hidden = inputs["hidden"].clone().requires_grad_()
+    args = (inputs["weight"], inputs["targets"], inputs["token_weights"])
+    (at_one,) = torch.autograd.grad(linear_cross_entropy(hidden, *args, bias=inputs["bias"]), hidden)
+    for upstream in (torch.tensor(1.0), torch.tensor(1 / 3), torch.tensor(1000.0 / 7)):
+        (grad,) = torch.autograd.grad(linear_cross_entropy(hidden, *args, bias=inputs["bias"]), hidden, upstream)
+        assert torch.equal(grad, (at_one.float() * upstream).to(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_token_losses_are_unweighted_target_aligned_and_detached(backend):
-    inputs = make_inputs((3, 13), torch.bfloat16)
-    options = dict(shift=True, label_smoothing=0.1)
-    hidden = inputs["hidden"].requires_grad_()
-    loss, token_losses = linear_cross_entropy(hidden, inputs["weight"], inputs["targets"], inputs["token_weights"],
-                                              bias=inputs["bias"], backend=backend, return_token_losses=True,
-                                              **options)
-    _, expected = reference_linear_cross_entropy(
-        hidden.double(), inputs["weight"].double(), inputs["targets"], inputs["token_weights"],
-        bias=inputs["bias"].double(), return_token_losses=True, **options)
-    assert token_losses.dtype == torch.float32 and token_losses.shape == (3, 13)
-    assert not token_losses.requires_grad and loss.requires_grad
-    assert (token_losses[:, 0] == 0).all()
-    torch.testing.assert_close(token_losses.double(), expected, rtol=0, atol=0.05)  # bf16 logits
+def test_second_backward_through_the_same_graph(backend):
+    """Reduced losses: the in-place scaled gradient buffers serve one backward; a second one raises
+    instead of returning doubly scaled gradients. reduction "none" recomputes: any number of times."""
+    inputs = make_inputs((37,))
+    hidden = inputs["hidden"].clone().requires_grad_()
+    args = (inputs["weight"], inputs["targets"], inputs["token_weights"])
+    loss = linear_cross_entropy(hidden, *args, backend=backend)
+    (first,) = torch.autograd.grad(loss * 2, hidden, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad(loss * 2, hidden)
+    (again,) = torch.autograd.grad(linear_cross_entropy(hidden, *args, backend=backend) * 2, hidden)
+    assert torch.equal(first, again)
+    losses = linear_cross_entropy(hidden, *args, reduction="none", backend=backend)
+    grads = [torch.autograd.grad(losses.sum(), hidden, retain_graph=True)[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(reduction="none", softcap=3.0), dict(reduction="mean", shift=True)])
+def test_strided_inputs_match_reference(backend, options):
+    """Non-contiguous views (step 2) of every input: with reduction "none" the Triton backend reads
+    hidden, weight and bias through their strides in the fused forward."""
+    inputs = make_inputs((3, 13))
+    views = {}
+    for name, value in inputs.items():  # the same values, every other element of a larger tensor
+        storage = torch.zeros(*value.shape[:-1], 2 * value.shape[-1], dtype=value.dtype)
+        storage[..., ::2] = value
+        if name in ("hidden", "weight", "bias"):
+            storage.requires_grad_()
+        views[name] = storage[..., ::2]
+    assert views["bias"].stride() == (2,) and not any(view.is_contiguous() for view in views.values())
+    loss = linear_cross_entropy(**views, **options, backend=backend)
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) * 2 - 0.5  # as loss_and_grads
+    ours = [loss.detach(), *torch.autograd.grad(loss, [views[n] for n in ("hidden", "weight", "bias")], upstream)]
+    expected = loss_and_grads(reference_linear_cross_entropy, inputs, options, compute=torch.float64)
+    assert_matches(ours, expected, rtol=1e-5)
 
 
 def test_scalar_upstream_gradient_scales_the_gradients():
     inputs = make_inputs((37,))
     hidden = inputs["hidden"].clone().requires_grad_()
-    loss = linear_cross_entropy(hidden, inputs["weight"], inputs["targets"], inputs["token_weights"])
-    (grad_once,) = torch.autograd.grad(loss, hidden, retain_graph=True)
-    (grad_scaled,) = torch.autograd.grad(loss * 3.0, hidden)
+    args = (inputs["weight"], inputs["targets"], inputs["token_weights"])
+    (grad_once,) = torch.autograd.grad(linear_cross_entropy(hidden, *args), hidden)
+    (grad_scaled,) = torch.autograd.grad(linear_cross_entropy(hidden, *args) * 3.0, hidden)
     torch.testing.assert_close(grad_scaled, 3.0 * grad_once)
 
 
@@ -356,6 +415,11 @@ VALIDATION_ERRORS = [
     (lambda: dict(_bad(), reduction="none", normalizer=3.0), ValueError, r'normalizer cannot be combined'),
     (lambda: dict(_bad(), normalizer=torch.ones(2)), ValueError, r"normalizer must be a float or a 0-dim"),
     (lambda: dict(_bad(), normalizer="10"), TypeError, r"normalizer must be a float"),
+    (lambda: dict(_bad(), normalizer=-3.0), ValueError, r"normalizer must be a finite number >= 0.*-3.0"),
+    (lambda: dict(_bad(), normalizer=-1), ValueError, r"normalizer must be a finite number >= 0"),
+    (lambda: dict(_bad(), normalizer=float("inf")), ValueError, r"normalizer must be a finite number"),
+    (lambda: dict(_bad(), normalizer=torch.tensor(3.0, device="meta")), ValueError,
+     r"hidden is on cpu but normalizer is on meta"),
     (lambda: dict(_bad(), label_smoothing=1.5), ValueError, r"label_smoothing must be a float in \[0, 1\]"),
     (lambda: dict(_bad(), softcap=0.0), ValueError, r"softcap must be a finite float > 0"),
     (lambda: dict(_bad(), chunk_size=0), ValueError, r"chunk_size must be a positive int"),
@@ -369,7 +433,55 @@ def test_validation_errors(make_call, error, message):
         linear_cross_entropy(**make_call())
 
 
+# ---------------------------------------------------------------- the shift rule (mrloss.alignment)
+
+def test_shift_targets_prediction_alignment():
+    targets = torch.tensor([[5, 6, 7, 8, 9], [1, 2, -100, 4, 3]])
+    weights = torch.tensor([[0.0, 1, 2, 0, 3], [1, 2, 3, 4, 5]])
+    shifted_targets, shifted_weights = shift_targets(targets, weights)
+    assert shifted_targets.tolist() == [[6, 7, 8, 9, -100], [2, -100, 4, 3, -100]]
+    assert shifted_weights.tolist() == [[1, 2, 0, 3, 0], [2, 3, 4, 5, 0]]
+    assert shift_targets(targets)[1] is None
+    assert targets[0, 0] == 5 and weights[0, 0] == 0  # inputs untouched
+    # packed: no sample predicts the next sample's first token
+    packed_targets, packed_weights = shift_targets(targets[0], weights[0], ignore_index=-1,
+                                                   cu_seqlens=torch.tensor([0, 3, 5]))
+    assert packed_targets.tolist() == [6, 7, -1, 9, -1]
+    assert packed_weights.tolist() == [1, 2, 0, 3, 0]
+    with pytest.raises(ValueError, match="token_weights shape"):
+        shift_targets(targets, weights[:, 1:])
+
+
+def test_valid_weight_sum_counts_shifted_valid_weights():
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 50, (3, 11), generator=gen)
+    labels[torch.rand(3, 11, generator=gen) < 0.3] = -100
+    weights = torch.rand(3, 11, generator=gen)
+    total = valid_weight_sum(labels, weights)
+    assert total.dtype == torch.float64 and total.dim() == 0
+    expected = sum(float(weights[b, k]) for b in range(3) for k in range(1, 11) if labels[b, k] != -100)
+    assert total.item() == pytest.approx(expected, rel=1e-12)
+    assert valid_weight_sum(labels, None).item() == (labels[:, 1:] != -100).sum().item()
+    # the normalizer that makes "mean" of the shifted loss equal to "sum" / normalizer
+    inputs = make_inputs((3, 11), vocab=50)
+    mean = linear_cross_entropy(inputs["hidden"], inputs["weight"], labels, weights, shift=True)
+    summed = linear_cross_entropy(inputs["hidden"], inputs["weight"], labels, weights, shift=True, reduction="sum")
+    torch.testing.assert_close(mean, summed / total.float())
+    packed = valid_weight_sum(labels[0], weights[0], cu_seqlens=torch.tensor([0, 4, 11]))
+    first_of_second = weights[0, 4].item() if labels[0, 4] != -100 else 0.0
+    assert packed.item() == pytest.approx(valid_weight_sum(labels[0], weights[0]).item() - first_of_second)
+
+
 # ---------------------------------------------------------------- GPU (skip cleanly without CUDA)
+
+@pytest.mark.gpu
+def test_gpu_cpu_scalar_normalizer_with_cuda_inputs():
+    """A 0-dim CPU tensor normalizer is accepted with CUDA inputs, like torch's CPU scalars."""
+    inputs = make_inputs((37,), device="cuda")
+    expected = loss_and_grads(linear_cross_entropy, inputs, dict(normalizer=13.5))
+    ours = loss_and_grads(linear_cross_entropy, inputs, dict(normalizer=torch.tensor(13.5)))
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

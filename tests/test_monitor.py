@@ -34,8 +34,8 @@ def make_batch(seed: int, batch: int = 3, length: int = 11) -> tuple[dict, torch
              "token_weights": token_weights, "region_type_ids": region_type_ids}, token_losses)
 
 
-def hand_count(batch: dict, token_losses: torch.Tensor | None) -> dict:
-    """The statistics by a plain loop over tokens (float64)."""
+def hand_count(batch: dict, token_losses: torch.Tensor | None, ignore_index: int = -100) -> dict:
+    """The statistics by a plain loop over tokens (float64); a row's first token is never learned."""
     names = TYPES + ["(outside)"]
     acc = {name: {"tokens": 0, "learned": 0, "w": 0.0, "l": 0.0, "wl": 0.0} for name in names}
     for b in range(batch["input_ids"].shape[0]):
@@ -46,7 +46,7 @@ def hand_count(batch: dict, token_losses: torch.Tensor | None) -> dict:
             entry = acc[names[type_id] if type_id >= 0 else "(outside)"]
             entry["tokens"] += 1
             weight = float(batch["token_weights"][b, t])
-            if weight > 0 and int(batch["labels"][b, t]) != -100:
+            if weight > 0 and int(batch["labels"][b, t]) != ignore_index and t > 0:
                 entry["learned"] += 1
                 entry["w"] += weight
                 if token_losses is not None:
@@ -85,6 +85,28 @@ def test_statistics_match_a_hand_count(tmp_path, with_losses):
         assert "mean_loss" not in total
     lines = (tmp_path / "region_stats.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [record]
+
+
+def test_ignore_index_and_first_tokens_are_not_learned():
+    """Another ignore_index (labels -1, some with weight > 0) and weight > 0 on first tokens: neither is learned
+    (the first token of a row is no target); `region_loss_sums` / `mean_region_losses` sum and average them."""
+    from mrloss.debug.monitor import mean_region_losses, region_loss_sums
+
+    batch, token_losses = make_batch(seed=5)
+    generator = torch.Generator().manual_seed(9)
+    batch["labels"] = torch.where(batch["labels"] == -100, -1, batch["labels"])
+    batch["labels"][torch.rand(batch["labels"].shape, generator=generator) < 0.2] = -1  # ignored, weight kept
+    batch["token_weights"][:, 0] = 0.8
+    token_losses = torch.where(batch["labels"] == -1, float("nan"), token_losses)
+    token_losses[:, 0] = 0.0
+    record = MultiRegionTrainingMonitor(None, TYPES).log_batch_stats(batch, 0, token_losses, ignore_index=-1)
+    expected = hand_count(batch, token_losses, ignore_index=-1)
+    for name, stats in expected.items():
+        assert record["regions"][name] == pytest.approx(stats, rel=1e-12), name
+    sums = region_loss_sums(record, TYPES) + region_loss_sums(record, TYPES)  # two identical batches
+    assert sums.dtype == torch.float64 and sums[1].tolist() == [2 * expected[t]["learned_tokens"] for t in TYPES]
+    assert mean_region_losses(sums, TYPES) == pytest.approx(
+        {t: expected[t]["mean_loss"] for t in TYPES if expected[t]["learned_tokens"]}, rel=1e-12)
 
 
 def test_absent_type_and_multipliers():

@@ -4,7 +4,9 @@ One spawned process group per world size (2 and 4 ranks) runs every case, becaus
 dominates on a small machine. Each case builds one packed sequence identically on every rank, shards it
 with verl's own ``ulysses_pad_and_slice_inputs`` (the ids that make the hidden shard) and with
 ``mrloss.parallel.shard_targets`` (targets / weights), and checks the loss, the hidden-shard gradient and
-the parameter gradients (embedding = the "model body", LM head) against the single-process loss.
+the parameter gradients (embedding = the "model body", LM head) against a single-process reference built
+independently of the code under test: ``mrloss.reference`` in float64 with ``shift=True``, one unpacked
+sample at a time.
 """
 import functools
 import importlib.util
@@ -17,6 +19,7 @@ import torch.multiprocessing as mp
 
 from mrloss import linear_cross_entropy
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shard_targets, shift_targets
+from mrloss.reference import reference_linear_cross_entropy
 
 V, H = 29, 12
 ATOL, RTOL = 2e-6, 2e-5
@@ -35,16 +38,18 @@ def verl_ulysses():
     return module
 
 
-def make_case(seed, lengths, zero_prefix=0, all_zero=False):
-    """A packed sequence: input_ids [T], token weights [T] (0 on each sample's first token, on the first
-    ``zero_prefix`` tokens, on random tokens), cu_seqlens [S+1], embedding [V, H], LM head [V, H]."""
+def make_case(seed, lengths, zero_prefix=0, all_zero=False, learn_first_tokens=False):
+    """A packed sequence: input_ids [T], token weights [T] (0 on each sample's first token, 1.25 with
+    ``learn_first_tokens``; 0 on the first ``zero_prefix`` tokens, on random tokens), cu_seqlens [S+1],
+    embedding [V, H], LM head [V, H]."""
     generator = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     input_ids = torch.randint(1, V, (total,), generator=generator)
     weights = torch.rand(total, generator=generator) * 2
     weights[torch.rand(total, generator=generator) < 0.3] = 0
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    weights[cu_seqlens[:-1]] = 0
+    # the collator's rule (verl's rolled loss_mask relies on it): a sample's first token is not learned
+    weights[cu_seqlens[:-1]] = 1.25 if learn_first_tokens else 0.0
     weights[:zero_prefix] = 0
     if all_zero:
         weights.zero_()
@@ -54,14 +59,25 @@ def make_case(seed, lengths, zero_prefix=0, all_zero=False):
 
 
 def single_process(input_ids, weights, cu_seqlens, embedding, head):
-    """SP=1: loss, d loss/d hidden [T, H], d loss/d embedding, d loss/d head."""
+    """SP=1 reference, float64, sample by sample: loss = Σ_samples Σ w·l / Σ_samples Σ w[1:] (every id is a
+    valid target); d loss/d hidden [T, H], d loss/d embedding, d loss/d head (float32), and the unweighted
+    token losses [T] prediction-aligned like the hidden states (row k predicts token k+1; the last row of
+    every sample predicts nothing)."""
     embedding, head = embedding.clone().requires_grad_(), head.clone().requires_grad_()
     hidden = embedding[input_ids]
     hidden.retain_grad()
-    targets, shifted_weights = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
-    loss = linear_cross_entropy(hidden, head, targets, shifted_weights, reduction="mean")
+    total, weight_sum, token_losses = 0.0, 0.0, []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        sample_sum, sample_token_losses = reference_linear_cross_entropy(
+            hidden[start:end], head, input_ids[start:end], weights[start:end], reduction="sum", shift=True,
+            return_token_losses=True)
+        total = total + sample_sum
+        weight_sum += weights[start + 1:end].double().sum().item()
+        token_losses.append(sample_token_losses)  # target-aligned: index 0 of each sample is 0
+    loss = total / weight_sum if weight_sum > 0 else total * 0.0
     loss.backward()
-    return loss.detach(), hidden.grad, embedding.grad, head.grad
+    token_losses = torch.roll(torch.cat(token_losses), -1)  # -> prediction-aligned
+    return loss.detach().float(), hidden.grad, embedding.grad, head.grad, token_losses.float()
 
 
 def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reduction, normalizer=None):
@@ -97,7 +113,7 @@ def check_against_single_process(case, group):
     """Loss and gradients of SP over ``group`` equal SP=1, for both gradient reductions; token losses
     gathered with verl's gather_outputs_and_unpad equal the single-process ones."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    ref_loss, ref_hidden_grad, ref_embedding_grad, ref_head_grad = single_process(*case)
+    ref_loss, ref_hidden_grad, ref_embedding_grad, ref_head_grad, ref_token_losses = single_process(*case)
     ref_hidden_shard_grad = pad_and_slice(ref_hidden_grad, group, dim=0)
     for grad_reduction in ("mean", "sum"):
         loss, hidden_grad, embedding_grad, head_grad, token_losses, pad = sharded(*case, group, grad_reduction)
@@ -107,10 +123,6 @@ def check_against_single_process(case, group):
         torch.testing.assert_close(reduce_grad(head_grad, grad_reduction, group), ref_head_grad, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(reduce_grad(embedding_grad, grad_reduction, group), ref_embedding_grad,
                                    atol=ATOL, rtol=RTOL)
-    input_ids, weights, cu_seqlens, embedding, head = case
-    targets, shifted_weights = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
-    _, ref_token_losses = linear_cross_entropy(embedding[input_ids], head, targets, shifted_weights,
-                                               reduction="sum", return_token_losses=True)
     gathered = verl_ulysses().gather_outputs_and_unpad(token_losses, gather_dim=0, unpad_dim=0, padding_size=pad,
                                                        group=group)
     torch.testing.assert_close(gathered, ref_token_losses, atol=ATOL, rtol=RTOL)
@@ -132,7 +144,7 @@ def check_data_and_sequence_parallel(world_group, sp_group, dp_index, dp_size):
         offset += case[0].numel()
     packed = (torch.cat([case[0] for case in cases]), torch.cat([case[1] for case in cases]),
               torch.tensor(packed_cu_seqlens), embedding, head)
-    ref_loss, _, ref_embedding_grad, ref_head_grad = single_process(*packed)
+    ref_loss, _, ref_embedding_grad, ref_head_grad, _ = single_process(*packed)
     reported = loss.clone()
     dist.all_reduce(reported, group=world_group)  # verl: sum over micro-batches, AVG over dp
     torch.testing.assert_close(reported / dist.get_world_size(world_group), ref_loss, atol=ATOL, rtol=RTOL)
@@ -192,3 +204,21 @@ def test_sequence_parallel_loss_single_process_equals_mean():
         sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, grad_reduction="avg")
     with pytest.raises(ValueError, match="line up"):
         sequence_parallel_linear_cross_entropy(hidden[:-1], head, targets, shifted)
+    with pytest.raises(ValueError, match="normalizer must be a finite number >= 0"):
+        sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, normalizer=-2.0)
+
+
+def test_single_process_reference_matches_the_fused_loss():
+    """The independent reference of the SP tests equals the fused loss on mrloss's shift rule, also where
+    samples' first tokens carry weight (no sample may predict the next one's first token)."""
+    case = make_case(8, [6, 11, 9], learn_first_tokens=True)
+    input_ids, weights, cu_seqlens, embedding, head = case
+    ref_loss, ref_hidden_grad, _, ref_head_grad, ref_token_losses = single_process(*case)
+    targets, shifted = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
+    hidden, head = embedding[input_ids].requires_grad_(), head.requires_grad_()
+    loss, token_losses = linear_cross_entropy(hidden, head, targets, shifted, return_token_losses=True)
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(token_losses, ref_token_losses, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(hidden.grad, ref_hidden_grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(head.grad, ref_head_grad, atol=ATOL, rtol=RTOL)

@@ -163,3 +163,19 @@ def test_weight_histogram_bins_many_distinct_weights():
     assert _histogram({2.0: 3, 0.5: 1}) == "0.5×1 2×3"
     binned = _histogram({w / 10: 1 for w in range(20)}, bins=4)
     assert binned.count("×5") == 4 and binned.startswith("[0,0.475)")
+
+
+def test_default_tokenizer_is_the_one_mrloss_train_trains(tmp_path, capsys):
+    """Without --tokenizer the summary counts tokens of the BPE `mrloss train` trains on the same file
+    (`train_bpe_tokenizer_for_files`, model.vocab_size's default)."""
+    from mrloss.config import ModelConfig
+    from mrloss.data.encode import encode
+    from mrloss.data.examples import write_examples
+    from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
+
+    path = write_examples(tmp_path)["structured"]
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    tokenizer = train_bpe_tokenizer_for_files([path], "auto", ModelConfig().vocab_size)
+    tokens = sum(len(encode(parse(record.sample), tokenizer)["input_ids"]) for record in read_records(path))
+    assert f"vocabulary {len(tokenizer)};" in out and f"tokens: {tokens} (" in out

@@ -88,6 +88,67 @@ def test_weight_zero_region_gets_no_gradient_signal(tokenizer, tmp_path):
     assert len(logged) == 3 and all("loss/tail" in entry for entry in logged)
 
 
+def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_path):
+    """loss_options ignore_index=-1 and a collator that ignores some weighted tokens (label -1): those tokens
+    count in no region's mean; the means equal the model's own logits' cross-entropy per region type."""
+    from mrloss.data import MultiRegionCollator
+    from mrloss.train import evaluate_region_losses
+
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5, count=5), tokenizer)
+    padding = MultiRegionCollator(tokenizer.pad_token_id)
+
+    def collator(items):
+        batch = padding(items)
+        ignored = (batch["labels"] == -100) | (torch.arange(batch["labels"].shape[1]) % 3 == 0)
+        batch["labels"] = torch.where(ignored, -1, batch["labels"])  # weights stay > 0 on every 3rd token
+        return batch
+
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = MultiRegionTrainer(transformers.LlamaForCausalLM(config), args, dataset, data_collator=collator,
+                                 loss_options={"ignore_index": -1, "backend": "torch"})
+    got = evaluate_region_losses(trainer, dataset, batch_size=3)
+
+    sums = {name: [0.0, 0] for name in dataset.region_types}
+    weighted = [0.0, 0.0]
+    for start in (0, 3):
+        batch = collator([dataset[i] for i in range(start, min(start + 3, len(dataset)))])
+        with torch.no_grad():
+            logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).double(),
+                                                   batch["input_ids"][:, 1:], reduction="none")
+        learned = (batch["labels"][:, 1:] != -1) & (batch["token_weights"][:, 1:] > 0)
+        types, weights = batch["region_type_ids"][:, 1:], batch["token_weights"][:, 1:].double()
+        for index, name in enumerate(dataset.region_types):
+            sums[name][0] += float(losses[learned & (types == index)].sum())
+            sums[name][1] += int((learned & (types == index)).sum())
+        weighted[0] += float((losses * weights)[learned].sum())
+        weighted[1] += float(weights[learned].sum())
+    expected = {name: total / count for name, (total, count) in sums.items() if count}
+    assert set(got) == set(expected) | {"weighted"}
+    assert got == pytest.approx({**expected, "weighted": weighted[0] / weighted[1]}, rel=1e-5)
+
+
+def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
+    """model.path null: the run's tokenizer is `train_bpe_tokenizer_for_files` of data.train_files with
+    model.vocab_size -- what `mrloss show` / `mrloss prepare` train by default on the same file."""
+    from mrloss.config import Config, DataConfig, ModelConfig, TrainerConfig
+    from mrloss.data import write_examples
+    from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
+    from mrloss.debug.show import build_parser
+    from mrloss.train import build_tokenizer
+
+    path = write_examples(tmp_path / "data")["tag_based"]
+    config = Config(data=DataConfig(train_files=[str(path)]), trainer=TrainerConfig(output_dir=str(tmp_path / "run")))
+    trained = build_tokenizer(config, None, is_main=True)
+    assert (tmp_path / "run/tokenizer/tokenizer.json").exists()
+    assert build_parser().parse_args([str(path)]).vocab_size == ModelConfig().vocab_size
+    assert trained.get_vocab() == train_bpe_tokenizer_for_files([path], "auto", ModelConfig().vocab_size).get_vocab()
+
+
 def run_train(argv):
     from mrloss.train import main
 

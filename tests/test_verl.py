@@ -427,3 +427,48 @@ def test_mrloss_engine_matches_verl_sft_loss(tmp_path):
         assert series["steps"] == [1] and series["multipliers"]["methodology"] == [0.5]
         ema = json.loads((tmp_path / f"sp{sp_size}" / "ema.json").read_text())
         assert ema == pytest.approx(expected_ema, rel=1e-5), sp_size
+
+
+@pytest.mark.parametrize("model_type, extra", [("granite", {"logits_scaling": 2.5}), ("cohere", {"logit_scale": 0.37}),
+                                               ("gemma2", {"final_logit_softcapping": 0.7}), ("llama", {})])
+def test_patched_forward_applies_the_architecture_head(model_type, extra):
+    """verl's patched forward (one shard, no SP) gives the loss of the model's own logits -- Granite's
+    logits_scaling, Cohere's logit_scale, Gemma2's softcap -- from the same table as the HF patch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mrloss.integrations.verl.engine import ShardBatch, patch_causal_lm_forward
+    from mrloss.parallel import shift_targets
+    from mrloss.reference import reference_linear_cross_entropy
+
+    vocab = 61
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    g = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, vocab, (17,), generator=g)
+    weights = torch.rand(17, generator=g) * 2
+    weights[0] = 0.0
+    with torch.no_grad():
+        logits = model(input_ids=input_ids[None]).logits[0]
+    expected = reference_linear_cross_entropy(logits, torch.eye(vocab, dtype=torch.float64), input_ids, weights,
+                                              shift=True)
+    targets, shifted_weights = shift_targets(input_ids, weights)
+    patch_causal_lm_forward(model, {"backend": "torch"})
+    with torch.no_grad():
+        loss = model(input_ids=input_ids[None], position_ids=torch.arange(17)[None],
+                     mrloss_shard=ShardBatch(targets, shifted_weights, None, None)).loss
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_patched_forward_rejects_unknown_heads_and_options():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mrloss.integrations.verl.engine import patch_causal_lm_forward
+
+    with pytest.raises(TypeError, match="cannot patch GPT2LMHeadModel.*supported architectures"):
+        patch_causal_lm_forward(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)))
+    with pytest.raises(TypeError, match="unknown loss option.*'reduction'"):
+        patch_causal_lm_forward(tiny_model(50), {"reduction": "sum"})

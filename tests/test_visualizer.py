@@ -184,6 +184,36 @@ def test_show_command(examples, tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
 
 
+def test_show_uses_the_run_tokenizer(examples, tmp_path, capsys):
+    """``--run DIR``: the tokenizer `mrloss train` saved (DIR/tokenizer, else DIR) and the run's data settings
+    from DIR/config.yaml; by default, the tokenizer `mrloss train` would train on FILE -- the same view."""
+    from mrloss.config import Config, DataConfig, TrainerConfig
+    from mrloss.train import build_tokenizer
+
+    path = str(examples[0]["tag_based"])
+    run = tmp_path / "run"
+    build_tokenizer(Config(data=DataConfig(train_files=[path]), trainer=TrainerConfig(output_dir=str(run))), None,
+                    is_main=True)
+
+    def shown(*options):
+        assert show_main([path, "--index", "2", "--color", "never", *options]) == 0
+        return capsys.readouterr().out
+
+    by_run, by_default = shown("--run", str(run)), shown()
+    assert by_run == by_default == shown("--tokenizer", str(run / "tokenizer"))
+    assert by_run != shown("--vocab-size", "300")  # the vocabulary does change the token boundaries
+    (run / "tokenizer").rename(tmp_path / "saved_with_model")  # a finished run: the tokenizer is in DIR itself
+    (tmp_path / "saved_with_model").rename(run)
+    (run / "config.yaml").write_text("data:\n  max_length: 12\n  truncation: left\n", encoding="utf-8")
+    truncated = shown("--run", str(run))
+    assert truncated != by_run and "sample truncated" in truncated
+    assert show_main([path, "--run", str(tmp_path / "nowhere")]) == 1
+    assert "not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert show_main([path, "--run", str(tmp_path / "empty")]) == 1
+    assert "no tokenizer in" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_html_renders_in_headless_chromium(examples, tmp_path):
     from matplotlib.image import imread

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from mrloss.config import ModelConfig
 from mrloss.data.encode import TRUNCATION_MODES, encode_batch
 from mrloss.data.records import FILE_TYPES, parse_records, read_records, write_samples
 from mrloss.formats import FORMATS, FormatError, convert
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop-invalid", action="store_true", help="write the valid samples despite bad ones")
     parser.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: a byte-level BPE "
                                             "tokenizer trained on the data)")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size,
+                        help="vocabulary of the tokenizer trained on the inputs (default %(default)s: mrloss "
+                             "train's model.vocab_size default, so the counts are those of such a run)")
     parser.add_argument("--max-length", type=int, help="token limit per sample (for the truncation report)")
     parser.add_argument("--truncation", default="right", choices=TRUNCATION_MODES,
                         help="'error' makes a sample longer than --max-length a bad sample")
@@ -87,7 +90,7 @@ def _run(args) -> int:
 
     started = time.perf_counter()
     samples, region_texts, sample_ids, errors = _read_and_parse(args)
-    tokenizer, tokenizer_note, tokenizer_seconds = _tokenizer(args, region_texts)
+    tokenizer, tokenizer_note, tokenizer_seconds = _tokenizer(args)
     encodings = encode_batch(region_texts, tokenizer, max_length=args.max_length,
                              truncation="right" if args.truncation == "error" else args.truncation,
                              sample_ids=sample_ids)
@@ -149,7 +152,7 @@ def _read_and_parse(args):
     return [r.sample for r in valid], region_texts, [r.sample_id for r in valid], errors
 
 
-def _tokenizer(args, region_texts):
+def _tokenizer(args):
     """(tokenizer, description, seconds to load or train it: the throughput leaves them out)."""
     started = time.perf_counter()
     if args.tokenizer:
@@ -161,9 +164,9 @@ def _tokenizer(args, region_texts):
             raise _UsageError(f"cannot load tokenizer {args.tokenizer}: {error}") from None
         note = f"{args.tokenizer} (vocabulary {len(tokenizer)})"
     else:
-        from mrloss.data.tokenizer import train_bpe_tokenizer
+        from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
 
-        tokenizer = train_bpe_tokenizer([rt.text for rt in region_texts], vocab_size=args.vocab_size)
+        tokenizer = train_bpe_tokenizer_for_files(args.inputs, args.format, args.vocab_size, skip_invalid=True)
         note = f"byte-level BPE trained on the data (vocabulary {len(tokenizer)}; pass --tokenizer for yours)"
     return tokenizer, note, time.perf_counter() - started
 

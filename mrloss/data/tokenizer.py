@@ -26,3 +26,19 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_fre
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def train_bpe_tokenizer_for_files(paths, format: str = "auto", vocab_size: int = 1024, *, skip_invalid: bool = False):
+    """`train_bpe_tokenizer` on the texts of every sample of ``paths`` (JSONL / JSON / Parquet, in order), with
+    ``vocab_size``: the one recipe of `mrloss train` (``model.path: null``: its ``data.train_files``,
+    ``data.format``, ``model.vocab_size``), ``mrloss show`` and ``mrloss prepare`` -- same files and vocabulary
+    size, same tokenizer. A bad sample raises its FormatError, or is left out with ``skip_invalid``.
+    Overlapping position_based regions are no error here (the text does not depend on them).
+    """
+    from mrloss.data.records import parse_records, read_records
+
+    records = [record for path in paths for record in read_records(path)]
+    _, region_texts, errors = parse_records(records, format, overlap="max")
+    if errors and not skip_invalid:
+        raise errors[0]
+    return train_bpe_tokenizer([region_text.text for region_text in region_texts], vocab_size=vocab_size)

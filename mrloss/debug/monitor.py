@@ -3,7 +3,8 @@
 Statistics of one batch, per region type (plus ``(outside)`` for tokens outside every region), over the
 non-padding tokens (``attention_mask`` = 1):
   - ``tokens``: tokens of the type;
-  - ``learned_tokens``: those with weight > 0 (and a label other than -100 when ``labels`` is in the batch);
+  - ``learned_tokens``: those with weight > 0 (and a label other than ``ignore_index`` when ``labels`` is in the
+    batch), never the first token of a row (nothing predicts it);
   - ``weight_sum``: Σw over the learned tokens;
   - ``mean_loss`` (token losses given): the plain mean of their token losses (unweighted, so that changing
     the weights does not move it; None without learned tokens) — what ``RegionWeighting.update`` takes;
@@ -31,11 +32,12 @@ BACKENDS = ("tensorboard", "wandb")
 
 def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor, region_types: Sequence[str], *,
                       attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                      token_losses: torch.Tensor | None = None) -> dict:
+                      token_losses: torch.Tensor | None = None, ignore_index: int = -100) -> dict:
     """``{"regions": {type: stats}, "total": stats}`` of one batch (see the module docstring).
 
-    All tensors ``[B, T]`` (or any one shape), target-aligned: token_weights float, region_type_ids int64 in
-    ``[-1, len(region_types))``, attention_mask 0/1, labels int64 (-100 = not learned), token_losses float.
+    All tensors ``[B, T]`` (or any one shape; a 1-D one is one packed row), target-aligned: token_weights
+    float, region_type_ids int64 in ``[-1, len(region_types))``, attention_mask 0/1, labels int64
+    (``ignore_index`` = not learned), token_losses float.
     """
     shape = token_weights.shape
     for name, tensor in (("region_type_ids", region_type_ids), ("attention_mask", attention_mask),
@@ -50,8 +52,10 @@ def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor
     valid = torch.ones(shape, dtype=torch.bool, device=weights.device) if attention_mask is None \
         else attention_mask.detach().bool()
     learned = valid & (weights > 0)
+    if learned.dim() > 0:
+        learned[..., 0] = False  # nothing predicts the first token of a row
     if labels is not None:
-        learned &= labels.detach() != -100
+        learned &= labels.detach() != ignore_index
     bucket = torch.where(ids >= 0, ids, n_types)  # bucket n_types: outside every region
 
     def per_bucket(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
@@ -86,6 +90,23 @@ def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor
     return {"regions": regions, "total": total}
 
 
+def region_loss_sums(record: Mapping, region_types: Sequence[str]) -> torch.Tensor:
+    """``[2, len(region_types)]`` float64 (CPU) of a `region_statistics` record (with token losses): row 0 the
+    Σ of the learned tokens' losses of each type, row 1 their count. Sums add up over batches and ranks."""
+    sums = torch.zeros(2, len(region_types), dtype=torch.float64)
+    for index, name in enumerate(region_types):
+        stats = record["regions"][name]
+        if stats["learned_tokens"]:
+            sums[0, index] = stats["mean_loss"] * stats["learned_tokens"]
+            sums[1, index] = stats["learned_tokens"]
+    return sums
+
+
+def mean_region_losses(sums: torch.Tensor, region_types: Sequence[str]) -> dict[str, float]:
+    """``{type: mean token loss}`` of `region_loss_sums` (summed); types without learned tokens left out."""
+    return {name: float(sums[0, i] / sums[1, i]) for i, name in enumerate(region_types) if sums[1, i] > 0}
+
+
 class MultiRegionTrainingMonitor:
     """Record per-region-type statistics of training batches.
 
@@ -112,10 +133,11 @@ class MultiRegionTrainingMonitor:
         return self.output_dir / STATS_FILE if self.output_dir is not None else None
 
     def log_batch_stats(self, batch: Mapping[str, torch.Tensor], step: int, token_losses: torch.Tensor | None = None,
-                        *, multipliers: Mapping[str, float] | None = None) -> dict:
+                        *, multipliers: Mapping[str, float] | None = None, ignore_index: int = -100) -> dict:
         """Statistics of one batch (collator output: ``token_weights``, ``region_type_ids``, optionally
-        ``attention_mask`` and ``labels``), recorded and returned as ``{"step", "regions", "total"}`` plus
-        ``"multipliers"`` (what the weighting tools did, region type -> factor) when given.
+        ``attention_mask`` and ``labels`` with ``ignore_index``), recorded and returned as
+        ``{"step", "regions", "total"}`` plus ``"multipliers"`` (what the weighting tools did, region type ->
+        factor) when given.
 
         token_losses: ``[B, T]``, target-aligned like token_weights (index k = loss of predicting input_ids[k]).
         """
@@ -128,7 +150,7 @@ class MultiRegionTrainingMonitor:
             region_types = [f"type{i}" for i in range(largest + 1)]
         record = {"step": int(step), **region_statistics(
             batch["token_weights"], batch["region_type_ids"], region_types, attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"), token_losses=token_losses)}
+            labels=batch.get("labels"), token_losses=token_losses, ignore_index=ignore_index)}
         if multipliers is not None:
             record["multipliers"] = {str(k): float(v) for k, v in multipliers.items()}
         self._write(record)

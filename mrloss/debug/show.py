@@ -1,26 +1,50 @@
-"""`mrloss show FILE [--index N] [--html out.html]`: the loss mask of one sample, in the terminal or as HTML."""
+"""`mrloss show FILE [--index N] [--html out.html] [--run DIR | --tokenizer DIR]`: the loss mask of one sample,
+in the terminal or as HTML, with the token boundaries the model is (or was) trained on."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from mrloss.formats import FormatError
+from mrloss.config import DataConfig, ModelConfig
+from mrloss.data.encode import TRUNCATION_MODES
+from mrloss.formats import FORMATS
+
+RUN_TOKENIZER_DIR = "tokenizer"  # `mrloss train` (model.path null) saves the tokenizer it trains here
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mrloss show", description="Show which tokens of one sample are "
-                                     "learned, with what weight, in which region; warn about lost or cut regions.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mrloss show", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show which tokens of one sample are learned, with what weight, in which region; warn about "
+                    "lost or cut regions.",
+        epilog="Tokenizer, first that applies:\n"
+               "  --run DIR        the tokenizer of an `mrloss train` output directory: DIR/tokenizer (saved when\n"
+               "                   the run starts, model.path null) or DIR itself (saved with the final model); the\n"
+               "                   run's config.yaml (written at its end) gives --format, --max-length and\n"
+               "                   --truncation unless given here\n"
+               "  --tokenizer DIR  a local Hugging Face tokenizer directory\n"
+               "  otherwise        a byte-level BPE of --vocab-size trained on FILE's texts, as `mrloss train`\n"
+               "                   trains it (model.path null) when FILE is its only training file",
+    )
     parser.add_argument("file", help="JSONL, JSON or Parquet file of samples (any of the three formats)")
     parser.add_argument("--index", type=int, default=0, help="0-based index of the sample in FILE (default 0)")
     parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML view to OUT")
-    parser.add_argument("--format", default="auto", help="auto | position_based | tag_based | structured")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="local tokenizer directory (default: a small byte-level BPE trained on FILE's texts)")
+    parser.add_argument("--format", choices=("auto",) + FORMATS, help="format of FILE (default: auto)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--run", metavar="DIR", help="output directory of `mrloss train`: use its tokenizer")
+    source.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer directory")
+    parser.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size,
+                        help="vocabulary of the tokenizer trained on FILE (default %(default)s: mrloss train's "
+                             "model.vocab_size default)")
     parser.add_argument("--max-length", type=int, help="truncate to this many tokens, as training would")
-    parser.add_argument("--truncation", default="right", choices=("right", "left"))
+    parser.add_argument("--truncation", choices=TRUNCATION_MODES, help="default: right")
     parser.add_argument("--color", default="auto", choices=("auto", "always", "never"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
 
     from mrloss.data import encode
     from mrloss.data.records import read_records
@@ -28,10 +52,14 @@ def main(argv: list[str]) -> int:
     from mrloss.formats import parse
 
     try:
+        data = _run_data_config(args.run) if args.run else DataConfig(max_length=None)
         records = read_records(args.file)
     except (OSError, ValueError) as error:
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
+    data_format = args.format or data.format
+    max_length = args.max_length if args.max_length is not None else data.max_length
+    truncation = args.truncation or data.truncation
     if not 0 <= args.index < len(records):
         print(f"mrloss show: --index {args.index} is out of range: {args.file} has {len(records)} sample(s)",
               file=sys.stderr)
@@ -40,11 +68,11 @@ def main(argv: list[str]) -> int:
     try:
         if record.error is not None:
             raise record.error
-        region_text = parse(record.sample, args.format, sample_id=record.sample_id)
-        tokenizer = _tokenizer(args.tokenizer, records, args.format)
-        encoded = encode(region_text, tokenizer, max_length=args.max_length, truncation=args.truncation,
+        region_text = parse(record.sample, data_format, sample_id=record.sample_id)
+        tokenizer = _tokenizer(args, data_format)
+        encoded = encode(region_text, tokenizer, max_length=max_length, truncation=truncation, add_eos=data.add_eos,
                          sample_id=record.sample_id)
-    except FormatError as error:
+    except (OSError, ValueError) as error:  # FormatError is a ValueError
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
     visualizer = LossMaskVisualizer(tokenizer)
@@ -60,20 +88,33 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _tokenizer(directory: str | None, records, format: str):
-    """The tokenizer in ``directory`` (local files only), else a small BPE trained on the file's parseable texts."""
+def _run_data_config(run_dir: str) -> DataConfig:
+    """The ``data`` section of ``run_dir/config.yaml`` (no truncation until the run has written it)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise OSError(f"--run {run_dir}: not a directory")
+    if not path.exists():
+        return DataConfig(max_length=None)
+    section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
+    return DataConfig(**{key: section[key] for key in ("format", "max_length", "truncation", "add_eos") if key in section})
+
+
+def _tokenizer(args, data_format: str):
+    """The tokenizer of ``--run`` or ``--tokenizer`` (local files only), else one trained on FILE's parseable
+    samples (`mrloss.data.tokenizer.train_bpe_tokenizer_for_files`, ``--vocab-size``)."""
+    directory = args.tokenizer
+    if args.run is not None:
+        candidates = [Path(args.run) / RUN_TOKENIZER_DIR, Path(args.run)]
+        directory = next((str(c) for c in candidates if (c / "tokenizer_config.json").exists()), None)
+        if directory is None:
+            raise OSError(f"--run {args.run}: no tokenizer in {' or '.join(map(str, candidates))} "
+                          "(is it an `mrloss train` output directory?)")
     if directory is not None:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    from mrloss.data.tokenizer import train_bpe_tokenizer
-    from mrloss.formats import parse
+    from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
 
-    texts = []
-    for record in records:
-        if record.sample is not None:
-            try:
-                texts.append(parse(record.sample, format).text)
-            except FormatError:
-                pass  # bad samples are `mrloss prepare`'s business; the shown one was parsed above
-    return train_bpe_tokenizer(texts, vocab_size=1024)
+    return train_bpe_tokenizer_for_files([args.file], data_format, args.vocab_size, skip_invalid=True)

@@ -20,43 +20,16 @@ import functools
 import itertools
 import os
 import time
-from typing import Any, Callable
+import warnings
 
 import torch
 import transformers
 
+from mrloss.debug.monitor import mean_region_losses, region_loss_sums, region_statistics
+from mrloss.integrations.heads import (  # noqa: F401  (LOSS_OPTIONS, SUPPORTED_ARCHITECTURES: public names here)
+    LOSS_OPTIONS, SUPPORTED_ARCHITECTURES, check_loss_options, model_head, unwrap_causal_lm,
+)
 from mrloss.loss import linear_cross_entropy
-
-# Options of `linear_cross_entropy` a user may set; everything else is decided by the model and the batch.
-# `softcap` overrides the model's own `final_logit_softcapping` (None keeps the model's).
-LOSS_OPTIONS = ("backend", "chunk_size", "label_smoothing", "ignore_index", "softcap")
-
-
-@dataclasses.dataclass(frozen=True)
-class _HeadSpec:
-    """How an architecture turns the last hidden state into logits, beyond ``lm_head``:
-    ``logits = softcap(lm_head(hidden * hidden_scale))``; both read from the model instance."""
-
-    hidden_scale: Callable[[Any], float | None] = lambda model: None
-    softcap: Callable[[Any], float | None] = lambda model: getattr(model.config, "final_logit_softcapping", None)
-
-
-_PLAIN = _HeadSpec()
-# Keyed by class name; each entry is covered by tests/test_hf.py against the model's own forward.
-SUPPORTED_ARCHITECTURES: dict[str, _HeadSpec] = {
-    "LlamaForCausalLM": _PLAIN,
-    "MistralForCausalLM": _PLAIN,
-    "Qwen2ForCausalLM": _PLAIN,
-    "Qwen3ForCausalLM": _PLAIN,
-    "GemmaForCausalLM": _PLAIN,
-    "Phi3ForCausalLM": _PLAIN,
-    "Gemma2ForCausalLM": _PLAIN,  # final_logit_softcapping from the config
-    "Gemma3ForCausalLM": _PLAIN,
-    # logits = lm_head(h) * logit_scale == lm_head(h * logit_scale) (no bias on these heads)
-    "CohereForCausalLM": _HeadSpec(hidden_scale=lambda model: model.logit_scale),
-    # logits = lm_head(h) / logits_scaling
-    "GraniteForCausalLM": _HeadSpec(hidden_scale=lambda model: 1.0 / model.config.logits_scaling),
-}
 
 
 @functools.cache
@@ -69,13 +42,6 @@ def _output_class():
         token_losses: torch.FloatTensor | None = None
 
     return MultiRegionCausalLMOutput
-
-
-def unwrap_causal_lm(model):
-    """The ``*ForCausalLM`` instance inside ``model`` (itself, or the base model of a PEFT wrapper)."""
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
-    return model
 
 
 def _lm_head(model) -> torch.nn.Module:
@@ -106,26 +72,19 @@ def apply_mrloss(model, **loss_options):
     The patched forward, with ``labels [B, T]`` (HF convention: -100 on padding and weight-0 tokens):
         ``token_weights [B, T] fp32`` aligned with ``input_ids`` (None: 1.0 on every valid label, i.e.
         the stock HF loss); ``num_items_in_batch``: the normalizer, the global sum of valid weights of the
-        optimizer step (None: this batch's own sum, i.e. a weighted mean).
+        optimizer step (None: this batch's own sum, i.e. a weighted mean). An *integer* num_items_in_batch
+        next to token_weights is a token count (what a stock ``transformers.Trainer`` passes): it is used as
+        given, with a warning (once per model), since the loss then is not the weighted mean. Labels,
+        weights and a tensor num_items_in_batch are moved to the device of the last hidden state.
         loss = Σ_k w_k CE(logits_{k-1}, labels_k) / normalizer, logits never materialized;
         returns ``loss``, ``logits=None``, ``token_losses [B, T] fp32`` (target-aligned, detached).
     Without labels it is the model's own forward (logits as usual); ``token_weights`` then is an error.
-    Raises TypeError for an architecture not in `SUPPORTED_ARCHITECTURES`.
+    Raises TypeError for an architecture not in `mrloss.integrations.heads.SUPPORTED_ARCHITECTURES`.
     """
-    unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
-    if unknown:
-        raise TypeError(f"apply_mrloss: unknown loss option(s) {unknown}; allowed: {list(LOSS_OPTIONS)}")
+    options = check_loss_options(loss_options, caller="apply_mrloss")
     causal_lm = unwrap_causal_lm(model)
-    name = type(causal_lm).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
-        raise TypeError(
-            f"apply_mrloss: cannot patch {name} (model_type {getattr(causal_lm.config, 'model_type', None)!r}); "
-            f"supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
+    head = model_head(causal_lm, options.pop("softcap", None), caller="apply_mrloss")
     _lm_head(causal_lm)  # fail now, not at the first training step
-    head = SUPPORTED_ARCHITECTURES[name]
-    options = dict(loss_options)
-    softcap_override = options.pop("softcap", None)
     stock_forward = causal_lm.__dict__.get("_mrloss_stock_forward") or causal_lm.forward
 
     def forward(
@@ -149,14 +108,17 @@ def apply_mrloss(model, **loss_options):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
         hidden = outputs.last_hidden_state
-        scale = head.hidden_scale(causal_lm)
-        if scale is not None:
-            hidden = hidden * scale
+        if head.hidden_scale is not None:
+            hidden = hidden * head.hidden_scale
+        if token_weights is not None:
+            token_weights = token_weights.to(hidden.device)
+            _warn_if_token_count(causal_lm, num_items_in_batch)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(hidden.device)
         lm_head = _lm_head(causal_lm)
-        softcap = softcap_override if softcap_override is not None else head.softcap(causal_lm)
         loss, token_losses = linear_cross_entropy(
             hidden, lm_head.weight, labels.to(hidden.device), token_weights, bias=lm_head.bias, shift=True,
-            softcap=softcap, normalizer=num_items_in_batch, return_token_losses=True, **options,
+            softcap=head.softcap, normalizer=num_items_in_batch, return_token_losses=True, **options,
         )
         result = _output_class()(
             loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
@@ -168,6 +130,21 @@ def apply_mrloss(model, **loss_options):
     causal_lm.forward = forward
     causal_lm.accepts_loss_kwargs = True
     return model
+
+
+def _warn_if_token_count(causal_lm, num_items_in_batch) -> None:
+    """Warn once per model when ``num_items_in_batch`` is an integer next to ``token_weights``: that is a token
+    count (a stock `transformers.Trainer` passes Σ(labels[..., 1:] != -100) of the optimizer step), so the
+    loss becomes Σw·l / count instead of the weighted mean Σw·l / Σw. `MultiRegionTrainer` passes a float Σw."""
+    integer = isinstance(num_items_in_batch, int) or (
+        isinstance(num_items_in_batch, torch.Tensor) and not num_items_in_batch.is_floating_point())
+    if integer and not causal_lm.__dict__.get("_mrloss_warned_token_count", False):
+        causal_lm._mrloss_warned_token_count = True
+        warnings.warn(
+            "apply_mrloss: num_items_in_batch is an integer (a token count, as a stock transformers.Trainer "
+            "computes it) while token_weights are given: the loss is Σ w·l / token count, not the weighted mean "
+            "Σ w·l / Σ w. Train with mrloss.integrations.hf.MultiRegionTrainer (it passes the step's Σ of "
+            "weights), or pass num_items_in_batch as a float Σ of the valid weights.", stacklevel=3)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -224,7 +201,8 @@ class MultiRegionTrainer(transformers.Trainer):
     weighting: optional object with ``adjust(token_weights, region_type_ids, region_types, epoch)``,
     ``update(type_losses)``, ``multipliers()``, ``state_dict()`` / ``load_state_dict()`` (e.g.
     `mrloss.weighting.RegionWeighting`); epochs passed to it count from 1.
-    monitor: optional object with ``log_batch_stats(batch, step, token_losses)`` (called on rank 0).
+    monitor: optional `mrloss.debug.MultiRegionTrainingMonitor` (or an object with its ``log_batch_stats``
+    returning the same record), called on rank 0.
 
     Normalization: ``num_items_in_batch`` = Σ valid shifted weights of all micro-batches of the optimizer
     step on all ranks, so the loss equals one big batch on one device. Hence ``remove_unused_columns``
@@ -297,7 +275,7 @@ class MultiRegionTrainer(transformers.Trainer):
             return
         stats = _all_reduce_sum(self._step_type_stats, self.args.device)
         self._step_type_stats.zero_()
-        type_losses = {t: float(stats[0, i] / stats[1, i]) for i, t in enumerate(self.region_types) if stats[1, i] > 0}
+        type_losses = mean_region_losses(stats, self.region_types)
         if type_losses:
             self.weighting.update(type_losses)
 
@@ -309,21 +287,22 @@ class MultiRegionTrainer(transformers.Trainer):
         )
         if model.training and "region_type_ids" in batch:
             self._record_region_losses(batch, outputs.token_losses)
-            if self.monitor is not None and self.is_world_process_zero():
-                multipliers = self.weighting.multipliers() if self.weighting is not None else None
-                self.monitor.log_batch_stats(batch, self.state.global_step, outputs.token_losses, multipliers=multipliers)
         return (loss, outputs) if return_outputs else loss
 
     def _record_region_losses(self, batch, token_losses) -> None:
-        region_type_ids = batch["region_type_ids"]
-        learned = (batch["labels"] != self.ignore_index) & (batch["token_weights"] > 0)
-        learned[..., 0] = False  # nothing predicts the first token
-        stats = torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64, device=token_losses.device)
-        type_index = torch.where(region_type_ids >= 0, region_type_ids, len(self.region_types))[learned]
-        stats[0].index_add_(0, type_index, token_losses[learned].double())
-        stats[1].index_add_(0, type_index, torch.ones_like(type_index, dtype=torch.float64))
-        self._step_type_stats += stats[:, :-1].cpu()
-        self._log_type_stats += stats[:, :-1].cpu()
+        """Per-type loss sums of one training micro-batch (`mrloss.debug.monitor.region_statistics`), fed to
+        the weighting's and the log's statistics and, on rank 0, to the monitor."""
+        if self.monitor is not None and self.is_world_process_zero():
+            multipliers = self.weighting.multipliers() if self.weighting is not None else None
+            record = self.monitor.log_batch_stats(batch, self.state.global_step, token_losses,
+                                                  multipliers=multipliers, ignore_index=self.ignore_index)
+        else:
+            record = region_statistics(batch["token_weights"], batch["region_type_ids"], self.region_types,
+                                       attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                                       token_losses=token_losses, ignore_index=self.ignore_index)
+        sums = region_loss_sums(record, self.region_types)
+        self._step_type_stats += sums
+        self._log_type_stats += sums
         self._log_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
     # -- logging ------------------------------------------------------------------------------------
@@ -335,9 +314,8 @@ class MultiRegionTrainer(transformers.Trainer):
             stats = _all_reduce_sum(torch.cat([self._log_type_stats, tokens.expand(2, 1)], dim=1), self.args.device)
             now = time.perf_counter()
             logs["tokens_per_second"] = round(float(stats[0, -1]) / max(now - self._log_time, 1e-9), 1)
-            for i, region_type in enumerate(self.region_types):
-                if stats[1, i] > 0:
-                    logs[f"loss/{region_type}"] = round(float(stats[0, i] / stats[1, i]), 4)
+            for region_type, mean_loss in mean_region_losses(stats[:, :-1], self.region_types).items():
+                logs[f"loss/{region_type}"] = round(mean_loss, 4)
             if self.weighting is not None:
                 logs.update({f"weight/{t}": round(m, 4) for t, m in self.weighting.multipliers().items()})
             self._log_type_stats.zero_()

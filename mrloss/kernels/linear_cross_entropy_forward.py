@@ -31,7 +31,7 @@ INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32)
 def _linear_cross_entropy_forward_kernel(
     hidden_ptr, stride_hidden_row, stride_hidden_col,
     weight_ptr, stride_weight_row, stride_weight_col,
-    bias_ptr, rows_ptr, targets_ptr, losses_ptr,
+    bias_ptr, stride_bias, rows_ptr, targets_ptr, losses_ptr,
     num_rows, hidden_size, vocab_size, softcap, label_smoothing,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -55,6 +55,7 @@ def _linear_cross_entropy_forward_kernel(
         for h_start in range(0, hidden_size, BLOCK_H):
             ks = h_start + tl.arange(0, BLOCK_H)
             k_mask = ks < hidden_size
+            ks = ks.to(tl.int64)  # column offsets times a transposed view's large stride
             h = tl.load(hidden_row_ptrs + ks[None, :] * stride_hidden_col,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(weight_col_ptrs + ks[:, None] * stride_weight_col,  # [BLOCK_H, BLOCK_V] = W^T tile
@@ -64,7 +65,8 @@ def _linear_cross_entropy_forward_kernel(
                 w = w.to(tl.float32)
             logits = tl.dot(h, w, logits, input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            logits += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0)
+            logits += bias.to(tl.float32)[None, :]
         z, _ = softcapped(logits, softcap, HAS_SOFTCAP)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
@@ -90,8 +92,9 @@ def linear_cross_entropy_forward(
 ) -> torch.Tensor:
     """Per-row losses [M] float32 of the rows ``rows`` of ``hidden``, without materializing logits.
 
-    hidden [N, H], weight [V, H], bias [V] or None: one dtype of fp16|bf16|fp32 (any strides);
-    rows [M] int64 indices into hidden; targets [M] int64 in [0, V). Logits are accumulated in float32
+    hidden [N, H], weight [V, H], bias [V] or None: one dtype of fp16|bf16|fp32 (any strides: each is
+    read through its own strides, never copied); rows [M] int64 indices into hidden and targets [M]
+    int64 in [0, V) (any strides: made contiguous, O(M)). Logits are accumulated in float32
     (fp32 inputs exactly: IEEE products, no TF32). blocks: BLOCK_N / BLOCK_V / BLOCK_H (each a power
     of two >= 16) to override the per-device defaults. See ``mrloss.chunked`` for the formula.
     """
@@ -109,7 +112,8 @@ def linear_cross_entropy_forward(
     _linear_cross_entropy_forward_kernel[grid](
         hidden, hidden.stride(0), hidden.stride(1),
         weight, weight.stride(0), weight.stride(1),
-        weight if bias is None else bias, rows.contiguous(), targets.contiguous(), losses,  # dummy bias ptr
+        weight if bias is None else bias, 0 if bias is None else bias.stride(0),  # weight: dummy bias pointer
+        rows.contiguous(), targets.contiguous(), losses,
         num_rows, hidden_size, vocab_size, float(softcap or 1.0), float(label_smoothing),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         DOT_IN_FLOAT32=interpreted and hidden.dtype == torch.bfloat16,

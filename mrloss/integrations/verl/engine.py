@@ -29,11 +29,11 @@ import types
 
 import torch
 
+from mrloss.integrations.heads import check_loss_options, model_head, unwrap_causal_lm
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shift_targets
 
 LOSS_KEY = "mrloss_loss"
 SHARD_KWARG = "mrloss_shard"
-LOSS_OPTIONS = ("backend", "chunk_size", "softcap", "label_smoothing")
 
 
 class ShardBatch:
@@ -78,17 +78,19 @@ def shard_micro_batch(micro_batch, pad_size: int, group, *, ignore_index: int = 
 
 
 def patch_causal_lm_forward(model, loss_options: dict | None = None):
-    """Give ``model`` (an HF causal LM instance) a forward that, when called with ``mrloss_shard=``,
-    runs the decoder body and returns ``CausalLMOutputWithPast(loss=...)`` computed with mrloss from
-    the hidden states (no logits); without it, the original forward runs. Returns the model."""
+    """Give ``model`` (an HF causal LM instance, or a PEFT model around one) a forward that, when called with
+    ``mrloss_shard=``, runs the decoder body and returns ``CausalLMOutputWithPast(loss=...)`` computed with
+    mrloss from the hidden states (no logits; the architecture's hidden scale and softcap from
+    `mrloss.integrations.heads`); without it, the original forward runs. Returns the model.
+
+    loss_options: any of `mrloss.integrations.heads.LOSS_OPTIONS` (``ignore_index`` has no effect: the
+    targets are built here from ``loss_mask``, with -100). Raises TypeError for an architecture not in ``SUPPORTED_ARCHITECTURES``."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    options = _loss_options(loss_options)
-    config = model.config
-    if getattr(config, "logit_scale", None) not in (None, 1.0):
-        raise ValueError(f"{type(model).__name__}: heads with logit_scale are not supported by the mrloss verl patch")
-    if options.get("softcap") is None:
-        options["softcap"] = getattr(config, "final_logit_softcapping", None)
+    options = check_loss_options(loss_options, caller="mrloss verl engine")
+    options.pop("ignore_index", None)
+    causal_lm = unwrap_causal_lm(model)
+    head = model_head(causal_lm, options.pop("softcap", None), caller="mrloss verl engine")
     original_forward = model.forward
 
     def forward(self, *args, mrloss_shard: ShardBatch | None = None, **kwargs):
@@ -96,15 +98,18 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
             return original_forward(*args, **kwargs)
         for unused in ("labels", "logits_to_keep", "return_dict", "temperature", "shift_labels"):
             kwargs.pop(unused, None)
-        hidden = self.get_decoder()(*args, **kwargs)[0]  # [1, n_local, H]
+        hidden = causal_lm.get_decoder()(*args, **kwargs)[0]  # [1, n_local, H]
         if hidden.shape[0] != 1 or hidden.shape[1] != mrloss_shard.targets.shape[0]:
             raise ValueError(f"hidden states {tuple(hidden.shape)} do not match the mrloss shard of "
                              f"{mrloss_shard.targets.shape[0]} tokens (needs use_remove_padding=True)")
-        head = self.get_output_embeddings()
+        if head.hidden_scale is not None:
+            hidden = hidden * head.hidden_scale
+        lm_head = causal_lm.get_output_embeddings()
         loss = sequence_parallel_linear_cross_entropy(
-            hidden[0], head.weight, mrloss_shard.targets.to(hidden.device),
-            mrloss_shard.token_weights.to(hidden.device), bias=getattr(head, "bias", None),
+            hidden[0], lm_head.weight, mrloss_shard.targets.to(hidden.device),
+            mrloss_shard.token_weights.to(hidden.device), bias=getattr(lm_head, "bias", None),
             group=mrloss_shard.group, normalizer=mrloss_shard.normalizer, grad_reduction="mean",
+            softcap=head.softcap,
             return_token_losses=mrloss_shard.keep_token_losses, **options,
         )
         if mrloss_shard.keep_token_losses:
@@ -159,10 +164,3 @@ def patch_engine(engine, loss_options: dict | None = None, region_tools=None):
     engine.forward_backward_batch = forward_backward_batch
     return engine
 
-
-def _loss_options(loss_options: dict | None) -> dict:
-    options = dict(loss_options or {})
-    unknown = sorted(set(options) - set(LOSS_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown mrloss loss option(s) {unknown}; known: {list(LOSS_OPTIONS)}")
-    return options

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mrloss.debug.monitor import region_statistics
+from mrloss.debug.monitor import mean_region_losses, region_loss_sums, region_statistics
 from mrloss.parallel import group_size_and_rank
 
 WEIGHTING_STATE_FILE = "mrloss_weighting.pt"
@@ -81,11 +81,7 @@ class EngineRegionTools:
             record = self.monitor.log_batch_stats(batch, self.step, token_losses[None], multipliers=multipliers)
         else:
             record = region_statistics(token_weights, region_type_ids, self.region_types, token_losses=token_losses)
-        for index, name in enumerate(self.region_types):
-            stats = record["regions"][name]
-            if stats["learned_tokens"]:
-                self._type_stats[0, index] += stats["mean_loss"] * stats["learned_tokens"]
-                self._type_stats[1, index] += stats["learned_tokens"]
+        self._type_stats += region_loss_sums(record, self.region_types)
 
     def end_step(self, dp_group=None) -> None:
         """Feed the step's per-type mean token losses (summed over ``dp_group``) to the weighting."""
@@ -98,8 +94,7 @@ class EngineRegionTools:
             stats = stats.to("cpu" if gloo else torch.accelerator.current_accelerator())
             dist.all_reduce(stats, group=dp_group)
             stats = stats.cpu()
-        type_losses = {name: float(stats[0, i] / stats[1, i]) for i, name in enumerate(self.region_types)
-                       if stats[1, i] > 0}
+        type_losses = mean_region_losses(stats, self.region_types)
         if type_losses:
             self.weighting.update(type_losses)
 
