@@ -25,6 +25,7 @@ import warnings
 import torch
 import transformers
 
+from mrloss.alignment import valid_weight_sum
 from mrloss.debug.monitor import mean_region_losses, region_loss_sums, region_statistics
 from mrloss.integrations.heads import (  # noqa: F401  (LOSS_OPTIONS, SUPPORTED_ARCHITECTURES: public names here)
     LOSS_OPTIONS, SUPPORTED_ARCHITECTURES, check_loss_options, model_head, unwrap_causal_lm,
@@ -156,12 +157,6 @@ def model_inputs(batch: dict) -> dict:
         inputs.pop("attention_mask", None)
     return inputs
 
-
-def valid_weight_sum(labels: torch.Tensor, token_weights: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Σ of the weights of the targets a causal LM predicts: ``token_weights[..., 1:]`` where
-    ``labels[..., 1:] != ignore_index``. labels [B, T] int64, token_weights [B, T] -> 0-dim float64."""
-    valid = labels[..., 1:] != ignore_index
-    return torch.where(valid, token_weights[..., 1:].double(), 0.0).sum()
 
 
 class _WeightingCheckpointCallback(transformers.TrainerCallback):
