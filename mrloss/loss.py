@@ -4,9 +4,10 @@
 shift rule of ``mrloss.alignment``), compacts the *learned* tokens (valid target and weight > 0: only
 they cost matmul work), and runs one ``torch.autograd.Function`` over the chunk driver
 ``mrloss.chunked`` with a backend row op (``mrloss.torch_backend`` or the Triton kernel
-``mrloss.kernels.cross_entropy_rows``). With the Triton backend, passes that need losses only (no gradient wanted, or the forward of reduction "none") run the
-fused kernel ``mrloss.kernels.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra
-memory. The formula is the one of ``mrloss.reference``.
+``mrloss.kernels.cross_entropy_rows``). With the Triton backend, passes that need losses only (no
+gradient wanted, or the forward of reduction "none") run the fused kernel
+``mrloss.kernels.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra memory. The
+formula is the one of ``mrloss.reference``.
 
 For reduction "mean"/"sum" (and ``normalizer``) the upstream gradient is a scalar, so the gradients are
 computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward only scales them, in
