@@ -1,4 +1,4 @@
-"""`mrloss demo`: the whole pipeline on a laptop CPU in about a minute, no downloads.
+"""`mrloss demo`: the whole pipeline on a laptop CPU in seconds, no downloads.
 
 1. writes the example data set (three formats) to ``OUTPUT_DIR/data``;
 2. shows the loss mask of one sample in the terminal (`mrloss.debug.LossMaskVisualizer`);
@@ -17,7 +17,7 @@ from mrloss.config import Config, DataConfig, ModelConfig, MonitorConfig, Traine
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mrloss demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="mrloss-demo", help="where data, model and logs go (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--format", default="tag_based", choices=("position_based", "tag_based", "structured"),
                         help="which copy of the example data to train on (default: %(default)s)")
     args = parser.parse_args(argv)
