@@ -204,9 +204,13 @@ def test_show_uses_the_run_tokenizer(examples, tmp_path, capsys):
     assert by_run != shown("--vocab-size", "300")  # the vocabulary does change the token boundaries
     (run / "tokenizer").rename(tmp_path / "saved_with_model")  # a finished run: the tokenizer is in DIR itself
     (tmp_path / "saved_with_model").rename(run)
-    (run / "config.yaml").write_text("data:\n  max_length: 12\n  truncation: left\n", encoding="utf-8")
+    (run / "config.yaml").write_text("data:\n  format: tag_based\n  max_length: 12\n  truncation: left\n",
+                                     encoding="utf-8")
     truncated = shown("--run", str(run))
     assert truncated != by_run and "sample truncated" in truncated
+    # the run's data.format describes its training files: a file in another format is still detected
+    assert show_main([str(examples[0]["structured"]), "--run", str(run), "--color", "never"]) == 0
+    assert "Loss mask" in capsys.readouterr().out
     assert show_main([path, "--run", str(tmp_path / "nowhere")]) == 1
     assert "not a directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

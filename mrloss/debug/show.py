@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Tokenizer, first that applies:\n"
                "  --run DIR        the tokenizer of an `mrloss train` output directory: DIR/tokenizer (saved when\n"
                "                   the run starts, model.path null) or DIR itself (saved with the final model); the\n"
-               "                   run's config.yaml (written at its end) gives --format, --max-length and\n"
-               "                   --truncation unless given here\n"
+               "                   run's config.yaml (written at its end) gives --max-length and --truncation\n"
+               "                   unless given here (the format of FILE is detected, or --format)\n"
                "  --tokenizer DIR  a local Hugging Face tokenizer directory\n"
                "  otherwise        a byte-level BPE of --vocab-size trained on FILE's texts, as `mrloss train`\n"
                "                   trains it (model.path null) when FILE is its only training file",
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as error:
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
-    data_format = args.format or data.format
+    data_format = args.format or "auto"  # FILE's own format: the run's data.format describes its training files
     max_length = args.max_length if args.max_length is not None else data.max_length
     truncation = args.truncation or data.truncation
     if not 0 <= args.index < len(records):
@@ -98,7 +98,7 @@ def _run_data_config(run_dir: str) -> DataConfig:
     if not path.exists():
         return DataConfig(max_length=None)
     section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-    return DataConfig(**{key: section[key] for key in ("format", "max_length", "truncation", "add_eos") if key in section})
+    return DataConfig(**{key: section[key] for key in ("max_length", "truncation", "add_eos") if key in section})
 
 
 def _tokenizer(args, data_format: str):
