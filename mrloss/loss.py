@@ -297,12 +297,15 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
 
 def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses | None]:
     """The row op of the chosen backend and its fused loss-only forward, or None where there is none
-    (torch backend; float64, which the fused kernel leaves to the chunks). Contracts: ``mrloss.chunked``."""
-    if backend == "auto":
-        backend = "triton" if hidden.is_cuda and _triton_available() else "torch"
+    (torch backend; float64, which the fused kernel leaves to the chunks). Contracts: ``mrloss.chunked``.
+    "auto" on CUDA: the Triton ops, each falling back to the PyTorch backend (one warning) if it fails."""
+    from mrloss.torch_backend import cross_entropy_rows as torch_rows
+
+    auto = backend == "auto"
+    if auto:
+        backend = _auto_backend(hidden)
     if backend == "torch":
-        from mrloss.torch_backend import cross_entropy_rows
-        return cross_entropy_rows, None
+        return torch_rows, None
     if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
                          "TRITON_INTERPRET=1 set before triton is imported")
@@ -310,7 +313,31 @@ def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses
         raise ImportError('backend="triton" needs the triton package (pip install triton)')
     from mrloss.kernels.cross_entropy_rows import cross_entropy_rows
     from mrloss.kernels.linear_cross_entropy_forward import linear_cross_entropy_forward
-    return cross_entropy_rows, None if hidden.dtype == torch.float64 else linear_cross_entropy_forward
+
+    fused = None if hidden.dtype == torch.float64 else linear_cross_entropy_forward
+    if not auto:
+        return cross_entropy_rows, fused
+    from mrloss.triton_fallback import with_torch_fallback
+
+    row_op = with_torch_fallback(cross_entropy_rows, torch_rows, "cross_entropy_rows")
+    if fused is not None:
+        fused = with_torch_fallback(fused, _chunked_torch_losses, "linear_cross_entropy_forward")
+    return row_op, fused
+
+
+def _auto_backend(hidden: torch.Tensor) -> str:
+    """backend="auto": Triton on CUDA tensors (when triton is installed), PyTorch otherwise."""
+    return "triton" if hidden.is_cuda and _triton_available() else "torch"
+
+
+def _chunked_torch_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing) -> torch.Tensor:
+    """The fused loss-only forward's result from the PyTorch chunks (its fallback), float32."""
+    from mrloss.torch_backend import cross_entropy_rows as torch_rows
+
+    chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    result = chunked_linear_cross_entropy(hidden, weight, bias, rows, targets, None, row_op=torch_rows,
+                                          softcap=softcap, label_smoothing=label_smoothing, chunk_size=chunk_size)
+    return result.losses.float()
 
 
 def check_normalizer(normalizer, device: torch.device) -> None:

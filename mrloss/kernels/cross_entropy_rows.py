@@ -6,55 +6,40 @@ pass 1 keeps an online max / sum-exp (logsumexp), the sum of logits (label smoot
 target logit; pass 2 (only when grad_scales is given) rewrites the row with the gradient in the logits'
 dtype. All math in float32 (float64 for float64 logits); no atomics, so results are deterministic.
 """
-from __future__ import annotations
 
-import os
+from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
 from mrloss.chunked import accumulation_dtype
+from mrloss.kernels.launch import Capability, CompileCase, LaunchConfig, device_capability, triton_interpreted
+from mrloss.kernels.tl_math import softcapped, tanh
 
-MAX_BLOCK_V = 4096
-
-
-def triton_interpreted() -> bool:
-    """Whether Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def softcapped(a, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Returns (z, tanh(a / softcap)); tanh from exp (no libdevice, so it also runs interpreted)."""
-    th = a
-    if HAS_SOFTCAP:
-        e = tl.exp(-2.0 * tl.abs(a / softcap))
-        th = tl.where(a < 0, (e - 1.0) / (1.0 + e), (1.0 - e) / (1.0 + e))
-        a = softcap * th
-    return a, th
-
-
-@triton.jit
-def _to_bfloat16_rtne(x):
-    """float32 -> bfloat16 rounding to nearest even by bit arithmetic (finite x). The interpreter's own
-    cast truncates, while GPUs round to nearest even; this keeps interpreted results equal to GPU ones."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+SMALL_BLOCK_V = 1024  # vocabularies up to this size: one tile, 4 warps (8 for float64)
+MAX_BLOCK_V = 4096  # larger vocabularies: 4096-wide tiles, 16 warps (8 values per thread; 8 warps spill)
 
 
 @triton.jit
 def _cross_entropy_rows_kernel(
-    logits_ptr, stride_row, targets_ptr, scales_ptr, losses_ptr,
-    vocab_size, softcap, label_smoothing,
-    HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-    MANUAL_BF16_ROUNDING: tl.constexpr,
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    scales_ptr,
+    losses_ptr,
+    vocab_size,
+    softcap,
+    label_smoothing,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
-    target_logit, _ = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
+    target_logit = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
 
     running_max = tl.full((), float("-inf"), ACC)
     sum_exp = tl.zeros((), ACC)
@@ -62,7 +47,7 @@ def _cross_entropy_rows_kernel(
     for start in range(0, vocab_size, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < vocab_size
-        z, _ = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
+        z = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
         z = tl.where(mask, z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
@@ -77,15 +62,34 @@ def _cross_entropy_rows_kernel(
         for start in range(0, vocab_size, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < vocab_size
-            z, th = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
+            a = tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_SOFTCAP:
+                th = tanh(a / softcap)
+                z = softcap * th
+            else:
+                z = a
             grad = tl.exp(z - lse) - label_smoothing / vocab_size
             grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
             if HAS_SOFTCAP:
                 grad = grad * (1.0 - th * th)
-            grad = grad * scale
-            if MANUAL_BF16_ROUNDING:
-                grad = _to_bfloat16_rtne(grad)
-            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+            tl.store(row_ptr + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def rows_launch_config(
+    vocab_size: int, logits_dtype: torch.dtype, *, has_softcap: bool, write_grad: bool, capability: Capability
+) -> LaunchConfig:
+    """The row kernel's configuration for ``[*, vocab_size]`` logits of ``logits_dtype`` (same on sm_80
+    and sm_90: a memory-bound loop with no shared-memory tiles)."""
+    del capability  # kept in the signature: every launch config is a function of the device too
+    block_v = SMALL_BLOCK_V if vocab_size <= SMALL_BLOCK_V else MAX_BLOCK_V
+    wide = accumulation_dtype(logits_dtype) == torch.float64
+    return LaunchConfig(
+        constexprs=dict(
+            HAS_SOFTCAP=has_softcap, WRITE_GRAD=write_grad, BLOCK_V=block_v, ACC=tl.float64 if wide else tl.float32
+        ),
+        num_warps=16 if block_v == MAX_BLOCK_V else 8 if wide else 4,
+        num_stages=1,
+    )
 
 
 def cross_entropy_rows(
@@ -105,14 +109,74 @@ def cross_entropy_rows(
         return losses
     if logits.stride(1) != 1:
         raise ValueError(f"logits rows must be contiguous, got strides {logits.stride()}")
+    if logits.dtype == torch.bfloat16 and grad_scales is not None and triton_interpreted():
+        # The interpreter's float32 -> bfloat16 cast truncates where GPUs round to nearest even: run on
+        # a float32 copy and let torch round it, so interpreted results equal GPU ones.
+        scratch = logits.float()
+        losses = cross_entropy_rows(scratch, targets, grad_scales, softcap=softcap, label_smoothing=label_smoothing)
+        logits.copy_(scratch)
+        return losses
     scales = losses if grad_scales is None else grad_scales.to(acc_dtype).contiguous()  # dummy pointer
-    block_v = min(triton.next_power_of_2(vocab_size), MAX_BLOCK_V)
+    config = rows_launch_config(
+        vocab_size,
+        logits.dtype,
+        has_softcap=softcap is not None,
+        write_grad=grad_scales is not None,
+        capability=device_capability(logits.device),
+    )
     _cross_entropy_rows_kernel[(num_rows,)](
-        logits, logits.stride(0), targets.contiguous(), scales, losses,
-        vocab_size, float(softcap or 1.0), float(label_smoothing),
-        HAS_SOFTCAP=softcap is not None, WRITE_GRAD=grad_scales is not None, BLOCK_V=block_v,
-        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        MANUAL_BF16_ROUNDING=logits.dtype == torch.bfloat16 and triton_interpreted(),
-        num_warps=8 if block_v >= 2048 else 4,
+        logits,
+        logits.stride(0),
+        targets.contiguous(),
+        scales,
+        losses,
+        vocab_size,
+        float(softcap or 1.0),
+        float(label_smoothing),
+        **config.constexprs,
+        **config.options(),
     )
     return losses
+
+
+def compile_cases(capability: Capability):
+    """Every configuration the launcher can choose on a GPU of ``capability``, as ``CompileCase``s."""
+    seen = set()
+    for dtype in _SIGNATURE_DTYPE:
+        for vocab_size in (1000, SMALL_BLOCK_V, SMALL_BLOCK_V + 1, 128256):
+            for has_softcap in (False, True):
+                for write_grad in (False, True):
+                    config = rows_launch_config(
+                        vocab_size, dtype, has_softcap=has_softcap, write_grad=write_grad, capability=capability
+                    )
+                    divisible = _POINTERS + (("stride_row", "vocab_size") if vocab_size % 16 == 0 else ())
+                    key = (dtype, divisible, config.describe())
+                    if key not in seen:
+                        seen.add(key)
+                        yield CompileCase(
+                            "cross_entropy_rows",
+                            _SIGNATURE_DTYPE[dtype],
+                            _cross_entropy_rows_kernel,
+                            _signature(dtype),
+                            divisible,
+                            config,
+                        )
+
+
+_SIGNATURE_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+_POINTERS = ("logits_ptr", "targets_ptr", "scales_ptr", "losses_ptr")
+
+
+def _signature(dtype: torch.dtype) -> dict[str, str]:
+    """Argument types as the JIT sees them on a GPU launch (Python ints below 2**31 are i32)."""
+    acc = _SIGNATURE_DTYPE[accumulation_dtype(dtype)]
+    return dict(
+        logits_ptr=f"*{_SIGNATURE_DTYPE[dtype]}",
+        stride_row="i32",
+        targets_ptr="*i64",
+        scales_ptr=f"*{acc}",
+        losses_ptr=f"*{acc}",
+        vocab_size="i32",
+        softcap="fp32",
+        label_smoothing="fp32",
+    )

@@ -18,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mrloss.kernels.cross_entropy_rows import softcapped, triton_interpreted
+from mrloss.kernels.launch import Capability, CompileCase, LaunchConfig, device_capability, triton_interpreted
+from mrloss.kernels.tl_math import softcapped
 
 # Block sizes are fixed, not autotuned: they were chosen without a GPU to tune on. GPU: the usual
 # tensor-core friendly tile (a 64 x 128 fp32 accumulator). Interpreter: small tiles (numpy per tile).
 GPU_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
-GPU_LAUNCH = dict(num_warps=8, num_stages=3)
 INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32)
 
 
@@ -33,8 +33,7 @@ def _linear_cross_entropy_forward_kernel(
     weight_ptr, stride_weight_row, stride_weight_col,
     bias_ptr, stride_bias, rows_ptr, targets_ptr, losses_ptr,
     num_rows, hidden_size, vocab_size, softcap, label_smoothing,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_IN_FLOAT32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     offsets = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,14 +59,11 @@ def _linear_cross_entropy_forward_kernel(
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(weight_col_ptrs + ks[:, None] * stride_weight_col,  # [BLOCK_H, BLOCK_V] = W^T tile
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            if DOT_IN_FLOAT32:  # interpreter only: it multiplies the raw bits of bfloat16 operands
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
             logits = tl.dot(h, w, logits, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0)
             logits += bias.to(tl.float32)[None, :]
-        z, _ = softcapped(logits, softcap, HAS_SOFTCAP)
+        z = softcapped(logits, softcap, HAS_SOFTCAP)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
         sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
@@ -77,6 +73,26 @@ def _linear_cross_entropy_forward_kernel(
     lse = running_max + tl.log(sum_exp)
     losses = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
     tl.store(losses_ptr + offsets, losses, mask=row_mask)
+
+
+def forward_launch_config(
+    dtype: torch.dtype, *, has_bias: bool, has_softcap: bool, capability: Capability, blocks: dict | None = None
+) -> LaunchConfig:
+    """The fused forward's configuration for inputs of ``dtype`` on a GPU of ``capability``: 64 x 128
+    float32 accumulator tiles over 64-wide H steps (32-wide for float32, whose IEEE products run on
+    FMA units and would spill registers on sm_80 at 64), 8 warps, 3 stages. ``blocks`` overrides tiles."""
+    del capability  # one configuration fits sm_80 and sm_90 (see the compile check's table)
+    tiles = dict(GPU_BLOCKS, BLOCK_H=32) if dtype == torch.float32 else GPU_BLOCKS
+    return LaunchConfig(
+        constexprs=dict(
+            HAS_BIAS=has_bias,
+            HAS_SOFTCAP=has_softcap,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            **dict(tiles, **(blocks or {})),
+        ),
+        num_warps=8,
+        num_stages=3,
+    )
 
 
 def linear_cross_entropy_forward(
@@ -104,20 +120,53 @@ def linear_cross_entropy_forward(
     losses = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     if num_rows == 0:
         return losses
-    interpreted = triton_interpreted()
-    blocks = dict(INTERPRETER_BLOCKS if interpreted else GPU_BLOCKS, **(blocks or {}))
-    launch = {} if interpreted else GPU_LAUNCH
+    config = forward_launch_config(
+        hidden.dtype,
+        has_bias=bias is not None,
+        has_softcap=softcap is not None,
+        capability=device_capability(hidden.device),
+        blocks=blocks,
+    )
+    options = config.options()
+    if triton_interpreted():
+        # numpy per tile: small tiles, no launch options; and bfloat16 dot operands as float32, because
+        # the interpreter multiplies their raw bits (the products are exact in float32 either way)
+        config.constexprs.update(INTERPRETER_BLOCKS, **(blocks or {}))
+        options = {}
+        if hidden.dtype == torch.bfloat16:
+            hidden, weight = hidden.float(), weight.float()
+            bias = None if bias is None else bias.float()
     vocab_size, hidden_size = weight.shape
-    grid = (triton.cdiv(num_rows, blocks["BLOCK_N"]),)
+    grid = (triton.cdiv(num_rows, config.constexprs["BLOCK_N"]),)
     _linear_cross_entropy_forward_kernel[grid](
         hidden, hidden.stride(0), hidden.stride(1),
         weight, weight.stride(0), weight.stride(1),
         weight if bias is None else bias, 0 if bias is None else bias.stride(0),  # weight: dummy bias pointer
         rows.contiguous(), targets.contiguous(), losses,
         num_rows, hidden_size, vocab_size, float(softcap or 1.0), float(label_smoothing),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        DOT_IN_FLOAT32=interpreted and hidden.dtype == torch.bfloat16,
-        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
-        **blocks, **launch,
+        **config.constexprs, **options,
     )
     return losses
+
+
+def compile_cases(capability: Capability):
+    """Every configuration the launcher can choose on a GPU of ``capability``, as ``CompileCase``s."""
+    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for has_bias in (False, True):
+            for has_softcap in (False, True):
+                config = forward_launch_config(dtype, has_bias=has_bias, has_softcap=has_softcap, capability=capability)
+                signature = dict(
+                    hidden_ptr=f"*{name}", stride_hidden_row="i32", stride_hidden_col="i32",
+                    weight_ptr=f"*{name}", stride_weight_row="i32", stride_weight_col="i32",
+                    bias_ptr=f"*{name}", stride_bias="i32", rows_ptr="*i64", targets_ptr="*i64", losses_ptr="*fp32",
+                    num_rows="i32", hidden_size="i32", vocab_size="i32", softcap="fp32", label_smoothing="fp32",
+                )  # fmt: skip
+                # contiguous hidden and weight: column strides are 1 (a constexpr on a GPU launch)
+                signature.update(stride_hidden_col="constexpr", stride_weight_col="constexpr")
+                config = LaunchConfig(
+                    dict(config.constexprs, stride_hidden_col=1, stride_weight_col=1), config.num_warps, config.num_stages
+                )
+                divisible = ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "targets_ptr", "losses_ptr",
+                             "stride_hidden_row", "stride_weight_row", "hidden_size", "vocab_size")  # fmt: skip
+                yield CompileCase("linear_cross_entropy_forward", name, _linear_cross_entropy_forward_kernel,
+                                  signature, divisible, config)  # fmt: skip

@@ -1,0 +1,155 @@
+"""Compile every Triton kernel configuration with Triton's real compiler, for real GPUs, from a CPU.
+
+The CPU interpreter accepts code that the GPU compiler rejects, so passing interpreted tests says
+nothing about a GPU. This check compiles each ``CompileCase`` the kernel modules yield (exactly the
+launch configurations their launchers choose on a GPU) for sm_80 and sm_90 with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", major * 10 + minor, warp_size))``, and reads
+registers and shared memory of the cubin with ``cuobjdump -res-usage`` from the triton wheel, and the
+spill stores from ``ptxas -v``. ``python -m mrloss.kernels.compile_check`` prints the table. The
+kernels must be real ``JITFunction``s: run it with TRITON_INTERPRET unset (the tests use a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mrloss.kernels.launch import GPU_CAPABILITIES, Capability, CompileCase, triton_interpreted
+
+SHARED_MEMORY_LIMIT = {(8, 0): 166912, (9, 0): 232448}  # bytes of shared memory per block (opt-in maximum)
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_SPILLS = re.compile(r"(\d+) bytes spill stores")
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """Resource use of one compiled case (bytes for memory); ``error`` is the compiler's message or None."""
+
+    case: CompileCase
+    capability: Capability
+    registers: int = 0
+    spill_bytes: int = 0  # register spill stores
+    shared_bytes: int = 0
+    error: str | None = None
+
+    def problems(self) -> list[str]:
+        """What makes this case unfit for a GPU: a compile error, spills on sm_90, too much shared memory."""
+        if self.error is not None:
+            return [f"compile error: {self.error}"]
+        found = []
+        if self.spill_bytes and self.capability >= (9, 0):
+            found.append(f"{self.spill_bytes} bytes of register spills")
+        if self.shared_bytes > SHARED_MEMORY_LIMIT[self.capability]:
+            found.append(f"{self.shared_bytes} bytes of shared memory > {SHARED_MEMORY_LIMIT[self.capability]}")
+        return found
+
+    def row(self) -> str:
+        arch = f"sm_{self.capability[0]}{self.capability[1]}"
+        if self.error is not None:
+            return f"| {self.case.kernel_name} | {arch} | {self.case.dtype} | {self.case.config.describe()} | | error |||"
+        return (
+            f"| {self.case.kernel_name} | {arch} | {self.case.dtype} | {self.case.config.describe()} "
+            f"| {'yes' if any(not name.endswith('_ptr') for name in self.case.divisible_by_16) else 'no'} "
+            f"| {self.registers} | {self.spill_bytes} | {self.shared_bytes} |"
+        )
+
+
+TABLE_HEADER = (
+    "| kernel | arch | dtype | config | ints % 16 | regs | spills (B) | smem (B) |\n|---|---|---|---|---|---|---|---|"
+)
+
+
+def all_cases(capability: Capability):
+    """Every kernel's cases for ``capability``."""
+    from mrloss.kernels import cross_entropy_rows, linear_cross_entropy_forward
+
+    for module in (cross_entropy_rows, linear_cross_entropy_forward):
+        yield from module.compile_cases(capability)
+
+
+def compile_case(case: CompileCase, capability: Capability) -> CompileResult:
+    """Compile ``case`` for ``capability`` (no GPU needed) and read its resource use from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arg_names = case.kernel.arg_names
+    signature = {name: case.signature.get(name, "constexpr") for name in arg_names}
+    attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in case.divisible_by_16}
+    source = ASTSource(fn=case.kernel, signature=signature, constexprs=case.config.constexprs, attrs=attrs)
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    try:
+        compiled = triton.compile(source, target=target, options=case.config.options())
+    except Exception as error:  # noqa: BLE001 - any compiler failure is this case's result
+        message = str(error).strip().splitlines()
+        return CompileResult(case, capability, error=message[-1] if message else type(error).__name__)
+    registers, _stack, static_shared, _local = _cubin_resources(compiled.asm["cubin"])
+    spill_bytes = _spill_store_bytes(compiled.asm["ptx"], capability)
+    return CompileResult(case, capability, registers, spill_bytes, compiled.metadata.shared + static_shared)
+
+
+def _cubin_resources(cubin: bytes) -> tuple[int, ...]:
+    """(registers, stack bytes, static shared bytes, local bytes) of the one kernel in ``cubin``,
+    from ``cuobjdump -res-usage`` (the stack frame also holds call frames, so spills come from ptxas)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    report = _run_on_file(cubin, ".cubin", [tool, "-res-usage"])
+    found = _RESOURCES.search(report)
+    if found is None:
+        raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{report}")
+    return tuple(int(value) for value in found.groups())
+
+
+def _spill_store_bytes(ptx: str, capability: Capability) -> int:
+    """Bytes of register spill stores that ptxas (the one Triton itself uses) reports for ``ptx``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = capability[0] * 10 + capability[1]
+    suffix = "a" if arch >= 90 else ""
+    command = [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", "-o", os.devnull]
+    found = _SPILLS.search(_run_on_file(ptx.encode(), ".ptx", command))
+    if found is None:
+        raise RuntimeError("ptxas -v reported no spill line")
+    return int(found.group(1))
+
+
+def _run_on_file(content: bytes, suffix: str, command: list[str]) -> str:
+    """stdout + stderr of ``command FILE`` with ``content`` written to a temporary FILE."""
+    with tempfile.NamedTemporaryFile(suffix=suffix) as file:
+        file.write(content)
+        file.flush()
+        done = subprocess.run([*command, file.name], capture_output=True, text=True, check=True)
+    return done.stdout + done.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile every case for every target and print the table (``--json PATH``: also write each case's
+    id, row and problems); exit status 1 when any case is unfit. Needs TRITON_INTERPRET unset."""
+    parser = argparse.ArgumentParser(prog="python -m mrloss.kernels.compile_check", description=__doc__)
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    if triton_interpreted():
+        parser.error("TRITON_INTERPRET=1 is set: the real compiler needs it unset")
+    print(TABLE_HEADER)
+    results = []
+    for capability in GPU_CAPABILITIES:
+        for case in all_cases(capability):
+            result = compile_case(case, capability)
+            print(result.row())
+            for problem in result.problems():
+                print(f"  ^ {problem}")
+            results.append(dict(id=case.case_id(capability), row=result.row(), problems=result.problems()))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 1 if any(result["problems"] for result in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""backend="auto": a Triton kernel that fails to compile or launch falls back to the PyTorch backend on
+the same device with one warning; backend="triton" raises. (The kernels run interpreted here, and
+"auto" is pointed at Triton as it is on a CUDA tensor.)"""
+
+import warnings
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+import mrloss.kernels.cross_entropy_rows as rows_module
+import mrloss.kernels.linear_cross_entropy_forward as forward_module
+import mrloss.loss as loss_module
+import mrloss.triton_fallback as fallback_module
+from mrloss import linear_cross_entropy
+
+
+def _inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(37, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 37, (3, 7), generator=gen)
+    token_weights = torch.rand(3, 7, generator=gen) * 2
+    return hidden, weight, targets, token_weights
+
+
+def _out_of_resources(*args, **kwargs):
+    raise OutOfResources(300000, 232448, "shared memory")
+
+
+@pytest.fixture
+def broken_triton(monkeypatch):
+    monkeypatch.setattr(loss_module, "_auto_backend", lambda hidden: "triton")
+    monkeypatch.setattr(fallback_module, "_failed", {})
+    monkeypatch.setattr(rows_module, "cross_entropy_rows", _out_of_resources)
+    monkeypatch.setattr(forward_module, "linear_cross_entropy_forward", _out_of_resources)
+
+
+def _loss_and_grads(backend):
+    hidden, weight, targets, token_weights = _inputs()
+    loss = linear_cross_entropy(hidden, weight, targets, token_weights, backend=backend)
+    loss.backward()
+    return loss, hidden.grad, weight.grad
+
+
+def test_auto_falls_back_to_torch_with_one_warning(broken_triton):
+    with pytest.warns(RuntimeWarning, match=r"cross_entropy_rows failed on cpu \(OutOfResources.*shared memory"):
+        loss, grad_hidden, grad_weight = _loss_and_grads("auto")
+    expected = _loss_and_grads("torch")
+    assert torch.equal(loss, expected[0])
+    assert torch.equal(grad_hidden, expected[1]) and torch.equal(grad_weight, expected[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second step is silent
+        _loss_and_grads("auto")
+
+
+def test_auto_falls_back_for_the_fused_loss_only_forward(broken_triton):
+    hidden, weight, targets, token_weights = _inputs()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="linear_cross_entropy_forward failed"):
+        loss = linear_cross_entropy(hidden, weight, targets, token_weights)
+    expected = linear_cross_entropy(hidden.detach(), weight.detach(), targets, token_weights, backend="torch")
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_explicit_triton_backend_raises(broken_triton):
+    with pytest.raises(OutOfResources):
+        _loss_and_grads("triton")
