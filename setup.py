@@ -19,7 +19,8 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-benchmark", "pytest-xdist", "hypothesis>=6", "pyarrow>=14", "matplotlib", "tensorboard"],
     "hf": ["accelerate>=1.0", "peft>=0.13", "datasets"],
     "verl": ["verl==0.9.1", "fastapi", "uvicorn"],
-    "bench": ["matplotlib", "pandas"],
+    # trl: the TRL fused-LM-head baseline (trl.kernels.ChunkedLogProbFunction, from 1.15; needs Python >= 3.11)
+    "bench": ["matplotlib", "pandas", "trl>=1.15,<2; python_version >= '3.11'"],
     "flash": ["flash-attn"],
     "liger": ["liger-kernel"],
     "cce": ["cut-cross-entropy"],

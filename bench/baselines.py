@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,6 +30,7 @@ class Impl:
     loss_fn: Callable  # (hidden, weight, targets, token_weights, softcap) -> 0-dim loss
     how: str
     module: str | None = None  # top-level package that must be installed
+    torch_function: str | None = None  # a torch.nn.functional function it needs (not in every torch)
     cpu: str = "timed"
     cpu_reason: str = ""
     softcap: bool = True
@@ -41,6 +42,8 @@ def availability(impl: Impl, device_type: str, softcap: float | None) -> tuple[s
     """("ok" | "missing" | "unsupported", reason) of running ``impl`` on a device type and a case."""
     if impl.module is not None and importlib.util.find_spec(impl.module) is None:
         return "missing", f"{impl.module} is not installed"
+    if impl.torch_function is not None and not hasattr(torch.nn.functional, impl.torch_function):
+        return "missing", f"torch {torch.__version__} has no torch.nn.functional.{impl.torch_function}"
     if softcap is not None and not impl.softcap:
         return "unsupported", "no logit softcap option"
     if device_type == "cpu" and impl.cpu == "no":
@@ -85,6 +88,21 @@ def _cce(impl: str):
         )
         return _weighted_mean(token_losses, token_weights)
     return loss_fn
+
+
+def _trl(hidden, weight, targets, token_weights, softcap):
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    # TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, SFTTrainer's default) scores only the rows whose
+    # label is not -100 on a Triton device: it compacts them before the call. Done here on every device (on a CPU
+    # TRL itself would score every row), so that the CPU numbers measure what a GPU run does.
+    learned = targets != IGNORE_INDEX
+    log_probs, *_ = ChunkedLogProbFunction.apply(
+        hidden[learned], weight, None, targets[learned], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, softcap, 1.0,
+        ("log_probs",),
+    )
+    return -(log_probs * token_weights[learned]).sum() / token_weights.sum()
 
 
 def _mrloss(backend: str):
@@ -171,7 +189,7 @@ IMPLS = {
         Impl("torch-chunked", _torch_chunked,
              "torch.nn.functional.linear_cross_entropy(reduction='none', ignore_index=-100, "
              "options=LinearCrossEntropyOptions()) (auto acc_policy / chunking_method) * w / sum(w)",
-             softcap=False),
+             torch_function="linear_cross_entropy", softcap=False),
         Impl("torch-compile-chunked", _torch_compile_chunked,
              "bench.baselines: torch.compile'd chunk (logits, lse, d logits, both matmuls) over Liger-sized "
              "row chunks, gradients computed in forward, weights folded in; no compaction of zero-weight rows"),
@@ -191,6 +209,12 @@ IMPLS = {
              "cut_cross_entropy.linear_cross_entropy(impl='torch_compile', reduction='none', ignore_index=-100: "
              "valid rows gathered, their logits materialized) * w / sum(w)",
              module="cut_cross_entropy"),
+        Impl("trl", _trl,
+             "trl.kernels.ChunkedLogProbFunction (SFTTrainer's fused LM head: vocabulary chunks of "
+             "trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, softcap passed through, log-probs only) on the rows "
+             "with a target (compacted first, as TRL does on a GPU), -sum(w log p) / sum(w); on a CPU its torch "
+             "fallback of the Triton tile kernels",
+             module="trl"),
         Impl("mrloss-triton", _mrloss("triton"), "mrloss.linear_cross_entropy(backend='triton', token_weights=w)",
              cpu="interpreted", primary=True),
         Impl("mrloss-torch", _mrloss("torch"), "mrloss.linear_cross_entropy(backend='torch', token_weights=w)",

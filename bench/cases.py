@@ -33,7 +33,7 @@ HEADS = {
     # small CPU heads (odd sizes on purpose)
     "tiny": Head("tiny", 128, 4099),
     "tiny-softcap": Head("tiny-softcap", 96, 5003, softcap=30.0),
-    "issue3": Head("issue3", 1024, 32000),
+    "h1024-v32k": Head("h1024-v32k", 1024, 32000),  # a mid-size head a CPU times in seconds
 }
 
 
@@ -60,7 +60,7 @@ class Case:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Case":
+    def from_json(cls, data: dict) -> Case:
         return cls(**{**data, "head": Head(**data["head"])})
 
 
@@ -94,10 +94,17 @@ PRESETS = {
         ("tiny", "tiny-softcap"), (512, 2048), (0.0, 0.5, 0.9), "float32", 256,
         description="small fp32 shapes for a CPU",
     ),
-    "issue3-cpu": Preset(
-        ("issue3",), (4096,), (0.0, 0.5), "float32", 2048,
-        impls=("plain", "torch-chunked", "torch-compile-chunked", "mrloss-torch"),
-        description="mrloss torch backend vs plain PyTorch and F.linear_cross_entropy, N=4096 H=1024 V=32000 fp32",
+    "cpu": Preset(
+        ("h1024-v32k",), (4096,), (0.0, 0.5, 0.9), "float32", 2048,
+        impls=("plain", "torch-chunked", "torch-compile-chunked", "trl", "mrloss-torch"),
+        description="mrloss torch backend vs plain PyTorch, F.linear_cross_entropy, torch.compile and TRL's fused "
+                    "LM head, N=4096 H=1024 V=32000 fp32 (CPU)",
+    ),
+    "gpu-goals": Preset(
+        ("llama3-8b", "gemma2-2b"), (16384,), (0.0, 0.5, 0.9), "bfloat16", 2048,
+        impls=("plain", "torch-chunked", "liger", "cce", "trl", "mrloss-triton"),
+        description="the deciding GPU cases: Llama-3-8B and Gemma-2-2B heads, N=16384 bf16, mrloss-triton vs plain "
+                    "PyTorch, F.linear_cross_entropy, Liger, CCE and TRL's fused LM head",
     ),
 }
 
@@ -116,24 +123,25 @@ def token_weights_for(tokens: int, seq_len: int, zero_frac: float) -> torch.Tens
 
 
 def make_inputs(case: Case, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """Deterministic inputs of a case (same on every process and device).
+    """Deterministic inputs of a case (same on every process of a device type; drawn on the device, so a
+    GPU's numbers differ from a CPU's: a real head's weight is too large to draw on a CPU in every process).
 
     hidden [N, H] and weight [V, H] in the case dtype (leaves with requires_grad), targets [N] int64
     with IGNORE_INDEX on weight-0 tokens, token_weights [N] fp32. Logits come out with std about 2.
     """
-    generator = torch.Generator().manual_seed(case.seed)
+    generator = torch.Generator(device).manual_seed(case.seed)
     head = case.head
-    hidden = torch.randn(case.tokens, head.hidden, generator=generator)
-    weight = torch.randn(head.vocab, head.hidden, generator=generator) * (2.0 / head.hidden ** 0.5)
-    targets = torch.randint(0, head.vocab, (case.tokens,), generator=generator)
-    token_weights = token_weights_for(case.tokens, case.seq_len, case.zero_frac)
-    targets = torch.where(token_weights > 0, targets, torch.full_like(targets, IGNORE_INDEX))
+    hidden = torch.randn(case.tokens, head.hidden, generator=generator, device=device)
+    weight = torch.randn(head.vocab, head.hidden, generator=generator, device=device) * (2.0 / head.hidden ** 0.5)
+    targets = torch.randint(0, head.vocab, (case.tokens,), generator=generator, device=device)
+    token_weights = token_weights_for(case.tokens, case.seq_len, case.zero_frac).to(device)
+    targets = torch.where(token_weights > 0, targets, IGNORE_INDEX)
     dtype = case.torch_dtype
     return {
-        "hidden": hidden.to(device=device, dtype=dtype).requires_grad_(),
-        "weight": weight.to(device=device, dtype=dtype).requires_grad_(),
-        "targets": targets.to(device),
-        "token_weights": token_weights.to(device),
+        "hidden": hidden.to(dtype).requires_grad_(),
+        "weight": weight.to(dtype).requires_grad_(),
+        "targets": targets,
+        "token_weights": token_weights,
     }
 
 

@@ -39,7 +39,7 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.M)
+            model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
         return model.group(1).strip() if model else platform.processor() or "cpu"
     except OSError:
         return platform.processor() or "cpu"
@@ -81,7 +81,7 @@ def run_worker(args: list[str], device: str, out_dir: Path, label: str, threads:
     if threads:
         command += ["--threads", str(threads)]
     try:
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        done = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                               timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "reason": f"over {WORKER_TIMEOUT_S} s"}
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": report.SCHEMA,
         "preset": preset_name,
         "description": preset.description,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.linear_ce", *(argv if argv is not None else sys.argv[1:])]),
         "device": {"type": device, "name": name, "num_threads": options.threads or torch.get_num_threads(),
                    "cpu_count": os.cpu_count()},

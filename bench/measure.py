@@ -45,7 +45,7 @@ REFERENCE_CHUNK_ELEMENTS = 1 << 27  # logits elements per reference chunk
 
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1))
 
 
 class PeakMemory:
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             result = measure_time(args.impl, case, device, args.warmup, args.reps, args.reference)
     except torch.OutOfMemoryError as error:
         result = {"status": "oom", "reason": str(error).splitlines()[0][:300]}
-    except Exception as error:  # recorded in the results, with the traceback on stderr
+    except Exception as error:  # noqa: BLE001 -- recorded in the results, with the traceback on stderr
         traceback.print_exc()
         result = {"status": "error", "reason": f"{type(error).__name__}: {str(error)[:500]}"}
     result["num_threads"] = torch.get_num_threads()

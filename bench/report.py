@@ -104,7 +104,7 @@ def ratio_rows(run: dict, primary: str) -> list[list[str]]:
     return rows
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -115,9 +115,9 @@ def markdown(run: dict) -> str:
     lines = [
         f"# Weighted LM-head loss benchmark: {device['name']} ({device['type']}), preset `{run['preset']}`",
         "",
-        f"`{run['command']}` — {run['created']}; {run['description']}; dtype {run['settings']['dtype']}, "
-        f"warmup {run['settings']['warmup']}, timed steps {run['settings']['reps']}, "
-        f"torch threads {device['num_threads']} of {device['cpu_count']} CPUs.",
+        (f"`{run['command']}` — {run['created']}; {run['description']}; dtype {run['settings']['dtype']}, "
+         f"warmup {run['settings']['warmup']}, timed steps {run['settings']['reps']}, "
+         f"torch threads {device['num_threads']} of {device['cpu_count']} CPUs."),
         "",
         "Versions: " + ", ".join(f"{name} {version or 'not installed'}" for name, version in versions.items()),
         "",
@@ -131,7 +131,7 @@ def markdown(run: dict) -> str:
         lines += [
             "", f"## {primary} / baseline: forward+backward time / peak extra memory", "",
             "Below 1: mrloss is faster / smaller. Last column: speed-up of mrloss over the fastest baseline.", "",
-            *_table(["case", *baselines, "fastest baseline"], rows),
+            *table(["case", *baselines, "fastest baseline"], rows),
         ]
     rows = []
     for result in run["results"]:
@@ -144,7 +144,7 @@ def markdown(run: dict) -> str:
             _fmt(result.get("grad_weight_rel_err"), ".1e"),
         ])
     lines += ["", "## All measurements", "",
-              *_table(["case", "impl", "status", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
+              *table(["case", "impl", "status", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
                        "% matmul ceiling", "loss err", "grad hidden err", "grad weight err"], rows)]
     reasons = sorted({(r["impl"], r["status"], r.get("reason") or "") for r in run["results"]
                       if r["status"] != TIMED})

@@ -2,6 +2,7 @@
 --quick run, and pytest-benchmark CPU micro-benchmarks (``-k micro --benchmark-only`` to time them)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from bench import baselines, report
 from bench.baselines import IMPLS, availability
-from bench.cases import HEADS, IGNORE_INDEX, Case, make_inputs, token_weights_for
+from bench.cases import HEADS, IGNORE_INDEX, PRESETS, Case, make_inputs, token_weights_for
 from mrloss.reference import reference_linear_cross_entropy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
                "--zero-fracs", "0.5", "--impls", "plain,torch-chunked,cce,mrloss-triton,mrloss-torch",
                "--warmup", "0", "--reps", "2", "--ceiling-size", "256", "--out-dir", str(tmp_path), "--name", "run"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     run = json.loads((tmp_path / "run.json").read_text())
@@ -124,3 +125,25 @@ def test_micro_forward_backward(benchmark, name):
     ref_loss, _, ref_grad_weight = _reference_and_grads(inputs, None)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(inputs["weight"].grad.double(), ref_grad_weight, rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_pass_dry_run_prints_every_stage_and_budget_under_8_minutes(tmp_path):
+    out = tmp_path / "x"
+    done = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_pass.sh"), "--dry-run", str(out)], check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    stages = dict(re.findall(r"^stage (\S+) +budget +(\d+) s: ", done.stdout, re.MULTILINE))
+    assert list(stages) == ["env", "setup", "pytest-gpu", "bench-llama3-8b", "bench-gemma2-2b", "train", "summary"]
+    assert all(int(budget) > 0 for budget in stages.values())
+    total, worst = map(int, re.search(r"^total budget: (\d+) s; .* at most (\d+) s", done.stdout, re.MULTILINE).groups())
+    assert total == sum(map(int, stages.values())) and total <= worst < 8 * 60
+    assert "pytest -m gpu" in done.stdout and "--preset gpu-goals" in done.stdout and "mrloss train" in done.stdout
+    assert not out.exists()  # a dry run runs nothing
+
+
+def test_gpu_goals_preset_holds_the_deciding_cases():
+    preset = PRESETS["gpu-goals"]
+    assert [case.id for case in preset.cases()] == [
+        f"{head}-N16384-z{zero_frac:g}-bfloat16" for head in ("llama3-8b", "gemma2-2b") for zero_frac in (0, 0.5, 0.9)
+    ]
+    assert set(preset.impls) == {"plain", "torch-chunked", "liger", "cce", "trl", "mrloss-triton"} <= set(IMPLS)
