@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mrloss.alignment import shift_targets  # the shift rule; also importable from here (verl engine)
-from mrloss.loss import check_normalizer, linear_cross_entropy, normalizer_tensor
+from mrloss.ops.normalization import shift_targets  # the shift rule; also importable from here (verl engine)
+from mrloss.ops.api import check_normalizer, linear_cross_entropy, normalizer_tensor
 
 GRAD_REDUCTIONS = ("mean", "sum")
 
@@ -60,7 +60,7 @@ def pad_and_slice(tensor: torch.Tensor, group=None, *, dim: int = -1, pad_value=
 def shard_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, group=None, *,
                   ignore_index: int = -100,
                   cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift full-sequence targets/weights [..., T] (``mrloss.alignment.shift_targets``; token_weights
+    """Shift full-sequence targets/weights [..., T] (``mrloss.ops.normalization.shift_targets``; token_weights
     None: all 1.0), then take this rank's shard (``pad_and_slice``): the targets/weights that line up with
     this rank's hidden-state shard."""
     if token_weights is None:

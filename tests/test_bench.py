@@ -12,7 +12,7 @@ import torch
 from bench import baselines, report
 from bench.baselines import IMPLS, availability
 from bench.cases import HEADS, IGNORE_INDEX, Case, make_inputs, token_weights_for
-from mrloss.reference import reference_linear_cross_entropy
+from mrloss.ops.reference import reference_linear_cross_entropy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,9 +1,9 @@
-"""`mrloss.config`: the shipped configs load; unknown keys and wrong types are errors naming the key path."""
+"""`mrloss.training.config`: the shipped configs load; unknown keys and wrong types are errors naming the key path."""
 from pathlib import Path
 
 import pytest
 
-from mrloss.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from mrloss.training.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "configs").glob("multi_region_*.yaml"))

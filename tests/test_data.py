@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from mrloss.data import MultiRegionCollator, MultiRegionDataset, encode, train_bpe_tokenizer, write_examples
 from mrloss.data.examples import EXAMPLES
 from mrloss.formats import FORMATS, FormatError, Region, RegionText, parse
-from mrloss.reference import reference_linear_cross_entropy
+from mrloss.ops.reference import reference_linear_cross_entropy
 
 REGION_TEXTS = [parse(sample, sample_id=sample["id"]) for sample in EXAMPLES]
 

@@ -5,7 +5,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mrloss.integrations.hf import SUPPORTED_ARCHITECTURES, apply_mrloss, valid_weight_sum  # noqa: E402
-from mrloss.reference import reference_linear_cross_entropy  # noqa: E402
+from mrloss.ops.reference import reference_linear_cross_entropy  # noqa: E402
 
 VOCAB = 97
 # model_type -> config extras that make the architecture's head special enough to test it.

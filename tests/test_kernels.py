@@ -1,11 +1,11 @@
 """The Triton kernels, interpreted on the CPU: the row kernel against the PyTorch row op (same contract,
-mrloss.chunked), the fused loss-only forward against a float64 reference."""
+mrloss.ops.chunked), the fused loss-only forward against a float64 reference."""
 import pytest
 import torch
 
-from mrloss.kernels.cross_entropy_rows import MAX_BLOCK_V, cross_entropy_rows as triton_rows
-from mrloss.kernels.linear_cross_entropy_forward import linear_cross_entropy_forward as fused_forward
-from mrloss.torch_backend import cross_entropy_rows as torch_rows
+from mrloss.ops.backends.triton.cross_entropy_rows import MAX_BLOCK_V, cross_entropy_rows as triton_rows
+from mrloss.ops.backends.triton.linear_cross_entropy_forward import linear_cross_entropy_forward as fused_forward
+from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
 
 
 def row_inputs(rows, vocab, dtype, seed=0):

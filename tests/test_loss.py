@@ -8,10 +8,10 @@ import contextlib
 import pytest
 import torch
 
-import mrloss.torch_backend
+import mrloss.ops.backends.torch
 from mrloss import LinearCrossEntropyLoss, linear_cross_entropy
-from mrloss.alignment import shift_targets, valid_weight_sum
-from mrloss.reference import reference_linear_cross_entropy
+from mrloss.ops.normalization import shift_targets, valid_weight_sum
+from mrloss.ops.reference import reference_linear_cross_entropy
 
 BACKENDS = ["torch", "triton"]
 HIDDEN, VOCAB = 48, 1001
@@ -157,13 +157,13 @@ def test_unlearned_tokens_get_exactly_zero_hidden_grad(backend):
 def test_only_learned_tokens_reach_the_matmul(monkeypatch):
     inputs = make_inputs((37,))
     seen_rows = []
-    row_op = mrloss.torch_backend.cross_entropy_rows
+    row_op = mrloss.ops.backends.torch.cross_entropy_rows
 
     def recording_row_op(logits, *args, **kwargs):
         seen_rows.append(logits.shape[0])
         return row_op(logits, *args, **kwargs)
 
-    monkeypatch.setattr(mrloss.torch_backend, "cross_entropy_rows", recording_row_op)
+    monkeypatch.setattr(mrloss.ops.backends.torch, "cross_entropy_rows", recording_row_op)
     loss_and_grads(linear_cross_entropy, inputs, dict(backend="torch", chunk_size=5))
     learned = ((inputs["targets"] != -100) & (inputs["token_weights"] > 0)).sum().item()
     assert sum(seen_rows) == learned < 37
@@ -323,11 +323,11 @@ def recording(monkeypatch, module, name, calls):
     ("mean", "grad", False, True),  # gradients are built during the forward pass: chunks
 ])
 def test_triton_loss_only_passes_use_the_fused_forward(monkeypatch, reduction, mode, calls_fused, calls_row_op):
-    import mrloss.kernels.cross_entropy_rows
-    import mrloss.kernels.linear_cross_entropy_forward
+    import mrloss.ops.backends.triton.cross_entropy_rows
+    import mrloss.ops.backends.triton.linear_cross_entropy_forward
     calls = []
-    recording(monkeypatch, mrloss.kernels.linear_cross_entropy_forward, "linear_cross_entropy_forward", calls)
-    recording(monkeypatch, mrloss.kernels.cross_entropy_rows, "cross_entropy_rows", calls)
+    recording(monkeypatch, mrloss.ops.backends.triton.linear_cross_entropy_forward, "linear_cross_entropy_forward", calls)
+    recording(monkeypatch, mrloss.ops.backends.triton.cross_entropy_rows, "cross_entropy_rows", calls)
     inputs = make_inputs((3, 13))
     options = dict(reduction=reduction, shift=True, softcap=4.0, label_smoothing=0.1)
     expected = loss_and_grads(reference_linear_cross_entropy, inputs, options, compute=torch.float64)
@@ -433,7 +433,7 @@ def test_validation_errors(make_call, error, message):
         linear_cross_entropy(**make_call())
 
 
-# ---------------------------------------------------------------- the shift rule (mrloss.alignment)
+# ---------------------------------------------------------------- the shift rule (mrloss.ops.normalization)
 
 def test_shift_targets_prediction_alignment():
     targets = torch.tensor([[5, 6, 7, 8, 9], [1, 2, -100, 4, 3]])

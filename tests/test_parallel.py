@@ -5,7 +5,7 @@ dominates on a small machine. Each case builds one packed sequence identically o
 with verl's own ``ulysses_pad_and_slice_inputs`` (the ids that make the hidden shard) and with
 ``mrloss.parallel.shard_targets`` (targets / weights), and checks the loss, the hidden-shard gradient and
 the parameter gradients (embedding = the "model body", LM head) against a single-process reference built
-independently of the code under test: ``mrloss.reference`` in float64 with ``shift=True``, one unpacked
+independently of the code under test: ``mrloss.ops.reference`` in float64 with ``shift=True``, one unpacked
 sample at a time.
 """
 import functools
@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from mrloss import linear_cross_entropy
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shard_targets, shift_targets
-from mrloss.reference import reference_linear_cross_entropy
+from mrloss.ops.reference import reference_linear_cross_entropy
 
 V, H = 29, 12
 ATOL, RTOL = 2e-6, 2e-5

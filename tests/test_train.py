@@ -92,7 +92,7 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
     """loss_options ignore_index=-1 and a collator that ignores some weighted tokens (label -1): those tokens
     count in no region's mean; the means equal the model's own logits' cross-entropy per region type."""
     from mrloss.data import MultiRegionCollator
-    from mrloss.train import evaluate_region_losses
+    from mrloss.training.run import evaluate_region_losses
 
     dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5, count=5), tokenizer)
     padding = MultiRegionCollator(tokenizer.pad_token_id)
@@ -135,11 +135,11 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
 def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
     """model.path null: the run's tokenizer is `train_bpe_tokenizer_for_files` of data.train_files with
     model.vocab_size -- what `mrloss show` / `mrloss prepare` train by default on the same file."""
-    from mrloss.config import Config, DataConfig, ModelConfig, TrainerConfig
+    from mrloss.training.config import Config, DataConfig, ModelConfig, TrainerConfig
     from mrloss.data import write_examples
     from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
     from mrloss.debug.show import build_parser
-    from mrloss.train import build_tokenizer
+    from mrloss.training.run import build_tokenizer
 
     path = write_examples(tmp_path / "data")["tag_based"]
     config = Config(data=DataConfig(train_files=[str(path)]), trainer=TrainerConfig(output_dir=str(tmp_path / "run")))
@@ -150,7 +150,7 @@ def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
 
 
 def run_train(argv):
-    from mrloss.train import main
+    from mrloss.training.run import main
 
     assert main(argv) == 0
 
@@ -186,7 +186,7 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
 
 
 def test_mrloss_train_reports_config_errors(tmp_path, capsys):
-    from mrloss.train import main
+    from mrloss.training.run import main
 
     assert main(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), "trainer.epoch=2"]) == 2
     assert "config trainer.epoch: unknown key" in capsys.readouterr().err

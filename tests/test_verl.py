@@ -86,7 +86,7 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     from verl.trainer.sft_trainer import create_sft_dataset
     from verl.utils.dataset.dataset_utils import SFTTensorCollator
 
-    from mrloss.config import load_config
+    from mrloss.training.config import load_config
     from mrloss.data import encode
     from mrloss.formats import parse
     from mrloss.integrations.verl.__main__ import main, prepare_model, verl_overrides
@@ -438,7 +438,7 @@ def test_patched_forward_applies_the_architecture_head(model_type, extra):
 
     from mrloss.integrations.verl.engine import ShardBatch, patch_causal_lm_forward
     from mrloss.parallel import shift_targets
-    from mrloss.reference import reference_linear_cross_entropy
+    from mrloss.ops.reference import reference_linear_cross_entropy
 
     vocab = 61
     config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=48,

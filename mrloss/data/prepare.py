@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mrloss.config import ModelConfig
+from mrloss.training.config import ModelConfig
 from mrloss.data.encode import TRUNCATION_MODES, encode_batch
 from mrloss.data.records import FILE_TYPES, parse_records, read_records, write_samples
 from mrloss.formats import FORMATS, FormatError, convert

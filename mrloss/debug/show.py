@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mrloss.config import DataConfig, ModelConfig
+from mrloss.training.config import DataConfig, ModelConfig
 from mrloss.data.encode import TRUNCATION_MODES
 from mrloss.formats import FORMATS
 

@@ -25,12 +25,12 @@ import warnings
 import torch
 import transformers
 
-from mrloss.alignment import valid_weight_sum
+from mrloss.ops.normalization import valid_weight_sum
 from mrloss.debug.monitor import mean_region_losses, region_loss_sums, region_statistics
 from mrloss.integrations.heads import (  # noqa: F401  (LOSS_OPTIONS, SUPPORTED_ARCHITECTURES: public names here)
     LOSS_OPTIONS, SUPPORTED_ARCHITECTURES, check_loss_options, model_head, unwrap_causal_lm,
 )
-from mrloss.loss import linear_cross_entropy
+from mrloss.ops.api import linear_cross_entropy
 
 
 @functools.cache

@@ -1,13 +1,13 @@
 """Public API of the fused, zero-weight-skipping weighted linear cross-entropy.
 
 ``linear_cross_entropy`` validates its arguments, aligns targets and weights (``shift``, with the one
-shift rule of ``mrloss.alignment``), compacts the *learned* tokens (valid target and weight > 0: only
+shift rule of ``mrloss.ops.normalization``), compacts the *learned* tokens (valid target and weight > 0: only
 they cost matmul work), and runs one ``torch.autograd.Function`` over the chunk driver
-``mrloss.chunked`` with a backend row op (``mrloss.torch_backend`` or the Triton kernel
-``mrloss.kernels.cross_entropy_rows``). With the Triton backend, passes that need losses only (no
+``mrloss.ops.chunked`` with a backend row op (``mrloss.ops.backends.torch`` or the Triton kernel
+``mrloss.ops.backends.triton.cross_entropy_rows``). With the Triton backend, passes that need losses only (no
 gradient wanted, or the forward of reduction "none") run the fused kernel
-``mrloss.kernels.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra memory. The
-formula is the one of ``mrloss.reference``.
+``mrloss.ops.backends.triton.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra memory. The
+formula is the one of ``mrloss.ops.reference``.
 
 For reduction "mean"/"sum" (and ``normalizer``) the upstream gradient is a scalar, so the gradients are
 computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward only scales them, in
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mrloss.alignment import shift_targets
-from mrloss.chunked import (ChunkedResult, FusedLosses, RowOp, accumulation_dtype,
+from mrloss.ops.normalization import shift_targets
+from mrloss.ops.chunked import (ChunkedResult, FusedLosses, RowOp, accumulation_dtype,
                             chunked_linear_cross_entropy, default_chunk_size)
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -297,19 +297,19 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
 
 def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses | None]:
     """The row op of the chosen backend and its fused loss-only forward, or None where there is none
-    (torch backend; float64, which the fused kernel leaves to the chunks). Contracts: ``mrloss.chunked``."""
+    (torch backend; float64, which the fused kernel leaves to the chunks). Contracts: ``mrloss.ops.chunked``."""
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and _triton_available() else "torch"
     if backend == "torch":
-        from mrloss.torch_backend import cross_entropy_rows
+        from mrloss.ops.backends.torch import cross_entropy_rows
         return cross_entropy_rows, None
     if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
                          "TRITON_INTERPRET=1 set before triton is imported")
     if not _triton_available():
         raise ImportError('backend="triton" needs the triton package (pip install triton)')
-    from mrloss.kernels.cross_entropy_rows import cross_entropy_rows
-    from mrloss.kernels.linear_cross_entropy_forward import linear_cross_entropy_forward
+    from mrloss.ops.backends.triton.cross_entropy_rows import cross_entropy_rows
+    from mrloss.ops.backends.triton.linear_cross_entropy_forward import linear_cross_entropy_forward
     return cross_entropy_rows, None if hidden.dtype == torch.float64 else linear_cross_entropy_forward
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrloss.kernels.cross_entropy_rows import softcapped, triton_interpreted
+from mrloss.ops.backends.triton.cross_entropy_rows import softcapped, triton_interpreted
 
 # Block sizes are fixed, not autotuned: they were chosen without a GPU to tune on. GPU: the usual
 # tensor-core friendly tile (a 64 x 128 fp32 accumulator). Interpreter: small tiles (numpy per tile).

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mrloss.config import Config, ConfigError, DataConfig, ModelConfig, load_config
+from mrloss.training.config import Config, ConfigError, DataConfig, ModelConfig, load_config
 
 EXAMPLE_FILES = ("position_based.jsonl", "tag_based.jsonl", "structured.jsonl")
 

@@ -6,8 +6,8 @@ of C learned tokens the driver computes the logits with a plain matmul (cuBLAS o
 backend *row op*, and turns the row op's logit gradients into the gradients of hidden, weight and bias.
 It never holds more than one ``[C, V]`` logits chunk.
 
-Row op contract (the one place for the formula; ``mrloss.torch_backend`` and
-``mrloss.kernels.cross_entropy_rows`` implement exactly this, in float32 at least):
+Row op contract (the one place for the formula; ``mrloss.ops.backends.torch`` and
+``mrloss.ops.backends.triton.cross_entropy_rows`` implement exactly this, in float32 at least):
 
     row_op(logits, targets, grad_scales, *, softcap, label_smoothing) -> losses
 
@@ -20,8 +20,8 @@ Row op contract (the one place for the formula; ``mrloss.torch_backend`` and
     and, when grad_scales is given, logits[i] is overwritten (in its own dtype) with dL/da_i:
         s_i * (softmax(z_i) - (1 - eps) * onehot(t_i) - eps / V) * (1 - (z_i / c)^2 if softcap else 1)
 
-A backend may also offer a fused loss-only forward (``mrloss.kernels.linear_cross_entropy_forward``),
-the same losses l_i without any logits in memory (a_i accumulated in float32); ``mrloss.loss`` uses it
+A backend may also offer a fused loss-only forward (``mrloss.ops.backends.triton.linear_cross_entropy_forward``),
+the same losses l_i without any logits in memory (a_i accumulated in float32); ``mrloss.ops.api`` uses it
 for passes that need no gradient:
 
     fused_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing) -> losses [M] fp32

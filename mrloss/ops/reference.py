@@ -2,7 +2,7 @@
 
 This is the oracle of the tests (run in float64) and the "plain PyTorch" baseline of the benchmark
 (run in the inputs' dtype). It materializes the full ``[N, V]`` logits on purpose: it is written to be
-obviously right, not to be fast. The fused implementations live in ``mrloss.loss``.
+obviously right, not to be fast. The fused implementations live in ``mrloss.ops.api``.
 
 Math, for token i with hidden h_i, target t_i, weight w_i (valid when t_i != ignore_index):
     a_i = h_i W^T + b                      raw logits, [V]

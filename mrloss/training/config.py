@@ -84,7 +84,7 @@ class LossConfig:
 
 @dataclasses.dataclass
 class TrainerConfig:
-    """Training loop settings (mapped onto `transformers.TrainingArguments` by `mrloss.train`)."""
+    """Training loop settings (mapped onto `transformers.TrainingArguments` by `mrloss.training.run`)."""
 
     output_dir: str = "outputs/multi_region"
     epochs: float = 1.0

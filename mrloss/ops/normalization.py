@@ -3,7 +3,7 @@
 Batches carry targets and token weights *target-aligned* (index k of ``labels`` / ``token_weights``
 belongs to token k, like ``input_ids``). A causal LM's hidden state k predicts token k+1, so the loss
 needs them *prediction-aligned*: index k holds target k+1 and its weight; the last position of every
-sequence (and, for packed sequences, of every sample) predicts nothing. ``mrloss.loss`` (``shift=True``),
+sequence (and, for packed sequences, of every sample) predicts nothing. ``mrloss.ops.api`` (``shift=True``),
 ``mrloss.parallel`` (sequence-parallel shards) and the integrations all use these functions.
 """
 from __future__ import annotations

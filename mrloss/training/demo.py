@@ -2,7 +2,7 @@
 
 1. writes the example data set (three formats) to ``OUTPUT_DIR/data``;
 2. shows the loss mask of one sample in the terminal (`mrloss.debug.LossMaskVisualizer`);
-3. trains a tiny Llama with a BPE tokenizer trained on the data (`mrloss.train`), on CPU;
+3. trains a tiny Llama with a BPE tokenizer trained on the data (`mrloss.training.run`), on CPU;
 4. prints the loss of every region type before and after, and where the outputs are.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from mrloss.config import Config, DataConfig, ModelConfig, MonitorConfig, TrainerConfig
+from mrloss.training.config import Config, DataConfig, ModelConfig, MonitorConfig, TrainerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mrloss.data import encode, write_examples
     from mrloss.debug import LossMaskVisualizer
-    from mrloss.train import evaluate_region_losses, finish_run, prepare_run
+    from mrloss.training.run import evaluate_region_losses, finish_run, prepare_run
 
     output_dir = Path(args.output_dir)
     paths = write_examples(output_dir / "data")
