@@ -29,8 +29,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mrloss.ops.normalization import shift_targets  # the shift rule; also importable from here (verl engine)
-from mrloss.ops.api import check_normalizer, linear_cross_entropy, normalizer_tensor
+from mrloss.ops.api import linear_cross_entropy
+from mrloss.ops.normalization import (  # shift_targets: the shift rule; also importable from here (verl engine)
+    IGNORE_INDEX, check_normalizer, normalizer_tensor, safe_divide, shift_targets, valid_weight_sum,
+)
 
 GRAD_REDUCTIONS = ("mean", "sum")
 
@@ -58,7 +60,7 @@ def pad_and_slice(tensor: torch.Tensor, group=None, *, dim: int = -1, pad_value=
 
 
 def shard_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, group=None, *,
-                  ignore_index: int = -100,
+                  ignore_index: int = IGNORE_INDEX,
                   cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift full-sequence targets/weights [..., T] (``mrloss.ops.normalization.shift_targets``; token_weights
     None: all 1.0), then take this rank's shard (``pad_and_slice``): the targets/weights that line up with
@@ -98,7 +100,7 @@ def sequence_parallel_linear_cross_entropy(
     normalizer: float | torch.Tensor | None = None,
     grad_reduction: str = "mean",
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     backend: str = "auto",
@@ -131,10 +133,11 @@ def sequence_parallel_linear_cross_entropy(
         return_token_losses=return_token_losses, chunk_size=chunk_size,
     )
     local_sum, token_losses = out if return_token_losses else (out, None)
-    valid_weights = torch.where(targets_shard != ignore_index, token_weights_shard.float(), 0.0)
+    local_weight_sum = valid_weight_sum(targets_shard, token_weights_shard, ignore_index, shift=False,
+                                        dtype=torch.float32)
     size, _ = group_size_and_rank(group)
     total_sum, total_weights = _SumOverGroup.apply(
-        local_sum.float(), valid_weights.sum(), group, float(size) if grad_reduction == "mean" else 1.0)
+        local_sum.float(), local_weight_sum, group, float(size) if grad_reduction == "mean" else 1.0)
     denom = total_weights if normalizer is None else normalizer_tensor(normalizer, torch.float32, total_sum.device)
-    loss = torch.where(denom > 0, total_sum / torch.where(denom > 0, denom, 1.0), total_sum * 0.0)
+    loss = safe_divide(total_sum, denom)
     return (loss, token_losses) if return_token_losses else loss

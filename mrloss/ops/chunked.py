@@ -21,7 +21,7 @@ Row op contract (the one place for the formula; ``mrloss.ops.backends.torch`` an
         s_i * (softmax(z_i) - (1 - eps) * onehot(t_i) - eps / V) * (1 - (z_i / c)^2 if softcap else 1)
 
 A backend may also offer a fused loss-only forward (``mrloss.ops.backends.triton.linear_cross_entropy_forward``),
-the same losses l_i without any logits in memory (a_i accumulated in float32); ``mrloss.ops.api`` uses it
+the same losses l_i without any logits in memory (a_i accumulated in float32); ``mrloss.ops.function`` uses it
 for passes that need no gradient:
 
     fused_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing) -> losses [M] fp32
@@ -32,6 +32,8 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+
+from mrloss.ops.backends.dtypes import accumulation_dtype
 
 RowOp = Callable[..., torch.Tensor]
 FusedLosses = Callable[..., torch.Tensor]
@@ -48,11 +50,6 @@ class ChunkedResult(NamedTuple):
     grad_hidden: torch.Tensor | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 MIN_CHUNK_SIZE = 256

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mrloss.ops.chunked import accumulation_dtype
+from mrloss.ops.backends.dtypes import accumulation_dtype
 
 
 def cross_entropy_rows(

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrloss.ops.chunked import accumulation_dtype
+from mrloss.ops.backends.dtypes import accumulation_dtype
 
 MAX_BLOCK_V = 4096
 
