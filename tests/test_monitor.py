@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mrloss.debug import MultiRegionTrainingMonitor
-from mrloss.debug.monitor import region_statistics
+from mrloss.metrics import region_statistics
 from mrloss.debug.plot import main as plot_main
 from mrloss.debug.plot import per_step_series
 
@@ -90,7 +90,7 @@ def test_statistics_match_a_hand_count(tmp_path, with_losses):
 def test_ignore_index_and_first_tokens_are_not_learned():
     """Another ignore_index (labels -1, some with weight > 0) and weight > 0 on first tokens: neither is learned
     (the first token of a row is no target); `region_loss_sums` / `mean_region_losses` sum and average them."""
-    from mrloss.debug.monitor import mean_region_losses, region_loss_sums
+    from mrloss.metrics import mean_region_losses, region_loss_sums
 
     batch, token_losses = make_batch(seed=5)
     generator = torch.Generator().manual_seed(9)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from mrloss.data.encode import unlearn_first_token
+from mrloss.ops.normalization import IGNORE_INDEX, learned_mask
+
 
 class MultiRegionCollator:
     """Pads (one sample per row, right padding) or packs (several samples per row) dataset items.
@@ -11,10 +14,12 @@ class MultiRegionCollator:
     ``region_type_ids`` (-1 when absent). The batch:
 
     - ``input_ids [B, T] int64`` (``pad_token_id`` on padding), ``attention_mask [B, T] int64`` (1 on tokens),
-    - ``labels [B, T] int64``: ``input_ids`` where the weight is > 0, else -100 (padding included),
+    - ``labels [B, T] int64``: ``input_ids`` where the token is learned (weight > 0), else ``IGNORE_INDEX``
+      (padding included),
     - ``token_weights [B, T] float32`` (0 on padding), ``region_type_ids [B, T] int64`` (-1 on padding).
 
-    The first token of every sample gets weight 0 and label -100 (nothing in the sample predicts it), so
+    The first token of every sample gets weight 0 and label ``IGNORE_INDEX`` (the first-token rule of
+    `mrloss.data.encode.unlearn_first_token`: nothing in the sample predicts it), so
     with ``pack=True`` no sample's loss has another sample's token as a target. ``pack=True`` also returns
     ``position_ids [B, T]`` restarting at 0 for every sample and for each row's padding, and, for
     flash-attn varlen over the row-major flattened batch, ``cu_seq_lens_q`` / ``cu_seq_lens_k``
@@ -52,7 +57,7 @@ class MultiRegionCollator:
         batch = {
             "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.int64),
             "attention_mask": torch.zeros(shape, dtype=torch.int64),
-            "labels": torch.full(shape, -100, dtype=torch.int64),
+            "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.int64),
             "token_weights": torch.zeros(shape, dtype=torch.float32),
             "region_type_ids": torch.full(shape, -1, dtype=torch.int64),
         }
@@ -74,7 +79,7 @@ class MultiRegionCollator:
                 if self.pack:
                     batch["position_ids"][row_index, start:] = torch.arange(width - start)
                 segment_lengths.append(width - start)
-        learned = batch["token_weights"] > 0
+        learned = learned_mask(None, batch["token_weights"])
         batch["labels"] = torch.where(learned, batch["input_ids"], batch["labels"])
         if self.pack:
             cu_seq_lens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
@@ -98,7 +103,7 @@ class MultiRegionCollator:
         if self.max_length is not None and length > self.max_length:
             raise ValueError(f"item {index}: {length} tokens, more than max_length {self.max_length}; "
                              "truncate in the dataset (MultiRegionDataset(max_length=...))")
-        token_weights[0] = 0.0
+        unlearn_first_token(token_weights)  # items from encode have it already; others get it here
         return {"input_ids": input_ids, "token_weights": token_weights, "region_type_ids": region_type_ids}
 
     def _rows(self, samples: list[dict]) -> list[list[dict]]:

@@ -9,7 +9,8 @@ Rule (every tool that needs token weights calls this module):
   region of the first such character inside a region, else -1.
 - A token with an empty span (special tokens, an appended EOS) takes the weight and region of the token
   before it: a learned answer also learns to stop.
-- ``token_weights[0] = 0`` after truncation: nothing predicts the first token.
+- ``token_weights[0] = 0`` after truncation: nothing predicts the first token (`unlearn_first_token`, which
+  the collator also applies to every item, so no packed sample has another sample's token as a target).
 """
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ import numpy as np
 from mrloss.formats import FormatError, RegionText
 
 TRUNCATION_MODES = ("right", "left", "error")
+
+
+def unlearn_first_token(token_weights):
+    """The first-token rule, in place: weight 0 for token 0 of a sample (nothing in the sample predicts it).
+    ``token_weights``: a 1-D numpy array or torch tensor; returned."""
+    token_weights[:1] = 0.0
+    return token_weights
 
 
 def encode(region_text: RegionText, tokenizer, *, max_length: int | None = None, truncation: str = "right",
@@ -96,7 +104,7 @@ def _align(region_text: RegionText, input_ids: list[int], offsets, eos_token_id,
         input_ids, token_weights, region_ids, starts, ends = (input_ids[keep], token_weights[keep],
                                                               region_ids[keep], starts[keep], ends[keep])
     learned_after = _learned_per_region(token_weights, region_ids, len(region_text.regions))
-    token_weights[:1] = 0.0
+    unlearn_first_token(token_weights)
     return {
         "input_ids": input_ids,
         "token_weights": token_weights.tolist(),

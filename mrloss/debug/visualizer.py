@@ -13,7 +13,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, TextIO
 
-OUTSIDE = "(outside)"  # label of tokens outside every region
+from mrloss.metrics import OUTSIDE
+
 MAX_LISTED_WARNINGS = 20
 # terminal background colours (xterm 256) by weight: (upper bound inclusive, colour, legend label)
 TERMINAL_BUCKETS = ((0.5, 153, "(0, 0.5]"), (1.0, 114, "(0.5, 1]"), (2.0, 221, "(1, 2]"), (float("inf"), 209, "> 2"))

@@ -29,7 +29,8 @@ import types
 
 import torch
 
-from mrloss.integrations.heads import check_loss_options, model_head, unwrap_causal_lm
+from mrloss.integrations.heads import check_loss_options, head_loss, model_head, unwrap_causal_lm
+from mrloss.ops.normalization import IGNORE_INDEX
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shift_targets
 
 LOSS_KEY = "mrloss_loss"
@@ -59,7 +60,7 @@ def mrloss_sft_loss(config, model_output, data, dp_group=None):
     return model_output.pop(LOSS_KEY), {}
 
 
-def shard_micro_batch(micro_batch, pad_size: int, group, *, ignore_index: int = -100) -> ShardBatch:
+def shard_micro_batch(micro_batch, pad_size: int, group, *, ignore_index: int = IGNORE_INDEX) -> ShardBatch:
     """ShardBatch of a no_padding micro-batch (nested ``input_ids`` / ``loss_mask`` [B, j]): shift over the
     packed sequence, append ``pad_size`` ignored positions (verl's SP + static pad), take this rank's slice."""
     from verl.utils import tensordict_utils as tu
@@ -84,7 +85,7 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
     `mrloss.integrations.heads`); without it, the original forward runs. Returns the model.
 
     loss_options: any of `mrloss.integrations.heads.LOSS_OPTIONS` (``ignore_index`` has no effect: the
-    targets are built here from ``loss_mask``, with -100). Raises TypeError for an architecture not in ``SUPPORTED_ARCHITECTURES``."""
+    targets are built here from ``loss_mask``, with ``IGNORE_INDEX``). Raises TypeError for an architecture not in ``SUPPORTED_ARCHITECTURES``."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     options = check_loss_options(loss_options, caller="mrloss verl engine")
@@ -102,15 +103,11 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
         if hidden.shape[0] != 1 or hidden.shape[1] != mrloss_shard.targets.shape[0]:
             raise ValueError(f"hidden states {tuple(hidden.shape)} do not match the mrloss shard of "
                              f"{mrloss_shard.targets.shape[0]} tokens (needs use_remove_padding=True)")
-        if head.hidden_scale is not None:
-            hidden = hidden * head.hidden_scale
-        lm_head = causal_lm.get_output_embeddings()
-        loss = sequence_parallel_linear_cross_entropy(
-            hidden[0], lm_head.weight, mrloss_shard.targets.to(hidden.device),
-            mrloss_shard.token_weights.to(hidden.device), bias=getattr(lm_head, "bias", None),
-            group=mrloss_shard.group, normalizer=mrloss_shard.normalizer, grad_reduction="mean",
-            softcap=head.softcap,
-            return_token_losses=mrloss_shard.keep_token_losses, **options,
+        loss = head_loss(
+            causal_lm, head, hidden[0], sequence_parallel_linear_cross_entropy,
+            mrloss_shard.targets.to(hidden.device), mrloss_shard.token_weights.to(hidden.device),
+            caller="mrloss verl engine", group=mrloss_shard.group, normalizer=mrloss_shard.normalizer,
+            grad_reduction="mean", return_token_losses=mrloss_shard.keep_token_losses, **options,
         )
         if mrloss_shard.keep_token_losses:
             loss, mrloss_shard.token_losses = loss

@@ -20,8 +20,6 @@ import json
 import os
 from functools import partial
 
-import torch
-
 LOSS_CHOICES = ("mrloss", "verl")
 TOOL_KEYS = ("monitor_dir", "weighting")
 
@@ -105,16 +103,12 @@ def region_tools(trainer, monitor_dir=None, weighting=None):
 def start_region_tools(trainer, tools) -> None:
     """Before ``fit``: resumed step and epoch length; the weighting's state from the resumed checkpoint (a
     fresh run instead starts a fresh ``region_stats.jsonl``); the weighting saved with every checkpoint."""
-    from mrloss.integrations.verl.region_tools import WEIGHTING_STATE_FILE
-
     tools.step, tools.steps_per_epoch = int(trainer.resume_global_step), int(trainer.steps_per_epoch)
     trainer_config = trainer.config.trainer
     if tools.step > 0 and tools.weighting is not None:
         directory = trainer_config.get("resume_from_path", None) or os.path.join(
             trainer_config.default_local_dir, f"global_step_{tools.step}")
-        state_file = os.path.join(directory, WEIGHTING_STATE_FILE)
-        if os.path.exists(state_file):
-            tools.weighting.load_state_dict(torch.load(state_file, weights_only=True))
+        tools.tracker.load_state(directory)
     if tools.step == 0 and tools.monitor is not None and tools.monitor.stats_path.exists():
         tools.monitor.stats_path.unlink()
     if tools.weighting is not None:
@@ -124,8 +118,7 @@ def start_region_tools(trainer, tools) -> None:
         def save_checkpoint(step):
             original_save(step)
             if trainer.rank == 0:
-                torch.save(tools.weighting.state_dict(),
-                           os.path.join(trainer_config.default_local_dir, f"global_step_{step}", WEIGHTING_STATE_FILE))
+                tools.tracker.save_state(os.path.join(trainer_config.default_local_dir, f"global_step_{step}"))
 
         handler.save_checkpoint = save_checkpoint
 
