@@ -92,7 +92,7 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
     """loss_options ignore_index=-1 and a collator that ignores some weighted tokens (label -1): those tokens
     count in no region's mean; the means equal the model's own logits' cross-entropy per region type."""
     from mrloss.data import MultiRegionCollator
-    from mrloss.training.run import evaluate_region_losses
+    from mrloss.training.evaluate import evaluate_region_losses
 
     dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5, count=5), tokenizer)
     padding = MultiRegionCollator(tokenizer.pad_token_id)
@@ -139,7 +139,7 @@ def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
     from mrloss.data import write_examples
     from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
     from mrloss.debug.show import build_parser
-    from mrloss.training.run import build_tokenizer
+    from mrloss.training.build import build_tokenizer
 
     path = write_examples(tmp_path / "data")["tag_based"]
     config = Config(data=DataConfig(train_files=[str(path)]), trainer=TrainerConfig(output_dir=str(tmp_path / "run")))

@@ -188,7 +188,7 @@ def test_show_uses_the_run_tokenizer(examples, tmp_path, capsys):
     """``--run DIR``: the tokenizer `mrloss train` saved (DIR/tokenizer, else DIR) and the run's data settings
     from DIR/config.yaml; by default, the tokenizer `mrloss train` would train on FILE -- the same view."""
     from mrloss.training.config import Config, DataConfig, TrainerConfig
-    from mrloss.training.run import build_tokenizer
+    from mrloss.training.build import build_tokenizer
 
     path = str(examples[0]["tag_based"])
     run = tmp_path / "run"

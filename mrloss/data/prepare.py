@@ -18,9 +18,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mrloss.training.config import ModelConfig
 from mrloss.data.encode import TRUNCATION_MODES, encode_batch
 from mrloss.data.records import FILE_TYPES, parse_records, read_records, write_samples
+from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
 from mrloss.formats import FORMATS, FormatError, convert
 
 OUTSIDE = "(outside regions)"
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop-invalid", action="store_true", help="write the valid samples despite bad ones")
     parser.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: a byte-level BPE "
                                             "tokenizer trained on the data)")
-    parser.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size,
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help="vocabulary of the tokenizer trained on the inputs (default %(default)s: mrloss "
                              "train's model.vocab_size default, so the counts are those of such a run)")
     parser.add_argument("--max-length", type=int, help="token limit per sample (for the truncation report)")

@@ -5,6 +5,8 @@ from collections.abc import Iterable
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# vocabulary of the BPE that `mrloss train` (model.vocab_size), `mrloss show` and `mrloss prepare` train
+DEFAULT_VOCAB_SIZE = 512
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_frequency: int = 2):

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mrloss.training.config import DataConfig, ModelConfig
 from mrloss.data.encode import TRUNCATION_MODES
+from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
 from mrloss.formats import FORMATS
 
 RUN_TOKENIZER_DIR = "tokenizer"  # `mrloss train` (model.path null) saves the tokenizer it trains here
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", metavar="DIR", help="output directory of `mrloss train`: use its tokenizer")
     source.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer directory")
-    parser.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size,
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help="vocabulary of the tokenizer trained on FILE (default %(default)s: mrloss train's "
                              "model.vocab_size default)")
     parser.add_argument("--max-length", type=int, help="truncate to this many tokens, as training would")
@@ -52,14 +52,14 @@ def main(argv: list[str]) -> int:
     from mrloss.formats import parse
 
     try:
-        data = _run_data_config(args.run) if args.run else DataConfig(max_length=None)
+        data = _run_data_config(args.run) if args.run else dict(UNTRUNCATED)
         records = read_records(args.file)
     except (OSError, ValueError) as error:
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
     data_format = args.format or "auto"  # FILE's own format: the run's data.format describes its training files
-    max_length = args.max_length if args.max_length is not None else data.max_length
-    truncation = args.truncation or data.truncation
+    max_length = args.max_length if args.max_length is not None else data["max_length"]
+    truncation = args.truncation or data["truncation"]
     if not 0 <= args.index < len(records):
         print(f"mrloss show: --index {args.index} is out of range: {args.file} has {len(records)} sample(s)",
               file=sys.stderr)
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
             raise record.error
         region_text = parse(record.sample, data_format, sample_id=record.sample_id)
         tokenizer = _tokenizer(args, data_format)
-        encoded = encode(region_text, tokenizer, max_length=max_length, truncation=truncation, add_eos=data.add_eos,
+        encoded = encode(region_text, tokenizer, max_length=max_length, truncation=truncation, add_eos=data["add_eos"],
                          sample_id=record.sample_id)
     except (OSError, ValueError) as error:  # FormatError is a ValueError
         print(f"mrloss show: {error}", file=sys.stderr)
@@ -88,7 +88,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _run_data_config(run_dir: str) -> DataConfig:
+# encode options of `mrloss show` without a run (no truncation): those of `mrloss train`'s data section otherwise
+UNTRUNCATED = {"max_length": None, "truncation": "right", "add_eos": True}
+
+
+def _run_data_config(run_dir: str) -> dict:
     """The ``data`` section of ``run_dir/config.yaml`` (no truncation until the run has written it)."""
     import yaml
 
@@ -96,9 +100,9 @@ def _run_data_config(run_dir: str) -> DataConfig:
     if not Path(run_dir).is_dir():
         raise OSError(f"--run {run_dir}: not a directory")
     if not path.exists():
-        return DataConfig(max_length=None)
+        return dict(UNTRUNCATED)
     section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-    return DataConfig(**{key: section[key] for key in ("max_length", "truncation", "add_eos") if key in section})
+    return {**UNTRUNCATED, "max_length": 512, **{key: section[key] for key in UNTRUNCATED if key in section}}
 
 
 def _tokenizer(args, data_format: str):

@@ -32,6 +32,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
+
 
 class ConfigError(ValueError):
     """A config problem; the message starts with the key path (``config trainer.epochs: ...``)."""
@@ -66,7 +68,7 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 128
-    vocab_size: int = 512
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = None  # None: transformers' default (sdpa)
     gradient_checkpointing: bool = False

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mrloss.data import encode, write_examples
     from mrloss.debug import LossMaskVisualizer
-    from mrloss.training.run import evaluate_region_losses, finish_run, prepare_run
+    from mrloss.training.evaluate import evaluate_region_losses
+    from mrloss.training.run import finish_run, prepare_run
 
     output_dir = Path(args.output_dir)
     paths = write_examples(output_dir / "data")

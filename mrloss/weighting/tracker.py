@@ -27,7 +27,7 @@ def all_reduce_sum(tensor: torch.Tensor, group=None, device=None) -> torch.Tenso
         return tensor.clone()
     if device is None:
         device = "cpu" if dist.get_backend(group) == "gloo" else torch.accelerator.current_accelerator()
-    on_device = tensor.to(device)
+    on_device = tensor.to(device, copy=True)  # never reduce ``tensor`` itself in place (CPU / gloo)
     dist.all_reduce(on_device, group=group)
     return on_device.cpu()
 

@@ -52,8 +52,8 @@ def initial_model_path(config, save_path: str) -> Path:
 def prepare_model(config, save_path: str) -> None:
     """What verl needs on disk before it starts: the data files (``data.write_examples``) and, when
     ``model.path`` is null, the tiny model + BPE tokenizer that `mrloss train` would build, saved to
-    ``initial_model_path``. Reuses `mrloss.training.run`'s builders."""
-    from mrloss.training.run import build_model, build_tokenizer, ensure_data_files
+    ``initial_model_path``. Reuses `mrloss.training.build`'s builders."""
+    from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
 
     ensure_data_files(config.data)
     if config.model.path is not None:
