@@ -31,7 +31,12 @@ import torch.distributed as dist
 
 from mrloss.ops.api import linear_cross_entropy
 from mrloss.ops.normalization import (  # shift_targets: the shift rule; also importable from here (verl engine)
-    IGNORE_INDEX, check_normalizer, normalizer_tensor, safe_divide, shift_targets, valid_weight_sum,
+    IGNORE_INDEX,
+    check_normalizer,
+    normalizer_tensor,
+    safe_divide,
+    shift_targets,
+    valid_weight_sum,
 )
 
 GRAD_REDUCTIONS = ("mean", "sum")

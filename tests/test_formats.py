@@ -244,7 +244,7 @@ def test_examples_parse_identically_in_every_format():
             assert parse(convert(sample, name)) == reference
 
 
-# ---------------------------------------------------------------------------------------------- round trips (hypothesis)
+# ------------------------------------------------------------------------------------------ round trips (hypothesis)
 
 CHARACTERS = st.sampled_from(list("ab xy,.\n\t学习概念梯度降𝕏é<>'\"="))
 WEIGHTS = st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.25])

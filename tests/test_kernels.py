@@ -3,9 +3,10 @@ mrloss.ops.chunked), the fused loss-only forward against a float64 reference."""
 import pytest
 import torch
 
-from mrloss.ops.backends.triton.cross_entropy_rows import MAX_BLOCK_V, cross_entropy_rows as triton_rows
-from mrloss.ops.backends.triton.linear_cross_entropy_forward import linear_cross_entropy_forward as fused_forward
 from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
+from mrloss.ops.backends.triton.cross_entropy_rows import MAX_BLOCK_V
+from mrloss.ops.backends.triton.cross_entropy_rows import cross_entropy_rows as triton_rows
+from mrloss.ops.backends.triton.linear_cross_entropy_forward import linear_cross_entropy_forward as fused_forward
 
 
 def row_inputs(rows, vocab, dtype, seed=0):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mrloss.debug import MultiRegionTrainingMonitor
-from mrloss.metrics import region_statistics
 from mrloss.debug.plot import main as plot_main
 from mrloss.debug.plot import per_step_series
+from mrloss.metrics import region_statistics
 
 TYPES = ["concept", "definition", "methodology"]
 

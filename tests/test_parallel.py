@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mrloss import linear_cross_entropy
-from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shard_targets, shift_targets
 from mrloss.ops.reference import reference_linear_cross_entropy
+from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shard_targets, shift_targets
 
 V, H = 29, 12
 ATOL, RTOL = 2e-6, 2e-5

@@ -168,10 +168,10 @@ def test_weight_histogram_bins_many_distinct_weights():
 def test_default_tokenizer_is_the_one_mrloss_train_trains(tmp_path, capsys):
     """Without --tokenizer the summary counts tokens of the BPE `mrloss train` trains on the same file
     (`train_bpe_tokenizer_for_files`, model.vocab_size's default)."""
-    from mrloss.training.config import ModelConfig
     from mrloss.data.encode import encode
     from mrloss.data.examples import write_examples
     from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
+    from mrloss.training.config import ModelConfig
 
     path = write_examples(tmp_path)["structured"]
     assert main([str(path)]) == 0

@@ -135,11 +135,11 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
 def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
     """model.path null: the run's tokenizer is `train_bpe_tokenizer_for_files` of data.train_files with
     model.vocab_size -- what `mrloss show` / `mrloss prepare` train by default on the same file."""
-    from mrloss.training.config import Config, DataConfig, ModelConfig, TrainerConfig
     from mrloss.data import write_examples
     from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
     from mrloss.debug.show import build_parser
     from mrloss.training.build import build_tokenizer
+    from mrloss.training.config import Config, DataConfig, ModelConfig, TrainerConfig
 
     path = write_examples(tmp_path / "data")["tag_based"]
     config = Config(data=DataConfig(train_files=[str(path)]), trainer=TrainerConfig(output_dir=str(tmp_path / "run")))

@@ -9,9 +9,9 @@
   normalizer), the monitor's JSONL rows equal a hand count and the HF path's statistics of the same
   micro-batches, the weighting's update gets the per-type means over all data-parallel ranks.
 """
-import json
 import functools
 import importlib.util
+import json
 import subprocess
 import sys
 import types
@@ -86,12 +86,12 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     from verl.trainer.sft_trainer import create_sft_dataset
     from verl.utils.dataset.dataset_utils import SFTTensorCollator
 
-    from mrloss.training.config import load_config
     from mrloss.data import encode
     from mrloss.formats import parse
     from mrloss.integrations.verl.__main__ import main, prepare_model, verl_overrides
     from mrloss.integrations.verl.dataset import MultiRegionSFTDataset
     from mrloss.integrations.verl.trainer import mrloss_options
+    from mrloss.training.config import load_config
 
     files = example_files(tmp_path)
     config_path = mrloss_config_file(tmp_path, files)
@@ -437,8 +437,8 @@ def test_patched_forward_applies_the_architecture_head(model_type, extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mrloss.integrations.verl.engine import ShardBatch, patch_causal_lm_forward
-    from mrloss.parallel import shift_targets
     from mrloss.ops.reference import reference_linear_cross_entropy
+    from mrloss.parallel import shift_targets
 
     vocab = 61
     config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=48,

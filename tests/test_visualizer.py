@@ -161,7 +161,7 @@ def test_html_page(examples):
     assert len(parser.spans) == len(enc["input_ids"])
     shown = "".join(text for _, text in parser.spans).replace("↵\n", "\n")
     assert shown == examples[2].decode(enc["input_ids"]) and "物体加速度的大小与所受合外力成正比" in shown
-    for position, (attrs, text) in enumerate(parser.spans):
+    for position, (attrs, _text) in enumerate(parser.spans):
         weight, region = enc["token_weights"][position], enc["region_ids"][position]
         assert attrs["data-id"] == str(enc["input_ids"][position]) and float(attrs["data-weight"]) == weight
         assert attrs["title"].startswith(f"#{position}  id {enc['input_ids'][position]}  text ")
@@ -187,8 +187,8 @@ def test_show_command(examples, tmp_path, capsys):
 def test_show_uses_the_run_tokenizer(examples, tmp_path, capsys):
     """``--run DIR``: the tokenizer `mrloss train` saved (DIR/tokenizer, else DIR) and the run's data settings
     from DIR/config.yaml; by default, the tokenizer `mrloss train` would train on FILE -- the same view."""
-    from mrloss.training.config import Config, DataConfig, TrainerConfig
     from mrloss.training.build import build_tokenizer
+    from mrloss.training.config import Config, DataConfig, TrainerConfig
 
     path = str(examples[0]["tag_based"])
     run = tmp_path / "run"

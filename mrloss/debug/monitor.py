@@ -1,6 +1,7 @@
 """MultiRegionTrainingMonitor: per-region-type statistics of each training batch, to JSONL / TensorBoard / wandb.
 
-Statistics of one batch (`mrloss.metrics.region_statistics`), per region type (plus ``(outside)`` for tokens outside every region), over the
+Statistics of one batch (`mrloss.metrics.region_statistics`), per region type
+(plus ``(outside)`` for tokens outside every region), over the
 non-padding tokens (``attention_mask`` = 1):
   - ``tokens``: tokens of the type;
   - ``learned_tokens``: those with weight > 0 (and a label other than ``ignore_index`` when ``labels`` is in the
@@ -25,7 +26,10 @@ from typing import Mapping, Sequence
 import torch
 
 from mrloss.metrics import (  # noqa: F401  (region_statistics & co.: also importable from here)
-    OUTSIDE, mean_region_losses, region_loss_sums, region_statistics,
+    OUTSIDE,
+    mean_region_losses,
+    region_loss_sums,
+    region_statistics,
 )
 from mrloss.ops.normalization import IGNORE_INDEX
 

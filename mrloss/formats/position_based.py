@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from mrloss.formats.errors import FormatError
-from mrloss.formats.regions import (DEFAULT_TYPE, Region, RegionText, check_int, check_list, check_mapping,
-                                    check_str, check_weight, resolve_overlaps)
+from mrloss.formats.regions import (
+    DEFAULT_TYPE,
+    Region,
+    RegionText,
+    check_int,
+    check_list,
+    check_mapping,
+    check_str,
+    check_weight,
+    resolve_overlaps,
+)
 
 KEYS = ("text", "learning_regions", "default_weight")
 REGION_KEYS = ("start_char", "end_char", "weight", "region_type")

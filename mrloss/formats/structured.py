@@ -7,8 +7,7 @@ segment becomes a region when it is learned or names a ``segment_type``."""
 from __future__ import annotations
 
 from mrloss.formats.errors import FormatError
-from mrloss.formats.regions import (DEFAULT_TYPE, Region, RegionText, check_list, check_mapping, check_str,
-                                    check_weight)
+from mrloss.formats.regions import DEFAULT_TYPE, Region, RegionText, check_list, check_mapping, check_str, check_weight
 
 KEYS = ("segments", "separator")
 SEGMENT_KEYS = ("content", "learn", "weight", "segment_type")

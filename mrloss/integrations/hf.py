@@ -26,7 +26,13 @@ import torch
 import transformers
 
 from mrloss.integrations.heads import (  # noqa: F401  (LOSS_OPTIONS, SUPPORTED_ARCHITECTURES: public names here)
-    LOSS_OPTIONS, SUPPORTED_ARCHITECTURES, check_loss_options, head_loss, lm_head_of, model_head, unwrap_causal_lm,
+    LOSS_OPTIONS,
+    SUPPORTED_ARCHITECTURES,
+    check_loss_options,
+    head_loss,
+    lm_head_of,
+    model_head,
+    unwrap_causal_lm,
 )
 from mrloss.metrics import mean_region_losses
 from mrloss.ops.api import linear_cross_entropy

@@ -25,7 +25,13 @@ from mrloss.ops.backends.dtypes import accumulation_dtype
 from mrloss.ops.chunked import FusedLosses, RowOp, default_chunk_size
 from mrloss.ops.function import LinearCrossEntropyFunction, Plan
 from mrloss.ops.normalization import (  # noqa: F401  (check_normalizer, normalizer_tensor: public names here too)
-    IGNORE_INDEX, check_normalizer, denominator, learned_mask, normalizer_tensor, safe_divide, shift_targets,
+    IGNORE_INDEX,
+    check_normalizer,
+    denominator,
+    learned_mask,
+    normalizer_tensor,
+    safe_divide,
+    shift_targets,
 )
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mrloss.training.config import Config, ConfigError, DataConfig, ModelConfig
 
+
 def ensure_data_files(data: DataConfig) -> None:
     """With ``data.write_examples``, write the example data set into the directory of every missing file
     (atomically: ranks and concurrent runs never see a half-written file). Then every file must exist."""
@@ -20,7 +21,7 @@ def ensure_data_files(data: DataConfig) -> None:
         for directory in sorted({path.parent for path in missing}):
             directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=directory, prefix=".examples-") as scratch:
-                for name, path in write_examples(scratch).items():
+                for path in write_examples(scratch).values():
                     target = directory / Path(path).name
                     if not target.exists():
                         os.replace(path, target)

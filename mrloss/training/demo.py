@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'region':<{width}}  {'start':>7}  {'end':>7}")
     for name in before:
         print(f"  {name:<{width}}  {before[name]:7.3f}  {after[name]:7.3f}")
-    print(f"\nmodel + tokenizer: {config.trainer.output_dir}   metrics: {Path(config.trainer.output_dir) / 'metrics.json'}")
+    metrics_file = Path(config.trainer.output_dir) / "metrics.json"
+    print(f"\nmodel + tokenizer: {config.trainer.output_dir}   metrics: {metrics_file}")
     print(f"per-region statistics: {Path(config.trainer.output_dir) / 'monitor' / 'region_stats.jsonl'}"
           f"  (plot: mrloss plot {config.trainer.output_dir})")
     print(f"done in {time.perf_counter() - started:.0f} s")

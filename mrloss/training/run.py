@@ -21,6 +21,7 @@ from pathlib import Path
 from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
 from mrloss.training.config import Config, ConfigError, load_config
 
+
 @dataclasses.dataclass
 class TrainingRun:
     """Everything a run is made of, built by `prepare_run`; `finish_run` trains and saves."""

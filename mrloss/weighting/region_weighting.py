@@ -26,7 +26,7 @@ class RegionWeighting(RegionMultiplierTool):
         self.region_dependencies = region_dependencies
 
     @classmethod
-    def from_config(cls, section: Mapping | None) -> "RegionWeighting":
+    def from_config(cls, section: Mapping | None) -> RegionWeighting:
         """``{"dynamic_weights": <DynamicWeightAdjuster config> | None, "region_dependencies": <RegionDependencyHandler
         config> | None}``; a missing or None entry leaves that tool off, unknown keys are errors."""
         section = dict(section or {})

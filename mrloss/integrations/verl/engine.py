@@ -85,7 +85,8 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
     `mrloss.integrations.heads`); without it, the original forward runs. Returns the model.
 
     loss_options: any of `mrloss.integrations.heads.LOSS_OPTIONS` (``ignore_index`` has no effect: the
-    targets are built here from ``loss_mask``, with ``IGNORE_INDEX``). Raises TypeError for an architecture not in ``SUPPORTED_ARCHITECTURES``."""
+    targets are built here from ``loss_mask``, with ``IGNORE_INDEX``).
+    Raises TypeError for an architecture not in ``SUPPORTED_ARCHITECTURES``."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     options = check_loss_options(loss_options, caller="mrloss verl engine")

@@ -15,7 +15,8 @@ training step (one ``forward_backward_batch``, the step's whole batch of this da
    data-parallel group and their means fed to ``weighting.update`` (the next step's multipliers use them).
 
 Accumulation, reduction, weighting update and checkpoint state are the shared region step tracker's
-(`mrloss.weighting.tracker.RegionStepTracker`, as in the HF Trainer). Steps are verl's ``global_step`` (1-based); the epoch given to ``adjust`` is ``(step - 1) // steps_per_epoch + 1``.
+(`mrloss.weighting.tracker.RegionStepTracker`, as in the HF Trainer). Steps are verl's
+``global_step`` (1-based); the epoch given to ``adjust`` is ``(step - 1) // steps_per_epoch + 1``.
 """
 from __future__ import annotations
 
