@@ -3,6 +3,7 @@
 Public names only; heavy or optional imports (transformers, verl, matplotlib, ...) happen inside the
 functions that need them, so ``import mrloss`` stays light.
 """
+
 from mrloss.ops.api import LinearCrossEntropyLoss, linear_cross_entropy
 from mrloss.ops.normalization import IGNORE_INDEX
 

@@ -1,11 +1,12 @@
 """`mrloss` command line: one entry point, subcommands implemented next to the code they drive.
 
-    mrloss demo                      write example data, show a loss mask, train a tiny model on CPU
-    mrloss train --config F [k=v ...]
-    mrloss prepare ...               validate / convert / split raw data
-    mrloss show FILE [--index N] [--html out.html]
-    mrloss plot RUN_DIR
+mrloss demo                      write example data, show a loss mask, train a tiny model on CPU
+mrloss train --config F [k=v ...]
+mrloss prepare ...               validate / convert / split raw data
+mrloss show FILE [--index N] [--html out.html]
+mrloss plot RUN_DIR
 """
+
 from __future__ import annotations
 
 import importlib

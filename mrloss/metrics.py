@@ -17,6 +17,7 @@ non-padding tokens (``attention_mask`` = 1):
 ``total`` holds the same for the whole batch, plus ``weighted_loss`` = Σ(w·l) / Σw (the batch's loss under
 its own normaliser).
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -28,9 +29,16 @@ from mrloss.ops.normalization import IGNORE_INDEX, learned_mask
 OUTSIDE = "(outside)"  # label of tokens outside every region
 
 
-def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor, region_types: Sequence[str], *,
-                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                      token_losses: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> dict:
+def region_statistics(
+    token_weights: torch.Tensor,
+    region_type_ids: torch.Tensor,
+    region_types: Sequence[str],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    token_losses: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict:
     """``{"regions": {type: stats}, "total": stats}`` of one batch (see the module docstring).
 
     All tensors ``[B, T]`` (or any one shape; a 1-D one is one packed row), target-aligned: token_weights
@@ -38,8 +46,12 @@ def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor
     (``ignore_index`` = not learned), token_losses float.
     """
     shape = token_weights.shape
-    for name, tensor in (("region_type_ids", region_type_ids), ("attention_mask", attention_mask),
-                         ("labels", labels), ("token_losses", token_losses)):
+    for name, tensor in (
+        ("region_type_ids", region_type_ids),
+        ("attention_mask", attention_mask),
+        ("labels", labels),
+        ("token_losses", token_losses),
+    ):
         if tensor is not None and tensor.shape != shape:
             raise ValueError(f"{name} shape {tuple(tensor.shape)} != token_weights shape {tuple(shape)}")
     n_types = len(region_types)
@@ -47,11 +59,15 @@ def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor
     if bool(((ids < -1) | (ids >= n_types)).any()):
         raise ValueError(f"region_type_ids holds values outside [-1, {n_types}) (region_types: {list(region_types)})")
     weights = token_weights.detach().double()
-    valid = torch.ones(shape, dtype=torch.bool, device=weights.device) if attention_mask is None \
+    valid = (
+        torch.ones(shape, dtype=torch.bool, device=weights.device)
+        if attention_mask is None
         else attention_mask.detach().bool()
+    )
     # the learned-token rule; target-aligned rows: nothing predicts a row's first token
-    learned = valid & learned_mask(None if labels is None else labels.detach(), weights, ignore_index,
-                                   target_aligned=True)
+    learned = valid & learned_mask(
+        None if labels is None else labels.detach(), weights, ignore_index, target_aligned=True
+    )
     bucket = torch.where(ids >= 0, ids, n_types)  # bucket n_types: outside every region
 
     def per_bucket(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
@@ -59,8 +75,11 @@ def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor
         return sums.index_add_(0, bucket[mask], values[mask].double()).tolist()
 
     ones = torch.ones_like(weights)
-    columns = {"tokens": per_bucket(ones, valid), "learned_tokens": per_bucket(ones, learned),
-               "weight_sum": per_bucket(weights, learned)}
+    columns = {
+        "tokens": per_bucket(ones, valid),
+        "learned_tokens": per_bucket(ones, learned),
+        "weight_sum": per_bucket(weights, learned),
+    }
     if token_losses is not None:
         losses = token_losses.detach().double()
         columns["loss_sum"] = per_bucket(losses, learned)
@@ -70,9 +89,12 @@ def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor
     share_total = sum(columns["share_of"])
 
     def entry(values: dict[str, float]) -> dict:
-        stats = {"tokens": int(values["tokens"]), "learned_tokens": int(values["learned_tokens"]),
-                 "weight_sum": values["weight_sum"],
-                 "grad_share": values["share_of"] / share_total if share_total > 0 else None}
+        stats = {
+            "tokens": int(values["tokens"]),
+            "learned_tokens": int(values["learned_tokens"]),
+            "weight_sum": values["weight_sum"],
+            "grad_share": values["share_of"] / share_total if share_total > 0 else None,
+        }
         if token_losses is not None:
             stats["mean_loss"] = values["loss_sum"] / stats["learned_tokens"] if stats["learned_tokens"] else None
         return stats
@@ -81,8 +103,7 @@ def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor
     regions = {name: entry({key: column[i] for key, column in columns.items()}) for i, name in enumerate(names)}
     total = entry({key: sum(column) for key, column in columns.items()})
     if token_losses is not None:
-        total["weighted_loss"] = sum(columns["share_of"]) / total["weight_sum"] if total["weight_sum"] > 0 \
-            else None
+        total["weighted_loss"] = sum(columns["share_of"]) / total["weight_sum"] if total["weight_sum"] > 0 else None
     return {"regions": regions, "total": total}
 
 

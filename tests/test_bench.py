@@ -1,5 +1,6 @@
 """Benchmark harness (bench/): inputs, baselines against the float64 reference, the report files of a
 --quick run, and pytest-benchmark CPU micro-benchmarks (``-k micro --benchmark-only`` to time them)."""
+
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def test_token_weights_have_contiguous_prompt_runs_and_three_regions():
     weights = token_weights_for(tokens=250, seq_len=100, zero_frac=0.3)
     for start, length in ((0, 100), (100, 100), (200, 50)):
-        sequence = weights[start:start + length]
+        sequence = weights[start : start + length]
         prompt = round(0.3 * length)
         assert torch.all(sequence[:prompt] == 0) and torch.all(sequence[prompt:] > 0)
         assert sequence[prompt:].unique_consecutive().tolist() == [1.0, 0.5, 2.0]
@@ -74,9 +75,30 @@ def test_every_implementation_computes_the_weighted_mean(name, softcap, monkeypa
 
 @pytest.mark.slow
 def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
-    command = [sys.executable, "-m", "bench.linear_ce", "--quick", "--heads", "tiny", "--tokens", "256",
-               "--zero-fracs", "0.5", "--impls", "plain,torch-chunked,cce,mrloss-triton,mrloss-torch",
-               "--warmup", "0", "--reps", "2", "--ceiling-size", "256", "--out-dir", str(tmp_path), "--name", "run"]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.linear_ce",
+        "--quick",
+        "--heads",
+        "tiny",
+        "--tokens",
+        "256",
+        "--zero-fracs",
+        "0.5",
+        "--impls",
+        "plain,torch-chunked,cce,mrloss-triton,mrloss-torch",
+        "--warmup",
+        "0",
+        "--reps",
+        "2",
+        "--ceiling-size",
+        "256",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "run",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

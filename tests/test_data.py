@@ -1,5 +1,6 @@
 """mrloss.data.encode: the token-weight rule on Chinese + English and truncation (datasets and collation:
 test_multi_region_dataset.py; the tokenizer fixture: conftest.py)."""
+
 import functools
 
 import pytest
@@ -22,7 +23,9 @@ def _token_bytes(tokenizer, token_id):
 @functools.lru_cache(maxsize=1)
 def _byte_decoder():
     """GPT-2's byte-level map, inverted: printable stand-in character -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, extra = printable[:], 0
     for b in range(256):
         if b not in printable:
@@ -34,6 +37,7 @@ def _byte_decoder():
 
 # ---------------------------------------------------------------------------------------------- the token-weight rule
 
+
 def _byte_oracle(region_text, tokenizer, input_ids):
     """Independent oracle: (expected weight, set of char weights) per token, from the tokens' bytes mapped
     back to the characters of the UTF-8 text they come from."""
@@ -41,7 +45,7 @@ def _byte_oracle(region_text, tokenizer, input_ids):
     byte_owner = [i for i, ch in enumerate(region_text.text) for _ in ch.encode("utf-8")]
     cursor, expected = 0, []
     for token_id in input_ids:
-        owners = byte_owner[cursor:cursor + len(_token_bytes(tokenizer, token_id))]
+        owners = byte_owner[cursor : cursor + len(_token_bytes(tokenizer, token_id))]
         cursor += len(owners)
         expected.append((max(char_weights[i] for i in owners), {char_weights[i] for i in owners}, owners))
     assert cursor == len(byte_owner)
@@ -132,6 +136,7 @@ def test_encode_rejects_slow_tokenizers_and_bad_options(tokenizer):
 
 # ---------------------------------------------------------------------------------------------- truncation
 
+
 def test_truncation_right_left_error_and_cut_regions(tokenizer):
     text = "intro " * 5 + "concept words here " + "outro " * 5
     start = text.index("concept")
@@ -145,7 +150,7 @@ def test_truncation_right_left_error_and_cut_regions(tokenizer):
     assert right["truncated_regions"] == [1] and right["untruncated_length"] == n
 
     left = encode(rt, tokenizer, max_length=n - 3)
-    assert left["input_ids"] == full["input_ids"][:n - 3]  # right is the default
+    assert left["input_ids"] == full["input_ids"][: n - 3]  # right is the default
     left = encode(rt, tokenizer, max_length=n - 3, truncation="left")
     assert left["input_ids"] == full["input_ids"][3:] and left["input_ids"][-1] == tokenizer.eos_token_id
     assert left["token_weights"][0] == 0.0 and left["token_weights"][1:] == full["token_weights"][4:]

@@ -1,5 +1,6 @@
 """MultiRegionDataset and MultiRegionCollator: every format and file type, region types, bad lines,
 truncation reports, padding and packing (the seed guide's ``python -m pytest tests/test_multi_region_dataset.py``)."""
+
 import json
 
 import pytest
@@ -14,6 +15,7 @@ REGION_TEXTS = [parse(sample, sample_id=sample["id"]) for sample in EXAMPLES]
 
 
 # ---------------------------------------------------------------------------------------------- dataset
+
 
 def test_dataset_reads_every_format_and_file_type_identically(tokenizer, example_files, tmp_path):
     import pyarrow
@@ -38,7 +40,9 @@ def test_dataset_reads_every_format_and_file_type_identically(tokenizer, example
     assert item["input_ids"].dtype == torch.int64 and item["token_weights"].dtype == torch.float32
     assert item["region_ids"].dtype == torch.int64 and item["region_type_ids"].dtype == torch.int64
     regions = REGION_TEXTS[3].regions
-    expected_types = [-1 if r < 0 else reference.region_types.index(regions[r].type) for r in item["region_ids"].tolist()]
+    expected_types = [
+        -1 if r < 0 else reference.region_types.index(regions[r].type) for r in item["region_ids"].tolist()
+    ]
     assert item["region_type_ids"].tolist() == expected_types
     assert reference.sample_ids[0] == f"{example_files['position_based']}:1"
 
@@ -50,8 +54,11 @@ def test_dataset_region_type_vocabulary_extends_the_given_one(tokenizer, example
 
 def test_dataset_names_the_bad_line(tokenizer, tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok <LEARN>fine</LEARN>"}\n\n{"text": "x", "learning_regions": '
-                    '[{"start_char": 0, "end_char": 1, "weigth": 2}]}\n{not json\n', encoding="utf-8")
+    path.write_text(
+        '{"text": "ok <LEARN>fine</LEARN>"}\n\n{"text": "x", "learning_regions": '
+        '[{"start_char": 0, "end_char": 1, "weigth": 2}]}\n{not json\n',
+        encoding="utf-8",
+    )
     with pytest.raises(FormatError) as info:
         MultiRegionDataset(path, tokenizer)
     assert info.value.sample_id == f"{path}:3" and info.value.field == "learning_regions[0].weigth"
@@ -68,9 +75,10 @@ def test_dataset_reports_truncated_samples(tokenizer):
 
 # ---------------------------------------------------------------------------------------------- collator
 
+
 def _items(tokenizer, count=5):
     with pytest.warns(UserWarning, match="truncation"):
-        dataset = MultiRegionDataset.from_samples(EXAMPLES[3:3 + count], tokenizer, max_length=40)
+        dataset = MultiRegionDataset.from_samples(EXAMPLES[3 : 3 + count], tokenizer, max_length=40)
     return [dataset[i] for i in range(len(dataset))]
 
 
@@ -126,8 +134,9 @@ def test_packed_loss_equals_the_sum_of_per_sample_losses(tokenizer):
     head = torch.randn(len(tokenizer), 24, dtype=torch.float64)
 
     def loss(batch):
-        return reference_linear_cross_entropy(embedding[batch["input_ids"]], head, batch["labels"],
-                                              batch["token_weights"], reduction="sum", shift=True)
+        return reference_linear_cross_entropy(
+            embedding[batch["input_ids"]], head, batch["labels"], batch["token_weights"], reduction="sum", shift=True
+        )
 
     packed = loss(MultiRegionCollator(tokenizer.pad_token_id, pack=True, max_length=80)(items))
     padded = loss(MultiRegionCollator(tokenizer.pad_token_id)(items))

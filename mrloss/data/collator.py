@@ -1,4 +1,5 @@
 """MultiRegionCollator: dataset items -> padded or packed ``[B, T]`` batch tensors."""
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,14 @@ class MultiRegionCollator:
     the dataset). Without it, pack mode puts every sample in one row. ``pad_to_multiple_of`` rounds ``T`` up.
     """
 
-    def __init__(self, pad_token_id: int, *, pack: bool = False, max_length: int | None = None,
-                 pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        *,
+        pack: bool = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
         if pad_token_id is None:
             raise ValueError("pad_token_id must be an int (the tokenizer has no pad token?)")
         if max_length is not None and max_length < 1:
@@ -92,17 +99,26 @@ class MultiRegionCollator:
         input_ids = torch.as_tensor(item["input_ids"], dtype=torch.int64)
         token_weights = torch.as_tensor(item["token_weights"], dtype=torch.float32).clone()
         region_type_ids = item.get("region_type_ids")
-        region_type_ids = (torch.full_like(input_ids, -1) if region_type_ids is None
-                           else torch.as_tensor(region_type_ids, dtype=torch.int64))
+        region_type_ids = (
+            torch.full_like(input_ids, -1)
+            if region_type_ids is None
+            else torch.as_tensor(region_type_ids, dtype=torch.int64)
+        )
         length = input_ids.numel()
         if input_ids.dim() != 1 or length == 0:
-            raise ValueError(f"item {index}: input_ids must be a non-empty 1-D sequence, got shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"item {index}: input_ids must be a non-empty 1-D sequence, got shape {tuple(input_ids.shape)}"
+            )
         if token_weights.shape != input_ids.shape or region_type_ids.shape != input_ids.shape:
-            raise ValueError(f"item {index}: token_weights {tuple(token_weights.shape)} and region_type_ids "
-                             f"{tuple(region_type_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"item {index}: token_weights {tuple(token_weights.shape)} and region_type_ids "
+                f"{tuple(region_type_ids.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
         if self.max_length is not None and length > self.max_length:
-            raise ValueError(f"item {index}: {length} tokens, more than max_length {self.max_length}; "
-                             "truncate in the dataset (MultiRegionDataset(max_length=...))")
+            raise ValueError(
+                f"item {index}: {length} tokens, more than max_length {self.max_length}; "
+                "truncate in the dataset (MultiRegionDataset(max_length=...))"
+            )
         unlearn_first_token(token_weights)  # items from encode have it already; others get it here
         return {"input_ids": input_ids, "token_weights": token_weights, "region_type_ids": region_type_ids}
 

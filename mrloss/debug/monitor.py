@@ -15,6 +15,7 @@ non-padding tokens (``attention_mask`` = 1):
 ``total`` holds the same for the whole batch, plus ``weighted_loss`` = Σ(w·l) / Σw (the batch's loss under
 its own normaliser).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ class MultiRegionTrainingMonitor:
     Under data parallelism give ``output_dir`` (and ``report_to``) on rank 0 only.
     """
 
-    def __init__(self, output_dir=None, region_types: Sequence[str] | None = None, *,
-                 report_to: Sequence[str] = ()) -> None:
+    def __init__(
+        self, output_dir=None, region_types: Sequence[str] | None = None, *, report_to: Sequence[str] = ()
+    ) -> None:
         unknown = sorted(set(report_to) - set(BACKENDS))
         if unknown:
             raise ValueError(f"report_to: unknown backend(s) {unknown}; choose from {list(BACKENDS)}")
@@ -62,8 +64,15 @@ class MultiRegionTrainingMonitor:
     def stats_path(self) -> Path | None:
         return self.output_dir / STATS_FILE if self.output_dir is not None else None
 
-    def log_batch_stats(self, batch: Mapping[str, torch.Tensor], step: int, token_losses: torch.Tensor | None = None,
-                        *, multipliers: Mapping[str, float] | None = None, ignore_index: int = IGNORE_INDEX) -> dict:
+    def log_batch_stats(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        step: int,
+        token_losses: torch.Tensor | None = None,
+        *,
+        multipliers: Mapping[str, float] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> dict:
         """Statistics of one batch (collator output: ``token_weights``, ``region_type_ids``, optionally
         ``attention_mask`` and ``labels`` with ``ignore_index``), recorded and returned as
         ``{"step", "regions", "total"}`` plus ``"multipliers"`` (what the weighting tools did, region type ->
@@ -78,9 +87,18 @@ class MultiRegionTrainingMonitor:
         if region_types is None:
             largest = int(batch["region_type_ids"].max()) if batch["region_type_ids"].numel() else -1
             region_types = [f"type{i}" for i in range(largest + 1)]
-        record = {"step": int(step), **region_statistics(
-            batch["token_weights"], batch["region_type_ids"], region_types, attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"), token_losses=token_losses, ignore_index=ignore_index)}
+        record = {
+            "step": int(step),
+            **region_statistics(
+                batch["token_weights"],
+                batch["region_type_ids"],
+                region_types,
+                attention_mask=batch.get("attention_mask"),
+                labels=batch.get("labels"),
+                token_losses=token_losses,
+                ignore_index=ignore_index,
+            ),
+        }
         if multipliers is not None:
             record["multipliers"] = {str(k): float(v) for k, v in multipliers.items()}
         self._write(record)
@@ -89,8 +107,11 @@ class MultiRegionTrainingMonitor:
     @staticmethod
     def type_losses(record: Mapping) -> dict[str, float]:
         """``{region type: mean_loss}`` of a ``log_batch_stats`` record, for ``RegionWeighting.update``."""
-        return {name: stats["mean_loss"] for name, stats in record["regions"].items()
-                if name != OUTSIDE and stats.get("mean_loss") is not None}
+        return {
+            name: stats["mean_loss"]
+            for name, stats in record["regions"].items()
+            if name != OUTSIDE and stats.get("mean_loss") is not None
+        }
 
     def _write(self, record: dict) -> None:
         if self.output_dir is not None:
@@ -123,8 +144,10 @@ class MultiRegionTrainingMonitor:
                     log_dir = self.output_dir / "tensorboard" if self.output_dir is not None else None
                     backend = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
             except ImportError:
-                warnings.warn(f"MultiRegionTrainingMonitor: report_to includes {name!r} but it is not installed; "
-                              f"skipped", stacklevel=4)
+                warnings.warn(
+                    f"MultiRegionTrainingMonitor: report_to includes {name!r} but it is not installed; skipped",
+                    stacklevel=4,
+                )
                 backend = None
             self._backends[name] = backend
         return self._backends[name]
@@ -165,8 +188,12 @@ class MultiRegionTrainingMonitor:
 def flat_scalars(record: Mapping) -> dict[str, float]:
     """``{"region/<type>/<stat>": value, "total/<stat>": value, "multiplier/<type>": value}`` of a record,
     None values left out: the names used for TensorBoard and wandb."""
-    scalars = {f"region/{name}/{key}": value for name, stats in record["regions"].items()
-               for key, value in stats.items() if value is not None}
+    scalars = {
+        f"region/{name}/{key}": value
+        for name, stats in record["regions"].items()
+        for key, value in stats.items()
+        if value is not None
+    }
     scalars.update({f"total/{key}": value for key, value in record["total"].items() if value is not None})
     scalars.update({f"multiplier/{name}": value for name, value in record.get("multipliers", {}).items()})
     return scalars

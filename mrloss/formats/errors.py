@@ -1,4 +1,5 @@
 """FormatError: the one error type for bad multi-region data."""
+
 from __future__ import annotations
 
 

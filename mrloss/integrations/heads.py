@@ -7,6 +7,7 @@ included). Imports neither transformers nor verl.
 
 Scaling the hidden state instead of the logits is exact because no supported head has a bias.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,5 +113,4 @@ def head_loss(causal_lm, head: Head, hidden: torch.Tensor, loss_fn: Callable, *a
     if head.hidden_scale is not None:
         hidden = hidden * head.hidden_scale
     lm_head = lm_head_of(causal_lm, caller=caller)
-    return loss_fn(hidden, lm_head.weight, *args, bias=getattr(lm_head, "bias", None), softcap=head.softcap,
-                   **kwargs)
+    return loss_fn(hidden, lm_head.weight, *args, bias=getattr(lm_head, "bias", None), softcap=head.softcap, **kwargs)

@@ -13,6 +13,7 @@
 transformers is imported at module level: this module is the integration itself, and `import mrloss`
 does not import it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,24 +79,43 @@ def apply_mrloss(model, **loss_options):
     stock_forward = causal_lm.__dict__.get("_mrloss_stock_forward") or causal_lm.forward
 
     def forward(
-        input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-        labels=None, use_cache=None, logits_to_keep=0, token_weights=None, num_items_in_batch=None, **kwargs,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        token_weights=None,
+        num_items_in_batch=None,
+        **kwargs,
     ):
         if labels is None:
             if token_weights is not None:
                 raise ValueError("apply_mrloss: token_weights were given without labels")
             return stock_forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                logits_to_keep=logits_to_keep, **kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
             )
         if "shift_labels" in kwargs:
             raise ValueError("apply_mrloss: shift_labels is not supported; pass labels aligned with input_ids")
         return_dict = kwargs.pop("return_dict", None)
         use_cache = False if use_cache is None else use_cache  # a loss pass has no use for a KV cache
         outputs = causal_lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
         if token_weights is not None:
@@ -104,12 +124,25 @@ def apply_mrloss(model, **loss_options):
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(hidden.device)
         loss, token_losses = head_loss(
-            causal_lm, head, hidden, linear_cross_entropy, labels.to(hidden.device), token_weights,
-            caller="apply_mrloss", shift=True, normalizer=num_items_in_batch, return_token_losses=True, **options,
+            causal_lm,
+            head,
+            hidden,
+            linear_cross_entropy,
+            labels.to(hidden.device),
+            token_weights,
+            caller="apply_mrloss",
+            shift=True,
+            normalizer=num_items_in_batch,
+            return_token_losses=True,
+            **options,
         )
         result = _output_class()(
-            loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, token_losses=token_losses,
+            loss=loss,
+            logits=None,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            token_losses=token_losses,
         )
         return result.to_tuple() if return_dict is False else result
 
@@ -124,14 +157,17 @@ def _warn_if_token_count(causal_lm, num_items_in_batch) -> None:
     count (a stock `transformers.Trainer` passes Σ(labels[..., 1:] != -100) of the optimizer step), so the
     loss becomes Σw·l / count instead of the weighted mean Σw·l / Σw. `MultiRegionTrainer` passes a float Σw."""
     integer = isinstance(num_items_in_batch, int) or (
-        isinstance(num_items_in_batch, torch.Tensor) and not num_items_in_batch.is_floating_point())
+        isinstance(num_items_in_batch, torch.Tensor) and not num_items_in_batch.is_floating_point()
+    )
     if integer and not causal_lm.__dict__.get("_mrloss_warned_token_count", False):
         causal_lm._mrloss_warned_token_count = True
         warnings.warn(
             "apply_mrloss: num_items_in_batch is an integer (a token count, as a stock transformers.Trainer "
             "computes it) while token_weights are given: the loss is Σ w·l / token count, not the weighted mean "
             "Σ w·l / Σ w. Train with mrloss.integrations.hf.MultiRegionTrainer (it passes the step's Σ of "
-            "weights), or pass num_items_in_batch as a float Σ of the valid weights.", stacklevel=3)
+            "weights), or pass num_items_in_batch as a float Σ of the valid weights.",
+            stacklevel=3,
+        )
 
 
 def model_inputs(batch: dict) -> dict:
@@ -142,7 +178,6 @@ def model_inputs(batch: dict) -> dict:
     if "cu_seq_lens_q" in inputs:
         inputs.pop("attention_mask", None)
     return inputs
-
 
 
 class _WeightingCheckpointCallback(transformers.TrainerCallback):
@@ -188,10 +223,22 @@ class MultiRegionTrainer(transformers.Trainer):
     """
 
     def __init__(
-        self, model=None, args=None, train_dataset=None, eval_dataset=None, *, processing_class=None,
-        data_collator=None, loss_options: dict | None = None, region_types: list[str] | None = None,
-        weighting=None, monitor=None, pack: bool = False, max_length: int | None = None,
-        pad_to_multiple_of: int | None = None, **kwargs,
+        self,
+        model=None,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        *,
+        processing_class=None,
+        data_collator=None,
+        loss_options: dict | None = None,
+        region_types: list[str] | None = None,
+        weighting=None,
+        monitor=None,
+        pack: bool = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        **kwargs,
     ):
         apply_mrloss(model, **(loss_options or {}))
         self.ignore_index = (loss_options or {}).get("ignore_index", IGNORE_INDEX)
@@ -199,7 +246,9 @@ class MultiRegionTrainer(transformers.Trainer):
             from mrloss.data import MultiRegionCollator
 
             if processing_class is None or processing_class.pad_token_id is None:
-                raise ValueError("MultiRegionTrainer: pass a tokenizer with a pad token (processing_class) or a data_collator")
+                raise ValueError(
+                    "MultiRegionTrainer: pass a tokenizer with a pad token (processing_class) or a data_collator"
+                )
             data_collator = MultiRegionCollator(
                 processing_class.pad_token_id, pack=pack, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
             )
@@ -207,18 +256,28 @@ class MultiRegionTrainer(transformers.Trainer):
             args.remove_unused_columns = False
             args.average_tokens_across_devices = True
         super().__init__(
-            model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, data_collator=data_collator, **kwargs,
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            **kwargs,
         )
         self.model_accepts_loss_kwargs = True
-        self.region_types = list(region_types if region_types is not None else getattr(train_dataset, "region_types", []))
+        self.region_types = list(
+            region_types if region_types is not None else getattr(train_dataset, "region_types", [])
+        )
         self.weighting = weighting
         self.monitor = monitor
         # the region step loop (statistics -> all ranks -> weighting.update -> checkpoint state); the monitor
         # records on rank 0 only
         self.region_tracker = RegionStepTracker(
-            self.region_types, weighting=weighting, monitor=monitor if self.is_world_process_zero() else None,
-            ignore_index=self.ignore_index)
+            self.region_types,
+            weighting=weighting,
+            monitor=monitor if self.is_world_process_zero() else None,
+            ignore_index=self.ignore_index,
+        )
         if weighting is not None:
             self.add_callback(_WeightingCheckpointCallback(self.region_tracker))
         if self.pop_callback(transformers.trainer_callback.ProgressCallback) is not None:
@@ -270,7 +329,9 @@ class MultiRegionTrainer(transformers.Trainer):
         tracker; on rank 0 also the monitor), fed to the weighting's and the log's statistics."""
         record = self.region_tracker.statistics(batch, token_losses, self.state.global_step)
         self._log_type_stats += self.region_tracker.record(record)
-        self._log_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        self._log_tokens += (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        )
 
     # -- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -278,7 +339,9 @@ class MultiRegionTrainer(transformers.Trainer):
         region type since the last log, all ranks), ``tokens_per_second`` and ``weight/<type>``."""
         if "loss" in logs:
             tokens = torch.tensor([[float(self._log_tokens)]], dtype=torch.float64)
-            stats = all_reduce_sum(torch.cat([self._log_type_stats, tokens.expand(2, 1)], dim=1), device=self.args.device)
+            stats = all_reduce_sum(
+                torch.cat([self._log_type_stats, tokens.expand(2, 1)], dim=1), device=self.args.device
+            )
             now = time.perf_counter()
             logs["tokens_per_second"] = round(float(stats[0, -1]) / max(now - self._log_time, 1e-9), 1)
             for region_type, mean_loss in mean_region_losses(stats[:, :-1], self.region_types).items():
@@ -300,4 +363,3 @@ class MultiRegionTrainer(transformers.Trainer):
             self.region_tracker.load_state(resume_from_checkpoint)
         self._log_time = time.perf_counter()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-

@@ -14,6 +14,7 @@ computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward
 place (so one backward per forward: a second one through the same graph raises RuntimeError).
 For "none" the forward computes losses only and backward re-runs the chunks with per-token scales.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,20 @@ def linear_cross_entropy(
     Returns the loss (float32; float64 for float64 inputs) and, with return_token_losses, also the
     detached unweighted per-token loss l (float32, shape of targets, 0 where skipped).
     """
-    _check_arguments(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap,
-                     label_smoothing, shift, backend, chunk_size)
+    _check_arguments(
+        hidden,
+        weight,
+        targets,
+        token_weights,
+        bias,
+        reduction,
+        normalizer,
+        softcap,
+        label_smoothing,
+        shift,
+        backend,
+        chunk_size,
+    )
     row_op, fused_losses = _backend_ops(backend, hidden)
     hidden_size, vocab_size = hidden.shape[-1], weight.shape[0]
     acc_dtype = accumulation_dtype(hidden.dtype)
@@ -99,17 +112,16 @@ def linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_size, vocab_size)
     chunk_size = max(1, min(chunk_size, num_learned))
-    needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
-                       for t in (hidden, weight, bias))
-    plan = Plan(row_op, fused_losses, softcap, float(label_smoothing), chunk_size, reduction == "none",
-                 needs_grad)
+    needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    plan = Plan(row_op, fused_losses, softcap, float(label_smoothing), chunk_size, reduction == "none", needs_grad)
 
     if reduction == "none":
         scales = learned_weights
     else:
         scales = learned_weights * safe_divide(1, denominator(normalizer, reduction, learned_weights))
     learned_loss, learned_token_losses = LinearCrossEntropyFunction.apply(
-        hidden_2d, weight, bias, rows, learned_targets, scales, plan)
+        hidden_2d, weight, bias, rows, learned_targets, scales, plan
+    )
 
     if reduction == "none":
         loss = learned_loss.new_zeros(targets.numel()).index_copy(0, output_positions, learned_loss)
@@ -135,8 +147,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         unknown = set(options) - _OPTION_NAMES
         if unknown:
-            raise TypeError(f"LinearCrossEntropyLoss: unknown option(s) {sorted(unknown)}; "
-                            f"expected some of {sorted(_OPTION_NAMES)}")
+            raise TypeError(
+                f"LinearCrossEntropyLoss: unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTION_NAMES)}"
+            )
         self.options = options
 
     def forward(self, hidden, weight, targets, token_weights=None, bias=None, normalizer=None):
@@ -148,12 +161,33 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 
-_OPTION_NAMES = {"ignore_index", "reduction", "normalizer", "softcap", "label_smoothing", "shift",
-                 "backend", "return_token_losses", "chunk_size"}
+_OPTION_NAMES = {
+    "ignore_index",
+    "reduction",
+    "normalizer",
+    "softcap",
+    "label_smoothing",
+    "shift",
+    "backend",
+    "return_token_losses",
+    "chunk_size",
+}
 
 
-def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap,
-                     label_smoothing, shift, backend, chunk_size):
+def _check_arguments(
+    hidden,
+    weight,
+    targets,
+    token_weights,
+    bias,
+    reduction,
+    normalizer,
+    softcap,
+    label_smoothing,
+    shift,
+    backend,
+    chunk_size,
+):
     """Shape, dtype, device and option checks (no device sync)."""
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
@@ -168,8 +202,10 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} has H={hidden.shape[-1]} "
-                         f"but weight {tuple(weight.shape)} has H={weight.shape[1]}")
+        raise ValueError(
+            f"hidden size mismatch: hidden {tuple(hidden.shape)} has H={hidden.shape[-1]} "
+            f"but weight {tuple(weight.shape)} has H={weight.shape[1]}"
+        )
     if weight.shape[0] == 0:
         raise ValueError(f"weight must have V >= 1 rows, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -182,16 +218,24 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
         raise TypeError(f"targets must hold integer class ids (int64), got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"shape mismatch: targets {tuple(targets.shape)} must be hidden's shape without "
-                         f"its last dim, {tuple(hidden.shape[:-1])} (hidden is {tuple(hidden.shape)})")
+        raise ValueError(
+            f"shape mismatch: targets {tuple(targets.shape)} must be hidden's shape without "
+            f"its last dim, {tuple(hidden.shape[:-1])} (hidden is {tuple(hidden.shape)})"
+        )
     if token_weights is not None:
         if not token_weights.is_floating_point():
             raise TypeError(f"token_weights must be a float tensor, got {token_weights.dtype}")
         if token_weights.shape != targets.shape:
-            raise ValueError(f"shape mismatch: token_weights {tuple(token_weights.shape)} must match "
-                             f"targets {tuple(targets.shape)}")
-    named = [("hidden", hidden), ("weight", weight), ("targets", targets), ("token_weights", token_weights),
-             ("bias", bias)]
+            raise ValueError(
+                f"shape mismatch: token_weights {tuple(token_weights.shape)} must match targets {tuple(targets.shape)}"
+            )
+    named = [
+        ("hidden", hidden),
+        ("weight", weight),
+        ("targets", targets),
+        ("token_weights", token_weights),
+        ("bias", bias),
+    ]
     for name, value in named:
         if value is not None and value.device != hidden.device:
             raise ValueError(f"device mismatch: hidden is on {hidden.device} but {name} is on {value.device}")
@@ -202,14 +246,17 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
     if normalizer is not None and reduction == "none":
         raise ValueError('normalizer cannot be combined with reduction="none"')
     check_normalizer(normalizer, hidden.device)
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-            or not 0.0 <= label_smoothing <= 1.0:
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, (int, float))
+        or not 0.0 <= label_smoothing <= 1.0
+    ):
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not 0 < softcap < math.inf):
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf
+    ):
         raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if shift and targets.dim() == 0:
         raise ValueError("shift=True needs targets with a sequence dimension, got a 0-dim tensor")
@@ -222,14 +269,18 @@ def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses
         backend = "triton" if hidden.is_cuda and _triton_available() else "torch"
     if backend == "torch":
         from mrloss.ops.backends.torch import cross_entropy_rows
+
         return cross_entropy_rows, None
     if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
-                         "TRITON_INTERPRET=1 set before triton is imported")
+        raise ValueError(
+            f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
+            "TRITON_INTERPRET=1 set before triton is imported"
+        )
     if not _triton_available():
         raise ImportError('backend="triton" needs the triton package (pip install triton)')
     from mrloss.ops.backends.triton.cross_entropy_rows import cross_entropy_rows
     from mrloss.ops.backends.triton.linear_cross_entropy_forward import linear_cross_entropy_forward
+
     return cross_entropy_rows, None if hidden.dtype == torch.float64 else linear_cross_entropy_forward
 
 
@@ -252,14 +303,18 @@ def _check_values_and_count(targets, token_weights, learned, ignore_index, vocab
     counts = torch.stack(counts).tolist()
     if counts[0]:
         position = _first_position(bad_targets)
-        raise ValueError(f"targets{position} = {targets[position].item()} is outside [0, V={vocab_size}) "
-                         f"and is not ignore_index ({ignore_index}); {counts[0]} such target(s) in "
-                         f"targets of shape {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets{position} = {targets[position].item()} is outside [0, V={vocab_size}) "
+            f"and is not ignore_index ({ignore_index}); {counts[0]} such target(s) in "
+            f"targets of shape {tuple(targets.shape)}"
+        )
     if token_weights is not None and counts[2]:
         position = _first_position(bad_weights)
-        raise ValueError(f"token_weights{position} = {token_weights[position].item()}: token weights must "
-                         f"be finite and >= 0; {counts[2]} bad value(s) in token_weights of shape "
-                         f"{tuple(token_weights.shape)}")
+        raise ValueError(
+            f"token_weights{position} = {token_weights[position].item()}: token weights must "
+            f"be finite and >= 0; {counts[2]} bad value(s) in token_weights of shape "
+            f"{tuple(token_weights.shape)}"
+        )
     return counts[1]
 
 

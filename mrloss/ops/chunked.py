@@ -27,6 +27,7 @@ for passes that need no gradient:
     fused_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing) -> losses [M] fp32
     (arguments as in ``chunked_linear_cross_entropy``; fp16|bf16|fp32 inputs)
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -97,16 +98,19 @@ def chunked_linear_cross_entropy(
     grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_bias else None
 
     for start in range(0, num_rows, chunk_size):
-        chunk_rows = rows[start:start + chunk_size]
+        chunk_rows = rows[start : start + chunk_size]
         chunk_hidden = hidden.index_select(0, chunk_rows)
         if bias is None:
             logits = chunk_hidden @ weight.T
         else:
             logits = torch.addmm(bias, chunk_hidden, weight.T)
-        chunk_scales = None if grad_scales is None else grad_scales[start:start + chunk_size]
-        losses[start:start + chunk_size] = row_op(
-            logits, targets[start:start + chunk_size], chunk_scales,
-            softcap=softcap, label_smoothing=label_smoothing,
+        chunk_scales = None if grad_scales is None else grad_scales[start : start + chunk_size]
+        losses[start : start + chunk_size] = row_op(
+            logits,
+            targets[start : start + chunk_size],
+            chunk_scales,
+            softcap=softcap,
+            label_smoothing=label_smoothing,
         )
         if chunk_scales is None:
             continue

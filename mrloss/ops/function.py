@@ -4,6 +4,7 @@
 `LinearCrossEntropyFunction` runs it over the learned rows (chunk driver ``mrloss.ops.chunked``, or the fused
 loss-only forward) and builds the gradients in forward ("mean"/"sum") or in backward ("none").
 """
+
 from __future__ import annotations
 
 import math
@@ -27,12 +28,23 @@ class Plan:
 
     def run(self, hidden, weight, bias, rows, targets, grad_scales):
         if grad_scales is None and self.fused_losses is not None:
-            losses = self.fused_losses(hidden, weight, bias, rows, targets, softcap=self.softcap,
-                                       label_smoothing=self.label_smoothing)
+            losses = self.fused_losses(
+                hidden, weight, bias, rows, targets, softcap=self.softcap, label_smoothing=self.label_smoothing
+            )
             return ChunkedResult(losses, None, None, None)
         return chunked_linear_cross_entropy(
-            hidden, weight, bias, rows, targets, grad_scales, row_op=self.row_op, softcap=self.softcap,
-            label_smoothing=self.label_smoothing, chunk_size=self.chunk_size, needs_grad=self.needs_grad)
+            hidden,
+            weight,
+            bias,
+            rows,
+            targets,
+            grad_scales,
+            row_op=self.row_op,
+            softcap=self.softcap,
+            label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size,
+            needs_grad=self.needs_grad,
+        )
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -70,14 +82,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 raise RuntimeError(
                     "linear_cross_entropy: a second backward through the same graph is not supported for "
                     'reduction "mean"/"sum": the gradients built in the forward pass were scaled in place '
-                    "by the first backward. Recompute the loss (or use reduction=\"none\" and reduce it).")
+                    'by the first backward. Recompute the loss (or use reduction="none" and reduce it).'
+                )
             ctx.grads_consumed = True
             grads = ctx.saved_tensors
             for grad in grads:
                 if grad is not None:
                     _scale_in_place(grad, grad_loss)
-        return (*(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)),
-                None, None, None, None)
+        return (
+            *(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 SCALE_BLOCK_ELEMENTS = 1 << 24  # float32 temporary of the half-precision scaling: at most 64 MiB

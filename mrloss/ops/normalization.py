@@ -17,6 +17,7 @@ needs them *prediction-aligned*: index k holds target k+1 and its weight; the la
 sequence (and, for packed sequences, of every sample) predicts nothing. ``mrloss.ops.api`` (``shift=True``),
 ``mrloss.parallel`` (sequence-parallel shards) and the integrations all use these functions.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,13 @@ import torch
 IGNORE_INDEX = -100
 
 
-def shift_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, *, ignore_index: int = IGNORE_INDEX,
-                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shift_targets(
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Target alignment -> prediction alignment along the last dimension T.
 
     targets [..., T] integer, token_weights [..., T] float or None. Returns (shifted_targets [..., T],
@@ -37,8 +43,7 @@ def shift_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = No
     sample predicts the next sample's first token. New tensors; the inputs are not modified.
     """
     if token_weights is not None and token_weights.shape != targets.shape:
-        raise ValueError(f"token_weights shape {tuple(token_weights.shape)} != targets shape "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(f"token_weights shape {tuple(token_weights.shape)} != targets shape {tuple(targets.shape)}")
     if targets.dim() == 0:
         raise ValueError("shifting needs targets with a sequence dimension, got a 0-dim tensor")
     sample_ends = None
@@ -51,8 +56,13 @@ def shift_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = No
     return shifted_targets, shifted_weights
 
 
-def learned_mask(targets: torch.Tensor | None, token_weights: torch.Tensor | None = None,
-                 ignore_index: int = IGNORE_INDEX, *, target_aligned: bool = False) -> torch.Tensor:
+def learned_mask(
+    targets: torch.Tensor | None,
+    token_weights: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    target_aligned: bool = False,
+) -> torch.Tensor:
     """The learned-token rule: ``targets != ignore_index`` and ``token_weights > 0`` (either may be None:
     that half of the rule is left out; not both). ``target_aligned``: the tensors are target-aligned rows
     [..., T], whose index 0 nothing predicts, so it is never learned (the shift rule). Bool, shape of the
@@ -68,9 +78,15 @@ def learned_mask(targets: torch.Tensor | None, token_weights: torch.Tensor | Non
     return learned
 
 
-def valid_weight_sum(targets: torch.Tensor, token_weights: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
-                     *, cu_seqlens: torch.Tensor | None = None, shift: bool = True,
-                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def valid_weight_sum(
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    shift: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """Σ of the weights of the targets a causal LM predicts (the ``normalizer`` of a batch): the
     shifted weights (``shift_targets``) where the shifted target is not ``ignore_index``, i.e.
     Σ token_weights[..., 1:] where targets[..., 1:] != ignore_index (without each packed sample's first
@@ -78,8 +94,7 @@ def valid_weight_sum(targets: torch.Tensor, token_weights: torch.Tensor | None =
     float (None: all 1.0, a count) -> 0-dim ``dtype`` on targets' device (no host sync).
     ``shift=False``: the targets and weights are prediction-aligned already (e.g. SP shards)."""
     if shift:
-        targets, token_weights = shift_targets(targets, token_weights, ignore_index=ignore_index,
-                                               cu_seqlens=cu_seqlens)
+        targets, token_weights = shift_targets(targets, token_weights, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     valid = targets != ignore_index
     if token_weights is None:
         return valid.sum(dtype=dtype)
@@ -101,16 +116,17 @@ def check_normalizer(normalizer, device: torch.device) -> None:
         if normalizer.dim() != 0:
             raise ValueError(f"normalizer must be a float or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
         if normalizer.device != device and normalizer.device.type != "cpu":
-            raise ValueError(f"device mismatch: hidden is on {device} but normalizer is on {normalizer.device} "
-                             "(a 0-dim normalizer may be on hidden's device or the CPU)")
+            raise ValueError(
+                f"device mismatch: hidden is on {device} but normalizer is on {normalizer.device} "
+                "(a 0-dim normalizer may be on hidden's device or the CPU)"
+            )
         if normalizer.is_complex() or normalizer.dtype == torch.bool:
             raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
         return
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
         raise TypeError(f"normalizer must be a float or a 0-dim tensor, got {type(normalizer).__name__}")
     if not math.isfinite(normalizer) or normalizer < 0:
-        raise ValueError(f"normalizer must be a finite number >= 0 (the global sum of token weights), "
-                         f"got {normalizer}")
+        raise ValueError(f"normalizer must be a finite number >= 0 (the global sum of token weights), got {normalizer}")
 
 
 def normalizer_tensor(normalizer: float | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ Math, for token i with hidden h_i, target t_i, weight w_i (valid when t_i != ign
 With shift=True, the loss at position k is that of predicting targets[..., k] from hidden[..., k-1]
 (position 0 of every sequence has no prediction and gets 0).
 """
+
 from __future__ import annotations
 
 import torch

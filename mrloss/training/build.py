@@ -2,6 +2,7 @@
 
 Shared by `mrloss train` (`mrloss.training.run`) and ``python -m mrloss.integrations.verl``.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,14 +64,22 @@ def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None,
     head_dim = model_config.hidden_size // model_config.num_heads
     try:
         model_config_hf = transformers.AutoConfig.for_model(
-            model_config.arch, vocab_size=len(tokenizer), hidden_size=model_config.hidden_size,
-            intermediate_size=model_config.intermediate_size, num_hidden_layers=model_config.num_layers,
-            num_attention_heads=model_config.num_heads, num_key_value_heads=model_config.num_kv_heads,
-            head_dim=head_dim, max_position_embeddings=max(max_length or 0, 2048),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            model_config.arch,
+            vocab_size=len(tokenizer),
+            hidden_size=model_config.hidden_size,
+            intermediate_size=model_config.intermediate_size,
+            num_hidden_layers=model_config.num_layers,
+            num_attention_heads=model_config.num_heads,
+            num_key_value_heads=model_config.num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=max(max_length or 0, 2048),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
         )
     except ValueError as error:
-        raise ConfigError(f"config model.arch: {model_config.arch!r} is not a transformers model type ({error})") from None
+        raise ConfigError(
+            f"config model.arch: {model_config.arch!r} is not a transformers model type ({error})"
+        ) from None
     transformers.set_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(model_config_hf, dtype=dtype, **options)

@@ -22,6 +22,7 @@ to the working directory of the run (the run scripts run from the repository roo
 ``key.sub=value`` are applied before validation; the value is parsed as YAML (``trainer.max_steps=3``,
 ``model.path=null``, ``data.train_files=[a.jsonl,b.jsonl]``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -175,7 +176,7 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> dict:
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: config {'.'.join(parts[:depth + 1])} is not a section")
+                raise ConfigError(f"override {override!r}: config {'.'.join(parts[: depth + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return raw

@@ -1,4 +1,5 @@
 """Per-region evaluation of a trainer's model: mean token loss of every region type (`mrloss demo`, tests)."""
+
 from __future__ import annotations
 
 
@@ -29,4 +30,7 @@ def evaluate_region_losses(trainer, dataset, batch_size: int = 8) -> dict[str, f
                 weighted_sum += record["total"]["weighted_loss"] * record["total"]["weight_sum"]
                 weight_sum += record["total"]["weight_sum"]
     model.train(was_training)
-    return {**mean_region_losses(tracker.step_sums, names), "weighted": weighted_sum / weight_sum if weight_sum > 0 else float("nan")}
+    return {
+        **mean_region_losses(tracker.step_sums, names),
+        "weighted": weighted_sum / weight_sum if weight_sum > 0 else float("nan"),
+    }

@@ -9,6 +9,7 @@ With ``model.path: null`` the model is a tiny ``model.arch`` built from a transf
 tokenizer a byte-level BPE trained on the training texts (no downloads): rank 0 trains it and saves it
 under ``<output_dir>/tokenizer`` for the other ranks; a resumed run takes it from the checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,21 +72,38 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         ensure_data_files(config.data)
     with args.main_process_first(desc="build the tokenizer"):
         tokenizer = build_tokenizer(config, resume, is_main=args.local_process_index == 0)
-    data_options = dict(format=config.data.format, max_length=config.data.max_length,
-                        truncation=config.data.truncation, add_eos=config.data.add_eos)
+    data_options = dict(
+        format=config.data.format,
+        max_length=config.data.max_length,
+        truncation=config.data.truncation,
+        add_eos=config.data.add_eos,
+    )
     train_dataset = MultiRegionDataset(config.data.train_files, tokenizer, **data_options)
     eval_dataset = None
     if config.data.val_files:
-        eval_dataset = MultiRegionDataset(config.data.val_files, tokenizer, region_types=train_dataset.region_types,
-                                          **data_options)
+        eval_dataset = MultiRegionDataset(
+            config.data.val_files, tokenizer, region_types=train_dataset.region_types, **data_options
+        )
     model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
     weighting, monitor, callbacks = _tools(config, train_dataset.region_types, args.process_index == 0, callbacks)
-    loss_options = {"backend": config.loss.backend, "chunk_size": config.loss.chunk_size,
-                    "label_smoothing": config.loss.label_smoothing, "softcap": config.loss.softcap}
+    loss_options = {
+        "backend": config.loss.backend,
+        "chunk_size": config.loss.chunk_size,
+        "label_smoothing": config.loss.label_smoothing,
+        "softcap": config.loss.softcap,
+    }
     trainer = MultiRegionTrainer(
-        model, args, train_dataset, eval_dataset, processing_class=tokenizer, loss_options=loss_options,
-        weighting=weighting, monitor=monitor, pack=config.data.pack,
-        max_length=config.data.max_length if config.data.pack else None, callbacks=list(callbacks),
+        model,
+        args,
+        train_dataset,
+        eval_dataset,
+        processing_class=tokenizer,
+        loss_options=loss_options,
+        weighting=weighting,
+        monitor=monitor,
+        pack=config.data.pack,
+        max_length=config.data.max_length if config.data.pack else None,
+        callbacks=list(callbacks),
     )
     return TrainingRun(config, trainer, tokenizer, train_dataset, eval_dataset, resume)
 
@@ -102,8 +120,9 @@ def finish_run(run: TrainingRun) -> dict:
     metrics = {
         "train": result.metrics,
         "region_losses": {
-            moment: {k[len("loss/"):]: v for k, v in entry.items() if k.startswith("loss/")} | {"step": entry["step"]}
-            for moment, entry in (("first", region_logs[0]), ("last", region_logs[-1])) if region_logs
+            moment: {k[len("loss/") :]: v for k, v in entry.items() if k.startswith("loss/")} | {"step": entry["step"]}
+            for moment, entry in (("first", region_logs[0]), ("last", region_logs[-1]))
+            if region_logs
         },
         "region_types": list(run.train_dataset.region_types),
         "world_size": trainer.args.world_size,
@@ -111,8 +130,9 @@ def finish_run(run: TrainingRun) -> dict:
     }
     if trainer.is_world_process_zero():
         output_dir = Path(run.config.trainer.output_dir)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False, allow_unicode=True),
-                                                encoding="utf-8")
+        (output_dir / "config.yaml").write_text(
+            yaml.safe_dump(run.config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     return {**metrics, "is_main_process": trainer.is_world_process_zero()}
 

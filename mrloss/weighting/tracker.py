@@ -6,6 +6,7 @@ per region type), *reduced* over ranks (`all_reduce_sum`), and their means *upda
 (`update_weighting`); the weighting's *state* goes next to every checkpoint (`save_state` / `load_state`,
 file ``STATE_FILE``), so a resumed run continues exactly.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,9 @@ class RegionStepTracker:
     rank that records, else None.
     """
 
-    def __init__(self, region_types: Sequence[str], *, weighting=None, monitor=None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self, region_types: Sequence[str], *, weighting=None, monitor=None, ignore_index: int = IGNORE_INDEX
+    ) -> None:
         self.region_types = list(region_types)
         self.weighting = weighting
         self.monitor = monitor
@@ -56,11 +58,18 @@ class RegionStepTracker:
         weighting's multipliers) and returned."""
         if self.monitor is not None:
             multipliers = self.weighting.multipliers() if self.weighting is not None else None
-            return self.monitor.log_batch_stats(batch, step, token_losses, multipliers=multipliers,
-                                                ignore_index=self.ignore_index)
-        return region_statistics(batch["token_weights"], batch["region_type_ids"], self.region_types,
-                                 attention_mask=batch.get("attention_mask"), labels=batch.get("labels"),
-                                 token_losses=token_losses, ignore_index=self.ignore_index)
+            return self.monitor.log_batch_stats(
+                batch, step, token_losses, multipliers=multipliers, ignore_index=self.ignore_index
+            )
+        return region_statistics(
+            batch["token_weights"],
+            batch["region_type_ids"],
+            self.region_types,
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
+            token_losses=token_losses,
+            ignore_index=self.ignore_index,
+        )
 
     def record(self, record: Mapping) -> torch.Tensor:
         """Add a record's per-type loss sums to the step's; returns them (``[2, types]`` float64, CPU)."""

@@ -23,6 +23,7 @@ over the data-parallel group by the engine) and grad_reduction="mean", so the va
 ``sft_loss`` and the gradients after FSDP's average over dp*sp ranks are those of Σw·l / Σw.
 Requires ``model.use_remove_padding=True`` and ``data.pad_mode=no_padding`` (verl's FSDP SFT path).
 """
+
 from __future__ import annotations
 
 import types
@@ -66,16 +67,18 @@ def shard_micro_batch(micro_batch, pad_size: int, group, *, ignore_index: int = 
     from verl.utils import tensordict_utils as tu
 
     input_ids, loss_mask = micro_batch["input_ids"], micro_batch["loss_mask"]
-    targets, weights = shift_targets(input_ids.values(), loss_mask.values().float(), ignore_index=ignore_index,
-                                     cu_seqlens=input_ids.offsets())
+    targets, weights = shift_targets(
+        input_ids.values(), loss_mask.values().float(), ignore_index=ignore_index, cu_seqlens=input_ids.offsets()
+    )
     if pad_size:
         targets = torch.cat([targets, targets.new_full((pad_size,), ignore_index)])
         weights = torch.cat([weights, weights.new_zeros(pad_size)])
     batch_num_tokens = tu.get_non_tensor_data(data=micro_batch, key="batch_num_tokens", default=None)
     dp_size = tu.get_non_tensor_data(data=micro_batch, key="dp_size", default=1)
     normalizer = None if batch_num_tokens is None else float(batch_num_tokens) / float(dp_size)
-    return ShardBatch(pad_and_slice(targets, group, pad_value=ignore_index), pad_and_slice(weights, group),
-                      normalizer, group)
+    return ShardBatch(
+        pad_and_slice(targets, group, pad_value=ignore_index), pad_and_slice(weights, group), normalizer, group
+    )
 
 
 def patch_causal_lm_forward(model, loss_options: dict | None = None):
@@ -102,13 +105,23 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
             kwargs.pop(unused, None)
         hidden = causal_lm.get_decoder()(*args, **kwargs)[0]  # [1, n_local, H]
         if hidden.shape[0] != 1 or hidden.shape[1] != mrloss_shard.targets.shape[0]:
-            raise ValueError(f"hidden states {tuple(hidden.shape)} do not match the mrloss shard of "
-                             f"{mrloss_shard.targets.shape[0]} tokens (needs use_remove_padding=True)")
+            raise ValueError(
+                f"hidden states {tuple(hidden.shape)} do not match the mrloss shard of "
+                f"{mrloss_shard.targets.shape[0]} tokens (needs use_remove_padding=True)"
+            )
         loss = head_loss(
-            causal_lm, head, hidden[0], sequence_parallel_linear_cross_entropy,
-            mrloss_shard.targets.to(hidden.device), mrloss_shard.token_weights.to(hidden.device),
-            caller="mrloss verl engine", group=mrloss_shard.group, normalizer=mrloss_shard.normalizer,
-            grad_reduction="mean", return_token_losses=mrloss_shard.keep_token_losses, **options,
+            causal_lm,
+            head,
+            hidden[0],
+            sequence_parallel_linear_cross_entropy,
+            mrloss_shard.targets.to(hidden.device),
+            mrloss_shard.token_weights.to(hidden.device),
+            caller="mrloss verl engine",
+            group=mrloss_shard.group,
+            normalizer=mrloss_shard.normalizer,
+            grad_reduction="mean",
+            return_token_losses=mrloss_shard.keep_token_losses,
+            **options,
         )
         if mrloss_shard.keep_token_losses:
             loss, mrloss_shard.token_losses = loss
@@ -161,4 +174,3 @@ def patch_engine(engine, loss_options: dict | None = None, region_tools=None):
     engine.prepare_model_outputs = prepare_model_outputs
     engine.forward_backward_batch = forward_backward_batch
     return engine
-

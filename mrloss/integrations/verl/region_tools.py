@@ -18,6 +18,7 @@ Accumulation, reduction, weighting update and checkpoint state are the shared re
 (`mrloss.weighting.tracker.RegionStepTracker`, as in the HF Trainer). Steps are verl's
 ``global_step`` (1-based); the epoch given to ``adjust`` is ``(step - 1) // steps_per_epoch + 1``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,8 +64,10 @@ class EngineRegionTools:
         self.training = True
         self.tracker.step_sums.zero_()
         if "region_type_ids" not in data.keys():
-            raise KeyError("the verl batch has no 'region_type_ids': the mrloss weighting / monitor need "
-                           "data.custom_cls = mrloss.integrations.verl.dataset.MultiRegionSFTDataset")
+            raise KeyError(
+                "the verl batch has no 'region_type_ids': the mrloss weighting / monitor need "
+                "data.custom_cls = mrloss.integrations.verl.dataset.MultiRegionSFTDataset"
+            )
         if self.weighting is None:
             return
         loss_mask, region_type_ids = data["loss_mask"], data["region_type_ids"]
@@ -105,6 +108,6 @@ def target_aligned_losses(shard_losses: torch.Tensor, offsets: torch.Tensor, gro
         shifted = torch.cat(shards)
     total = int(offsets[-1])
     token_losses = torch.zeros(total, dtype=torch.float32, device=shifted.device)
-    token_losses[1:] = shifted[:total - 1]
+    token_losses[1:] = shifted[: total - 1]
     token_losses[offsets[:-1].to(shifted.device).long()] = 0.0  # nothing predicts a sample's first token
     return token_losses

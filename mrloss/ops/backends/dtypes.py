@@ -1,4 +1,5 @@
 """Accumulation dtype shared by the chunk driver and every backend (the bottom of ``mrloss.ops``)."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ float64 logits), in place on the chunk where the dtype allows (the softmax overw
 the extra memory is at most two float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one
 more for the softcap factor) and none for float32 logits without softcap.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ pass 1 keeps an online max / sum-exp (logsumexp), the sum of logits (label smoot
 target logit; pass 2 (only when grad_scales is given) rewrites the row with the gradient in the logits'
 dtype. All math in float32 (float64 for float64 logits); no atomics, so results are deterministic.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,18 @@ def _to_bfloat16_rtne(x):
 
 @triton.jit
 def _cross_entropy_rows_kernel(
-    logits_ptr, stride_row, targets_ptr, scales_ptr, losses_ptr,
-    vocab_size, softcap, label_smoothing,
-    HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    scales_ptr,
+    losses_ptr,
+    vocab_size,
+    softcap,
+    label_smoothing,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
     MANUAL_BF16_ROUNDING: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -108,9 +118,17 @@ def cross_entropy_rows(
     scales = losses if grad_scales is None else grad_scales.to(acc_dtype).contiguous()  # dummy pointer
     block_v = min(triton.next_power_of_2(vocab_size), MAX_BLOCK_V)
     _cross_entropy_rows_kernel[(num_rows,)](
-        logits, logits.stride(0), targets.contiguous(), scales, losses,
-        vocab_size, float(softcap or 1.0), float(label_smoothing),
-        HAS_SOFTCAP=softcap is not None, WRITE_GRAD=grad_scales is not None, BLOCK_V=block_v,
+        logits,
+        logits.stride(0),
+        targets.contiguous(),
+        scales,
+        losses,
+        vocab_size,
+        float(softcap or 1.0),
+        float(label_smoothing),
+        HAS_SOFTCAP=softcap is not None,
+        WRITE_GRAD=grad_scales is not None,
+        BLOCK_V=block_v,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         MANUAL_BF16_ROUNDING=logits.dtype == torch.bfloat16 and triton_interpreted(),
         num_warps=8 if block_v >= 2048 else 4,

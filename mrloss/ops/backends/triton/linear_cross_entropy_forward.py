@@ -12,6 +12,7 @@ running max / sum-exp (online logsumexp), the target logit (picked when the targ
 and the sum of logits (label smoothing). Only those four [BLOCK_N] vectors live across tiles. Each
 program reads all of ``weight`` once per BLOCK_N rows. No atomics: deterministic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,13 +30,29 @@ INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32)
 
 @triton.jit
 def _linear_cross_entropy_forward_kernel(
-    hidden_ptr, stride_hidden_row, stride_hidden_col,
-    weight_ptr, stride_weight_row, stride_weight_col,
-    bias_ptr, stride_bias, rows_ptr, targets_ptr, losses_ptr,
-    num_rows, hidden_size, vocab_size, softcap, label_smoothing,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_IN_FLOAT32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_ptr,
+    stride_hidden_row,
+    stride_hidden_col,
+    weight_ptr,
+    stride_weight_row,
+    stride_weight_col,
+    bias_ptr,
+    stride_bias,
+    rows_ptr,
+    targets_ptr,
+    losses_ptr,
+    num_rows,
+    hidden_size,
+    vocab_size,
+    softcap,
+    label_smoothing,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     offsets = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offsets < num_rows
@@ -56,10 +73,14 @@ def _linear_cross_entropy_forward_kernel(
             ks = h_start + tl.arange(0, BLOCK_H)
             k_mask = ks < hidden_size
             ks = ks.to(tl.int64)  # column offsets times a transposed view's large stride
-            h = tl.load(hidden_row_ptrs + ks[None, :] * stride_hidden_col,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(weight_col_ptrs + ks[:, None] * stride_weight_col,  # [BLOCK_H, BLOCK_V] = W^T tile
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            h = tl.load(
+                hidden_row_ptrs + ks[None, :] * stride_hidden_col, mask=row_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            w = tl.load(
+                weight_col_ptrs + ks[:, None] * stride_weight_col,  # [BLOCK_H, BLOCK_V] = W^T tile
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
             if DOT_IN_FLOAT32:  # interpreter only: it multiplies the raw bits of bfloat16 operands
                 h = h.to(tl.float32)
                 w = w.to(tl.float32)
@@ -110,14 +131,27 @@ def linear_cross_entropy_forward(
     vocab_size, hidden_size = weight.shape
     grid = (triton.cdiv(num_rows, blocks["BLOCK_N"]),)
     _linear_cross_entropy_forward_kernel[grid](
-        hidden, hidden.stride(0), hidden.stride(1),
-        weight, weight.stride(0), weight.stride(1),
-        weight if bias is None else bias, 0 if bias is None else bias.stride(0),  # weight: dummy bias pointer
-        rows.contiguous(), targets.contiguous(), losses,
-        num_rows, hidden_size, vocab_size, float(softcap or 1.0), float(label_smoothing),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        hidden,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight,
+        weight.stride(0),
+        weight.stride(1),
+        weight if bias is None else bias,
+        0 if bias is None else bias.stride(0),  # weight: dummy bias pointer
+        rows.contiguous(),
+        targets.contiguous(),
+        losses,
+        num_rows,
+        hidden_size,
+        vocab_size,
+        float(softcap or 1.0),
+        float(label_smoothing),
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
         DOT_IN_FLOAT32=interpreted and hidden.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
-        **blocks, **launch,
+        **blocks,
+        **launch,
     )
     return losses
