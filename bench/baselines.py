@@ -7,6 +7,7 @@ tokens carry ``ignore_index`` (which the implementation may skip), and the calle
 weights and divides by their sum. ``IMPLS[name].loss_fn(hidden, weight, targets, token_weights, softcap)``
 returns that 0-dim loss.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,8 @@ def _weighted_mean(token_losses: torch.Tensor, token_weights: torch.Tensor) -> t
 
 
 def _plain(hidden, weight, targets, token_weights, softcap):
-    from mrloss.reference import reference_linear_cross_entropy
+    from mrloss.ops.reference import reference_linear_cross_entropy
+
     return reference_linear_cross_entropy(
         hidden, weight, targets, token_weights, softcap=softcap, ignore_index=IGNORE_INDEX, compute_dtype=None
     )
@@ -66,7 +68,11 @@ def _plain(hidden, weight, targets, token_weights, softcap):
 
 def _torch_chunked(hidden, weight, targets, token_weights, softcap):
     token_losses = torch.nn.functional.linear_cross_entropy(
-        hidden, weight, targets, reduction="none", ignore_index=IGNORE_INDEX,
+        hidden,
+        weight,
+        targets,
+        reduction="none",
+        ignore_index=IGNORE_INDEX,
         options=torch.nn.LinearCrossEntropyOptions(),
     )
     return _weighted_mean(token_losses, token_weights)
@@ -74,6 +80,7 @@ def _torch_chunked(hidden, weight, targets, token_weights, softcap):
 
 def _liger(hidden, weight, targets, token_weights, softcap):
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
     token_losses = liger_fused_linear_cross_entropy(
         hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="none", softcap=softcap
     )
@@ -83,10 +90,12 @@ def _liger(hidden, weight, targets, token_weights, softcap):
 def _cce(impl: str):
     def loss_fn(hidden, weight, targets, token_weights, softcap):
         from cut_cross_entropy import linear_cross_entropy
+
         token_losses = linear_cross_entropy(
             hidden, weight, targets, ignore_index=IGNORE_INDEX, softcap=softcap, reduction="none", impl=impl
         )
         return _weighted_mean(token_losses, token_weights)
+
     return loss_fn
 
 
@@ -99,7 +108,14 @@ def _trl(hidden, weight, targets, token_weights, softcap):
     # TRL itself would score every row), so that the CPU numbers measure what a GPU run does.
     learned = targets != IGNORE_INDEX
     log_probs, *_ = ChunkedLogProbFunction.apply(
-        hidden[learned], weight, None, targets[learned], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, softcap, 1.0,
+        hidden[learned],
+        weight,
+        None,
+        targets[learned],
+        1.0,
+        _CHUNKED_LOGPROB_CHUNK_SIZE,
+        softcap,
+        1.0,
         ("log_probs",),
     )
     return -(log_probs * token_weights[learned]).sum() / token_weights.sum()
@@ -108,9 +124,11 @@ def _trl(hidden, weight, targets, token_weights, softcap):
 def _mrloss(backend: str):
     def loss_fn(hidden, weight, targets, token_weights, softcap):
         import mrloss
+
         return mrloss.linear_cross_entropy(
             hidden, weight, targets, token_weights, softcap=softcap, ignore_index=IGNORE_INDEX, backend=backend
         )
+
     return loss_fn
 
 
@@ -182,42 +200,76 @@ def _torch_compile_chunked(hidden, weight, targets, token_weights, softcap):
 
 
 IMPLS = {
-    impl.name: impl for impl in [
-        Impl("plain", _plain,
-             "mrloss.reference.reference_linear_cross_entropy(compute_dtype=None): materialized [N, V] logits "
-             "in the input dtype + F.cross_entropy(reduction='none') * w / sum(w)"),
-        Impl("torch-chunked", _torch_chunked,
-             "torch.nn.functional.linear_cross_entropy(reduction='none', ignore_index=-100, "
-             "options=LinearCrossEntropyOptions()) (auto acc_policy / chunking_method) * w / sum(w)",
-             torch_function="linear_cross_entropy", softcap=False),
-        Impl("torch-compile-chunked", _torch_compile_chunked,
-             "bench.baselines: torch.compile'd chunk (logits, lse, d logits, both matmuls) over Liger-sized "
-             "row chunks, gradients computed in forward, weights folded in; no compaction of zero-weight rows"),
-        Impl("liger", _liger,
-             "liger_kernel fused linear CE, reduction='none', ignore_index=-100 on w=0, softcap passed "
-             "through, * w / sum(w) (its backward recomputes the chunks)",
-             module="liger_kernel", cpu="interpreted",
-             cpu_softcap_reason="Liger's softcap path fails under the Triton CPU interpreter "
-                                "(InterpreterError: 'float' object has no attribute 'to')"),
-        Impl("cce", _cce("cce"),
-             "cut_cross_entropy.linear_cross_entropy(impl='cce', reduction='none', ignore_index=-100 on w=0 "
-             "(rows filtered out), softcap passed through, default filter_eps) * w / sum(w)",
-             module="cut_cross_entropy", cpu="no",
-             cpu_reason="CCE's Triton kernels fail under the CPU interpreter "
-                        "(InterpreterError in _cce_lse_forward_kernel)"),
-        Impl("cce-torch-compile", _cce("torch_compile"),
-             "cut_cross_entropy.linear_cross_entropy(impl='torch_compile', reduction='none', ignore_index=-100: "
-             "valid rows gathered, their logits materialized) * w / sum(w)",
-             module="cut_cross_entropy"),
-        Impl("trl", _trl,
-             "trl.kernels.ChunkedLogProbFunction (SFTTrainer's fused LM head: vocabulary chunks of "
-             "trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, softcap passed through, log-probs only) on the rows "
-             "with a target (compacted first, as TRL does on a GPU), -sum(w log p) / sum(w); on a CPU its torch "
-             "fallback of the Triton tile kernels",
-             module="trl"),
-        Impl("mrloss-triton", _mrloss("triton"), "mrloss.linear_cross_entropy(backend='triton', token_weights=w)",
-             cpu="interpreted", primary=True),
-        Impl("mrloss-torch", _mrloss("torch"), "mrloss.linear_cross_entropy(backend='torch', token_weights=w)",
-             primary=True),
+    impl.name: impl
+    for impl in [
+        Impl(
+            "plain",
+            _plain,
+            "mrloss.reference.reference_linear_cross_entropy(compute_dtype=None): materialized [N, V] logits "
+            "in the input dtype + F.cross_entropy(reduction='none') * w / sum(w)",
+        ),
+        Impl(
+            "torch-chunked",
+            _torch_chunked,
+            "torch.nn.functional.linear_cross_entropy(reduction='none', ignore_index=-100, "
+            "options=LinearCrossEntropyOptions()) (auto acc_policy / chunking_method) * w / sum(w)",
+            torch_function="linear_cross_entropy",
+            softcap=False,
+        ),
+        Impl(
+            "torch-compile-chunked",
+            _torch_compile_chunked,
+            "bench.baselines: torch.compile'd chunk (logits, lse, d logits, both matmuls) over Liger-sized "
+            "row chunks, gradients computed in forward, weights folded in; no compaction of zero-weight rows",
+        ),
+        Impl(
+            "liger",
+            _liger,
+            "liger_kernel fused linear CE, reduction='none', ignore_index=-100 on w=0, softcap passed "
+            "through, * w / sum(w) (its backward recomputes the chunks)",
+            module="liger_kernel",
+            cpu="interpreted",
+            cpu_softcap_reason="Liger's softcap path fails under the Triton CPU interpreter "
+            "(InterpreterError: 'float' object has no attribute 'to')",
+        ),
+        Impl(
+            "cce",
+            _cce("cce"),
+            "cut_cross_entropy.linear_cross_entropy(impl='cce', reduction='none', ignore_index=-100 on w=0 "
+            "(rows filtered out), softcap passed through, default filter_eps) * w / sum(w)",
+            module="cut_cross_entropy",
+            cpu="no",
+            cpu_reason="CCE's Triton kernels fail under the CPU interpreter "
+            "(InterpreterError in _cce_lse_forward_kernel)",
+        ),
+        Impl(
+            "cce-torch-compile",
+            _cce("torch_compile"),
+            "cut_cross_entropy.linear_cross_entropy(impl='torch_compile', reduction='none', ignore_index=-100: "
+            "valid rows gathered, their logits materialized) * w / sum(w)",
+            module="cut_cross_entropy",
+        ),
+        Impl(
+            "trl",
+            _trl,
+            "trl.kernels.ChunkedLogProbFunction (SFTTrainer's fused LM head: vocabulary chunks of "
+            "trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, softcap passed through, log-probs only) on the rows "
+            "with a target (compacted first, as TRL does on a GPU), -sum(w log p) / sum(w); on a CPU its torch "
+            "fallback of the Triton tile kernels",
+            module="trl",
+        ),
+        Impl(
+            "mrloss-triton",
+            _mrloss("triton"),
+            "mrloss.linear_cross_entropy(backend='triton', token_weights=w)",
+            cpu="interpreted",
+            primary=True,
+        ),
+        Impl(
+            "mrloss-torch",
+            _mrloss("torch"),
+            "mrloss.linear_cross_entropy(backend='torch', token_weights=w)",
+            primary=True,
+        ),
     ]
 }

@@ -6,6 +6,7 @@ come in sequences of ``seq_len``; each sequence opens with a contiguous zero-wei
 weights 1.0, 0.5 and 2.0 (a multi-region sample). Targets carry ``IGNORE_INDEX`` where the weight is 0
 (the HF convention: labels are -100 on weight-0 tokens), so every implementation sees the same inputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,31 +81,48 @@ class Preset:
         """Every (head, N, zero fraction) of the preset; a non-None argument replaces the preset's list."""
         return [
             Case(HEADS[head], n, zero_frac, self.dtype, min(self.seq_len, n))
-            for head in heads or self.heads for n in tokens or self.tokens
+            for head in heads or self.heads
+            for n in tokens or self.tokens
             for zero_frac in zero_fracs or self.zero_fracs
         ]
 
 
 PRESETS = {
     "full": Preset(
-        ("llama3-8b", "qwen2.5-7b", "gemma2-2b"), (4096, 16384, 32768), (0.0, 0.5, 0.9), "bfloat16", 2048,
+        ("llama3-8b", "qwen2.5-7b", "gemma2-2b"),
+        (4096, 16384, 32768),
+        (0.0, 0.5, 0.9),
+        "bfloat16",
+        2048,
         description="real LM heads in bf16 (GPU)",
     ),
     "quick": Preset(
-        ("tiny", "tiny-softcap"), (512, 2048), (0.0, 0.5, 0.9), "float32", 256,
+        ("tiny", "tiny-softcap"),
+        (512, 2048),
+        (0.0, 0.5, 0.9),
+        "float32",
+        256,
         description="small fp32 shapes for a CPU",
     ),
     "cpu": Preset(
-        ("h1024-v32k",), (4096,), (0.0, 0.5, 0.9), "float32", 2048,
+        ("h1024-v32k",),
+        (4096,),
+        (0.0, 0.5, 0.9),
+        "float32",
+        2048,
         impls=("plain", "torch-chunked", "torch-compile-chunked", "trl", "mrloss-torch"),
         description="mrloss torch backend vs plain PyTorch, F.linear_cross_entropy, torch.compile and TRL's fused "
-                    "LM head, N=4096 H=1024 V=32000 fp32 (CPU)",
+        "LM head, N=4096 H=1024 V=32000 fp32 (CPU)",
     ),
     "gpu-goals": Preset(
-        ("llama3-8b", "gemma2-2b"), (16384,), (0.0, 0.5, 0.9), "bfloat16", 2048,
+        ("llama3-8b", "gemma2-2b"),
+        (16384,),
+        (0.0, 0.5, 0.9),
+        "bfloat16",
+        2048,
         impls=("plain", "torch-chunked", "liger", "cce", "trl", "mrloss-triton"),
         description="the deciding GPU cases: Llama-3-8B and Gemma-2-2B heads, N=16384 bf16, mrloss-triton vs plain "
-                    "PyTorch, F.linear_cross_entropy, Liger, CCE and TRL's fused LM head",
+        "PyTorch, F.linear_cross_entropy, Liger, CCE and TRL's fused LM head",
     ),
 }
 
@@ -115,7 +133,7 @@ def token_weights_for(tokens: int, seq_len: int, zero_frac: float) -> torch.Tens
     for start in range(0, tokens, seq_len):
         length = min(seq_len, tokens - start)
         prompt = round(zero_frac * length)
-        weights[start:start + prompt] = 0.0
+        weights[start : start + prompt] = 0.0
         bounds = torch.linspace(start + prompt, start + length, len(RESPONSE_REGION_WEIGHTS) + 1).round().long()
         for region_weight, lo, hi in zip(RESPONSE_REGION_WEIGHTS, bounds[:-1], bounds[1:]):
             weights[lo:hi] = region_weight
@@ -132,7 +150,7 @@ def make_inputs(case: Case, device: str | torch.device) -> dict[str, torch.Tenso
     generator = torch.Generator(device).manual_seed(case.seed)
     head = case.head
     hidden = torch.randn(case.tokens, head.hidden, generator=generator, device=device)
-    weight = torch.randn(head.vocab, head.hidden, generator=generator, device=device) * (2.0 / head.hidden ** 0.5)
+    weight = torch.randn(head.vocab, head.hidden, generator=generator, device=device) * (2.0 / head.hidden**0.5)
     targets = torch.randint(0, head.vocab, (case.tokens,), generator=generator, device=device)
     token_weights = token_weights_for(case.tokens, case.seq_len, case.zero_frac).to(device)
     targets = torch.where(token_weights > 0, targets, IGNORE_INDEX)

@@ -5,6 +5,7 @@ bench/gpu-goals-*.json (bench.linear_ce runs) and train/metrics.json (or, when t
 logs of logs/train.log), and writes OUTDIR/summary.json and OUTDIR/summary.md: the stages, the test counts,
 the mrloss-triton / baseline ratio table of every case, and the training tokens/s.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,10 +35,15 @@ def pytest_counts(out: Path) -> dict | None:
     if not path.exists():
         return None
     root = ElementTree.parse(path).getroot()
-    counts = {key: sum(int(suite.get(key, 0)) for suite in root.iter("testsuite"))
-              for key in ("tests", "failures", "errors", "skipped")}
-    counts["not_passed"] = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
-                            if case.find("failure") is not None or case.find("error") is not None]
+    counts = {
+        key: sum(int(suite.get(key, 0)) for suite in root.iter("testsuite"))
+        for key in ("tests", "failures", "errors", "skipped")
+    }
+    counts["not_passed"] = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in root.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
     return counts
 
 
@@ -48,11 +54,15 @@ def bench_results(out: Path) -> dict[str, dict | None]:
         path = out / "bench" / f"{stem}.json"
         run = json.loads(path.read_text()) if path.exists() else None
         results[stage] = run and {
-            "file": f"bench/{stem}.json", "device": run["device"]["name"],
+            "file": f"bench/{stem}.json",
+            "device": run["device"]["name"],
             "baselines": [name for name in run["impls"] if not IMPLS[name].primary],
             "ratio_rows": report.ratio_rows(run, PRIMARY),
-            "primary_not_timed": [f"{r['case']}: {r['status']} {r.get('reason') or ''}" for r in run["results"]
-                                  if r["impl"] == PRIMARY and r["status"] != report.TIMED],
+            "primary_not_timed": [
+                f"{r['case']}: {r['status']} {r.get('reason') or ''}"
+                for r in run["results"]
+                if r["impl"] == PRIMARY and r["status"] != report.TIMED
+            ],
         }
     return results
 
@@ -73,24 +83,46 @@ def training(out: Path) -> dict | None:
     if not logged:
         return {"source": source, "tokens_per_second": None}
     steady = [float(entry["tokens_per_second"]) for entry in logged[1:]] or [float(logged[0]["tokens_per_second"])]
-    return {"source": source, "tokens_per_second": statistics.median(steady), "intervals": len(steady),
-            "first_loss": float(logged[0]["loss"]), "last_loss": float(logged[-1]["loss"]),
-            "steps": history[-1].get("step")}
+    return {
+        "source": source,
+        "tokens_per_second": statistics.median(steady),
+        "intervals": len(steady),
+        "first_loss": float(logged[0]["loss"]),
+        "last_loss": float(logged[-1]["loss"]),
+        "steps": history[-1].get("step"),
+    }
 
 
 def markdown(summary: dict) -> str:
     lines = ["# GPU pass", "", "## Stages", ""]
-    lines += report.table(["stage", "status", "exit", "budget s", "elapsed s", "reason"],
-                          [[s["stage"], s["status"], s["rc"] or "—", s["budget_s"], s["elapsed_s"], s["reason"] or ""]
-                           for s in summary["stages"]])
-    lines += ["", f"Total elapsed: {summary['elapsed_s']:.0f} s of {summary['budget_s']} s budgeted.", "",
-              "## GPU tests (pytest -m gpu)", ""]
+    lines += report.table(
+        ["stage", "status", "exit", "budget s", "elapsed s", "reason"],
+        [
+            [s["stage"], s["status"], s["rc"] or "—", s["budget_s"], s["elapsed_s"], s["reason"] or ""]
+            for s in summary["stages"]
+        ],
+    )
+    lines += [
+        "",
+        f"Total elapsed: {summary['elapsed_s']:.0f} s of {summary['budget_s']} s budgeted.",
+        "",
+        "## GPU tests (pytest -m gpu)",
+        "",
+    ]
     tests = summary["pytest"]
-    lines.append("no pytest-gpu.xml (stage did not run or died)" if tests is None else
-                 f"{tests['tests']} tests: {tests['failures']} failed, {tests['errors']} errors, "
-                 f"{tests['skipped']} skipped" + "".join(f"\n- not passed: `{name}`" for name in tests["not_passed"]))
-    lines += ["", f"## {PRIMARY} / baseline: forward+backward time / peak extra memory", "",
-              "Below 1: mrloss is faster / smaller. Last column: speed-up of mrloss over the fastest baseline.", ""]
+    lines.append(
+        "no pytest-gpu.xml (stage did not run or died)"
+        if tests is None
+        else f"{tests['tests']} tests: {tests['failures']} failed, {tests['errors']} errors, "
+        f"{tests['skipped']} skipped" + "".join(f"\n- not passed: `{name}`" for name in tests["not_passed"])
+    )
+    lines += [
+        "",
+        f"## {PRIMARY} / baseline: forward+backward time / peak extra memory",
+        "",
+        "Below 1: mrloss is faster / smaller. Last column: speed-up of mrloss over the fastest baseline.",
+        "",
+    ]
     for stage, bench in summary["bench"].items():
         if bench is None:
             status = next(s for s in summary["stages"] if s["stage"] == stage)
@@ -103,10 +135,13 @@ def markdown(summary: dict) -> str:
         lines += ["", f"Every measurement: {bench['file'].removesuffix('.json')}.md", ""]
     lines += ["## Training (mrloss train, small Llama, bf16)", ""]
     train = summary["train"]
-    lines.append("no training metrics (stage did not run or died before its first log)" if train is None else
-                 f"{_fmt(train['tokens_per_second'])} tokens/s (median of {train.get('intervals', 0)} logged "
-                 f"intervals after the first; loss {train.get('first_loss')} -> {train.get('last_loss')}; "
-                 f"from {train['source']})")
+    lines.append(
+        "no training metrics (stage did not run or died before its first log)"
+        if train is None
+        else f"{_fmt(train['tokens_per_second'])} tokens/s (median of {train.get('intervals', 0)} logged "
+        f"intervals after the first; loss {train.get('first_loss')} -> {train.get('last_loss')}; "
+        f"from {train['source']})"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ each, see bench/measure.py). Then the matmul ceiling, and the report: bench/resu
 .json / .csv / .md / .png (bench/report.py). Implementations that are not installed or cannot run on
 the device are reported as such, never dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def device_name(device: str) -> str:
     """Human name of the device: the GPU's name, or the CPU model."""
     if device == "cuda":
         import torch
+
         return torch.cuda.get_device_name()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -61,7 +63,9 @@ def versions() -> dict:
             found[package] = None
     try:
         found["mrloss"] = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True,
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -81,8 +85,9 @@ def run_worker(args: list[str], device: str, out_dir: Path, label: str, threads:
     if threads:
         command += ["--threads", str(threads)]
     try:
-        done = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=WORKER_TIMEOUT_S)
+        done = subprocess.run(
+            command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "reason": f"over {WORKER_TIMEOUT_S} s"}
     if out.exists():
@@ -112,18 +117,50 @@ def run_case(case: Case, impl_names: list[str], device: str, options, work_dir: 
     ref_dtype = "float32" if device == "cpu" and flops > CPU_FLOAT64_REFERENCE_FLOPS else "float64"
     reference = work_dir / f"{case.id}-reference.pt"
     if any(status == "ok" for status, _, _ in plans.values()):
-        done = run_worker(["--mode", "reference", "--case", json.dumps(case.to_json()), "--reference",
-                           str(reference), "--ref-dtype", ref_dtype], device, work_dir, f"{case.id}-reference",
-                          None if device == "cuda" else os.cpu_count())
+        done = run_worker(
+            [
+                "--mode",
+                "reference",
+                "--case",
+                json.dumps(case.to_json()),
+                "--reference",
+                str(reference),
+                "--ref-dtype",
+                ref_dtype,
+            ],
+            device,
+            work_dir,
+            f"{case.id}-reference",
+            None if device == "cuda" else os.cpu_count(),
+        )
         if done["status"] != "ok":  # nothing to compare with: report it on every implementation
-            plans = {name: ("error", f"reference failed: {done['status']}: {done.get('reason')}", mode)
-                     if status == "ok" else (status, reason, mode) for name, (status, reason, mode) in plans.items()}
+            plans = {
+                name: ("error", f"reference failed: {done['status']}: {done.get('reason')}", mode)
+                if status == "ok"
+                else (status, reason, mode)
+                for name, (status, reason, mode) in plans.items()
+            }
     for name, (status, reason, mode) in plans.items():
         if status == "ok":
             result = run_worker(
-                ["--mode", mode, "--impl", name, "--case", json.dumps(case.to_json()), "--reference", str(reference),
-                 "--warmup", str(options.warmup), "--reps", str(options.reps)],
-                device, work_dir, f"{case.id}-{name}", options.threads,
+                [
+                    "--mode",
+                    mode,
+                    "--impl",
+                    name,
+                    "--case",
+                    json.dumps(case.to_json()),
+                    "--reference",
+                    str(reference),
+                    "--warmup",
+                    str(options.warmup),
+                    "--reps",
+                    str(options.reps),
+                ],
+                device,
+                work_dir,
+                f"{case.id}-{name}",
+                options.threads,
             )
         else:
             result = {"status": status, "reason": reason}
@@ -136,8 +173,12 @@ def run_case(case: Case, impl_names: list[str], device: str, options, work_dir: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="cases to run (default: 'full' on a GPU, 'quick' on a CPU)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="cases to run (default: 'full' on a GPU, 'quick' on a CPU)",
+    )
     parser.add_argument("--quick", action="store_true", help="same as --preset quick (small fp32 CPU shapes)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--impls", help=f"comma-separated subset of: {', '.join(IMPLS)}")
@@ -146,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-fracs", help="comma-separated zero-weight fractions (replaces the preset's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: GPU 3, CPU 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed steps (default: GPU 10, CPU 3)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads in every worker (default: CPU 1, GPU torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in every worker (default: CPU 1, GPU torch's default)",
+    )
     parser.add_argument("--ceiling-size", type=int, default=None, help="matmul ceiling size (GPU 8192, CPU 2048)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="result file stem (default: <device>-<preset>)")
@@ -182,9 +227,22 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = Path(work)
         ceiling_size = options.ceiling_size or (8192 if on_gpu else 2048)
         ceiling = run_worker(
-            ["--mode", "ceiling", "--dtype", preset.dtype, "--size", str(ceiling_size),
-             "--warmup", str(options.warmup), "--reps", str(max(options.reps, 3))],
-            device, work_dir, "ceiling", options.threads,
+            [
+                "--mode",
+                "ceiling",
+                "--dtype",
+                preset.dtype,
+                "--size",
+                str(ceiling_size),
+                "--warmup",
+                str(options.warmup),
+                "--reps",
+                str(max(options.reps, 3)),
+            ],
+            device,
+            work_dir,
+            "ceiling",
+            options.threads,
         )
         print(f"matmul ceiling: {report.one_line(ceiling)}", file=sys.stderr, flush=True)
         for case in cases:
@@ -202,18 +260,32 @@ def main(argv: list[str] | None = None) -> int:
         "description": preset.description,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.linear_ce", *(argv if argv is not None else sys.argv[1:])]),
-        "device": {"type": device, "name": name, "num_threads": options.threads or torch.get_num_threads(),
-                   "cpu_count": os.cpu_count()},
+        "device": {
+            "type": device,
+            "name": name,
+            "num_threads": options.threads or torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        },
         "versions": versions(),
         "settings": {"warmup": options.warmup, "reps": options.reps, "dtype": preset.dtype},
         "method": report.METHOD,
         "matmul_ceiling": ceiling,
         "impls": {impl_name: IMPLS[impl_name].how for impl_name in impl_names},
-        "cases": [{**case.to_json(), "id": case.id, "learned_tokens": learned_tokens(case),
-                   "learned_flops": learned_flops(case)} for case in cases],
+        "cases": [
+            {
+                **case.to_json(),
+                "id": case.id,
+                "learned_tokens": learned_tokens(case),
+                "learned_flops": learned_flops(case),
+            }
+            for case in cases
+        ],
         "results": results,
-        "not_run": [{"case": r["case"], "impl": r["impl"], "status": r["status"], "reason": r.get("reason")}
-                    for r in results if r["status"] not in ("ok", "verified")],
+        "not_run": [
+            {"case": r["case"], "impl": r["impl"], "status": r["status"], "reason": r.get("reason")}
+            for r in results
+            if r["status"] not in ("ok", "verified")
+        ],
     }
     stem = options.name or f"{device_slug(device, name)}-{preset_name}"
     paths = report.write_all(run, options.out_dir, stem)

@@ -24,6 +24,7 @@ the live tensors.
 Errors: relative, against the reference: |loss - ref| / |ref|, and ||g - g_ref||_2 / ||g_ref||_2 for the
 gradients of hidden and weight. The result is one JSON object written to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,6 +101,7 @@ def step(loss_fn, inputs: dict, softcap, device: torch.device) -> tuple[torch.Te
 
 def errors(loss: torch.Tensor, inputs: dict, reference: dict) -> dict:
     """Relative errors of the loss and of both gradients against the reference."""
+
     def rel_norm(value: torch.Tensor, ref: torch.Tensor) -> float:
         return float((value.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
@@ -141,13 +143,16 @@ def measure_time(impl_name: str, case: Case, device, warmup: int, reps: int, ref
 def measure_verify(impl_name: str, case: Case, device, reference_path: str) -> dict:
     inputs = make_inputs(case, device)
     loss, _, _ = step(IMPLS[impl_name].loss_fn, inputs, case.head.softcap, device)
-    return {"status": "verified", "reason": "Triton interpreter on CPU: errors checked, not timed",
-            **errors(loss, inputs, torch.load(reference_path, map_location=device))}
+    return {
+        "status": "verified",
+        "reason": "Triton interpreter on CPU: errors checked, not timed",
+        **errors(loss, inputs, torch.load(reference_path, map_location=device)),
+    }
 
 
 def compute_reference(case: Case, device, ref_dtype: torch.dtype) -> dict:
     """Loss and gradients in ``ref_dtype``, row chunk by row chunk; gradients stored as float32."""
-    from mrloss.reference import reference_linear_cross_entropy
+    from mrloss.ops.reference import reference_linear_cross_entropy
 
     inputs = make_inputs(case, device)
     hidden = inputs["hidden"].detach().to(ref_dtype).requires_grad_()
@@ -158,10 +163,18 @@ def compute_reference(case: Case, device, ref_dtype: torch.dtype) -> dict:
     loss = 0.0
     for start in range(0, case.tokens, rows):
         chunk = slice(start, start + rows)
-        chunk_loss = reference_linear_cross_entropy(
-            hidden[chunk], weight, targets[chunk], token_weights[chunk], softcap=case.head.softcap,
-            reduction="sum", compute_dtype=ref_dtype,
-        ) / total_weight
+        chunk_loss = (
+            reference_linear_cross_entropy(
+                hidden[chunk],
+                weight,
+                targets[chunk],
+                token_weights[chunk],
+                softcap=case.head.softcap,
+                reduction="sum",
+                compute_dtype=ref_dtype,
+            )
+            / total_weight
+        )
         chunk_loss.backward()
         loss += float(chunk_loss)
     return {"loss": loss, "grad_hidden": hidden.grad.float(), "grad_weight": weight.grad.float()}
@@ -188,10 +201,15 @@ def matmul_ceiling(device, dtype: torch.dtype, size: int, warmup: int, reps: int
         if index >= warmup:
             times.append(elapsed)
     flop = 2 * size**3
-    return {"status": "ok", "shape": [size, size, size], "dtype": str(dtype).removeprefix("torch."),
-            "median_ms": statistics.median(times), "best_ms": min(times),
-            "median_tflops": flop / (statistics.median(times) * 1e-3) / 1e12,
-            "tflops": flop / (min(times) * 1e-3) / 1e12}
+    return {
+        "status": "ok",
+        "shape": [size, size, size],
+        "dtype": str(dtype).removeprefix("torch."),
+        "median_ms": statistics.median(times),
+        "best_ms": min(times),
+        "median_tflops": flop / (statistics.median(times) * 1e-3) / 1e12,
+        "tflops": flop / (min(times) * 1e-3) / 1e12,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

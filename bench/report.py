@@ -4,6 +4,7 @@ tables + all measurements) and PNG (forward+backward time and peak extra memory 
 ``python -m bench.report RUN.json`` rewrites the CSV, Markdown and PNG from a run's JSON.
 Ratios are mrloss / baseline: below 1 means mrloss is faster (time) or smaller (memory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,24 +16,38 @@ from pathlib import Path
 SCHEMA = "mrloss-bench/1"
 METHOD = {
     "timing": "per step: forward (the loss) and backward (loss.backward()) timed apart, from fresh gradients; "
-              "CUDA events on a GPU, time.perf_counter on a CPU; median over the timed steps after the "
-              "warmup steps; fwd_bwd_ms is the median of the per-step sums",
+    "CUDA events on a GPU, time.perf_counter on a CPU; median over the timed steps after the "
+    "warmup steps; fwd_bwd_ms is the median of the per-step sums",
     "memory": "peak extra = peak during one forward+backward - memory before it - the gradients of hidden "
-              "and weight. GPU: torch.cuda.max_memory_allocated. CPU: VmHWM (reset through "
-              "/proc/self/clear_refs) - VmRSS, in a process of its own per (implementation, case), with "
-              "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the RSS at once",
+    "and weight. GPU: torch.cuda.max_memory_allocated. CPU: VmHWM (reset through "
+    "/proc/self/clear_refs) - VmRSS, in a process of its own per (implementation, case), with "
+    "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the RSS at once",
     "errors": "relative to a reference computed from the same inputs by mrloss.reference in reference_dtype "
-              "(float64; float32 on a CPU for large cases): |loss - ref| / |ref|, and ||g - g_ref|| / ||g_ref|| "
-              "for the gradients of hidden and weight",
+    "(float64; float32 on a CPU for large cases): |loss - ref| / |ref|, and ||g - g_ref|| / ||g_ref|| "
+    "for the gradients of hidden and weight",
     "ceiling": "rate of the fastest of several square matmuls in the bench dtype (median rate also "
-               "recorded); ceiling_fraction = 6 * N_learned * H * V / fwd_bwd time / ceiling rate",
+    "recorded); ceiling_fraction = 6 * N_learned * H * V / fwd_bwd time / ceiling rate",
     "token_weights": "sequences of seq_len tokens: a zero-weight prompt of round(zero_frac * seq_len) tokens, "
-                     "then three response regions of weights 1.0, 0.5, 2.0; targets are -100 on weight 0",
+    "then three response regions of weights 1.0, 0.5, 2.0; targets are -100 on weight 0",
 }
 CSV_FIELDS = [
-    "case", "impl", "status", "forward_ms", "backward_ms", "fwd_bwd_ms", "peak_extra_mib", "achieved_tflops",
-    "ceiling_fraction", "loss", "loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "reference_dtype",
-    "num_threads", "reps", "reason",
+    "case",
+    "impl",
+    "status",
+    "forward_ms",
+    "backward_ms",
+    "fwd_bwd_ms",
+    "peak_extra_mib",
+    "achieved_tflops",
+    "ceiling_fraction",
+    "loss",
+    "loss_rel_err",
+    "grad_hidden_rel_err",
+    "grad_weight_rel_err",
+    "reference_dtype",
+    "num_threads",
+    "reps",
+    "reason",
 ]
 TIMED = "ok"
 # below this the peak extra memory of a baseline is noise: no memory ratio against it
@@ -42,11 +57,15 @@ MIN_MEMORY_MIB = 1.0
 def one_line(result: dict) -> str:
     """Short progress line of one result."""
     if result.get("status") == "ok" and "fwd_bwd_ms" in result:
-        return (f"fwd+bwd {result['fwd_bwd_ms']:.2f} ms, peak extra {result['peak_extra_mib']:.1f} MiB, "
-                f"grad_W err {result['grad_weight_rel_err']:.1e}")
+        return (
+            f"fwd+bwd {result['fwd_bwd_ms']:.2f} ms, peak extra {result['peak_extra_mib']:.1f} MiB, "
+            f"grad_W err {result['grad_weight_rel_err']:.1e}"
+        )
     if result.get("status") == "ok" and "tflops" in result:
-        return (f"{result['tflops']:.3f} TFLOP/s best, {result['median_tflops']:.3f} median "
-                f"({result['dtype']}, {result['shape'][0]}^3)")
+        return (
+            f"{result['tflops']:.3f} TFLOP/s best, {result['median_tflops']:.3f} median "
+            f"({result['dtype']}, {result['shape'][0]}^3)"
+        )
     if result.get("status") == "verified":
         return f"verified: loss err {result['loss_rel_err']:.1e}, grad_W err {result['grad_weight_rel_err']:.1e}"
     return f"{result.get('status')}: {result.get('reason')}"
@@ -92,8 +111,11 @@ def ratio_rows(run: dict, primary: str) -> list[list[str]]:
                 row.append(other.get("status", "—"))
                 continue
             timed[name] = other["fwd_bwd_ms"]
-            memory = (f"{mine['peak_extra_mib'] / other['peak_extra_mib']:.2f}"
-                      if other["peak_extra_mib"] >= MIN_MEMORY_MIB else "n/a")
+            memory = (
+                f"{mine['peak_extra_mib'] / other['peak_extra_mib']:.2f}"
+                if other["peak_extra_mib"] >= MIN_MEMORY_MIB
+                else "n/a"
+            )
             row.append(f"{mine['fwd_bwd_ms'] / other['fwd_bwd_ms']:.2f} / {memory}")
         if timed:
             best = min(timed, key=timed.get)
@@ -115,9 +137,11 @@ def markdown(run: dict) -> str:
     lines = [
         f"# Weighted LM-head loss benchmark: {device['name']} ({device['type']}), preset `{run['preset']}`",
         "",
-        (f"`{run['command']}` — {run['created']}; {run['description']}; dtype {run['settings']['dtype']}, "
-         f"warmup {run['settings']['warmup']}, timed steps {run['settings']['reps']}, "
-         f"torch threads {device['num_threads']} of {device['cpu_count']} CPUs."),
+        (
+            f"`{run['command']}` — {run['created']}; {run['description']}; dtype {run['settings']['dtype']}, "
+            f"warmup {run['settings']['warmup']}, timed steps {run['settings']['reps']}, "
+            f"torch threads {device['num_threads']} of {device['cpu_count']} CPUs."
+        ),
         "",
         "Versions: " + ", ".join(f"{name} {version or 'not installed'}" for name, version in versions.items()),
         "",
@@ -129,25 +153,52 @@ def markdown(run: dict) -> str:
         if not rows:
             continue
         lines += [
-            "", f"## {primary} / baseline: forward+backward time / peak extra memory", "",
-            "Below 1: mrloss is faster / smaller. Last column: speed-up of mrloss over the fastest baseline.", "",
+            "",
+            f"## {primary} / baseline: forward+backward time / peak extra memory",
+            "",
+            "Below 1: mrloss is faster / smaller. Last column: speed-up of mrloss over the fastest baseline.",
+            "",
             *table(["case", *baselines, "fastest baseline"], rows),
         ]
     rows = []
     for result in run["results"]:
-        rows.append([
-            result["case"], result["impl"], result["status"], _fmt(result.get("forward_ms"), ".2f"),
-            _fmt(result.get("backward_ms"), ".2f"), _fmt(result.get("fwd_bwd_ms"), ".2f"),
-            _fmt(result.get("peak_extra_mib"), ".1f"),
-            _fmt(result.get("ceiling_fraction") and 100 * result["ceiling_fraction"], ".1f"),
-            _fmt(result.get("loss_rel_err"), ".1e"), _fmt(result.get("grad_hidden_rel_err"), ".1e"),
-            _fmt(result.get("grad_weight_rel_err"), ".1e"),
-        ])
-    lines += ["", "## All measurements", "",
-              *table(["case", "impl", "status", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
-                       "% matmul ceiling", "loss err", "grad hidden err", "grad weight err"], rows)]
-    reasons = sorted({(r["impl"], r["status"], r.get("reason") or "") for r in run["results"]
-                      if r["status"] != TIMED})
+        rows.append(
+            [
+                result["case"],
+                result["impl"],
+                result["status"],
+                _fmt(result.get("forward_ms"), ".2f"),
+                _fmt(result.get("backward_ms"), ".2f"),
+                _fmt(result.get("fwd_bwd_ms"), ".2f"),
+                _fmt(result.get("peak_extra_mib"), ".1f"),
+                _fmt(result.get("ceiling_fraction") and 100 * result["ceiling_fraction"], ".1f"),
+                _fmt(result.get("loss_rel_err"), ".1e"),
+                _fmt(result.get("grad_hidden_rel_err"), ".1e"),
+                _fmt(result.get("grad_weight_rel_err"), ".1e"),
+            ]
+        )
+    lines += [
+        "",
+        "## All measurements",
+        "",
+        *table(
+            [
+                "case",
+                "impl",
+                "status",
+                "fwd ms",
+                "bwd ms",
+                "fwd+bwd ms",
+                "peak extra MiB",
+                "% matmul ceiling",
+                "loss err",
+                "grad hidden err",
+                "grad weight err",
+            ],
+            rows,
+        ),
+    ]
+    reasons = sorted({(r["impl"], r["status"], r.get("reason") or "") for r in run["results"] if r["status"] != TIMED})
     if reasons:
         lines += ["", "## Not timed", ""] + [f"- **{impl}** {status}: {reason}" for impl, status, reason in reasons]
     lines += ["", "## Implementations", ""] + [f"- **{name}**: {how}" for name, how in run["impls"].items()]
@@ -158,6 +209,7 @@ def markdown(run: dict) -> str:
 def plot(run: dict, path: Path) -> None:
     """One row per (head, zero fraction): fwd+bwd time vs N, and peak extra memory vs N."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -168,8 +220,10 @@ def plot(run: dict, path: Path) -> None:
     for (head, zero_frac), (time_axis, memory_axis) in zip(groups, axes):
         for impl in run["impls"]:
             points = sorted(
-                (cases[r["case"]]["tokens"], r["fwd_bwd_ms"], r["peak_extra_mib"]) for r in run["results"]
-                if r["impl"] == impl and r["status"] == TIMED
+                (cases[r["case"]]["tokens"], r["fwd_bwd_ms"], r["peak_extra_mib"])
+                for r in run["results"]
+                if r["impl"] == impl
+                and r["status"] == TIMED
                 and (cases[r["case"]]["head"]["name"], cases[r["case"]]["zero_frac"]) == (head, zero_frac)
             )
             if points:

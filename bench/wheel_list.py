@@ -3,6 +3,7 @@ torch and triton (bench/gpu_pass.sh), the dependency closure of `ROOTS` at the v
 
 bench/make_wheels.sh downloads their wheels; the GPU machine installs them with ``--no-index --no-deps``.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,21 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 # mrloss's own requirements, the Trainer's (accelerate), the bench report's, and the baselines
-ROOTS = ("transformers", "tokenizers", "accelerate", "numpy", "pyyaml", "tqdm", "pytest", "pytest-benchmark",
-         "matplotlib", "pandas", "liger-kernel", "cut-cross-entropy", "trl")
+ROOTS = (
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "numpy",
+    "pyyaml",
+    "tqdm",
+    "pytest",
+    "pytest-benchmark",
+    "matplotlib",
+    "pandas",
+    "liger-kernel",
+    "cut-cross-entropy",
+    "trl",
+)
 # already on the GPU machine (with torch)
 PROVIDED = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 

@@ -3,7 +3,9 @@
 Public names only; heavy or optional imports (transformers, verl, matplotlib, ...) happen inside the
 functions that need them, so ``import mrloss`` stays light.
 """
-from mrloss.loss import LinearCrossEntropyLoss, linear_cross_entropy
+
+from mrloss.ops.api import LinearCrossEntropyLoss, linear_cross_entropy
+from mrloss.ops.normalization import IGNORE_INDEX
 
 __version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "__version__"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "IGNORE_INDEX", "__version__"]

@@ -1,11 +1,12 @@
 """`mrloss` command line: one entry point, subcommands implemented next to the code they drive.
 
-    mrloss demo                      write example data, show a loss mask, train a tiny model on CPU
-    mrloss train --config F [k=v ...]
-    mrloss prepare ...               validate / convert / split raw data
-    mrloss show FILE [--index N] [--html out.html]
-    mrloss plot RUN_DIR
+mrloss demo                      write example data, show a loss mask, train a tiny model on CPU
+mrloss train --config F [k=v ...]
+mrloss prepare ...               validate / convert / split raw data
+mrloss show FILE [--index N] [--html out.html]
+mrloss plot RUN_DIR
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,8 @@ import sys
 
 # subcommand -> (module, function, one-line help); each function takes argv (list[str]) and returns an exit code.
 SUBCOMMANDS = {
-    "demo": ("mrloss.demo", "main", "write example data, show a loss mask, train a tiny model on CPU"),
-    "train": ("mrloss.train", "main", "train from a YAML config: mrloss train --config F [key=value ...]"),
+    "demo": ("mrloss.training.demo", "main", "write example data, show a loss mask, train a tiny model on CPU"),
+    "train": ("mrloss.training.run", "main", "train from a YAML config: mrloss train --config F [key=value ...]"),
     "prepare": ("mrloss.data.prepare", "main", "validate, convert and split a raw data file"),
     "show": ("mrloss.debug.show", "main", "show the loss mask of one sample (terminal or HTML)"),
     "plot": ("mrloss.debug.plot", "main", "plot per-region loss curves of a run directory"),

@@ -24,13 +24,21 @@ Gradient scale (``grad_reduction``):
     "sum":  d loss / d local_sum = 1 / normalizer: each rank gets exactly its shard's share
             (d loss / d hidden_shard is exact); SUM parameter gradients over the group.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from mrloss.alignment import shift_targets  # the shift rule; also importable from here (verl engine)
-from mrloss.loss import check_normalizer, linear_cross_entropy, normalizer_tensor
+from mrloss.ops.api import linear_cross_entropy
+from mrloss.ops.normalization import (  # shift_targets: the shift rule; also importable from here (verl engine)
+    IGNORE_INDEX,
+    check_normalizer,
+    normalizer_tensor,
+    safe_divide,
+    shift_targets,
+    valid_weight_sum,
+)
 
 GRAD_REDUCTIONS = ("mean", "sum")
 
@@ -57,18 +65,26 @@ def pad_and_slice(tensor: torch.Tensor, group=None, *, dim: int = -1, pad_value=
     return tensor.narrow(dim, rank * part, part).contiguous()
 
 
-def shard_targets(targets: torch.Tensor, token_weights: torch.Tensor | None = None, group=None, *,
-                  ignore_index: int = -100,
-                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift full-sequence targets/weights [..., T] (``mrloss.alignment.shift_targets``; token_weights
+def shard_targets(
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    group=None,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift full-sequence targets/weights [..., T] (``mrloss.ops.normalization.shift_targets``; token_weights
     None: all 1.0), then take this rank's shard (``pad_and_slice``): the targets/weights that line up with
     this rank's hidden-state shard."""
     if token_weights is None:
         token_weights = torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
-    shifted_targets, shifted_weights = shift_targets(targets, token_weights, ignore_index=ignore_index,
-                                                     cu_seqlens=cu_seqlens)
-    return (pad_and_slice(shifted_targets, group, pad_value=ignore_index),
-            pad_and_slice(shifted_weights, group, pad_value=0))
+    shifted_targets, shifted_weights = shift_targets(
+        targets, token_weights, ignore_index=ignore_index, cu_seqlens=cu_seqlens
+    )
+    return (
+        pad_and_slice(shifted_targets, group, pad_value=ignore_index),
+        pad_and_slice(shifted_weights, group, pad_value=0),
+    )
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -98,7 +114,7 @@ def sequence_parallel_linear_cross_entropy(
     normalizer: float | torch.Tensor | None = None,
     grad_reduction: str = "mean",
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     backend: str = "auto",
@@ -124,17 +140,31 @@ def sequence_parallel_linear_cross_entropy(
     if hidden_shard.shape[:-1] != targets_shard.shape or token_weights_shard.shape != targets_shard.shape:
         raise ValueError(
             f"hidden_shard {tuple(hidden_shard.shape)}, targets_shard {tuple(targets_shard.shape)} and "
-            f"token_weights_shard {tuple(token_weights_shard.shape)} do not line up: shard them together")
+            f"token_weights_shard {tuple(token_weights_shard.shape)} do not line up: shard them together"
+        )
     out = linear_cross_entropy(
-        hidden_shard, weight, targets_shard, token_weights_shard, bias=bias, ignore_index=ignore_index,
-        reduction="sum", softcap=softcap, label_smoothing=label_smoothing, shift=False, backend=backend,
-        return_token_losses=return_token_losses, chunk_size=chunk_size,
+        hidden_shard,
+        weight,
+        targets_shard,
+        token_weights_shard,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction="sum",
+        softcap=softcap,
+        label_smoothing=label_smoothing,
+        shift=False,
+        backend=backend,
+        return_token_losses=return_token_losses,
+        chunk_size=chunk_size,
     )
     local_sum, token_losses = out if return_token_losses else (out, None)
-    valid_weights = torch.where(targets_shard != ignore_index, token_weights_shard.float(), 0.0)
+    local_weight_sum = valid_weight_sum(
+        targets_shard, token_weights_shard, ignore_index, shift=False, dtype=torch.float32
+    )
     size, _ = group_size_and_rank(group)
     total_sum, total_weights = _SumOverGroup.apply(
-        local_sum.float(), valid_weights.sum(), group, float(size) if grad_reduction == "mean" else 1.0)
+        local_sum.float(), local_weight_sum, group, float(size) if grad_reduction == "mean" else 1.0
+    )
     denom = total_weights if normalizer is None else normalizer_tensor(normalizer, torch.float32, total_sum.device)
-    loss = torch.where(denom > 0, total_sum / torch.where(denom > 0, denom, 1.0), total_sum * 0.0)
+    loss = safe_divide(total_sum, denom)
     return (loss, token_losses) if return_token_losses else loss

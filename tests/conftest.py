@@ -1,7 +1,8 @@
-"""Test set-up: without CUDA, Triton kernels run on the CPU through the interpreter.
+"""Test set-up: without CUDA, Triton kernels run on the CPU through the interpreter; shared fixtures.
 
 TRITON_INTERPRET must be set before triton is first imported, hence here, at collection time.
 """
+
 import os
 
 import torch
@@ -19,3 +20,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The byte-level BPE of the data tests: 600 tokens trained on the shipped examples' texts."""
+    from mrloss.data import train_bpe_tokenizer
+    from mrloss.data.examples import EXAMPLES
+    from mrloss.formats import parse
+
+    return train_bpe_tokenizer([parse(s, sample_id=s["id"]).text for s in EXAMPLES], vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def example_files(tmp_path_factory):
+    """The shipped example data set, written once (``write_examples``: format name -> path)."""
+    from mrloss.data import write_examples
+
+    return write_examples(tmp_path_factory.mktemp("examples"))

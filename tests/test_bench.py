@@ -1,5 +1,6 @@
 """Benchmark harness (bench/): inputs, baselines against the float64 reference, the report files of a
 --quick run, and pytest-benchmark CPU micro-benchmarks (``-k micro --benchmark-only`` to time them)."""
+
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import torch
 from bench import baselines, report
 from bench.baselines import IMPLS, availability
 from bench.cases import HEADS, IGNORE_INDEX, PRESETS, Case, make_inputs, token_weights_for
-from mrloss.reference import reference_linear_cross_entropy
+from mrloss.ops.reference import reference_linear_cross_entropy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def test_token_weights_have_contiguous_prompt_runs_and_three_regions():
     weights = token_weights_for(tokens=250, seq_len=100, zero_frac=0.3)
     for start, length in ((0, 100), (100, 100), (200, 50)):
-        sequence = weights[start:start + length]
+        sequence = weights[start : start + length]
         prompt = round(0.3 * length)
         assert torch.all(sequence[:prompt] == 0) and torch.all(sequence[prompt:] > 0)
         assert sequence[prompt:].unique_consecutive().tolist() == [1.0, 0.5, 2.0]
@@ -75,9 +76,30 @@ def test_every_implementation_computes_the_weighted_mean(name, softcap, monkeypa
 
 @pytest.mark.slow
 def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
-    command = [sys.executable, "-m", "bench.linear_ce", "--quick", "--heads", "tiny", "--tokens", "256",
-               "--zero-fracs", "0.5", "--impls", "plain,torch-chunked,cce,mrloss-triton,mrloss-torch",
-               "--warmup", "0", "--reps", "2", "--ceiling-size", "256", "--out-dir", str(tmp_path), "--name", "run"]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.linear_ce",
+        "--quick",
+        "--heads",
+        "tiny",
+        "--tokens",
+        "256",
+        "--zero-fracs",
+        "0.5",
+        "--impls",
+        "plain,torch-chunked,cce,mrloss-triton,mrloss-torch",
+        "--warmup",
+        "0",
+        "--reps",
+        "2",
+        "--ceiling-size",
+        "256",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "run",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -129,13 +151,20 @@ def test_micro_forward_backward(benchmark, name):
 
 def test_gpu_pass_dry_run_prints_every_stage_and_budget_under_8_minutes(tmp_path):
     out = tmp_path / "x"
-    done = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_pass.sh"), "--dry-run", str(out)], check=False,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "bench" / "gpu_pass.sh"), "--dry-run", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     stages = dict(re.findall(r"^stage (\S+) +budget +(\d+) s: ", done.stdout, re.MULTILINE))
     assert list(stages) == ["env", "setup", "pytest-gpu", "bench-llama3-8b", "bench-gemma2-2b", "train", "summary"]
     assert all(int(budget) > 0 for budget in stages.values())
-    total, worst = map(int, re.search(r"^total budget: (\d+) s; .* at most (\d+) s", done.stdout, re.MULTILINE).groups())
+    total, worst = map(
+        int, re.search(r"^total budget: (\d+) s; .* at most (\d+) s", done.stdout, re.MULTILINE).groups()
+    )
     assert total == sum(map(int, stages.values())) and total <= worst < 8 * 60
     assert "pytest -m gpu" in done.stdout and "--preset gpu-goals" in done.stdout and "mrloss train" in done.stdout
     assert not out.exists()  # a dry run runs nothing

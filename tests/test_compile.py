@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from mrloss.kernels import compile_check
-from mrloss.kernels.cross_entropy_rows import MAX_BLOCK_V, SMALL_BLOCK_V, rows_launch_config
-from mrloss.kernels.launch import GPU_CAPABILITIES
+from mrloss.ops.backends.triton import compile_check
+from mrloss.ops.backends.triton.cross_entropy_rows import MAX_BLOCK_V, SMALL_BLOCK_V, rows_launch_config
+from mrloss.ops.backends.triton.launch import GPU_CAPABILITIES
 
 CASES = [(capability, case) for capability in GPU_CAPABILITIES for case in compile_check.all_cases(capability)]
 CASE_IDS = [case.case_id(capability) for capability, case in CASES]
@@ -26,10 +26,10 @@ def _compiler_env() -> dict:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """Results of ``python -m mrloss.kernels.compile_check`` by case id; prints its table."""
+    """Results of ``python -m mrloss.ops.backends.triton.compile_check`` by case id; prints its table."""
     output = tmp_path_factory.mktemp("compile") / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "mrloss.kernels.compile_check", "--json", str(output)],
+        [sys.executable, "-m", "mrloss.ops.backends.triton.compile_check", "--json", str(output)],
         capture_output=True, text=True, env=_compiler_env(), timeout=1200,
     )  # fmt: skip
     print("\n" + done.stdout)
@@ -64,11 +64,11 @@ def test_row_launch_config_is_one_of_the_compiled_ones(vocab_size):
             assert config.describe() in compiled_configs
 
 
-OLD_ROW_LOOP = '''
+OLD_ROW_LOOP = """
 import triton
 import triton.language as tl
-from mrloss.kernels import compile_check
-from mrloss.kernels.launch import CompileCase, LaunchConfig
+from mrloss.ops.backends.triton import compile_check
+from mrloss.ops.backends.triton.launch import CompileCase, LaunchConfig
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def old_loop_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 case = CompileCase("old", "fp32", old_loop_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", n="i32"), (),
                    LaunchConfig(dict(BLOCK=1024), num_warps=4, num_stages=1))
 print(compile_check.compile_case(case, (9, 0)).problems())
-'''
+"""
 
 
 def test_the_old_row_kernels_pattern_fails_this_check(tmp_path):

@@ -1,9 +1,10 @@
-"""`mrloss.config`: the shipped configs load; unknown keys and wrong types are errors naming the key path."""
+"""`mrloss.training.config`: the shipped configs load; unknown keys and wrong types are errors naming the key path."""
+
 from pathlib import Path
 
 import pytest
 
-from mrloss.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from mrloss.training.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "configs").glob("multi_region_*.yaml"))
@@ -17,7 +18,9 @@ def write(tmp_path, text):
 
 def test_three_shipped_configs_load_with_their_format():
     assert [p.name for p in SHIPPED] == [
-        "multi_region_position_based.yaml", "multi_region_structured.yaml", "multi_region_tag_based.yaml",
+        "multi_region_position_based.yaml",
+        "multi_region_structured.yaml",
+        "multi_region_tag_based.yaml",
     ]
     for path in SHIPPED:
         config = load_config(path)
@@ -29,8 +32,16 @@ def test_three_shipped_configs_load_with_their_format():
 
 def test_defaults_and_overrides_parse_as_yaml(tmp_path):
     path = write(tmp_path, "data:\n  train_files: a.jsonl\ntrainer:\n  learning_rate: 1e-3\n")
-    config = load_config(path, ["trainer.max_steps=3", "model.path=null", "data.val_files=[b.jsonl, c.jsonl]",
-                                "weighting.dynamic_weights={difficulty_scaling: true}", "loss.softcap=30"])
+    config = load_config(
+        path,
+        [
+            "trainer.max_steps=3",
+            "model.path=null",
+            "data.val_files=[b.jsonl, c.jsonl]",
+            "weighting.dynamic_weights={difficulty_scaling: true}",
+            "loss.softcap=30",
+        ],
+    )
     assert config.data.train_files == ["a.jsonl"]  # one string is a list of one
     assert config.trainer.learning_rate == 1e-3  # YAML reads 1e-3 as a string; accepted for a float
     assert config.trainer.max_steps == 3 and config.model.path is None
@@ -41,18 +52,36 @@ def test_defaults_and_overrides_parse_as_yaml(tmp_path):
     assert config_from_dict(config.to_dict()) == config  # round trip
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"data": {"train_files": ["a"], "max_lenght": 5}}, r"config data\.max_lenght: unknown key .*max_length"),
-    ({"datas": {}}, r"config datas: unknown key"),
-    ({"data": {"train_files": ["a"]}, "trainer": {"epochs": "three"}}, r"config trainer\.epochs: expected float, got str 'three'"),
-    ({"data": {"train_files": ["a"]}, "trainer": {"max_steps": 2.5}}, r"config trainer\.max_steps: expected int or null"),
-    ({"data": {"train_files": ["a"]}, "trainer": {"max_steps": True}}, r"config trainer\.max_steps: expected int or null"),
-    ({"data": {"train_files": ["a", 3]}}, r"config data\.train_files\[1\]: expected str"),
-    ({"data": {"train_files": ["a"], "format": "tags"}}, r"config data\.format: expected one of \['auto', 'position_based'"),
-    ({"data": {"train_files": ["a"], "pack": "yes"}}, r"config data\.pack: expected bool"),
-    ({"data": {"train_files": ["a"]}, "trainer": 5}, r"config trainer: expected a mapping"),
-    ({"data": {"train_files": ["a"]}, "weighting": {"dynamic_weights": [1]}}, r"config weighting\.dynamic_weights: expected dict or null"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"data": {"train_files": ["a"], "max_lenght": 5}}, r"config data\.max_lenght: unknown key .*max_length"),
+        ({"datas": {}}, r"config datas: unknown key"),
+        (
+            {"data": {"train_files": ["a"]}, "trainer": {"epochs": "three"}},
+            r"config trainer\.epochs: expected float, got str 'three'",
+        ),
+        (
+            {"data": {"train_files": ["a"]}, "trainer": {"max_steps": 2.5}},
+            r"config trainer\.max_steps: expected int or null",
+        ),
+        (
+            {"data": {"train_files": ["a"]}, "trainer": {"max_steps": True}},
+            r"config trainer\.max_steps: expected int or null",
+        ),
+        ({"data": {"train_files": ["a", 3]}}, r"config data\.train_files\[1\]: expected str"),
+        (
+            {"data": {"train_files": ["a"], "format": "tags"}},
+            r"config data\.format: expected one of \['auto', 'position_based'",
+        ),
+        ({"data": {"train_files": ["a"], "pack": "yes"}}, r"config data\.pack: expected bool"),
+        ({"data": {"train_files": ["a"]}, "trainer": 5}, r"config trainer: expected a mapping"),
+        (
+            {"data": {"train_files": ["a"]}, "weighting": {"dynamic_weights": [1]}},
+            r"config weighting\.dynamic_weights: expected dict or null",
+        ),
+    ],
+)
 def test_schema_errors_name_the_key_path(raw, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)

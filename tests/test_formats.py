@@ -1,4 +1,5 @@
 """mrloss.formats: the three formats, every error, and round trips between them (hypothesis)."""
+
 import math
 
 import pytest
@@ -10,19 +11,27 @@ from mrloss.formats import FORMATS, FormatError, Region, RegionText, convert, de
 
 # ---------------------------------------------------------------------------------------------- the guide's examples
 
-GUIDE_TAG = {"text": '\n    这是普通文本。\n    <LEARN weight="2.0" type="concept">\n    这是需要学习的重要概念。\n    </LEARN>\n    ',
-             "default_weight": 0.0}
-GUIDE_STRUCTURED = {"segments": [{"content": "介绍部分", "learn": False, "weight": 0.0},
-                                 {"content": "重要概念", "learn": True, "weight": 2.0, "segment_type": "concept"}]}
-GUIDE_POSITION = {"text": "完整的文本内容...",
-                  "learning_regions": [{"start_char": 100, "end_char": 200, "weight": 2.0, "region_type": "concept"}]}
+GUIDE_TAG = {
+    "text": '\n    这是普通文本。\n    <LEARN weight="2.0" type="concept">\n    这是需要学习的重要概念。\n    </LEARN>\n    ',
+    "default_weight": 0.0,
+}
+GUIDE_STRUCTURED = {
+    "segments": [
+        {"content": "介绍部分", "learn": False, "weight": 0.0},
+        {"content": "重要概念", "learn": True, "weight": 2.0, "segment_type": "concept"},
+    ]
+}
+GUIDE_POSITION = {
+    "text": "完整的文本内容...",
+    "learning_regions": [{"start_char": 100, "end_char": 200, "weight": 2.0, "region_type": "concept"}],
+}
 
 
 def test_guide_tag_example_keeps_whitespace_and_removes_tags():
     rt = parse(GUIDE_TAG)
     assert rt.text == "\n    这是普通文本。\n    \n    这是需要学习的重要概念。\n    \n    "
     (region,) = rt.regions
-    assert rt.text[region.start:region.end] == "\n    这是需要学习的重要概念。\n    "
+    assert rt.text[region.start : region.end] == "\n    这是需要学习的重要概念。\n    "
     assert (region.weight, region.type) == (2.0, "concept")
     weights = rt.char_weights()
     assert len(weights) == len(rt.text)
@@ -54,11 +63,19 @@ def test_guide_position_example_with_a_real_text():
 
 # ---------------------------------------------------------------------------------------------- each format
 
+
 def test_position_based_code_points_defaults_and_sorting():
     text = "梯度下降 is 𝕏 fine"
-    rt = parse({"text": text, "default_weight": 0.25,
-                "learning_regions": [{"start_char": 8, "end_char": 9, "weight": 3, "region_type": "symbol"},
-                                     {"start_char": 2, "end_char": 4}]})
+    rt = parse(
+        {
+            "text": text,
+            "default_weight": 0.25,
+            "learning_regions": [
+                {"start_char": 8, "end_char": 9, "weight": 3, "region_type": "symbol"},
+                {"start_char": 2, "end_char": 4},
+            ],
+        }
+    )
     assert rt.regions == (Region(2, 4, 1.0, "default"), Region(8, 9, 3.0, "symbol"))
     assert text[8] == "𝕏"  # one code point, 4 UTF-8 bytes
     weights = rt.char_weights()
@@ -67,12 +84,16 @@ def test_position_based_code_points_defaults_and_sorting():
 
 
 def test_region_weight_below_default_weight_wins_inside_the_region():
-    rt = parse({"text": "abc", "default_weight": 1.0, "learning_regions": [{"start_char": 1, "end_char": 2, "weight": 0}]})
+    rt = parse(
+        {"text": "abc", "default_weight": 1.0, "learning_regions": [{"start_char": 1, "end_char": 2, "weight": 0}]}
+    )
     assert rt.char_weights() == [1.0, 0.0, 1.0]
 
 
 def test_tag_attributes_quotes_order_case_and_defaults():
-    rt = parse({"text": "a<LEARN type='t1' weight='0.5'>b</LEARN>c<learn>d</learn>e<Learn  WEIGHT = \"2e0\" >f</LEARN >"})
+    rt = parse(
+        {"text": "a<LEARN type='t1' weight='0.5'>b</LEARN>c<learn>d</learn>e<Learn  WEIGHT = \"2e0\" >f</LEARN >"}
+    )
     assert rt.text == "abcdef"
     assert rt.regions == (Region(1, 2, 0.5, "t1"), Region(3, 4, 1.0, "default"), Region(5, 6, 2.0, "default"))
 
@@ -90,24 +111,32 @@ def test_text_without_tags_has_the_default_weight_everywhere():
 
 
 def test_structured_separator_and_learn_weight_defaults():
-    rt = parse({"separator": "\n\n", "segments": [
-        {"content": "Q: why?"},                                   # neither: context
-        {"content": "A: because.", "learn": True},                # weight 1.0
-        {"content": "note", "weight": 0.5, "segment_type": "n"},  # learn defaults to True
-        {"content": "aside", "learn": False, "segment_type": "q"},  # typed context: a weight-0 region
-    ]})
+    rt = parse(
+        {
+            "separator": "\n\n",
+            "segments": [
+                {"content": "Q: why?"},  # neither: context
+                {"content": "A: because.", "learn": True},  # weight 1.0
+                {"content": "note", "weight": 0.5, "segment_type": "n"},  # learn defaults to True
+                {"content": "aside", "learn": False, "segment_type": "q"},  # typed context: a weight-0 region
+            ],
+        }
+    )
     assert rt.text == "Q: why?\n\nA: because.\n\nnote\n\naside"
     assert rt.regions == (Region(9, 20, 1.0, "default"), Region(22, 26, 0.5, "n"), Region(28, 33, 0.0, "q"))
     weights = rt.char_weights()
     assert weights[7:9] == [0.0, 0.0] and weights[20:22] == [0.0, 0.0]  # separators
 
 
-@pytest.mark.parametrize("sample, expected", [
-    ({"segments": [], "text": None}, "structured"),
-    ({"text": "x", "learning_regions": []}, "position_based"),
-    ({"text": "x"}, "tag_based"),
-    ({"text": "x", "default_weight": 1}, "tag_based"),
-])
+@pytest.mark.parametrize(
+    "sample, expected",
+    [
+        ({"segments": [], "text": None}, "structured"),
+        ({"text": "x", "learning_regions": []}, "position_based"),
+        ({"text": "x"}, "tag_based"),
+        ({"text": "x", "default_weight": 1}, "tag_based"),
+    ],
+)
 def test_detect_format(sample, expected):
     assert detect_format(sample) == expected
 
@@ -131,6 +160,7 @@ def test_explicit_format_is_used():
 
 # ---------------------------------------------------------------------------------------------- every error
 
+
 def _regions(*regions):
     return {"text": "0123456789", "learning_regions": list(regions)}
 
@@ -141,23 +171,28 @@ ERRORS = [
     ({"text": "a<LEARN>b<LEARN>c</LEARN>"}, "text", 1, "unclosed"),
     ({"text": "ab</LEARN>c"}, "text", 2, "stray"),
     ({"text": "a<LEARN>b</LEARN></LEARN>"}, "text", 17, "stray"),
-    ({"text": "a<LEARN weigth=\"2\">b</LEARN>"}, "text.<LEARN>.weigth", 1, "unknown <LEARN> attribute 'weigth'"),
+    ({"text": 'a<LEARN weigth="2">b</LEARN>'}, "text.<LEARN>.weigth", 1, "unknown <LEARN> attribute 'weigth'"),
     ({"text": "a<LEARN weight=2>b</LEARN>"}, "text", 1, "malformed"),
-    ({"text": "a<LEARN weight=\"2\"b</LEARN>"}, "text", 1, "malformed"),
+    ({"text": 'a<LEARN weight="2"b</LEARN>'}, "text", 1, "malformed"),
     ({"text": "a</LEARN b>"}, "text", 1, "malformed closing"),
-    ({"text": "a<LEARN weight=\"1\" weight=\"2\">b</LEARN>"}, "text.<LEARN>.weight", 1, "twice"),
+    ({"text": 'a<LEARN weight="1" weight="2">b</LEARN>'}, "text.<LEARN>.weight", 1, "twice"),
     ({"text": "<LEARN></LEARN>x"}, "text", 0, "empty"),
-    ({"text": "a<LEARN weight=\"-1\">b</LEARN>"}, "text.<LEARN>.weight", 1, ">= 0"),
-    ({"text": "a<LEARN weight=\"nan\">b</LEARN>"}, "text.<LEARN>.weight", 1, "finite"),
-    ({"text": "a<LEARN weight=\"inf\">b</LEARN>"}, "text.<LEARN>.weight", 1, "finite"),
-    ({"text": "a<LEARN weight=\"high\">b</LEARN>"}, "text.<LEARN>.weight", 1, "number"),
-    ({"text": "a<LEARN type=\"\">b</LEARN>"}, "text.<LEARN>.type", 1, "empty"),
+    ({"text": 'a<LEARN weight="-1">b</LEARN>'}, "text.<LEARN>.weight", 1, ">= 0"),
+    ({"text": 'a<LEARN weight="nan">b</LEARN>'}, "text.<LEARN>.weight", 1, "finite"),
+    ({"text": 'a<LEARN weight="inf">b</LEARN>'}, "text.<LEARN>.weight", 1, "finite"),
+    ({"text": 'a<LEARN weight="high">b</LEARN>'}, "text.<LEARN>.weight", 1, "number"),
+    ({"text": 'a<LEARN type="">b</LEARN>'}, "text.<LEARN>.type", 1, "empty"),
     ({"text": "a", "default_weight": -0.5}, "default_weight", None, ">= 0"),
     ({"text": "a", "default_weight": "1"}, "default_weight", None, "number"),
     ({"text": 5}, "text", None, "string"),
     ({"default_weight": 0.0}, "text", None, "missing"),
     ({"text": ""}, "text", None, "no text"),
-    (_regions({"start_char": 1, "end_char": 3, "weigth": 2.0}), "learning_regions[0].weigth", None, "unknown key 'weigth'"),
+    (
+        _regions({"start_char": 1, "end_char": 3, "weigth": 2.0}),
+        "learning_regions[0].weigth",
+        None,
+        "unknown key 'weigth'",
+    ),
     (_regions({"start_char": 1}), "learning_regions[0].end_char", None, "missing"),
     (_regions({"start_char": 1, "end_char": 3, "weight": -2}), "learning_regions[0].weight", 1, ">= 0"),
     (_regions({"start_char": 1, "end_char": 3, "weight": float("nan")}), "learning_regions[0].weight", 1, "finite"),
@@ -208,9 +243,11 @@ def test_a_sample_must_be_an_object():
 
 
 def test_overlap_is_an_error_by_default_and_max_on_request():
-    sample = _regions({"start_char": 0, "end_char": 6, "weight": 1.0, "region_type": "a"},
-                      {"start_char": 4, "end_char": 9, "weight": 2.0, "region_type": "b"},
-                      {"start_char": 5, "end_char": 7, "weight": 0.5, "region_type": "c"})
+    sample = _regions(
+        {"start_char": 0, "end_char": 6, "weight": 1.0, "region_type": "a"},
+        {"start_char": 4, "end_char": 9, "weight": 2.0, "region_type": "b"},
+        {"start_char": 5, "end_char": 7, "weight": 0.5, "region_type": "c"},
+    )
     with pytest.raises(FormatError) as info:
         parse(sample, sample_id=3)
     assert info.value.field == "learning_regions[1]" and info.value.position == 4
@@ -244,7 +281,7 @@ def test_examples_parse_identically_in_every_format():
             assert parse(convert(sample, name)) == reference
 
 
-# ---------------------------------------------------------------------------------------------- round trips (hypothesis)
+# ------------------------------------------------------------------------------------------ round trips (hypothesis)
 
 CHARACTERS = st.sampled_from(list("ab xy,.\n\t学习概念梯度降𝕏é<>'\"="))
 WEIGHTS = st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.25])
@@ -255,8 +292,9 @@ TYPES = st.sampled_from(["default", "concept", "definition", "method's", '"q"'])
 def region_texts(draw):
     text = draw(st.text(CHARACTERS, min_size=1, max_size=40))
     borders = sorted(draw(st.sets(st.integers(0, len(text)), max_size=8)))
-    regions = [Region(start, end, draw(WEIGHTS), draw(TYPES))
-               for start, end in zip(borders[::2], borders[1::2]) if start < end]
+    regions = [
+        Region(start, end, draw(WEIGHTS), draw(TYPES)) for start, end in zip(borders[::2], borders[1::2]) if start < end
+    ]
     return RegionText(text, regions, draw(WEIGHTS))
 
 
@@ -299,13 +337,20 @@ def test_nested_tags_give_the_innermost_weight_and_survive_conversion(tagged, de
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(1, 30).flatmap(lambda n: st.tuples(
-    st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(1, n), WEIGHTS), max_size=6))))
+@given(
+    st.integers(1, 30).flatmap(
+        lambda n: st.tuples(
+            st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(1, n), WEIGHTS), max_size=6)
+        )
+    )
+)
 def test_overlap_max_keeps_the_highest_weight_of_each_character(case):
     length, spans = case
     spans = [(start, end, weight) for start, end, weight in spans if start < end]
-    sample = {"text": "字" * length, "learning_regions": [
-        {"start_char": start, "end_char": end, "weight": weight} for start, end, weight in spans]}
+    sample = {
+        "text": "字" * length,
+        "learning_regions": [{"start_char": start, "end_char": end, "weight": weight} for start, end, weight in spans],
+    }
     expected = [max([w for s, e, w in spans if s <= i < e], default=0.0) for i in range(length)]
     assert parse(sample, overlap="max").char_weights() == expected
 

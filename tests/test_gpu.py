@@ -6,11 +6,12 @@ largest reference entry). bf16: the relative error (L2) of each output against f
 that of plain PyTorch in bf16 (materialized logits, F.cross_entropy), plus a sixteenth of bf16's epsilon,
 as in tests/test_loss.py. Memory: peak extra below half of the [N, V] bf16 logits.
 """
+
 import pytest
 import torch
 
 import mrloss
-from mrloss.reference import reference_linear_cross_entropy
+from mrloss.ops.reference import reference_linear_cross_entropy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -29,18 +30,31 @@ def make_inputs(dtype, bias, tokens=TOKENS, hidden_size=HIDDEN, vocab=VOCAB, see
     targets[torch.rand(tokens, generator=generator, device="cuda") < 0.1] = -100
     token_weights = torch.rand(tokens, generator=generator, device="cuda") * 2
     token_weights[torch.rand(tokens, generator=generator, device="cuda") < 0.4] = 0.0
-    return {"hidden": randn(tokens, hidden_size).to(dtype),
-            "weight": (randn(vocab, hidden_size) * 3 / hidden_size ** 0.5).to(dtype),
-            "bias": randn(vocab).to(dtype) if bias else None, "targets": targets, "token_weights": token_weights}
+    return {
+        "hidden": randn(tokens, hidden_size).to(dtype),
+        "weight": (randn(vocab, hidden_size) * 3 / hidden_size**0.5).to(dtype),
+        "bias": randn(vocab).to(dtype) if bias else None,
+        "targets": targets,
+        "token_weights": token_weights,
+    }
 
 
 def loss_and_grads(fn, inputs, options, compute_dtype=None):
     """[loss, grad hidden, grad weight, grad bias (None without bias)]; inputs cast to compute_dtype first.
     reduction "none" is back-propagated with a non-uniform upstream gradient in [-0.5, 1.5)."""
-    leaves = {name: inputs[name].detach().to(compute_dtype or inputs[name].dtype).requires_grad_()
-              for name in ("hidden", "weight", "bias") if inputs[name] is not None}
-    loss = fn(leaves["hidden"], leaves["weight"], inputs["targets"], inputs["token_weights"],
-              bias=leaves.get("bias"), **options)
+    leaves = {
+        name: inputs[name].detach().to(compute_dtype or inputs[name].dtype).requires_grad_()
+        for name in ("hidden", "weight", "bias")
+        if inputs[name] is not None
+    }
+    loss = fn(
+        leaves["hidden"],
+        leaves["weight"],
+        inputs["targets"],
+        inputs["token_weights"],
+        bias=leaves.get("bias"),
+        **options,
+    )
     generator = torch.Generator("cuda").manual_seed(1)
     upstream = (torch.rand(loss.shape, generator=generator, device="cuda") * 2 - 0.5).to(loss.dtype)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), upstream)))
@@ -85,8 +99,17 @@ def test_hf_patch_on_cuda_with_the_default_backend(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     vocab = 1031
     config = transformers.AutoConfig.for_model(
-        "llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        "llama",
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
         eos_token_id=2,
     )
     torch.manual_seed(0)
@@ -97,8 +120,9 @@ def test_hf_patch_on_cuda_with_the_default_backend(monkeypatch):
     token_weights[torch.rand(3, 57, generator=generator, device="cuda") < 0.3] = 0.0
     labels = torch.where(token_weights > 0, input_ids, -100)
     logits = model(input_ids=input_ids).logits
-    expected = reference_linear_cross_entropy(logits, torch.eye(vocab, dtype=torch.float64, device="cuda"), labels,
-                                              token_weights, shift=True)
+    expected = reference_linear_cross_entropy(
+        logits, torch.eye(vocab, dtype=torch.float64, device="cuda"), labels, token_weights, shift=True
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     expected_grads = torch.autograd.grad(expected, params)
 

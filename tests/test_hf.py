@@ -1,11 +1,12 @@
 """`mrloss.integrations.hf`: the patched forward against each model's own logits + a float64 weighted CE."""
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from mrloss.integrations.hf import SUPPORTED_ARCHITECTURES, apply_mrloss, valid_weight_sum  # noqa: E402
-from mrloss.reference import reference_linear_cross_entropy  # noqa: E402
+from mrloss.ops.reference import reference_linear_cross_entropy  # noqa: E402
 
 VOCAB = 97
 # model_type -> config extras that make the architecture's head special enough to test it.
@@ -25,9 +26,19 @@ ARCHITECTURES = {
 
 def tiny_model(model_type, **extra):
     config = transformers.AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, **{**ARCHITECTURES.get(model_type, {}), **extra},
+        model_type,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **{**ARCHITECTURES.get(model_type, {}), **extra},
     )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -52,7 +63,12 @@ def oracle(model, batch, normalizer=None):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     identity = torch.eye(VOCAB, dtype=torch.float64)  # logits @ I^T = logits: the oracle's "head"
     return reference_linear_cross_entropy(
-        logits, identity, batch["labels"], batch["token_weights"], shift=True, normalizer=normalizer,
+        logits,
+        identity,
+        batch["labels"],
+        batch["token_weights"],
+        shift=True,
+        normalizer=normalizer,
         return_token_losses=True,
     )
 
@@ -97,13 +113,17 @@ def test_without_token_weights_equals_the_stock_hf_loss():
     batch = random_batch(seed=5)
     stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     stock_sum = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
         num_items_in_batch=torch.tensor(31),
     )
     apply_mrloss(model)
     ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     ours_sum = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
         num_items_in_batch=torch.tensor(31),
     )
     torch.testing.assert_close(ours.loss, stock.loss, rtol=1e-5, atol=1e-6)
@@ -129,10 +149,17 @@ def test_label_smoothing_and_softcap_options_reach_the_loss():
     batch = random_batch(seed=3)
     apply_mrloss(model, label_smoothing=0.1, softcap=0.9)
     out = model(**batch)
-    logits = model.lm_head(model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state)
+    logits = model.lm_head(
+        model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    )
     expected = reference_linear_cross_entropy(
-        logits, torch.eye(VOCAB, dtype=torch.float64), batch["labels"], batch["token_weights"], shift=True,
-        label_smoothing=0.1, softcap=0.9,
+        logits,
+        torch.eye(VOCAB, dtype=torch.float64),
+        batch["labels"],
+        batch["token_weights"],
+        shift=True,
+        label_smoothing=0.1,
+        softcap=0.9,
     )
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
 
@@ -141,8 +168,14 @@ def test_peft_lora_model_matches_and_trains_only_the_adapter():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
         tiny_model("llama"),
-        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                        modules_to_save=["lm_head"], init_lora_weights=False),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            modules_to_save=["lm_head"],
+            init_lora_weights=False,
+        ),
     )
     batch = random_batch(seed=7)
     params = trainable(model)
@@ -183,8 +216,13 @@ def test_packed_rows_give_the_padded_loss():
     for length in (7, 12, 5, 9):
         weights = torch.rand(length, generator=g) + 0.1
         weights[0] = 0.0
-        items.append({"input_ids": torch.randint(3, VOCAB, (length,), generator=g), "token_weights": weights,
-                      "region_type_ids": torch.zeros(length, dtype=torch.long)})
+        items.append(
+            {
+                "input_ids": torch.randint(3, VOCAB, (length,), generator=g),
+                "token_weights": weights,
+                "region_type_ids": torch.zeros(length, dtype=torch.long),
+            }
+        )
     model = apply_mrloss(tiny_model("llama"))
     padded = model(**model_inputs(MultiRegionCollator(0)(items)))
     packed_batch = MultiRegionCollator(0, pack=True, max_length=24)(items)
@@ -219,14 +257,31 @@ def test_stock_trainer_passes_a_token_count(tmp_path):
     from mrloss.integrations.hf import model_inputs
 
     g = torch.Generator().manual_seed(2)
-    items = [{"input_ids": torch.randint(3, VOCAB, (9,), generator=g), "token_weights": torch.rand(9, generator=g) + 0.5,
-              "region_type_ids": torch.zeros(9, dtype=torch.long)} for _ in range(4)]
+    items = [
+        {
+            "input_ids": torch.randint(3, VOCAB, (9,), generator=g),
+            "token_weights": torch.rand(9, generator=g) + 0.5,
+            "region_type_ids": torch.zeros(9, dtype=torch.long),
+        }
+        for _ in range(4)
+    ]
     collator = MultiRegionCollator(0)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1,
-                                          per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True,
-                                          remove_unused_columns=False)
-    trainer = transformers.Trainer(apply_mrloss(tiny_model("llama")), args, train_dataset=items,
-                                   data_collator=lambda batch: model_inputs(collator(batch)))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        max_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = transformers.Trainer(
+        apply_mrloss(tiny_model("llama")),
+        args,
+        train_dataset=items,
+        data_collator=lambda batch: model_inputs(collator(batch)),
+    )
     with pytest.warns(UserWarning, match="integer .*token count"):
         trainer.train()
 
@@ -240,8 +295,13 @@ def test_labels_weights_and_normalizer_follow_the_hidden_states_device():
     normalizer = valid_weight_sum(batch["labels"], batch["token_weights"]).float() * 1.5
     expected = apply_mrloss(model, backend="torch")(**batch, num_items_in_batch=normalizer).loss
     model.cuda()
-    out = model(input_ids=batch["input_ids"].cuda(), attention_mask=batch["attention_mask"].cuda(),
-                labels=batch["labels"], token_weights=batch["token_weights"], num_items_in_batch=normalizer)
+    out = model(
+        input_ids=batch["input_ids"].cuda(),
+        attention_mask=batch["attention_mask"].cuda(),
+        labels=batch["labels"],
+        token_weights=batch["token_weights"],
+        num_items_in_batch=normalizer,
+    )
     torch.testing.assert_close(out.loss.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 

@@ -1,11 +1,13 @@
 """The Triton kernels, interpreted on the CPU: the row kernel against the PyTorch row op (same contract,
-mrloss.chunked), the fused loss-only forward against a float64 reference."""
+mrloss.ops.chunked), the fused loss-only forward against a float64 reference."""
+
 import pytest
 import torch
 
-from mrloss.kernels.cross_entropy_rows import MAX_BLOCK_V, cross_entropy_rows as triton_rows
-from mrloss.kernels.linear_cross_entropy_forward import linear_cross_entropy_forward as fused_forward
-from mrloss.torch_backend import cross_entropy_rows as torch_rows
+from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
+from mrloss.ops.backends.triton.cross_entropy_rows import MAX_BLOCK_V
+from mrloss.ops.backends.triton.cross_entropy_rows import cross_entropy_rows as triton_rows
+from mrloss.ops.backends.triton.linear_cross_entropy_forward import linear_cross_entropy_forward as fused_forward
 
 
 def row_inputs(rows, vocab, dtype, seed=0):
@@ -17,11 +19,14 @@ def row_inputs(rows, vocab, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("vocab,options", [
-    (1001, dict(softcap=None, label_smoothing=0.0)),
-    (1001, dict(softcap=3.0, label_smoothing=0.1)),
-    (MAX_BLOCK_V + 37, dict(softcap=None, label_smoothing=0.2)),  # several vocabulary tiles
-])
+@pytest.mark.parametrize(
+    "vocab,options",
+    [
+        (1001, dict(softcap=None, label_smoothing=0.0)),
+        (1001, dict(softcap=3.0, label_smoothing=0.1)),
+        (MAX_BLOCK_V + 37, dict(softcap=None, label_smoothing=0.2)),  # several vocabulary tiles
+    ],
+)
 def test_triton_rows_match_torch_rows(dtype, vocab, options):
     logits, targets, scales = row_inputs(5, vocab, dtype)
     grads = {}
@@ -61,12 +66,13 @@ def test_triton_bfloat16_gradient_rounds_to_nearest():
 
 # ------------------------------------------------ fused loss-only forward (no logits in memory)
 
+
 def fused_inputs(dtype, bias, num_rows=19, hidden_size=40, vocab=301, extra_rows=6, seed=0, device="cpu"):
     """hidden [num_rows + extra_rows, H] whose rows not in ``rows`` are NaN (the kernel must not read
     them), weight [V, H] as a transposed view (strided loads), targets including 0 and V - 1."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_rows + extra_rows, hidden_size, generator=gen)
-    weight = (torch.randn(hidden_size, vocab, generator=gen) / hidden_size ** 0.5 * 3).T
+    weight = (torch.randn(hidden_size, vocab, generator=gen) / hidden_size**0.5 * 3).T
     bias_ = torch.randn(vocab, generator=gen) if bias else None
     rows = torch.randperm(num_rows + extra_rows, generator=gen)[:num_rows]
     unread = torch.ones(num_rows + extra_rows, dtype=torch.bool)
@@ -91,17 +97,21 @@ def float64_row_losses(hidden, weight, bias, rows, targets, softcap, label_smoot
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bias,options", [
-    (False, dict(softcap=None, label_smoothing=0.0)),
-    (True, dict(softcap=3.0, label_smoothing=0.1)),
-])
+@pytest.mark.parametrize(
+    "bias,options",
+    [
+        (False, dict(softcap=None, label_smoothing=0.0)),
+        (True, dict(softcap=3.0, label_smoothing=0.1)),
+    ],
+)
 def test_fused_forward_matches_float64_reference(dtype, bias, options):
     """Odd N, H, V: 2 row blocks, 3 H steps and 5 V tiles, each with a partial last block. The float64
     reference uses the same (rounded) inputs, and the kernel accumulates logits in float32: fp32-exact
     for every input dtype."""
     hidden, weight, bias_, rows, targets = fused_inputs(dtype, bias)
-    losses = fused_forward(hidden, weight, bias_, rows, targets, **options,
-                           blocks=dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16))
+    losses = fused_forward(
+        hidden, weight, bias_, rows, targets, **options, blocks=dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16)
+    )
     expected = float64_row_losses(hidden, weight, bias_, rows, targets, **options)
     assert losses.dtype == torch.float32 and losses.shape == (19,)
     assert losses.isfinite().all()  # the NaN rows of hidden were never read
@@ -122,8 +132,9 @@ def test_fused_forward_default_blocks_and_edge_cases():
 def test_gpu_fused_forward_matches_float64_reference(dtype):
     """GPU block sizes at scale; fp32 must not silently use TF32 (input_precision="ieee")."""
     options = dict(softcap=30.0, label_smoothing=0.1)
-    hidden, weight, bias_, rows, targets = fused_inputs(dtype, True, num_rows=3001, hidden_size=1000,
-                                                         vocab=32003, extra_rows=999, device="cuda")
+    hidden, weight, bias_, rows, targets = fused_inputs(
+        dtype, True, num_rows=3001, hidden_size=1000, vocab=32003, extra_rows=999, device="cuda"
+    )
     losses = fused_forward(hidden, weight, bias_, rows, targets, **options)
     expected = float64_row_losses(hidden, weight, bias_, rows, targets, **options)
     torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-5)

@@ -3,26 +3,26 @@
 The Triton backend runs through the interpreter here (TRITON_INTERPRET=1, set by conftest.py), so the
 shapes stay small and odd. GPU tests at the end use larger shapes and skip without CUDA.
 """
+
 import contextlib
 
 import pytest
 import torch
 
-import mrloss.torch_backend
+import mrloss.ops.backends.torch
 from mrloss import LinearCrossEntropyLoss, linear_cross_entropy
-from mrloss.alignment import shift_targets, valid_weight_sum
-from mrloss.reference import reference_linear_cross_entropy
+from mrloss.ops.normalization import shift_targets, valid_weight_sum
+from mrloss.ops.reference import reference_linear_cross_entropy
 
 BACKENDS = ["torch", "triton"]
 HIDDEN, VOCAB = 48, 1001
 
 
-def make_inputs(shape=(37,), dtype=torch.float32, bias=True, seed=0, hidden_size=HIDDEN, vocab=VOCAB,
-                device="cpu"):
+def make_inputs(shape=(37,), dtype=torch.float32, bias=True, seed=0, hidden_size=HIDDEN, vocab=VOCAB, device="cpu"):
     """Random hidden / weight / bias / targets, ~40% zero token weights and ~15% ignored targets."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*shape, hidden_size, generator=gen)
-    weight = torch.randn(vocab, hidden_size, generator=gen) / hidden_size ** 0.5 * 3
+    weight = torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5 * 3
     bias_ = torch.randn(vocab, generator=gen) if bias else None
     targets = torch.randint(0, vocab, shape, generator=gen)
     targets[torch.rand(shape, generator=gen) < 0.15] = -100
@@ -32,8 +32,13 @@ def make_inputs(shape=(37,), dtype=torch.float32, bias=True, seed=0, hidden_size
     def cast(t):
         return None if t is None else t.to(device=device, dtype=dtype)
 
-    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(bias_), targets=targets.to(device),
-                token_weights=token_weights.to(device))
+    return dict(
+        hidden=cast(hidden),
+        weight=cast(weight),
+        bias=cast(bias_),
+        targets=targets.to(device),
+        token_weights=token_weights.to(device),
+    )
 
 
 def loss_and_grads(fn, inputs, options, compute=None, upstream_seed=1):
@@ -44,8 +49,14 @@ def loss_and_grads(fn, inputs, options, compute=None, upstream_seed=1):
         value = inputs[name]
         if value is not None:
             leaves[name] = (value.detach().to(compute) if compute else value.detach().clone()).requires_grad_()
-    loss = fn(leaves["hidden"], leaves["weight"], inputs["targets"], inputs["token_weights"],
-              bias=leaves.get("bias"), **options)
+    loss = fn(
+        leaves["hidden"],
+        leaves["weight"],
+        inputs["targets"],
+        inputs["token_weights"],
+        bias=leaves.get("bias"),
+        **options,
+    )
     gen = torch.Generator().manual_seed(upstream_seed)
     upstream = (torch.rand(loss.shape, generator=gen) * 2 - 0.5).to(loss.device, loss.dtype)
     grads = torch.autograd.grad(loss, list(leaves.values()), upstream)
@@ -100,10 +111,15 @@ def test_float32_matches_float64_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,case", [
-    (torch.bfloat16, "mean-bias"), (torch.bfloat16, "none-shift"),
-    (torch.bfloat16, "sum-softcap-smoothing"), (torch.float16, "normalizer-shift-softcap"),
-])
+@pytest.mark.parametrize(
+    "dtype,case",
+    [
+        (torch.bfloat16, "mean-bias"),
+        (torch.bfloat16, "none-shift"),
+        (torch.bfloat16, "sum-softcap-smoothing"),
+        (torch.float16, "normalizer-shift-softcap"),
+    ],
+)
 def test_half_precision_no_worse_than_plain_pytorch(backend, dtype, case):
     """Our error against float64 is at most that of plain PyTorch run in the same dtype (x1.25, plus a
     sixteenth of the dtype's epsilon for results where plain PyTorch happens to round luckily)."""
@@ -126,8 +142,16 @@ def test_float64_gradcheck_torch_backend():
     options = dict(reduction="none", shift=True, softcap=2.0, label_smoothing=0.2)
 
     def fn(hidden, weight, bias):
-        return linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias,
-                                    backend="torch", chunk_size=3, **options)
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            inputs["targets"],
+            inputs["token_weights"],
+            bias=bias,
+            backend="torch",
+            chunk_size=3,
+            **options,
+        )
 
     leaves = [inputs[n].clone().requires_grad_() for n in ("hidden", "weight", "bias")]
     assert torch.autograd.gradcheck(fn, leaves)
@@ -157,13 +181,13 @@ def test_unlearned_tokens_get_exactly_zero_hidden_grad(backend):
 def test_only_learned_tokens_reach_the_matmul(monkeypatch):
     inputs = make_inputs((37,))
     seen_rows = []
-    row_op = mrloss.torch_backend.cross_entropy_rows
+    row_op = mrloss.ops.backends.torch.cross_entropy_rows
 
     def recording_row_op(logits, *args, **kwargs):
         seen_rows.append(logits.shape[0])
         return row_op(logits, *args, **kwargs)
 
-    monkeypatch.setattr(mrloss.torch_backend, "cross_entropy_rows", recording_row_op)
+    monkeypatch.setattr(mrloss.ops.backends.torch, "cross_entropy_rows", recording_row_op)
     loss_and_grads(linear_cross_entropy, inputs, dict(backend="torch", chunk_size=5))
     learned = ((inputs["targets"] != -100) & (inputs["token_weights"] > 0)).sum().item()
     assert sum(seen_rows) == learned < 37
@@ -171,8 +195,10 @@ def test_only_learned_tokens_reach_the_matmul(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", [dict(), dict(reduction="sum"), dict(reduction="none"),
-                                     dict(normalizer=4.0), dict(normalizer=torch.tensor(0.0))])
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(reduction="sum"), dict(reduction="none"), dict(normalizer=4.0), dict(normalizer=torch.tensor(0.0))],
+)
 def test_nothing_to_learn_gives_zero_loss_and_zero_grads(backend, options):
     inputs = make_inputs((2, 7))
     inputs["token_weights"] = torch.zeros(2, 7)
@@ -190,8 +216,9 @@ def test_non_positive_normalizer_gives_zero(backend):
         assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
 
 
-@pytest.mark.parametrize("normalizer", [torch.tensor(13.5), torch.tensor(13.5, dtype=torch.float64),
-                                        torch.tensor(27, dtype=torch.int64)])
+@pytest.mark.parametrize(
+    "normalizer", [torch.tensor(13.5), torch.tensor(13.5, dtype=torch.float64), torch.tensor(27, dtype=torch.int64)]
+)
 def test_zero_dim_tensor_normalizer_equals_float(normalizer):
     inputs = make_inputs((37,))
     expected = loss_and_grads(linear_cross_entropy, inputs, dict(normalizer=float(normalizer)))
@@ -204,8 +231,9 @@ def test_module_takes_the_normalizer_per_call():
     module = LinearCrossEntropyLoss(shift=True, normalizer=5.0)
     args = (inputs["hidden"], inputs["weight"], inputs["targets"], inputs["token_weights"], inputs["bias"])
     for normalizer in (None, 11.0, torch.tensor(7.25)):
-        expected = linear_cross_entropy(*args[:4], bias=args[4], shift=True,
-                                        normalizer=5.0 if normalizer is None else normalizer)
+        expected = linear_cross_entropy(
+            *args[:4], bias=args[4], shift=True, normalizer=5.0 if normalizer is None else normalizer
+        )
         assert torch.equal(module(*args, normalizer=normalizer), expected)
 
 
@@ -216,8 +244,10 @@ def test_backward_scales_in_place_without_host_sync(monkeypatch):
     inputs = make_inputs((37,))
     hidden, weight, bias = (inputs[name].clone().requires_grad_() for name in ("hidden", "weight", "bias"))
     upstream = torch.tensor(1 / 3)
-    at_one = torch.autograd.grad(linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"],
-                                                      bias=bias), (hidden, weight, bias))
+    at_one = torch.autograd.grad(
+        linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias),
+        (hidden, weight, bias),
+    )
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias)
@@ -296,8 +326,9 @@ def test_scalar_upstream_gradient_scales_the_gradients():
 
 def test_no_grad_and_constant_inputs():
     inputs = make_inputs((37,))
-    expected = reference_linear_cross_entropy(**{k: v.double() if v.is_floating_point() and k != "token_weights"
-                                                 else v for k, v in inputs.items()})
+    expected = reference_linear_cross_entropy(
+        **{k: v.double() if v.is_floating_point() and k != "token_weights" else v for k, v in inputs.items()}
+    )
     for context in (torch.no_grad, torch.enable_grad):
         with context():
             loss = linear_cross_entropy(**inputs)
@@ -316,18 +347,24 @@ def recording(monkeypatch, module, name, calls):
     monkeypatch.setattr(module, name, wrapper)
 
 
-@pytest.mark.parametrize("reduction,mode,calls_fused,calls_row_op", [
-    ("mean", "no_grad", True, False),
-    ("sum", "constant_inputs", True, False),
-    ("none", "grad", True, True),  # fused forward, row op in the backward pass
-    ("mean", "grad", False, True),  # gradients are built during the forward pass: chunks
-])
+@pytest.mark.parametrize(
+    "reduction,mode,calls_fused,calls_row_op",
+    [
+        ("mean", "no_grad", True, False),
+        ("sum", "constant_inputs", True, False),
+        ("none", "grad", True, True),  # fused forward, row op in the backward pass
+        ("mean", "grad", False, True),  # gradients are built during the forward pass: chunks
+    ],
+)
 def test_triton_loss_only_passes_use_the_fused_forward(monkeypatch, reduction, mode, calls_fused, calls_row_op):
-    import mrloss.kernels.cross_entropy_rows
-    import mrloss.kernels.linear_cross_entropy_forward
+    import mrloss.ops.backends.triton.cross_entropy_rows
+    import mrloss.ops.backends.triton.linear_cross_entropy_forward
+
     calls = []
-    recording(monkeypatch, mrloss.kernels.linear_cross_entropy_forward, "linear_cross_entropy_forward", calls)
-    recording(monkeypatch, mrloss.kernels.cross_entropy_rows, "cross_entropy_rows", calls)
+    recording(
+        monkeypatch, mrloss.ops.backends.triton.linear_cross_entropy_forward, "linear_cross_entropy_forward", calls
+    )
+    recording(monkeypatch, mrloss.ops.backends.triton.cross_entropy_rows, "cross_entropy_rows", calls)
     inputs = make_inputs((3, 13))
     options = dict(reduction=reduction, shift=True, softcap=4.0, label_smoothing=0.1)
     expected = loss_and_grads(reference_linear_cross_entropy, inputs, options, compute=torch.float64)
@@ -343,7 +380,7 @@ def test_triton_loss_only_passes_use_the_fused_forward(monkeypatch, reduction, m
     assert ("cross_entropy_rows" in calls) == calls_row_op
     if calls_fused:
         assert calls[0] == "linear_cross_entropy_forward"  # the forward pass comes first
-    assert_matches(ours, expected[:len(ours)], rtol=1e-5)
+    assert_matches(ours, expected[: len(ours)], rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -369,8 +406,9 @@ def test_module_matches_function():
     module = LinearCrossEntropyLoss(reduction="sum", shift=True, softcap=4.0)
     assert "shift=True" in repr(module)
     expected = linear_cross_entropy(**inputs, reduction="sum", shift=True, softcap=4.0)
-    assert torch.equal(module(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["token_weights"],
-                              inputs["bias"]), expected)
+    assert torch.equal(
+        module(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["token_weights"], inputs["bias"]), expected
+    )
     with pytest.raises(TypeError, match="unknown option"):
         LinearCrossEntropyLoss(reduce="sum")
 
@@ -400,26 +438,44 @@ VALIDATION_ERRORS = [
     (lambda: _bad(hidden=torch.randn(2, 5, 6).long()), TypeError, r"hidden must be float16"),
     (lambda: _bad(targets=torch.zeros(2, 5)), TypeError, r"targets must hold integer class ids"),
     (lambda: _bad(token_weights=torch.ones(2, 5, dtype=torch.long)), TypeError, r"token_weights must be a float"),
-    (lambda: _bad(targets=torch.tensor([[0, 1, 2, 3, 4], [5, 11, -100, 0, 0]])), ValueError,
-     r"targets\(1, 1\) = 11 is outside \[0, V=11\)"),
-    (lambda: _bad(targets=torch.tensor([[0, 1, -3, 3, 4], [5, 1, -100, 0, 0]])), ValueError,
-     r"targets\(0, 2\) = -3 is outside"),
-    (lambda: _bad(token_weights=torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, -0.5, 1]])), ValueError,
-     r"token_weights\(1, 3\) = -0.5.*finite and >= 0"),
-    (lambda: _bad(token_weights=torch.tensor([[1.0, float("nan"), 1, 1, 1], [1, 1, 1, 1, 1]])), ValueError,
-     r"token_weights\(0, 1\) = nan"),
-    (lambda: _bad(token_weights=torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, float("inf"), 1, 1]])), ValueError,
-     r"token_weights\(1, 2\) = inf"),
+    (
+        lambda: _bad(targets=torch.tensor([[0, 1, 2, 3, 4], [5, 11, -100, 0, 0]])),
+        ValueError,
+        r"targets\(1, 1\) = 11 is outside \[0, V=11\)",
+    ),
+    (
+        lambda: _bad(targets=torch.tensor([[0, 1, -3, 3, 4], [5, 1, -100, 0, 0]])),
+        ValueError,
+        r"targets\(0, 2\) = -3 is outside",
+    ),
+    (
+        lambda: _bad(token_weights=torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, -0.5, 1]])),
+        ValueError,
+        r"token_weights\(1, 3\) = -0.5.*finite and >= 0",
+    ),
+    (
+        lambda: _bad(token_weights=torch.tensor([[1.0, float("nan"), 1, 1, 1], [1, 1, 1, 1, 1]])),
+        ValueError,
+        r"token_weights\(0, 1\) = nan",
+    ),
+    (
+        lambda: _bad(token_weights=torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, float("inf"), 1, 1]])),
+        ValueError,
+        r"token_weights\(1, 2\) = inf",
+    ),
     (lambda: dict(_bad(), reduction="avg"), ValueError, r"unknown reduction 'avg'"),
     (lambda: dict(_bad(), backend="cuda"), ValueError, r"unknown backend 'cuda'"),
-    (lambda: dict(_bad(), reduction="none", normalizer=3.0), ValueError, r'normalizer cannot be combined'),
+    (lambda: dict(_bad(), reduction="none", normalizer=3.0), ValueError, r"normalizer cannot be combined"),
     (lambda: dict(_bad(), normalizer=torch.ones(2)), ValueError, r"normalizer must be a float or a 0-dim"),
     (lambda: dict(_bad(), normalizer="10"), TypeError, r"normalizer must be a float"),
     (lambda: dict(_bad(), normalizer=-3.0), ValueError, r"normalizer must be a finite number >= 0.*-3.0"),
     (lambda: dict(_bad(), normalizer=-1), ValueError, r"normalizer must be a finite number >= 0"),
     (lambda: dict(_bad(), normalizer=float("inf")), ValueError, r"normalizer must be a finite number"),
-    (lambda: dict(_bad(), normalizer=torch.tensor(3.0, device="meta")), ValueError,
-     r"hidden is on cpu but normalizer is on meta"),
+    (
+        lambda: dict(_bad(), normalizer=torch.tensor(3.0, device="meta")),
+        ValueError,
+        r"hidden is on cpu but normalizer is on meta",
+    ),
     (lambda: dict(_bad(), label_smoothing=1.5), ValueError, r"label_smoothing must be a float in \[0, 1\]"),
     (lambda: dict(_bad(), softcap=0.0), ValueError, r"softcap must be a finite float > 0"),
     (lambda: dict(_bad(), chunk_size=0), ValueError, r"chunk_size must be a positive int"),
@@ -433,7 +489,8 @@ def test_validation_errors(make_call, error, message):
         linear_cross_entropy(**make_call())
 
 
-# ---------------------------------------------------------------- the shift rule (mrloss.alignment)
+# ---------------------------------------------------------------- the shift rule (mrloss.ops.normalization)
+
 
 def test_shift_targets_prediction_alignment():
     targets = torch.tensor([[5, 6, 7, 8, 9], [1, 2, -100, 4, 3]])
@@ -444,8 +501,9 @@ def test_shift_targets_prediction_alignment():
     assert shift_targets(targets)[1] is None
     assert targets[0, 0] == 5 and weights[0, 0] == 0  # inputs untouched
     # packed: no sample predicts the next sample's first token
-    packed_targets, packed_weights = shift_targets(targets[0], weights[0], ignore_index=-1,
-                                                   cu_seqlens=torch.tensor([0, 3, 5]))
+    packed_targets, packed_weights = shift_targets(
+        targets[0], weights[0], ignore_index=-1, cu_seqlens=torch.tensor([0, 3, 5])
+    )
     assert packed_targets.tolist() == [6, 7, -1, 9, -1]
     assert packed_weights.tolist() == [1, 2, 0, 3, 0]
     with pytest.raises(ValueError, match="token_weights shape"):
@@ -473,6 +531,7 @@ def test_valid_weight_sum_counts_shifted_valid_weights():
 
 
 # ---------------------------------------------------------------- GPU (skip cleanly without CUDA)
+
 
 @pytest.mark.gpu
 def test_gpu_cpu_scalar_normalizer_with_cuda_inputs():

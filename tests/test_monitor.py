@@ -1,5 +1,6 @@
 """MultiRegionTrainingMonitor: statistics against a hand count, JSONL / TensorBoard / wandb output, the HF
 callback and `mrloss plot`."""
+
 import json
 import sys
 import types
@@ -8,9 +9,9 @@ import pytest
 import torch
 
 from mrloss.debug import MultiRegionTrainingMonitor
-from mrloss.debug.monitor import region_statistics
 from mrloss.debug.plot import main as plot_main
 from mrloss.debug.plot import per_step_series
+from mrloss.metrics import region_statistics
 
 TYPES = ["concept", "definition", "methodology"]
 
@@ -30,8 +31,16 @@ def make_batch(seed: int, batch: int = 3, length: int = 11) -> tuple[dict, torch
     labels = torch.where(token_weights > 0, input_ids, -100)
     token_losses = torch.rand(batch, length, generator=generator) * 5
     token_losses[labels == -100] = float("nan")  # must never leak into the statistics
-    return ({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "token_weights": token_weights, "region_type_ids": region_type_ids}, token_losses)
+    return (
+        {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "token_weights": token_weights,
+            "region_type_ids": region_type_ids,
+        },
+        token_losses,
+    )
 
 
 def hand_count(batch: dict, token_losses: torch.Tensor | None, ignore_index: int = -100) -> dict:
@@ -55,10 +64,16 @@ def hand_count(batch: dict, token_losses: torch.Tensor | None, ignore_index: int
                     entry["wl"] += weight * loss
     share_key = "wl" if token_losses is not None else "w"
     share_total = sum(entry[share_key] for entry in acc.values())
-    return {name: {"tokens": e["tokens"], "learned_tokens": e["learned"], "weight_sum": e["w"],
-                   "grad_share": e[share_key] / share_total,
-                   **({"mean_loss": e["l"] / e["learned"] if e["learned"] else None} if token_losses is not None else {})}
-            for name, e in acc.items()}
+    return {
+        name: {
+            "tokens": e["tokens"],
+            "learned_tokens": e["learned"],
+            "weight_sum": e["w"],
+            "grad_share": e[share_key] / share_total,
+            **({"mean_loss": e["l"] / e["learned"] if e["learned"] else None} if token_losses is not None else {}),
+        }
+        for name, e in acc.items()
+    }
 
 
 @pytest.mark.parametrize("with_losses", [True, False])
@@ -79,8 +94,9 @@ def test_statistics_match_a_hand_count(tmp_path, with_losses):
         learned = batch["labels"] != -100
         weights, losses = batch["token_weights"].double()[learned], token_losses.double()[learned]
         assert total["weighted_loss"] == pytest.approx(float((weights * losses).sum() / weights.sum()), rel=1e-12)
-        assert monitor.type_losses(record) == {t: record["regions"][t]["mean_loss"] for t in TYPES
-                                               if record["regions"][t]["mean_loss"] is not None}
+        assert monitor.type_losses(record) == {
+            t: record["regions"][t]["mean_loss"] for t in TYPES if record["regions"][t]["mean_loss"] is not None
+        }
     else:
         assert "mean_loss" not in total
     lines = (tmp_path / "region_stats.jsonl").read_text().splitlines()
@@ -90,7 +106,7 @@ def test_statistics_match_a_hand_count(tmp_path, with_losses):
 def test_ignore_index_and_first_tokens_are_not_learned():
     """Another ignore_index (labels -1, some with weight > 0) and weight > 0 on first tokens: neither is learned
     (the first token of a row is no target); `region_loss_sums` / `mean_region_losses` sum and average them."""
-    from mrloss.debug.monitor import mean_region_losses, region_loss_sums
+    from mrloss.metrics import mean_region_losses, region_loss_sums
 
     batch, token_losses = make_batch(seed=5)
     generator = torch.Generator().manual_seed(9)
@@ -106,16 +122,23 @@ def test_ignore_index_and_first_tokens_are_not_learned():
     sums = region_loss_sums(record, TYPES) + region_loss_sums(record, TYPES)  # two identical batches
     assert sums.dtype == torch.float64 and sums[1].tolist() == [2 * expected[t]["learned_tokens"] for t in TYPES]
     assert mean_region_losses(sums, TYPES) == pytest.approx(
-        {t: expected[t]["mean_loss"] for t in TYPES if expected[t]["learned_tokens"]}, rel=1e-12)
+        {t: expected[t]["mean_loss"] for t in TYPES if expected[t]["learned_tokens"]}, rel=1e-12
+    )
 
 
 def test_absent_type_and_multipliers():
     batch, token_losses = make_batch(seed=2)
     batch["region_type_ids"][batch["region_type_ids"] == 2] = -1  # no methodology token
-    record = MultiRegionTrainingMonitor(None, TYPES).log_batch_stats(batch, 3, token_losses,
-                                                                      multipliers={"concept": 1.5})
-    assert record["regions"]["methodology"] == {"tokens": 0, "learned_tokens": 0, "weight_sum": 0.0,
-                                                "grad_share": 0.0, "mean_loss": None}
+    record = MultiRegionTrainingMonitor(None, TYPES).log_batch_stats(
+        batch, 3, token_losses, multipliers={"concept": 1.5}
+    )
+    assert record["regions"]["methodology"] == {
+        "tokens": 0,
+        "learned_tokens": 0,
+        "weight_sum": 0.0,
+        "grad_share": 0.0,
+        "mean_loss": None,
+    }
     assert record["multipliers"] == {"concept": 1.5}
     assert "methodology" not in MultiRegionTrainingMonitor.type_losses(record)
 
@@ -184,14 +207,18 @@ def test_plot_merges_micro_batches_and_writes_png(tmp_path, capsys):
     for step in range(4):
         for micro in range(2):  # two micro-batches per optimizer step
             batch, token_losses = make_batch(seed=10 * step + micro)
-            records.append(monitor.log_batch_stats(batch, step, token_losses * (4 - step) / 4,
-                                                   multipliers={t: 1.0 + step / 10 for t in TYPES}))
+            records.append(
+                monitor.log_batch_stats(
+                    batch, step, token_losses * (4 - step) / 4, multipliers={t: 1.0 + step / 10 for t in TYPES}
+                )
+            )
     monitor.log_trainer_logs(3, {"loss": 1.0})
     series = per_step_series(tmp_path / "region_stats.jsonl")
     assert series["steps"] == [0, 1, 2, 3]
     first, second = records[2]["regions"]["concept"], records[3]["regions"]["concept"]  # step 1
-    merged = ((first["mean_loss"] * first["learned_tokens"] + second["mean_loss"] * second["learned_tokens"])
-              / (first["learned_tokens"] + second["learned_tokens"]))
+    merged = (first["mean_loss"] * first["learned_tokens"] + second["mean_loss"] * second["learned_tokens"]) / (
+        first["learned_tokens"] + second["learned_tokens"]
+    )
     assert series["mean_loss"]["concept"][1] == pytest.approx(merged, rel=1e-12)
     assert series["multipliers"]["definition"] == pytest.approx([1.0, 1.1, 1.2, 1.3])
     assert plot_main([str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 0

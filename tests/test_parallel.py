@@ -5,9 +5,10 @@ dominates on a small machine. Each case builds one packed sequence identically o
 with verl's own ``ulysses_pad_and_slice_inputs`` (the ids that make the hidden shard) and with
 ``mrloss.parallel.shard_targets`` (targets / weights), and checks the loss, the hidden-shard gradient and
 the parameter gradients (embedding = the "model body", LM head) against a single-process reference built
-independently of the code under test: ``mrloss.reference`` in float64 with ``shift=True``, one unpacked
+independently of the code under test: ``mrloss.ops.reference`` in float64 with ``shift=True``, one unpacked
 sample at a time.
 """
+
 import functools
 import importlib.util
 import os
@@ -18,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mrloss import linear_cross_entropy
+from mrloss.ops.reference import reference_linear_cross_entropy
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shard_targets, shift_targets
-from mrloss.reference import reference_linear_cross_entropy
 
 V, H = 29, 12
 ATOL, RTOL = 2e-6, 2e-5
@@ -69,10 +70,16 @@ def single_process(input_ids, weights, cu_seqlens, embedding, head):
     total, weight_sum, token_losses = 0.0, 0.0, []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
         sample_sum, sample_token_losses = reference_linear_cross_entropy(
-            hidden[start:end], head, input_ids[start:end], weights[start:end], reduction="sum", shift=True,
-            return_token_losses=True)
+            hidden[start:end],
+            head,
+            input_ids[start:end],
+            weights[start:end],
+            reduction="sum",
+            shift=True,
+            return_token_losses=True,
+        )
         total = total + sample_sum
-        weight_sum += weights[start + 1:end].double().sum().item()
+        weight_sum += weights[start + 1 : end].double().sum().item()
         token_losses.append(sample_token_losses)  # target-aligned: index 0 of each sample is 0
     loss = total / weight_sum if weight_sum > 0 else total * 0.0
     loss.backward()
@@ -87,8 +94,7 @@ def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reducti
     ulysses.set_ulysses_sequence_parallel_group(group)
     ids_shard, _, pad = ulysses.ulysses_pad_and_slice_inputs(input_ids[None], sp_size=size)
     # verl's own weight alignment (roll the packed mask by -1, then pad and slice) must equal ours
-    verl_weights, _, _ = ulysses.ulysses_pad_and_slice_inputs(torch.roll(weights, -1)[None], sp_size=size,
-                                                              pad_value=0)
+    verl_weights, _, _ = ulysses.ulysses_pad_and_slice_inputs(torch.roll(weights, -1)[None], sp_size=size, pad_value=0)
     ulysses.set_ulysses_sequence_parallel_group(None)
     targets_shard, weights_shard = shard_targets(input_ids, weights, group, cu_seqlens=cu_seqlens)
     torch.testing.assert_close(weights_shard, verl_weights[0], atol=0, rtol=0)
@@ -97,8 +103,15 @@ def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reducti
     hidden_shard = embedding[ids_shard[0]]
     hidden_shard.retain_grad()
     loss, token_losses = sequence_parallel_linear_cross_entropy(
-        hidden_shard, head, targets_shard, weights_shard, group=group, normalizer=normalizer,
-        grad_reduction=grad_reduction, return_token_losses=True)
+        hidden_shard,
+        head,
+        targets_shard,
+        weights_shard,
+        group=group,
+        normalizer=normalizer,
+        grad_reduction=grad_reduction,
+        return_token_losses=True,
+    )
     loss.backward()
     return loss.detach(), hidden_shard.grad, embedding.grad, head.grad, token_losses, pad
 
@@ -121,10 +134,12 @@ def check_against_single_process(case, group):
         torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(hidden_grad, ref_hidden_shard_grad * scale, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(reduce_grad(head_grad, grad_reduction, group), ref_head_grad, atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(reduce_grad(embedding_grad, grad_reduction, group), ref_embedding_grad,
-                                   atol=ATOL, rtol=RTOL)
-    gathered = verl_ulysses().gather_outputs_and_unpad(token_losses, gather_dim=0, unpad_dim=0, padding_size=pad,
-                                                       group=group)
+        torch.testing.assert_close(
+            reduce_grad(embedding_grad, grad_reduction, group), ref_embedding_grad, atol=ATOL, rtol=RTOL
+        )
+    gathered = verl_ulysses().gather_outputs_and_unpad(
+        token_losses, gather_dim=0, unpad_dim=0, padding_size=pad, group=group
+    )
     torch.testing.assert_close(gathered, ref_token_losses, atol=ATOL, rtol=RTOL)
     return rank
 
@@ -135,22 +150,29 @@ def check_data_and_sequence_parallel(world_group, sp_group, dp_index, dp_size):
     cases = [make_case(100 + index, [13, 8, 10]) for index in range(dp_size)]
     embedding, head = cases[0][3], cases[0][4]  # one model for every data-parallel rank
     global_weights = sum(float(case[1].sum()) for case in cases)
-    loss, _, embedding_grad, head_grad, _, _ = sharded(*cases[dp_index][:3], embedding, head, sp_group, "mean",
-                                                       normalizer=global_weights / dp_size)
+    loss, _, embedding_grad, head_grad, _, _ = sharded(
+        *cases[dp_index][:3], embedding, head, sp_group, "mean", normalizer=global_weights / dp_size
+    )
     # reference: every sequence in one packed batch on one process
     packed_cu_seqlens, offset = [0], 0
     for case in cases:
         packed_cu_seqlens += [offset + int(end) for end in case[2][1:]]
         offset += case[0].numel()
-    packed = (torch.cat([case[0] for case in cases]), torch.cat([case[1] for case in cases]),
-              torch.tensor(packed_cu_seqlens), embedding, head)
+    packed = (
+        torch.cat([case[0] for case in cases]),
+        torch.cat([case[1] for case in cases]),
+        torch.tensor(packed_cu_seqlens),
+        embedding,
+        head,
+    )
     ref_loss, _, ref_embedding_grad, ref_head_grad, _ = single_process(*packed)
     reported = loss.clone()
     dist.all_reduce(reported, group=world_group)  # verl: sum over micro-batches, AVG over dp
     torch.testing.assert_close(reported / dist.get_world_size(world_group), ref_loss, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(reduce_grad(head_grad, "mean", world_group), ref_head_grad, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(reduce_grad(embedding_grad, "mean", world_group), ref_embedding_grad,
-                               atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(
+        reduce_grad(embedding_grad, "mean", world_group), ref_embedding_grad, atol=ATOL, rtol=RTOL
+    )
 
 
 def worker(rank, world_size, store_path):
@@ -159,10 +181,10 @@ def worker(rank, world_size, store_path):
     try:
         sp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
         cases = {
-            "uneven packed (pad)": make_case(1, [11, 9, 7, 10]),                  # T=37: needs padding
-            "zero-weight shard": make_case(2, [6, 9, 8, 5, 9], zero_prefix=20),   # leading shards learn nothing
-            "single short sequence": make_case(3, [5]),                           # shards of 1-2 tokens
-            "all weights zero": make_case(4, [9, 8], all_zero=True),               # loss 0, grads 0
+            "uneven packed (pad)": make_case(1, [11, 9, 7, 10]),  # T=37: needs padding
+            "zero-weight shard": make_case(2, [6, 9, 8, 5, 9], zero_prefix=20),  # leading shards learn nothing
+            "single short sequence": make_case(3, [5]),  # shards of 1-2 tokens
+            "all weights zero": make_case(4, [9, 8], all_zero=True),  # loss 0, grads 0
         }
         # SP=4: every rank; SP=2: two groups of 2 ranks side by side
         for sp_size, group in ((4, dist.group.WORLD), (2, sp_groups[rank // 2])):
@@ -186,8 +208,9 @@ def test_pad_and_slice_without_process_group():
     """No process group: one shard, the whole tensor; shift_targets ignores sample ends."""
     tensor = torch.arange(7)
     assert torch.equal(pad_and_slice(tensor), tensor)
-    targets, weights = shift_targets(torch.tensor([5, 6, 7, 8, 9]), torch.tensor([0.0, 1, 2, 0, 3]),
-                                     cu_seqlens=torch.tensor([0, 3, 5]))
+    targets, weights = shift_targets(
+        torch.tensor([5, 6, 7, 8, 9]), torch.tensor([0.0, 1, 2, 0, 3]), cu_seqlens=torch.tensor([0, 3, 5])
+    )
     assert targets.tolist() == [6, 7, -100, 9, -100]
     assert weights.tolist() == [1.0, 2.0, 0.0, 3.0, 0.0]
 

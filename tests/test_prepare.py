@@ -1,4 +1,5 @@
 """`mrloss prepare`: validation with line numbers, conversion, atomic split outputs, --force, summary."""
+
 import json
 import os
 
@@ -38,7 +39,11 @@ def test_example_writes_three_formats_and_refuses_to_overwrite(tmp_path, capsys)
         assert len(records) == len(EXAMPLES) >= 24
         assert all(detect_format(r.sample) == name for r in records)
         assert {r.sample["language"] for r in records} >= {"zh", "en"}
-    assert _char_weights(files["tag_based"]) == _char_weights(files["position_based"]) == _char_weights(files["structured"])
+    assert (
+        _char_weights(files["tag_based"])
+        == _char_weights(files["position_based"])
+        == _char_weights(files["structured"])
+    )
     types = {region.type for r in read_records(files["structured"]) for region in parse(r.sample).regions}
     assert types == {"concept", "definition", "methodology"}
     before = files["tag_based"].read_bytes()
@@ -57,8 +62,12 @@ def test_bad_lines_are_listed_with_line_numbers_and_nothing_is_written(tmp_path,
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 4
-    for line_number, words in [(2, "unclosed"), (4, "'learning_regions[0].weigth'"), (5, "invalid JSON"),
-                               (6, "contradicts")]:
+    for line_number, words in [
+        (2, "unclosed"),
+        (4, "'learning_regions[0].weigth'"),
+        (5, "invalid JSON"),
+        (6, "contradicts"),
+    ]:
         assert any(f"{raw}:{line_number}," in e and words in e for e in errors), (line_number, captured.err)
     assert "samples: 2 valid, 4 bad" in captured.out and "nothing written" in captured.err
     assert not out.exists()
@@ -123,8 +132,9 @@ def test_write_is_atomic_when_writing_fails(tmp_path):
 def test_json_and_parquet_in_and_out(tmp_path, capsys):
     pytest.importorskip("pyarrow")
     source = tmp_path / "raw.json"
-    source.write_text(json.dumps(EXAMPLES[:5] + [{"text": "x", "default_weight": -1}], ensure_ascii=False),
-                      encoding="utf-8")
+    source.write_text(
+        json.dumps(EXAMPLES[:5] + [{"text": "x", "default_weight": -1}], ensure_ascii=False), encoding="utf-8"
+    )
     assert main([str(source)]) == 1
     assert f"{source}[5]" in capsys.readouterr().err
     source.write_text(json.dumps(EXAMPLES[:5], ensure_ascii=False), encoding="utf-8")
@@ -168,10 +178,10 @@ def test_weight_histogram_bins_many_distinct_weights():
 def test_default_tokenizer_is_the_one_mrloss_train_trains(tmp_path, capsys):
     """Without --tokenizer the summary counts tokens of the BPE `mrloss train` trains on the same file
     (`train_bpe_tokenizer_for_files`, model.vocab_size's default)."""
-    from mrloss.config import ModelConfig
     from mrloss.data.encode import encode
     from mrloss.data.examples import write_examples
     from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
+    from mrloss.training.config import ModelConfig
 
     path = write_examples(tmp_path)["structured"]
     assert main([str(path)]) == 0

@@ -1,4 +1,5 @@
 """Training: MultiRegionTrainer normalization and weight-0 regions, `mrloss train`, the run scripts, the demo."""
+
 import json
 import os
 import subprocess
@@ -26,29 +27,49 @@ TAILS = ("alpha beta gamma delta", "zeta theta omega kappa lambda")
 def tokenizer():
     texts = [parse(sample).text for sample in EXAMPLES] + [
         PREFIX.format(i=i) + f"The direction of steepest ascent, number {i}.\n\nNOTE: {words}"
-        for i in range(8) for words in TAILS
+        for i in range(8)
+        for words in TAILS
     ]
     return train_bpe_tokenizer(texts, vocab_size=400)
 
 
 def samples(tail_words=TAILS[0], tail_weight=0.0, count=8):
     """Tag-based samples whose LAST region is ``tail``: with causal attention its tokens are only targets."""
-    return [{"text": PREFIX.format(i=i) + ANSWER.format(w=1.0 + 0.5 * (i % 3), i=i) * (1 + i % 2)
-             + TAIL.format(w=tail_weight, words=tail_words)} for i in range(count)]
+    return [
+        {
+            "text": PREFIX.format(i=i)
+            + ANSWER.format(w=1.0 + 0.5 * (i % 3), i=i) * (1 + i % 2)
+            + TAIL.format(w=tail_weight, words=tail_words)
+        }
+        for i in range(count)
+    ]
 
 
 def train_tiny(tokenizer, dataset, tmp_path, **arguments):
     """A tiny Llama trained by MultiRegionTrainer; returns (trainer, its parameters after training)."""
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-        logging_steps=1, seed=0, **{"per_device_train_batch_size": 4, "max_steps": 3, **arguments},
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+        **{"per_device_train_batch_size": 4, "max_steps": 3, **arguments},
     )
     trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
     trainer.train()
@@ -65,8 +86,9 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, tmp_path):
     dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5), tokenizer)
     options = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0, max_steps=1, lr_scheduler_type="constant")
     _, one_batch = train_tiny(tokenizer, dataset, tmp_path / "a", per_device_train_batch_size=4, **options)
-    trainer, accumulated = train_tiny(tokenizer, dataset, tmp_path / "b", per_device_train_batch_size=2,
-                                      gradient_accumulation_steps=2, **options)
+    trainer, accumulated = train_tiny(
+        tokenizer, dataset, tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **options
+    )
     torch.manual_seed(0)
     initial = {name: p.detach() for name, p in transformers.LlamaForCausalLM(trainer.model.config).named_parameters()}
     assert max_difference(one_batch, initial) > 1e-3  # the step did move the parameters
@@ -80,8 +102,9 @@ def test_weight_zero_region_gets_no_gradient_signal(tokenizer, tmp_path):
     for tail_weight in (0.0, 1.0):
         for words in TAILS:
             dataset = MultiRegionDataset.from_samples(samples(words, tail_weight), tokenizer)
-            trainer, runs[tail_weight, words] = train_tiny(tokenizer, dataset, tmp_path / f"{tail_weight}{words[:4]}",
-                                                           optim="sgd", learning_rate=1.0)
+            trainer, runs[tail_weight, words] = train_tiny(
+                tokenizer, dataset, tmp_path / f"{tail_weight}{words[:4]}", optim="sgd", learning_rate=1.0
+            )
     assert max_difference(runs[0.0, TAILS[0]], runs[0.0, TAILS[1]]) < 1e-5
     assert max_difference(runs[1.0, TAILS[0]], runs[1.0, TAILS[1]]) > 1e-3
     logged = [entry for entry in trainer.state.log_history if "loss/answer" in entry]
@@ -92,7 +115,7 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
     """loss_options ignore_index=-1 and a collator that ignores some weighted tokens (label -1): those tokens
     count in no region's mean; the means equal the model's own logits' cross-entropy per region type."""
     from mrloss.data import MultiRegionCollator
-    from mrloss.train import evaluate_region_losses
+    from mrloss.training.evaluate import evaluate_region_losses
 
     dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5, count=5), tokenizer)
     padding = MultiRegionCollator(tokenizer.pad_token_id)
@@ -103,13 +126,24 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
         batch["labels"] = torch.where(ignored, -1, batch["labels"])  # weights stay > 0 on every 3rd token
         return batch
 
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      pad_token_id=tokenizer.pad_token_id)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    trainer = MultiRegionTrainer(transformers.LlamaForCausalLM(config), args, dataset, data_collator=collator,
-                                 loss_options={"ignore_index": -1, "backend": "torch"})
+    trainer = MultiRegionTrainer(
+        transformers.LlamaForCausalLM(config),
+        args,
+        dataset,
+        data_collator=collator,
+        loss_options={"ignore_index": -1, "backend": "torch"},
+    )
     got = evaluate_region_losses(trainer, dataset, batch_size=3)
 
     sums = {name: [0.0, 0] for name in dataset.region_types}
@@ -118,8 +152,9 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
         batch = collator([dataset[i] for i in range(start, min(start + 3, len(dataset)))])
         with torch.no_grad():
             logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).double(),
-                                                   batch["input_ids"][:, 1:], reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2).double(), batch["input_ids"][:, 1:], reduction="none"
+        )
         learned = (batch["labels"][:, 1:] != -1) & (batch["token_weights"][:, 1:] > 0)
         types, weights = batch["region_type_ids"][:, 1:], batch["token_weights"][:, 1:].double()
         for index, name in enumerate(dataset.region_types):
@@ -135,11 +170,11 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
 def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
     """model.path null: the run's tokenizer is `train_bpe_tokenizer_for_files` of data.train_files with
     model.vocab_size -- what `mrloss show` / `mrloss prepare` train by default on the same file."""
-    from mrloss.config import Config, DataConfig, ModelConfig, TrainerConfig
     from mrloss.data import write_examples
     from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
     from mrloss.debug.show import build_parser
-    from mrloss.train import build_tokenizer
+    from mrloss.training.build import build_tokenizer
+    from mrloss.training.config import Config, DataConfig, ModelConfig, TrainerConfig
 
     path = write_examples(tmp_path / "data")["tag_based"]
     config = Config(data=DataConfig(train_files=[str(path)]), trainer=TrainerConfig(output_dir=str(tmp_path / "run")))
@@ -150,7 +185,7 @@ def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
 
 
 def run_train(argv):
-    from mrloss.train import main
+    from mrloss.training.run import main
 
     assert main(argv) == 0
 
@@ -159,9 +194,16 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative data paths resolve in the working directory
     output_dir = tmp_path / "run"
     overrides = [
-        "data.train_files=data/tag_based.jsonl", "data.max_length=128", f"trainer.output_dir={output_dir}",
-        "trainer.max_steps=12", "trainer.learning_rate=1e-2", "trainer.save_steps=6", "trainer.logging_steps=4",
-        "trainer.device=cpu", "model.hidden_size=32", "model.intermediate_size=64",
+        "data.train_files=data/tag_based.jsonl",
+        "data.max_length=128",
+        f"trainer.output_dir={output_dir}",
+        "trainer.max_steps=12",
+        "trainer.learning_rate=1e-2",
+        "trainer.save_steps=6",
+        "trainer.logging_steps=4",
+        "trainer.device=cpu",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
     ]
     run_train(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), *overrides])
     assert (tmp_path / "data/structured.jsonl").exists()  # write_examples: true created the example data
@@ -178,15 +220,22 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(output_dir)
     assert reloaded.config.vocab_size == len(transformers.AutoTokenizer.from_pretrained(output_dir))
 
-    run_train(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), *overrides,
-               "trainer.max_steps=16", "trainer.resume_from_checkpoint=true"])
+    run_train(
+        [
+            "--config",
+            str(REPO / "configs/multi_region_tag_based.yaml"),
+            *overrides,
+            "trainer.max_steps=16",
+            "trainer.resume_from_checkpoint=true",
+        ]
+    )
     resumed = json.loads((output_dir / "metrics.json").read_text())
     assert [e["step"] for e in resumed["log_history"] if "loss" in e][-1] == 16
     assert resumed["log_history"][0] == metrics["log_history"][0]  # the history continues from checkpoint-12
 
 
 def test_mrloss_train_reports_config_errors(tmp_path, capsys):
-    from mrloss.train import main
+    from mrloss.training.run import main
 
     assert main(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), "trainer.epoch=2"]) == 2
     assert "config trainer.epoch: unknown key" in capsys.readouterr().err
@@ -198,9 +247,20 @@ def test_run_script_two_processes(script, tmp_path):
     """NPROC=2 on CPU (DDP over gloo), a few steps; the structured config packs and uses Qwen3."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        ["bash", str(REPO / f"examples/sft/multi_region/run_multi_region_{script}.sh"), "2", "out",
-         "trainer.max_steps=2", "trainer.save_steps=null", "data.max_length=128"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            "bash",
+            str(REPO / f"examples/sft/multi_region/run_multi_region_{script}.sh"),
+            "2",
+            "out",
+            "trainer.max_steps=2",
+            "trainer.save_steps=null",
+            "data.max_length=128",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())  # SAVE_PATH relative to the caller
@@ -209,16 +269,26 @@ def test_run_script_two_processes(script, tmp_path):
 
 
 def test_run_script_usage_error():
-    result = subprocess.run(["bash", str(REPO / "examples/sft/multi_region/run_multi_region_tag.sh"), "2"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(REPO / "examples/sft/multi_region/run_multi_region_tag.sh"), "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and "usage: bash" in result.stderr and "NPROC SAVE_PATH" in result.stderr
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
-    result = subprocess.run([sys.executable, "-m", "mrloss.cli", "demo", "--output-dir", "demo", "--steps", "3"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mrloss.cli", "demo", "--output-dir", "demo", "--steps", "3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "loss mask of sample" in out and "⟦" in out  # the mask, plain-text form (NO_COLOR)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
-import mrloss.kernels.cross_entropy_rows as rows_module
-import mrloss.kernels.linear_cross_entropy_forward as forward_module
-import mrloss.loss as loss_module
-import mrloss.triton_fallback as fallback_module
+import mrloss.ops.api as loss_module
+import mrloss.ops.backends.triton.cross_entropy_rows as rows_module
+import mrloss.ops.backends.triton.linear_cross_entropy_forward as forward_module
+import mrloss.ops.triton_fallback as fallback_module
 from mrloss import linear_cross_entropy
 
 

@@ -9,9 +9,10 @@
   normalizer), the monitor's JSONL rows equal a hand count and the HF path's statistics of the same
   micro-batches, the weighting's update gets the per-type means over all data-parallel ranks.
 """
-import json
+
 import functools
 import importlib.util
+import json
 import subprocess
 import sys
 import types
@@ -25,9 +26,13 @@ import torch.multiprocessing as mp
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("verl") is None, reason="needs verl (the verl extra)")
 
 MAX_LENGTH = 48
-WEIGHTING = {"dynamic_weights": {"difficulty_scaling": True, "ema_decay": 0.0},
-             "region_dependencies": {"learned_threshold": 0.0, "region_dependencies": {
-                 "methodology": {"requires": ["definition"], "penalty_factor": 0.5}}}}
+WEIGHTING = {
+    "dynamic_weights": {"difficulty_scaling": True, "ema_decay": 0.0},
+    "region_dependencies": {
+        "learned_threshold": 0.0,
+        "region_dependencies": {"methodology": {"requires": ["definition"], "penalty_factor": 0.5}},
+    },
+}
 FIRST_STEP_MULTIPLIERS = {"concept": 1.0, "definition": 1.0, "methodology": 0.5}  # nothing learned yet
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -48,8 +53,11 @@ def example_files(directory):
     paths = write_examples(directory)
     structured = [record.sample for record in read_records(paths["structured"])]
     position = [record.sample for record in read_records(paths["position_based"])]
-    return [str(paths["tag_based"]), str(write_samples(directory / "structured.json", structured)),
-            str(write_samples(directory / "position_based.parquet", position))]
+    return [
+        str(paths["tag_based"]),
+        str(write_samples(directory / "structured.json", structured)),
+        str(write_samples(directory / "position_based.parquet", position)),
+    ]
 
 
 def verl_config(overrides=()):
@@ -67,14 +75,17 @@ def mrloss_config_file(directory, files):
         "data:\n  train_files: [" + ", ".join(files) + f"]\n  max_length: {MAX_LENGTH}\n  truncation: right\n"
         "model:\n  hidden_size: 16\n  num_layers: 1\n  vocab_size: 300\nloss:\n  backend: torch\n  chunk_size: 16\n"
         "trainer:\n  per_device_batch_size: 2\n  gradient_accumulation_steps: 2\n  max_steps: 3\n"
-        "weighting:\n  region_dependencies:\n    region_dependencies:\n      methodology: {requires: [definition]}\n")
+        "weighting:\n  region_dependencies:\n    region_dependencies:\n      methodology: {requires: [definition]}\n"
+    )
     return path
 
 
 def test_import_mrloss_does_not_import_verl():
-    code = ("import sys, mrloss, mrloss.parallel, mrloss.integrations.verl, mrloss.integrations.verl.dataset, "
-            "mrloss.integrations.verl.engine, mrloss.integrations.verl.trainer, mrloss.integrations.verl.__main__; "
-            "assert 'verl' not in sys.modules, 'verl imported'")
+    code = (
+        "import sys, mrloss, mrloss.parallel, mrloss.integrations.verl, mrloss.integrations.verl.dataset, "
+        "mrloss.integrations.verl.engine, mrloss.integrations.verl.trainer, mrloss.integrations.verl.__main__; "
+        "assert 'verl' not in sys.modules, 'verl imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -86,18 +97,19 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     from verl.trainer.sft_trainer import create_sft_dataset
     from verl.utils.dataset.dataset_utils import SFTTensorCollator
 
-    from mrloss.config import load_config
     from mrloss.data import encode
     from mrloss.formats import parse
     from mrloss.integrations.verl.__main__ import main, prepare_model, verl_overrides
     from mrloss.integrations.verl.dataset import MultiRegionSFTDataset
     from mrloss.integrations.verl.trainer import mrloss_options
+    from mrloss.training.config import load_config
 
     files = example_files(tmp_path)
     config_path = mrloss_config_file(tmp_path, files)
     ours = load_config(config_path)
-    overrides = verl_overrides(ours, 4, str(tmp_path / "out dir"),
-                               ["engine.ulysses_sequence_parallel_size=2", "+mrloss.chunk_size=8"])
+    overrides = verl_overrides(
+        ours, 4, str(tmp_path / "out dir"), ["engine.ulysses_sequence_parallel_size=2", "+mrloss.chunk_size=8"]
+    )
     config = verl_config(overrides)
     assert config.trainer.default_local_dir == str(tmp_path / "out dir")
     prepare_model(ours, str(tmp_path / "out dir"))
@@ -108,18 +120,40 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     assert config.data.train_batch_size == 2 * 2 * 2  # per device x accumulation x dp (4 ranks / sp 2)
     assert config.engine.ulysses_sequence_parallel_size == 2 and config.model.use_remove_padding
     assert mrloss_options(config) == {
-        "loss": "mrloss", "backend": "torch", "chunk_size": 8, "softcap": None, "label_smoothing": 0.0,
+        "loss": "mrloss",
+        "backend": "torch",
+        "chunk_size": 8,
+        "softcap": None,
+        "label_smoothing": 0.0,
         "monitor_dir": str((tmp_path / "out dir" / "monitor").resolve()),
-        "weighting": {"dynamic_weights": None,
-                      "region_dependencies": {"region_dependencies": {"methodology": {"requires": ["definition"]}}}}}
-    assert main(["--nproc", "2", "--config", str(config_path), "--save-path", str(tmp_path / "out"), "--dry-run",
-                 "trainer.learning_rate=0.01", "verl.trainer.logger=[console]"]) == 0
+        "weighting": {
+            "dynamic_weights": None,
+            "region_dependencies": {"region_dependencies": {"methodology": {"requires": ["definition"]}}},
+        },
+    }
+    assert (
+        main(
+            [
+                "--nproc",
+                "2",
+                "--config",
+                str(config_path),
+                "--save-path",
+                str(tmp_path / "out"),
+                "--dry-run",
+                "trainer.learning_rate=0.01",
+                "verl.trainer.logger=[console]",
+            ]
+        )
+        == 0
+    )
     command = capsys.readouterr().out
     assert "-m mrloss.integrations.verl.trainer" in command and "optim.lr=0.01" in command
 
     dataset = create_sft_dataset(config.data.train_files, config.data, model_tokenizer, None, max_samples=-1)
-    reference = [encode(parse(record), model_tokenizer, max_length=MAX_LENGTH)
-                 for path in files for record in _raw_samples(path)]
+    reference = [
+        encode(parse(record), model_tokenizer, max_length=MAX_LENGTH) for path in files for record in _raw_samples(path)
+    ]
     assert len(dataset) == len(reference)
     for index in (0, len(dataset) // 2, len(dataset) - 1):
         item = dataset[index]
@@ -130,7 +164,8 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
         assert item["position_ids"].tolist() == list(range(len(item["input_ids"])))
         encoding = reference[index]
         assert item["region_type_ids"].tolist() == [
-            -1 if r < 0 else dataset.region_types.index(encoding["region_types"][r]) for r in encoding["region_ids"]]
+            -1 if r < 0 else dataset.region_types.index(encoding["region_types"][r]) for r in encoding["region_ids"]
+        ]
     batch = SFTTensorCollator("no_padding")([dataset[i] for i in range(3)])
     assert all(batch[key].is_nested for key in ("input_ids", "position_ids", "loss_mask", "region_type_ids"))
     assert torch.equal(batch["region_type_ids"].offsets(), batch["input_ids"].offsets())
@@ -149,8 +184,18 @@ def test_trainer_entry_runs_verl_hydra_main(monkeypatch, capsys):
 
     # main() installs the wrapper; monkeypatch puts verl's method back afterwards
     monkeypatch.setattr(sft_trainer.SFTTrainer, "_build_engine", sft_trainer.SFTTrainer._build_engine)
-    monkeypatch.setattr(sys, "argv", ["trainer", "data.train_files=[x.jsonl]", "+mrloss.loss=mrloss",
-                                      "data.custom_cls.path=pkg://mrloss.integrations.verl.dataset", "--cfg", "job"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "trainer",
+            "data.train_files=[x.jsonl]",
+            "+mrloss.loss=mrloss",
+            "data.custom_cls.path=pkg://mrloss.integrations.verl.dataset",
+            "--cfg",
+            "job",
+        ],
+    )
     trainer.main()
     assert sft_trainer.SFTTrainer._build_engine.mrloss_installed
     output = capsys.readouterr().out
@@ -180,8 +225,12 @@ def test_install_switches_the_trainer_loss(tmp_path, monkeypatch):
 
     def fake_build_engine(self):
         self.training_client = FakeClient()
-        self.engine = types.SimpleNamespace(model_config=types.SimpleNamespace(use_fused_kernels=False),
-                                            _build_module=None, prepare_model_inputs=None, forward_backward_batch=None)
+        self.engine = types.SimpleNamespace(
+            model_config=types.SimpleNamespace(use_fused_kernels=False),
+            _build_module=None,
+            prepare_model_inputs=None,
+            forward_backward_batch=None,
+        )
 
     def fake_fit(self):
         self.ckpt_handler.save_checkpoint(self.resume_global_step + 3)
@@ -206,10 +255,13 @@ def test_install_switches_the_trainer_loss(tmp_path, monkeypatch):
     def fake_trainer(rank, resume_global_step=0):
         block = {"loss": "mrloss", "monitor_dir": str(tmp_path / "monitor"), "weighting": json.dumps(WEIGHTING)}
         fake = types.SimpleNamespace(
-            rank=rank, resume_global_step=resume_global_step, steps_per_epoch=5,
+            rank=rank,
+            resume_global_step=resume_global_step,
+            steps_per_epoch=5,
             config=OmegaConf.create({"mrloss": block, "trainer": {"default_local_dir": str(tmp_path)}}),
             train_dataset=types.SimpleNamespace(region_types=list(FIRST_STEP_MULTIPLIERS)),
-            ckpt_handler=types.SimpleNamespace(save_checkpoint=lambda step: (tmp_path / f"global_step_{step}").mkdir()))
+            ckpt_handler=types.SimpleNamespace(save_checkpoint=lambda step: (tmp_path / f"global_step_{step}").mkdir()),
+        )
         sft_trainer.SFTTrainer._build_engine(fake)
         return fake
 
@@ -240,9 +292,16 @@ def tiny_model(vocab_size, context_free=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     model = LlamaForCausalLM(config).float()
     if context_free:
         with torch.no_grad():
@@ -260,8 +319,9 @@ def make_engine(model, sp_size):
     engine.use_ulysses_sp = sp_size > 1
     engine.ulysses_device_mesh = engine.ulysses_parallel_group = None
     if sp_size > 1:
-        engine.ulysses_device_mesh = init_device_mesh("cpu", (dist.get_world_size() // sp_size, sp_size),
-                                                      mesh_dim_names=["dp", "sp"])
+        engine.ulysses_device_mesh = init_device_mesh(
+            "cpu", (dist.get_world_size() // sp_size, sp_size), mesh_dim_names=["dp", "sp"]
+        )
         engine.ulysses_parallel_group = engine.ulysses_device_mesh["sp"].get_group()
     engine.pad_to_length, engine.pad_to_length_bucket = False, 1024
     engine._autocast_dtype, engine.scaler = torch.float32, None
@@ -277,9 +337,17 @@ def run_engine(engine, items, loss_function):
     from verl.utils.dataset.dataset_utils import SFTTensorCollator
     from verl.utils.ulysses import set_ulysses_sequence_parallel_group
 
-    meta = {"use_remove_padding": True, "use_dynamic_bsz": False, "max_token_len_per_gpu": 4096,
-            "micro_batch_size_per_gpu": 2, "temperature": 1.0, "global_batch_size": len(items),
-            "pad_mode": "no_padding", "pad_token_id": 1, "use_fused_kernels": False}
+    meta = {
+        "use_remove_padding": True,
+        "use_dynamic_bsz": False,
+        "max_token_len_per_gpu": 4096,
+        "micro_batch_size_per_gpu": 2,
+        "temperature": 1.0,
+        "global_batch_size": len(items),
+        "pad_mode": "no_padding",
+        "pad_token_id": 1,
+        "use_fused_kernels": False,
+    }
     data = tu.get_tensordict(tensor_dict=SFTTensorCollator("no_padding")(items), non_tensor_dict=meta)
     engine.module.zero_grad()
     set_ulysses_sequence_parallel_group(engine.ulysses_parallel_group)
@@ -294,8 +362,13 @@ def adjusted_items(items, region_types, multipliers):
     """``items`` with ``loss_mask`` multiplied by the region type multipliers (what the weighting does)."""
     from mrloss.weighting.common import apply_type_multipliers
 
-    return [{**item, "loss_mask": apply_type_multipliers(item["loss_mask"], item["region_type_ids"], region_types,
-                                                         multipliers)} for item in items]
+    return [
+        {
+            **item,
+            "loss_mask": apply_type_multipliers(item["loss_mask"], item["region_type_ids"], region_types, multipliers),
+        }
+        for item in items
+    ]
 
 
 def check_region_tools(rank, sp_size, local_items, vocab_size, region_types, output_dir):
@@ -311,20 +384,26 @@ def check_region_tools(rank, sp_size, local_items, vocab_size, region_types, out
     where = f"region tools sp={sp_size} rank={rank}"
     engine = make_engine(tiny_model(vocab_size, context_free=True), sp_size)
     engine.module = engine._build_module()
-    verl_losses, verl_grads = run_engine(engine, adjusted_items(local_items, region_types, FIRST_STEP_MULTIPLIERS),
-                                         functools.partial(sft_loss, config=None))
+    verl_losses, verl_grads = run_engine(
+        engine,
+        adjusted_items(local_items, region_types, FIRST_STEP_MULTIPLIERS),
+        functools.partial(sft_loss, config=None),
+    )
     monitor = MultiRegionTrainingMonitor(output_dir, region_types) if rank == 0 else None
     tools = EngineRegionTools(region_types, weighting=RegionWeighting.from_config(WEIGHTING), monitor=monitor)
-    engine = patch_engine(make_engine(tiny_model(vocab_size, context_free=True), sp_size),
-                          {"backend": "torch", "chunk_size": 16}, tools)
+    engine = patch_engine(
+        make_engine(tiny_model(vocab_size, context_free=True), sp_size), {"backend": "torch", "chunk_size": 16}, tools
+    )
     engine.module = engine._build_module()
     ours_losses, ours_grads = run_engine(engine, local_items, functools.partial(mrloss_sft_loss, config=None))
     assert tools.step == 1 and tools.weighting.multipliers() == FIRST_STEP_MULTIPLIERS, where
-    torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(verl_losses), atol=1e-5, rtol=1e-5,
-                               msg=lambda m: f"{where} loss: {m}")
+    torch.testing.assert_close(
+        torch.tensor(ours_losses), torch.tensor(verl_losses), atol=1e-5, rtol=1e-5, msg=lambda m: f"{where} loss: {m}"
+    )
     for name, grad in verl_grads.items():
-        torch.testing.assert_close(ours_grads[name], grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{where} grad {name}: {m}")
+        torch.testing.assert_close(
+            ours_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{where} grad {name}: {m}"
+        )
     if rank == 0:
         with open(f"{output_dir}/ema.json", "w") as handle:
             json.dump(tools.weighting.dynamic_weights.ema.values, handle)
@@ -346,17 +425,22 @@ def engine_worker(rank, world_size, store_path, items, vocab_size, region_types,
             engine = make_engine(tiny_model(vocab_size), sp_size)
             engine.module = engine._build_module()
             verl_losses, verl_grads = run_engine(engine, local_items, functools.partial(sft_loss, config=None))
-            engine = patch_engine(make_engine(tiny_model(vocab_size), sp_size),
-                                  {"backend": "torch", "chunk_size": 16})
+            engine = patch_engine(make_engine(tiny_model(vocab_size), sp_size), {"backend": "torch", "chunk_size": 16})
             engine.module = engine._build_module()
             ours_losses, ours_grads = run_engine(engine, local_items, functools.partial(mrloss_sft_loss, config=None))
             where = f"sp={sp_size} dp={dp_size} rank={rank}"
             assert len(ours_losses) == len(verl_losses) == len(local_items) // 2, where  # micro-batches of 2
-            torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(verl_losses), atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"{where} loss: {m}")
+            torch.testing.assert_close(
+                torch.tensor(ours_losses),
+                torch.tensor(verl_losses),
+                atol=1e-5,
+                rtol=1e-5,
+                msg=lambda m: f"{where} loss: {m}",
+            )
             for name, grad in verl_grads.items():
-                torch.testing.assert_close(ours_grads[name], grad, atol=1e-5, rtol=1e-4,
-                                           msg=lambda m, name=name: f"{where} grad {name}: {m}")
+                torch.testing.assert_close(
+                    ours_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{where} grad {name}: {m}"
+                )
             check_region_tools(rank, sp_size, local_items, vocab_size, region_types, f"{output_dir}/sp{sp_size}")
     finally:
         dist.destroy_process_group()
@@ -380,22 +464,34 @@ def test_mrloss_engine_matches_verl_sft_loss(tmp_path):
     items = [dataset[i] for i in (0, 1, 4, 5, 10, 21, 8, 9)]  # learned tokens of every type on both dp ranks
     types = dataset.region_types
     assert set(types) == set(FIRST_STEP_MULTIPLIERS)
-    mp.spawn(engine_worker, args=(2, str(tmp_path / "store"), items, len(tokenizer()), types, str(tmp_path)),
-             nprocs=2, join=True)
+    mp.spawn(
+        engine_worker,
+        args=(2, str(tmp_path / "store"), items, len(tokenizer()), types, str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
 
     hf_model = apply_mrloss(tiny_model(len(tokenizer()), context_free=True), backend="torch")
     collator, hf_monitor = MultiRegionCollator(pad_token_id=0), MultiRegionTrainingMonitor(None, types)
     adjusted = adjusted_items(items, types, FIRST_STEP_MULTIPLIERS)
 
     def hf_record(micro_items):
-        batch = collator([{"input_ids": item["input_ids"], "token_weights": item["loss_mask"],
-                           "region_type_ids": item["region_type_ids"]} for item in micro_items])
+        batch = collator(
+            [
+                {
+                    "input_ids": item["input_ids"],
+                    "token_weights": item["loss_mask"],
+                    "region_type_ids": item["region_type_ids"],
+                }
+                for item in micro_items
+            ]
+        )
         with torch.no_grad():
             token_losses = hf_model(**model_inputs(batch)).token_losses
         return hf_monitor.log_batch_stats(batch, 1, token_losses, multipliers=FIRST_STEP_MULTIPLIERS)
 
     loss_sums = {name: [0.0, 0] for name in types}
-    for record in (hf_record(adjusted[i:i + 2]) for i in range(0, 8, 2)):
+    for record in (hf_record(adjusted[i : i + 2]) for i in range(0, 8, 2)):
         for name in types:
             stats = record["regions"][name]
             if stats["learned_tokens"]:
@@ -403,10 +499,12 @@ def test_mrloss_engine_matches_verl_sft_loss(tmp_path):
                 loss_sums[name][1] += stats["learned_tokens"]
     expected_ema = {name: total / count for name, (total, count) in loss_sums.items()}
     for sp_size, rank0_items in ((2, adjusted), (1, adjusted[0::2])):
-        rows = [json.loads(line) for line in (tmp_path / f"sp{sp_size}" / "region_stats.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line) for line in (tmp_path / f"sp{sp_size}" / "region_stats.jsonl").read_text().splitlines()
+        ]
         assert len(rows) == len(rank0_items) // 2, sp_size
         for row, start in zip(rows, range(0, len(rank0_items), 2)):
-            micro_items = rank0_items[start:start + 2]
+            micro_items = rank0_items[start : start + 2]
             assert row["step"] == 1 and row["multipliers"] == FIRST_STEP_MULTIPLIERS
             type_ids = torch.cat([item["region_type_ids"] for item in micro_items])
             weights = torch.cat([item["loss_mask"] for item in micro_items])
@@ -418,32 +516,51 @@ def test_mrloss_engine_matches_verl_sft_loss(tmp_path):
             expected = hf_record(micro_items)
             for name, stats in [*expected["regions"].items(), ("total", expected["total"])]:
                 got = row["total"] if name == "total" else row["regions"][name]
-                assert {key for key, value in got.items() if value is None} == \
-                    {key for key, value in stats.items() if value is None}, (sp_size, start, name)
+                assert {key for key, value in got.items() if value is None} == {
+                    key for key, value in stats.items() if value is None
+                }, (sp_size, start, name)
                 assert {key: value for key, value in got.items() if value is not None} == pytest.approx(
-                    {key: value for key, value in stats.items() if value is not None}, rel=1e-5, abs=1e-7), \
-                    (sp_size, start, name)
+                    {key: value for key, value in stats.items() if value is not None}, rel=1e-5, abs=1e-7
+                ), (sp_size, start, name)
         series = per_step_series(find_stats_file(tmp_path / f"sp{sp_size}"))  # what `mrloss plot` draws
         assert series["steps"] == [1] and series["multipliers"]["methodology"] == [0.5]
         ema = json.loads((tmp_path / f"sp{sp_size}" / "ema.json").read_text())
         assert ema == pytest.approx(expected_ema, rel=1e-5), sp_size
 
 
-@pytest.mark.parametrize("model_type, extra", [("granite", {"logits_scaling": 2.5}), ("cohere", {"logit_scale": 0.37}),
-                                               ("gemma2", {"final_logit_softcapping": 0.7}), ("llama", {})])
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [
+        ("granite", {"logits_scaling": 2.5}),
+        ("cohere", {"logit_scale": 0.37}),
+        ("gemma2", {"final_logit_softcapping": 0.7}),
+        ("llama", {}),
+    ],
+)
 def test_patched_forward_applies_the_architecture_head(model_type, extra):
     """verl's patched forward (one shard, no SP) gives the loss of the model's own logits -- Granite's
     logits_scaling, Cohere's logit_scale, Gemma2's softcap -- from the same table as the HF patch."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mrloss.integrations.verl.engine import ShardBatch, patch_causal_lm_forward
+    from mrloss.ops.reference import reference_linear_cross_entropy
     from mrloss.parallel import shift_targets
-    from mrloss.reference import reference_linear_cross_entropy
 
     vocab = 61
-    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=48,
-                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
@@ -453,13 +570,17 @@ def test_patched_forward_applies_the_architecture_head(model_type, extra):
     weights[0] = 0.0
     with torch.no_grad():
         logits = model(input_ids=input_ids[None]).logits[0]
-    expected = reference_linear_cross_entropy(logits, torch.eye(vocab, dtype=torch.float64), input_ids, weights,
-                                              shift=True)
+    expected = reference_linear_cross_entropy(
+        logits, torch.eye(vocab, dtype=torch.float64), input_ids, weights, shift=True
+    )
     targets, shifted_weights = shift_targets(input_ids, weights)
     patch_causal_lm_forward(model, {"backend": "torch"})
     with torch.no_grad():
-        loss = model(input_ids=input_ids[None], position_ids=torch.arange(17)[None],
-                     mrloss_shard=ShardBatch(targets, shifted_weights, None, None)).loss
+        loss = model(
+            input_ids=input_ids[None],
+            position_ids=torch.arange(17)[None],
+            mrloss_shard=ShardBatch(targets, shifted_weights, None, None),
+        ).loss
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 """LossMaskVisualizer on the shipped example data (Chinese included): terminal text, warnings, HTML, the
 `mrloss show` command and a real-browser rendering (headless Chromium, when installed)."""
+
 import io
 import json
 import re
@@ -38,9 +39,10 @@ def test_terminal_view_of_a_chinese_sample(examples):
     region_text, enc = encoded(examples, "zh-gradient-descent")
     out = io.StringIO()
     text = LossMaskVisualizer(examples[2]).print_detailed_analysis(
-        enc["input_ids"], enc["token_weights"], enc, region_text=region_text, color=False, file=out)
+        enc["input_ids"], enc["token_weights"], enc, region_text=region_text, color=False, file=out
+    )
     assert out.getvalue() == text + "\n" and "\x1b" not in text
-    definition = region_text.text[region_text.regions[0].start:region_text.regions[0].end]
+    definition = region_text.text[region_text.regions[0].start : region_text.regions[0].end]
     assert f"⟦1.5 definition│{definition}⟧" in text  # the weighted run, Chinese intact
     assert text.splitlines()[1].startswith("问题：什么是梯度下降？")
     learned = sum(w > 0 for w in enc["token_weights"])
@@ -50,8 +52,12 @@ def test_terminal_view_of_a_chinese_sample(examples):
     for index, region in enumerate(region_text.regions):  # type, tokens, weight, Σ weight, share
         count = enc["region_ids"].count(index)
         weight_sum = sum(w for w, r in zip(enc["token_weights"], enc["region_ids"]) if r == index)
-        assert rows[region.type][2:] == [str(count), f"{region.weight:g}", f"{weight_sum:g}",
-                                         f"{100 * weight_sum / total:.1f}%"]
+        assert rows[region.type][2:] == [
+            str(count),
+            f"{region.weight:g}",
+            f"{weight_sum:g}",
+            f"{100 * weight_sum / total:.1f}%",
+        ]
     assert text.rstrip().endswith("Warnings: none")
 
 
@@ -69,18 +75,22 @@ def test_colour_follows_tty_and_no_color(examples, monkeypatch):
     # colour codes aside, every token's text is there in order
     body = ANSI.sub("", coloured.split("\n", 2)[2]).replace("↵\n", "\n")
     assert body.startswith(examples[2].decode(enc["input_ids"]))
-    assert "\x1b" not in visualizer.print_detailed_analysis(enc["input_ids"], enc["token_weights"], enc,
-                                                            file=io.StringIO())  # not a TTY
+    assert "\x1b" not in visualizer.print_detailed_analysis(
+        enc["input_ids"], enc["token_weights"], enc, file=io.StringIO()
+    )  # not a TTY
     monkeypatch.setenv("NO_COLOR", "1")
-    assert "\x1b" not in visualizer.print_detailed_analysis(enc["input_ids"], enc["token_weights"], enc, file=Terminal())
+    assert "\x1b" not in visualizer.print_detailed_analysis(
+        enc["input_ids"], enc["token_weights"], enc, file=Terminal()
+    )
 
 
 def test_warnings_truncation_straddle_and_lost_region(examples):
     paths, samples, tokenizer = examples
     visualizer = LossMaskVisualizer(tokenizer)
     region_text, enc = encoded(examples, "en-gradient-descent", max_length=60)
-    text = visualizer.print_detailed_analysis(enc["input_ids"], enc["token_weights"], enc, region_text=region_text,
-                                              color=False, file=io.StringIO())
+    text = visualizer.print_detailed_analysis(
+        enc["input_ids"], enc["token_weights"], enc, region_text=region_text, color=False, file=io.StringIO()
+    )
     assert f"sample truncated: 60 of {enc['untruncated_length']} tokens kept" in text
     assert "region 1 (methodology) cut by truncation: 0 token(s) left" in text
     assert "region 0 (definition) cut by truncation" in text
@@ -88,11 +98,18 @@ def test_warnings_truncation_straddle_and_lost_region(examples):
     # a token spanning two characters: give its first character a region of its own, the rest another one
     full_text = parse(samples["zh-recursion"]).text
     plain = encode(parse({"text": full_text, "learning_regions": []}), tokenizer)
-    position, (start, end) = next((k, span) for k, span in enumerate(plain["offsets"])
-                                  if k > 0 and span[1] - span[0] >= 2 and full_text[span[0]] != " ")
-    sample = {"text": full_text, "learning_regions": [
-        {"start_char": start, "end_char": start + 1, "weight": 1.0, "region_type": "definition"},
-        {"start_char": start + 1, "end_char": end + 3, "weight": 2.0, "region_type": "concept"}]}
+    position, (start, end) = next(
+        (k, span)
+        for k, span in enumerate(plain["offsets"])
+        if k > 0 and span[1] - span[0] >= 2 and full_text[span[0]] != " "
+    )
+    sample = {
+        "text": full_text,
+        "learning_regions": [
+            {"start_char": start, "end_char": start + 1, "weight": 1.0, "region_type": "definition"},
+            {"start_char": start + 1, "end_char": end + 3, "weight": 2.0, "region_type": "concept"},
+        ],
+    }
     region_text = parse(sample)
     enc = encode(region_text, tokenizer)
     analysis = visualizer.analyze(enc["input_ids"], enc["token_weights"], enc, region_text=region_text)
@@ -109,7 +126,9 @@ def test_plain_mask_tensors_and_bad_input(examples):
     mask = torch.tensor([0] * 3 + [1] * (len(ids) - 3))  # a 0/1 mask, no region information
     analysis = LossMaskVisualizer(tokenizer).analyze(torch.tensor(ids), mask)
     assert [(row.region_type, row.tokens, row.share) for row in analysis.rows] == [
-        ("weight 0", 3, 0.0), ("weight 1", len(ids) - 3, 1.0)]
+        ("weight 0", 3, 0.0),
+        ("weight 1", len(ids) - 3, 1.0),
+    ]
     assert "".join(token.text for token in analysis.tokens) == "学习率决定了每一步走多远"
     with pytest.raises(ValueError, match="loss_mask has 2 entries but input_ids has"):
         LossMaskVisualizer(tokenizer).analyze(ids, [1, 0])
@@ -152,8 +171,7 @@ class Spans(HTMLParser):
 
 def test_html_page(examples):
     region_text, enc = encoded(examples, "zh-newton-second-law", max_length=120)
-    page = LossMaskVisualizer(examples[2]).to_html(enc["input_ids"], enc["token_weights"], enc,
-                                                   region_text=region_text)
+    page = LossMaskVisualizer(examples[2]).to_html(enc["input_ids"], enc["token_weights"], enc, region_text=region_text)
     assert page.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page
     assert not re.search(r"https?://|<script|<link|src=|url\(", page)  # self-contained
     parser = Spans()
@@ -161,12 +179,14 @@ def test_html_page(examples):
     assert len(parser.spans) == len(enc["input_ids"])
     shown = "".join(text for _, text in parser.spans).replace("↵\n", "\n")
     assert shown == examples[2].decode(enc["input_ids"]) and "物体加速度的大小与所受合外力成正比" in shown
-    for position, (attrs, text) in enumerate(parser.spans):
+    for position, (attrs, _text) in enumerate(parser.spans):
         weight, region = enc["token_weights"][position], enc["region_ids"][position]
         assert attrs["data-id"] == str(enc["input_ids"][position]) and float(attrs["data-weight"]) == weight
         assert attrs["title"].startswith(f"#{position}  id {enc['input_ids'][position]}  text ")
-        assert f"weight {weight:g}  region " + (f"{region} ({enc['region_types'][region]})" if region >= 0 else "none") \
+        assert (
+            f"weight {weight:g}  region " + (f"{region} ({enc['region_types'][region]})" if region >= 0 else "none")
             in attrs["title"]
+        )
         assert ("background: rgb(" in attrs["style"]) == (weight > 0)
     assert "sample truncated: 120 of" in page and "cut by truncation" in page
 
@@ -187,13 +207,14 @@ def test_show_command(examples, tmp_path, capsys):
 def test_show_uses_the_run_tokenizer(examples, tmp_path, capsys):
     """``--run DIR``: the tokenizer `mrloss train` saved (DIR/tokenizer, else DIR) and the run's data settings
     from DIR/config.yaml; by default, the tokenizer `mrloss train` would train on FILE -- the same view."""
-    from mrloss.config import Config, DataConfig, TrainerConfig
-    from mrloss.train import build_tokenizer
+    from mrloss.training.build import build_tokenizer
+    from mrloss.training.config import Config, DataConfig, TrainerConfig
 
     path = str(examples[0]["tag_based"])
     run = tmp_path / "run"
-    build_tokenizer(Config(data=DataConfig(train_files=[path]), trainer=TrainerConfig(output_dir=str(run))), None,
-                    is_main=True)
+    build_tokenizer(
+        Config(data=DataConfig(train_files=[path]), trainer=TrainerConfig(output_dir=str(run))), None, is_main=True
+    )
 
     def shown(*options):
         assert show_main([path, "--index", "2", "--color", "never", *options]) == 0
@@ -204,8 +225,9 @@ def test_show_uses_the_run_tokenizer(examples, tmp_path, capsys):
     assert by_run != shown("--vocab-size", "300")  # the vocabulary does change the token boundaries
     (run / "tokenizer").rename(tmp_path / "saved_with_model")  # a finished run: the tokenizer is in DIR itself
     (tmp_path / "saved_with_model").rename(run)
-    (run / "config.yaml").write_text("data:\n  format: tag_based\n  max_length: 12\n  truncation: left\n",
-                                     encoding="utf-8")
+    (run / "config.yaml").write_text(
+        "data:\n  format: tag_based\n  max_length: 12\n  truncation: left\n", encoding="utf-8"
+    )
     truncated = shown("--run", str(run))
     assert truncated != by_run and "sample truncated" in truncated
     # the run's data.format describes its training files: a file in another format is still detected
@@ -224,13 +246,31 @@ def test_html_renders_in_headless_chromium(examples, tmp_path):
 
     region_text, enc = encoded(examples, "zh-gradient-descent")
     page = tmp_path / "view.html"
-    page.write_text(LossMaskVisualizer(examples[2]).to_html(enc["input_ids"], enc["token_weights"], enc,
-                                                            region_text=region_text), encoding="utf-8")
+    page.write_text(
+        LossMaskVisualizer(examples[2]).to_html(enc["input_ids"], enc["token_weights"], enc, region_text=region_text),
+        encoding="utf-8",
+    )
     screenshot = tmp_path / "view.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}", "--window-size=900,700",
-                    f"file://{page}"], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={screenshot}",
+            "--window-size=900,700",
+            f"file://{page}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     pixels = imread(screenshot)[..., :3]
     assert pixels.shape[:2] == (700, 900)
     red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]

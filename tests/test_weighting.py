@@ -1,5 +1,6 @@
 """DynamicWeightAdjuster, RegionDependencyHandler, RegionWeighting: hand-computed multipliers, config errors,
 exact resume from a state dict."""
+
 import io
 import json
 
@@ -24,8 +25,14 @@ def expected_weights(multipliers: dict) -> torch.Tensor:
     return out
 
 
-ADJUSTER_CONFIG = {"difficulty_scaling": True, "epoch_weights": {"1": 1.0, "2": 1.2, "3": 1.5}, "ema_decay": 0.5,
-                   "exponent": 2.0, "min_multiplier": 0.5, "max_multiplier": 1.8}
+ADJUSTER_CONFIG = {
+    "difficulty_scaling": True,
+    "epoch_weights": {"1": 1.0, "2": 1.2, "3": 1.5},
+    "ema_decay": 0.5,
+    "exponent": 2.0,
+    "min_multiplier": 0.5,
+    "max_multiplier": 1.8,
+}
 
 
 def test_adjuster_hand_computed():
@@ -64,16 +71,19 @@ def test_adjuster_epoch_weights_before_first_and_after_last_key():
         adjuster.adjust(TOKEN_WEIGHTS, REGION_TYPE_IDS, TYPES, 1.5)
 
 
-@pytest.mark.parametrize("config, match", [
-    ({"difficulty_scalling": True}, "unknown key"),
-    ({"epoch_weights": {"first": 1.0}}, "epoch number"),
-    ({"epoch_weights": {"0": 1.0}}, "epoch number"),
-    ({"epoch_weights": {"1": -1.0}}, "outside"),
-    ({"epoch_weights": {"1": 1.0, 1: 2.0}}, "twice"),
-    ({"min_multiplier": 2.0, "max_multiplier": 1.0}, "outside"),
-    ({"ema_decay": 1.0}, "never update"),
-    ({"difficulty_scaling": "yes"}, "true/false"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"difficulty_scalling": True}, "unknown key"),
+        ({"epoch_weights": {"first": 1.0}}, "epoch number"),
+        ({"epoch_weights": {"0": 1.0}}, "epoch number"),
+        ({"epoch_weights": {"1": -1.0}}, "outside"),
+        ({"epoch_weights": {"1": 1.0, 1: 2.0}}, "twice"),
+        ({"min_multiplier": 2.0, "max_multiplier": 1.0}, "outside"),
+        ({"ema_decay": 1.0}, "never update"),
+        ({"difficulty_scaling": "yes"}, "true/false"),
+    ],
+)
 def test_adjuster_config_errors(config, match):
     with pytest.raises((ValueError, TypeError), match=match):
         DynamicWeightAdjuster(config)
@@ -91,9 +101,15 @@ def test_adjust_validates_tensors():
     assert bf16.dtype == torch.bfloat16
 
 
-HANDLER_CONFIG = {"cascade_learning": True, "learned_threshold": 1.0, "ema_decay": 0.5, "region_dependencies": {
-    "methodology": {"requires": ["definition"], "penalty_factor": 0.5},
-    "concept": {"requires": ["definition", "methodology"], "penalty_factor": 0.25}}}
+HANDLER_CONFIG = {
+    "cascade_learning": True,
+    "learned_threshold": 1.0,
+    "ema_decay": 0.5,
+    "region_dependencies": {
+        "methodology": {"requires": ["definition"], "penalty_factor": 0.5},
+        "concept": {"requires": ["definition", "methodology"], "penalty_factor": 0.25},
+    },
+}
 
 
 def test_handler_hand_computed():
@@ -108,20 +124,24 @@ def test_handler_hand_computed():
     assert handler.multipliers() == {"concept": 1.0, "definition": 1.0, "methodology": 1.0}
     handler.update({"methodology": 1.6})  # ema 0.5*0.8 + 0.5*1.6 = 1.2 > 1: concept waits again
     adjusted = handler.adjust(TOKEN_WEIGHTS, REGION_TYPE_IDS, TYPES, 1)
-    torch.testing.assert_close(adjusted.double(), expected_weights({"concept": 0.25, "definition": 1.0,
-                                                                    "methodology": 1.0}), rtol=0, atol=0)
+    torch.testing.assert_close(
+        adjusted.double(), expected_weights({"concept": 0.25, "definition": 1.0, "methodology": 1.0}), rtol=0, atol=0
+    )
     off = RegionDependencyHandler({**HANDLER_CONFIG, "cascade_learning": False})
     assert off.type_multipliers(TYPES) == {t: 1.0 for t in TYPES}
 
 
-@pytest.mark.parametrize("dependencies, match", [
-    ({"a": {"requires": ["b"]}, "b": {"requires": ["c"]}, "c": {"requires": ["a"]}}, "cycle a -> b -> c -> a"),
-    ({"a": {"requires": ["a"]}}, "cycle a -> a"),
-    ({"a": {"requires": ["b"], "penalty": 0.5}}, "unknown key"),
-    ({"a": {"penalty_factor": 0.5}}, "requires"),
-    ({"a": {"requires": "b"}}, "requires"),
-    ({"a": {"requires": ["b"], "penalty_factor": 1.5}}, "outside"),
-])
+@pytest.mark.parametrize(
+    "dependencies, match",
+    [
+        ({"a": {"requires": ["b"]}, "b": {"requires": ["c"]}, "c": {"requires": ["a"]}}, "cycle a -> b -> c -> a"),
+        ({"a": {"requires": ["a"]}}, "cycle a -> a"),
+        ({"a": {"requires": ["b"], "penalty": 0.5}}, "unknown key"),
+        ({"a": {"penalty_factor": 0.5}}, "requires"),
+        ({"a": {"requires": "b"}}, "requires"),
+        ({"a": {"requires": ["b"], "penalty_factor": 1.5}}, "outside"),
+    ],
+)
 def test_handler_config_errors(dependencies, match):
     with pytest.raises((ValueError, TypeError), match=match):
         RegionDependencyHandler({"region_dependencies": dependencies})

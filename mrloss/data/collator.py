@@ -1,7 +1,11 @@
 """MultiRegionCollator: dataset items -> padded or packed ``[B, T]`` batch tensors."""
+
 from __future__ import annotations
 
 import torch
+
+from mrloss.data.encode import unlearn_first_token
+from mrloss.ops.normalization import IGNORE_INDEX, learned_mask
 
 
 class MultiRegionCollator:
@@ -11,10 +15,12 @@ class MultiRegionCollator:
     ``region_type_ids`` (-1 when absent). The batch:
 
     - ``input_ids [B, T] int64`` (``pad_token_id`` on padding), ``attention_mask [B, T] int64`` (1 on tokens),
-    - ``labels [B, T] int64``: ``input_ids`` where the weight is > 0, else -100 (padding included),
+    - ``labels [B, T] int64``: ``input_ids`` where the token is learned (weight > 0), else ``IGNORE_INDEX``
+      (padding included),
     - ``token_weights [B, T] float32`` (0 on padding), ``region_type_ids [B, T] int64`` (-1 on padding).
 
-    The first token of every sample gets weight 0 and label -100 (nothing in the sample predicts it), so
+    The first token of every sample gets weight 0 and label ``IGNORE_INDEX`` (the first-token rule of
+    `mrloss.data.encode.unlearn_first_token`: nothing in the sample predicts it), so
     with ``pack=True`` no sample's loss has another sample's token as a target. ``pack=True`` also returns
     ``position_ids [B, T]`` restarting at 0 for every sample and for each row's padding, and, for
     flash-attn varlen over the row-major flattened batch, ``cu_seq_lens_q`` / ``cu_seq_lens_k``
@@ -27,8 +33,14 @@ class MultiRegionCollator:
     the dataset). Without it, pack mode puts every sample in one row. ``pad_to_multiple_of`` rounds ``T`` up.
     """
 
-    def __init__(self, pad_token_id: int, *, pack: bool = False, max_length: int | None = None,
-                 pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        *,
+        pack: bool = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
         if pad_token_id is None:
             raise ValueError("pad_token_id must be an int (the tokenizer has no pad token?)")
         if max_length is not None and max_length < 1:
@@ -52,7 +64,7 @@ class MultiRegionCollator:
         batch = {
             "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.int64),
             "attention_mask": torch.zeros(shape, dtype=torch.int64),
-            "labels": torch.full(shape, -100, dtype=torch.int64),
+            "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.int64),
             "token_weights": torch.zeros(shape, dtype=torch.float32),
             "region_type_ids": torch.full(shape, -1, dtype=torch.int64),
         }
@@ -74,7 +86,7 @@ class MultiRegionCollator:
                 if self.pack:
                     batch["position_ids"][row_index, start:] = torch.arange(width - start)
                 segment_lengths.append(width - start)
-        learned = batch["token_weights"] > 0
+        learned = learned_mask(None, batch["token_weights"])
         batch["labels"] = torch.where(learned, batch["input_ids"], batch["labels"])
         if self.pack:
             cu_seq_lens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
@@ -87,18 +99,27 @@ class MultiRegionCollator:
         input_ids = torch.as_tensor(item["input_ids"], dtype=torch.int64)
         token_weights = torch.as_tensor(item["token_weights"], dtype=torch.float32).clone()
         region_type_ids = item.get("region_type_ids")
-        region_type_ids = (torch.full_like(input_ids, -1) if region_type_ids is None
-                           else torch.as_tensor(region_type_ids, dtype=torch.int64))
+        region_type_ids = (
+            torch.full_like(input_ids, -1)
+            if region_type_ids is None
+            else torch.as_tensor(region_type_ids, dtype=torch.int64)
+        )
         length = input_ids.numel()
         if input_ids.dim() != 1 or length == 0:
-            raise ValueError(f"item {index}: input_ids must be a non-empty 1-D sequence, got shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"item {index}: input_ids must be a non-empty 1-D sequence, got shape {tuple(input_ids.shape)}"
+            )
         if token_weights.shape != input_ids.shape or region_type_ids.shape != input_ids.shape:
-            raise ValueError(f"item {index}: token_weights {tuple(token_weights.shape)} and region_type_ids "
-                             f"{tuple(region_type_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"item {index}: token_weights {tuple(token_weights.shape)} and region_type_ids "
+                f"{tuple(region_type_ids.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
         if self.max_length is not None and length > self.max_length:
-            raise ValueError(f"item {index}: {length} tokens, more than max_length {self.max_length}; "
-                             "truncate in the dataset (MultiRegionDataset(max_length=...))")
-        token_weights[0] = 0.0
+            raise ValueError(
+                f"item {index}: {length} tokens, more than max_length {self.max_length}; "
+                "truncate in the dataset (MultiRegionDataset(max_length=...))"
+            )
+        unlearn_first_token(token_weights)  # items from encode have it already; others get it here
         return {"input_ids": input_ids, "token_weights": token_weights, "region_type_ids": region_type_ids}
 
     def _rows(self, samples: list[dict]) -> list[list[dict]]:

@@ -1,4 +1,5 @@
 """MultiRegionDataset: raw files of any format -> tokenized items with token weights."""
+
 from __future__ import annotations
 
 import warnings
@@ -25,47 +26,99 @@ class MultiRegionDataset(torch.utils.data.Dataset):
     whose learned regions truncation cut; a warning counts them).
     """
 
-    def __init__(self, paths, tokenizer, *, format: str = "auto", max_length: int | None = None,
-                 truncation: str = "right", add_eos: bool = True, region_types: list[str] | None = None,
-                 overlap: str = "error"):
+    def __init__(
+        self,
+        paths,
+        tokenizer,
+        *,
+        format: str = "auto",
+        max_length: int | None = None,
+        truncation: str = "right",
+        add_eos: bool = True,
+        region_types: list[str] | None = None,
+        overlap: str = "error",
+    ):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         records = [record for path in paths for record in read_records(path)]
-        self._build(records, tokenizer, format=format, max_length=max_length, truncation=truncation,
-                    add_eos=add_eos, region_types=region_types, overlap=overlap)
+        self._build(
+            records,
+            tokenizer,
+            format=format,
+            max_length=max_length,
+            truncation=truncation,
+            add_eos=add_eos,
+            region_types=region_types,
+            overlap=overlap,
+        )
 
     @classmethod
     def from_samples(cls, samples: list[dict], tokenizer, *, sample_ids: list | None = None, **options):
         """The dataset of in-memory raw samples (same options as the constructor); ids default to indices."""
         dataset = cls.__new__(cls)
         sample_ids = list(range(len(samples))) if sample_ids is None else list(sample_ids)
-        dataset._build([Record(sample_id, index, sample=sample)
-                        for index, (sample_id, sample) in enumerate(zip(sample_ids, samples))], tokenizer, **options)
+        dataset._build(
+            [
+                Record(sample_id, index, sample=sample)
+                for index, (sample_id, sample) in enumerate(zip(sample_ids, samples))
+            ],
+            tokenizer,
+            **options,
+        )
         return dataset
 
-    def _build(self, records: list[Record], tokenizer, *, format="auto", max_length=None, truncation="right",
-               add_eos=True, region_types=None, overlap="error"):
+    def _build(
+        self,
+        records: list[Record],
+        tokenizer,
+        *,
+        format="auto",
+        max_length=None,
+        truncation="right",
+        add_eos=True,
+        region_types=None,
+        overlap="error",
+    ):
         valid, region_texts, errors = parse_records(records, format, overlap)
         sample_ids = [record.sample_id for record in valid]
         if errors:
             first = errors[0]
-            more = (f" (and {len(errors) - 1} more bad sample{'s' * (len(errors) > 2)}; `mrloss prepare FILE` lists "
-                    "them all)") if len(errors) > 1 else ""
-            raise FormatError(first.reason + more, sample_id=first.sample_id, field=first.field,
-                              position=first.position)
-        encodings = encode_batch(region_texts, tokenizer, max_length=max_length, truncation=truncation,
-                                 add_eos=add_eos, sample_ids=sample_ids)
+            more = (
+                (
+                    f" (and {len(errors) - 1} more bad sample{'s' * (len(errors) > 2)}; `mrloss prepare FILE` lists "
+                    "them all)"
+                )
+                if len(errors) > 1
+                else ""
+            )
+            raise FormatError(
+                first.reason + more, sample_id=first.sample_id, field=first.field, position=first.position
+            )
+        encodings = encode_batch(
+            region_texts,
+            tokenizer,
+            max_length=max_length,
+            truncation=truncation,
+            add_eos=add_eos,
+            sample_ids=sample_ids,
+        )
         given = list(region_types or [])
         found = {region.type for rt in region_texts for region in rt.regions}
         self.region_types = given + sorted(found - set(given))
         type_ids = {name: index for index, name in enumerate(self.region_types)}
         self.sample_ids = sample_ids
         self.region_texts = region_texts
-        self.truncated = [(sample_id, encoding["truncated_regions"])
-                          for sample_id, encoding in zip(sample_ids, encodings) if encoding["truncated_regions"]]
+        self.truncated = [
+            (sample_id, encoding["truncated_regions"])
+            for sample_id, encoding in zip(sample_ids, encodings)
+            if encoding["truncated_regions"]
+        ]
         if self.truncated:
-            warnings.warn(f"truncation (max_length={max_length}, {truncation}) cut learned regions of "
-                          f"{len(self.truncated)} of {len(records)} samples, e.g. {self.truncated[0][0]}; see "
-                          f"dataset.truncated", stacklevel=3)
+            warnings.warn(
+                f"truncation (max_length={max_length}, {truncation}) cut learned regions of "
+                f"{len(self.truncated)} of {len(records)} samples, e.g. {self.truncated[0][0]}; see "
+                f"dataset.truncated",
+                stacklevel=3,
+            )
         self._items = [self._tensors(encoding, type_ids) for encoding in encodings]
 
     @staticmethod

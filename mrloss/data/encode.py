@@ -9,8 +9,10 @@ Rule (every tool that needs token weights calls this module):
   region of the first such character inside a region, else -1.
 - A token with an empty span (special tokens, an appended EOS) takes the weight and region of the token
   before it: a learned answer also learns to stop.
-- ``token_weights[0] = 0`` after truncation: nothing predicts the first token.
+- ``token_weights[0] = 0`` after truncation: nothing predicts the first token (`unlearn_first_token`, which
+  the collator also applies to every item, so no packed sample has another sample's token as a target).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +22,22 @@ from mrloss.formats import FormatError, RegionText
 TRUNCATION_MODES = ("right", "left", "error")
 
 
-def encode(region_text: RegionText, tokenizer, *, max_length: int | None = None, truncation: str = "right",
-           add_eos: bool = True, sample_id=None) -> dict:
+def unlearn_first_token(token_weights):
+    """The first-token rule, in place: weight 0 for token 0 of a sample (nothing in the sample predicts it).
+    ``token_weights``: a 1-D numpy array or torch tensor; returned."""
+    token_weights[:1] = 0.0
+    return token_weights
+
+
+def encode(
+    region_text: RegionText,
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    truncation: str = "right",
+    add_eos: bool = True,
+    sample_id=None,
+) -> dict:
     """Token ids and weights of one RegionText with a fast (offset-giving) tokenizer.
 
     Returns ``input_ids: list[int]``, ``token_weights: list[float]`` (weight of predicting each token;
@@ -31,12 +47,20 @@ def encode(region_text: RegionText, tokenizer, *, max_length: int | None = None,
     and ``untruncated_length: int``. ``truncation``: "right" keeps the first ``max_length`` tokens, "left"
     the last, "error" raises FormatError naming the sample and its length.
     """
-    return encode_batch([region_text], tokenizer, max_length=max_length, truncation=truncation, add_eos=add_eos,
-                        sample_ids=[sample_id])[0]
+    return encode_batch(
+        [region_text], tokenizer, max_length=max_length, truncation=truncation, add_eos=add_eos, sample_ids=[sample_id]
+    )[0]
 
 
-def encode_batch(region_texts: list[RegionText], tokenizer, *, max_length: int | None = None,
-                 truncation: str = "right", add_eos: bool = True, sample_ids: list | None = None) -> list[dict]:
+def encode_batch(
+    region_texts: list[RegionText],
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    truncation: str = "right",
+    add_eos: bool = True,
+    sample_ids: list | None = None,
+) -> list[dict]:
     """``encode`` of many RegionTexts with one (parallel) tokenizer call."""
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
@@ -51,13 +75,17 @@ def encode_batch(region_texts: list[RegionText], tokenizer, *, max_length: int |
     if not region_texts:
         return []
     encodings = tokenizer([rt.text for rt in region_texts], return_offsets_mapping=True)
-    return [_align(rt, ids, offsets, eos_token_id, max_length, truncation, sample_id)
-            for rt, ids, offsets, sample_id in zip(region_texts, encodings["input_ids"], encodings["offset_mapping"],
-                                                   sample_ids)]
+    return [
+        _align(rt, ids, offsets, eos_token_id, max_length, truncation, sample_id)
+        for rt, ids, offsets, sample_id in zip(
+            region_texts, encodings["input_ids"], encodings["offset_mapping"], sample_ids
+        )
+    ]
 
 
-def _align(region_text: RegionText, input_ids: list[int], offsets, eos_token_id, max_length, truncation,
-           sample_id) -> dict:
+def _align(
+    region_text: RegionText, input_ids: list[int], offsets, eos_token_id, max_length, truncation, sample_id
+) -> dict:
     text_length = len(region_text.text)
     # one sentinel character past the end, so that spans ending at the text's end are valid reduceat bounds
     char_weights = np.asarray(region_text.char_weights() + [0.0], dtype=np.float64)
@@ -80,8 +108,9 @@ def _align(region_text: RegionText, input_ids: list[int], offsets, eos_token_id,
         region_ids[uniform] = char_regions[starts[uniform]]
         for k in np.flatnonzero(filled & ~uniform).tolist():
             span = range(starts[k], ends[k])
-            region_ids[k] = next((char_regions[c] for c in span
-                                  if char_regions[c] >= 0 and char_weights[c] == token_weights[k]), -1)
+            region_ids[k] = next(
+                (char_regions[c] for c in span if char_regions[c] >= 0 and char_weights[c] == token_weights[k]), -1
+            )
         for k in np.flatnonzero(~filled).tolist():  # in order: a run of empty spans inherits from before it
             if k:
                 token_weights[k], region_ids[k] = token_weights[k - 1], region_ids[k - 1]
@@ -90,13 +119,21 @@ def _align(region_text: RegionText, input_ids: list[int], offsets, eos_token_id,
     learned_before = _learned_per_region(token_weights, region_ids, len(region_text.regions))
     if max_length is not None and untruncated_length > max_length:
         if truncation == "error":
-            raise FormatError(f"{untruncated_length} tokens, more than max_length {max_length} (truncation='error')",
-                              sample_id=sample_id, field="text")
+            raise FormatError(
+                f"{untruncated_length} tokens, more than max_length {max_length} (truncation='error')",
+                sample_id=sample_id,
+                field="text",
+            )
         keep = slice(0, max_length) if truncation == "right" else slice(untruncated_length - max_length, None)
-        input_ids, token_weights, region_ids, starts, ends = (input_ids[keep], token_weights[keep],
-                                                              region_ids[keep], starts[keep], ends[keep])
+        input_ids, token_weights, region_ids, starts, ends = (
+            input_ids[keep],
+            token_weights[keep],
+            region_ids[keep],
+            starts[keep],
+            ends[keep],
+        )
     learned_after = _learned_per_region(token_weights, region_ids, len(region_text.regions))
-    token_weights[:1] = 0.0
+    unlearn_first_token(token_weights)
     return {
         "input_ids": input_ids,
         "token_weights": token_weights.tolist(),

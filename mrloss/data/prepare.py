@@ -9,6 +9,7 @@ character. Nothing is written while bad samples remain, unless ``--drop-invalid`
 atomically (temporary file + ``os.replace``) and never overwrite without ``--force``. Exit codes: 0 ok,
 1 bad samples, 2 usage error (bad option, existing output without --force, unreadable input).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,22 +19,29 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mrloss.config import ModelConfig
 from mrloss.data.encode import TRUNCATION_MODES, encode_batch
 from mrloss.data.records import FILE_TYPES, parse_records, read_records, write_samples
+from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
 from mrloss.formats import FORMATS, FormatError, convert
 
 OUTSIDE = "(outside regions)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mrloss prepare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mrloss prepare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("inputs", nargs="*", type=Path, help="raw files (.jsonl, .json, .parquet)")
     parser.add_argument("--example", type=Path, metavar="DIR", help="write the example data set to DIR and stop")
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="format of the inputs")
-    parser.add_argument("--overlap", default="error", choices=("error", "max"),
-                        help="overlapping position_based regions: an error, or the highest weight wins")
+    parser.add_argument(
+        "--overlap",
+        default="error",
+        choices=("error", "max"),
+        help="overlapping position_based regions: an error, or the highest weight wins",
+    )
     parser.add_argument("--to", choices=FORMATS, help="convert every sample to this format in the outputs")
     parser.add_argument("--output-dir", type=Path, help="write train.<type> (and validation.<type>) here")
     parser.add_argument("--file-type", default="jsonl", choices=[t.lstrip(".") for t in FILE_TYPES])
@@ -41,14 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train / validation shuffle")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     parser.add_argument("--drop-invalid", action="store_true", help="write the valid samples despite bad ones")
-    parser.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: a byte-level BPE "
-                                            "tokenizer trained on the data)")
-    parser.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size,
-                        help="vocabulary of the tokenizer trained on the inputs (default %(default)s: mrloss "
-                             "train's model.vocab_size default, so the counts are those of such a run)")
+    parser.add_argument(
+        "--tokenizer",
+        help="local Hugging Face tokenizer directory (default: a byte-level BPE tokenizer trained on the data)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        help="vocabulary of the tokenizer trained on the inputs (default %(default)s: mrloss "
+        "train's model.vocab_size default, so the counts are those of such a run)",
+    )
     parser.add_argument("--max-length", type=int, help="token limit per sample (for the truncation report)")
-    parser.add_argument("--truncation", default="right", choices=TRUNCATION_MODES,
-                        help="'error' makes a sample longer than --max-length a bad sample")
+    parser.add_argument(
+        "--truncation",
+        default="right",
+        choices=TRUNCATION_MODES,
+        help="'error' makes a sample longer than --max-length a bad sample",
+    )
     return parser
 
 
@@ -91,25 +109,38 @@ def _run(args) -> int:
     started = time.perf_counter()
     samples, region_texts, sample_ids, errors = _read_and_parse(args)
     tokenizer, tokenizer_note, tokenizer_seconds = _tokenizer(args)
-    encodings = encode_batch(region_texts, tokenizer, max_length=args.max_length,
-                             truncation="right" if args.truncation == "error" else args.truncation,
-                             sample_ids=sample_ids)
+    encodings = encode_batch(
+        region_texts,
+        tokenizer,
+        max_length=args.max_length,
+        truncation="right" if args.truncation == "error" else args.truncation,
+        sample_ids=sample_ids,
+    )
     if args.truncation == "error" and args.max_length is not None:
         too_long = {i for i, e in enumerate(encodings) if e["untruncated_length"] > args.max_length}
-        errors += [FormatError(f"{encodings[i]['untruncated_length']} tokens, more than --max-length "
-                               f"{args.max_length} (--truncation error)", sample_id=sample_ids[i], field="text")
-                   for i in sorted(too_long)]
+        errors += [
+            FormatError(
+                f"{encodings[i]['untruncated_length']} tokens, more than --max-length "
+                f"{args.max_length} (--truncation error)",
+                sample_id=sample_ids[i],
+                field="text",
+            )
+            for i in sorted(too_long)
+        ]
         keep = [i for i in range(len(samples)) if i not in too_long]
-        samples, region_texts, sample_ids, encodings = ([items[i] for i in keep] for items in
-                                                        (samples, region_texts, sample_ids, encodings))
+        samples, region_texts, sample_ids, encodings = (
+            [items[i] for i in keep] for items in (samples, region_texts, sample_ids, encodings)
+        )
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
 
     written = []
     if outputs and (not errors or args.drop_invalid):
         if args.to:
-            samples = [convert(sample, args.to, args.format, overlap=args.overlap, sample_id=sample_id)
-                       for sample, sample_id in zip(samples, sample_ids)]
+            samples = [
+                convert(sample, args.to, args.format, overlap=args.overlap, sample_id=sample_id)
+                for sample, sample_id in zip(samples, sample_ids)
+            ]
         train, validation = _split(samples, args.val_fraction, args.seed)
         for path, part in zip(outputs, (train, validation)):
             write_samples(path, part, force=args.force)
@@ -120,9 +151,17 @@ def _run(args) -> int:
     for path, count in written:
         print(f"wrote {path} ({count} samples)")
     if errors:
-        print(f"{len(errors)} bad sample(s)" + (", dropped" if args.drop_invalid else
-                                                  "; nothing written (fix them, or pass --drop-invalid)"
-                                                  if outputs else ""), file=sys.stderr)
+        print(
+            f"{len(errors)} bad sample(s)"
+            + (
+                ", dropped"
+                if args.drop_invalid
+                else "; nothing written (fix them, or pass --drop-invalid)"
+                if outputs
+                else ""
+            ),
+            file=sys.stderr,
+        )
         return 0 if args.drop_invalid and outputs else 1
     return 0
 
@@ -199,9 +238,11 @@ def _summary(region_texts, encodings, bad: int, tokenizer_note: str, seconds: fl
     firsts = np.concatenate(firsts) if firsts else np.zeros(0, dtype=bool)
     learned = weights > 0
     truncated = sum(bool(e["truncated_regions"]) for e in encodings)
-    lines = [f"samples: {len(region_texts)} valid, {bad} bad",
-             f"tokens: {len(weights)} ({int(learned.sum())} learned, {learned.sum() / max(len(weights), 1):.1%})",
-             f"tokenizer: {tokenizer_note}"]
+    lines = [
+        f"samples: {len(region_texts)} valid, {bad} bad",
+        f"tokens: {len(weights)} ({int(learned.sum())} learned, {learned.sum() / max(len(weights), 1):.1%})",
+        f"tokenizer: {tokenizer_note}",
+    ]
     if truncated:
         lines.append(f"truncation cut learned regions of {truncated} sample(s)")
     lines.append(f"{'region type':<20} {'regions':>8} {'tokens':>8} {'learned':>8}  token weight histogram")
@@ -210,11 +251,14 @@ def _summary(region_texts, encodings, bad: int, tokenizer_note: str, seconds: fl
         if not in_type.any() and not region_counts[i]:
             continue
         values, counts = np.unique(weights[in_type & ~firsts], return_counts=True)  # first tokens: always 0
-        lines.append(f"{name:<20} {region_counts[i]:>8} {int(in_type.sum()):>8} {int((in_type & learned).sum()):>8}  "
-                     f"{_histogram(dict(zip(values.tolist(), counts.tolist())))}")
+        lines.append(
+            f"{name:<20} {region_counts[i]:>8} {int(in_type.sum()):>8} {int((in_type & learned).sum()):>8}  "
+            f"{_histogram(dict(zip(values.tolist(), counts.tolist())))}"
+        )
     rate = len(region_texts) / seconds if seconds > 0 else float("inf")
-    lines.append(f"throughput: {len(region_texts)} samples in {seconds:.3f} s ({rate:.0f} samples/s, "
-                 "tokenizer set-up excluded)")
+    lines.append(
+        f"throughput: {len(region_texts)} samples in {seconds:.3f} s ({rate:.0f} samples/s, tokenizer set-up excluded)"
+    )
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 Reading never stops at a bad line: each record carries its sample or the FormatError that explains why
 there is none, so the dataset can fail fast and ``mrloss prepare`` can list every bad line.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,12 +69,19 @@ def read_records(path) -> list[Record]:
         try:
             samples = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            return [Record(f"{path}:{error.lineno}", error.lineno,
-                           error=FormatError(f"invalid JSON: {error.msg}", sample_id=f"{path}:{error.lineno}",
-                                             position=error.colno - 1))]
+            return [
+                Record(
+                    f"{path}:{error.lineno}",
+                    error.lineno,
+                    error=FormatError(
+                        f"invalid JSON: {error.msg}", sample_id=f"{path}:{error.lineno}", position=error.colno - 1
+                    ),
+                )
+            ]
         if not isinstance(samples, list):
-            return [Record(str(path), 0, error=FormatError("a .json file must hold a list of samples",
-                                                           sample_id=str(path)))]
+            return [
+                Record(str(path), 0, error=FormatError("a .json file must hold a list of samples", sample_id=str(path)))
+            ]
         return [_checked(f"{path}[{index}]", index, sample) for index, sample in enumerate(samples)]
     import pyarrow.parquet
 
@@ -85,15 +93,21 @@ def _record(sample_id: str, line: int, source: str) -> Record:
     try:
         sample = json.loads(source)
     except json.JSONDecodeError as error:
-        return Record(sample_id, line, error=FormatError(f"invalid JSON: {error.msg}", sample_id=sample_id,
-                                                         position=error.colno - 1))
+        return Record(
+            sample_id,
+            line,
+            error=FormatError(f"invalid JSON: {error.msg}", sample_id=sample_id, position=error.colno - 1),
+        )
     return _checked(sample_id, line, sample)
 
 
 def _checked(sample_id: str, line: int, sample) -> Record:
     if not isinstance(sample, dict):
-        return Record(sample_id, line, error=FormatError(f"a sample must be an object, got {type(sample).__name__}",
-                                                         sample_id=sample_id))
+        return Record(
+            sample_id,
+            line,
+            error=FormatError(f"a sample must be an object, got {type(sample).__name__}", sample_id=sample_id),
+        )
     return Record(sample_id, line, sample=sample)
 
 

@@ -1,10 +1,13 @@
 """A small byte-level BPE tokenizer trained on the fly (tests, demo, tiny models; never a hub download)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# vocabulary of the BPE that `mrloss train` (model.vocab_size), `mrloss show` and `mrloss prepare` train
+DEFAULT_VOCAB_SIZE = 512
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_frequency: int = 2):
@@ -21,9 +24,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_fre
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=[EOS_TOKEN, PAD_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 

@@ -1,5 +1,6 @@
 """Debugging tools: LossMaskVisualizer (see a sample's loss mask) and MultiRegionTrainingMonitor (per-region
 statistics while training). Loaded on first attribute access, so ``import mrloss.debug`` costs nothing."""
+
 import importlib
 
 _EXPORTS = {"LossMaskVisualizer": "mrloss.debug.visualizer", "MultiRegionTrainingMonitor": "mrloss.debug.monitor"}

@@ -1,6 +1,7 @@
 """MultiRegionTrainingMonitor: per-region-type statistics of each training batch, to JSONL / TensorBoard / wandb.
 
-Statistics of one batch, per region type (plus ``(outside)`` for tokens outside every region), over the
+Statistics of one batch (`mrloss.metrics.region_statistics`), per region type
+(plus ``(outside)`` for tokens outside every region), over the
 non-padding tokens (``attention_mask`` = 1):
   - ``tokens``: tokens of the type;
   - ``learned_tokens``: those with weight > 0 (and a label other than ``ignore_index`` when ``labels`` is in the
@@ -14,6 +15,7 @@ non-padding tokens (``attention_mask`` = 1):
 ``total`` holds the same for the whole batch, plus ``weighted_loss`` = Σ(w·l) / Σw (the batch's loss under
 its own normaliser).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,87 +26,16 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mrloss.debug.visualizer import OUTSIDE
+from mrloss.metrics import (  # noqa: F401  (region_statistics & co.: also importable from here)
+    OUTSIDE,
+    mean_region_losses,
+    region_loss_sums,
+    region_statistics,
+)
+from mrloss.ops.normalization import IGNORE_INDEX
 
 STATS_FILE = "region_stats.jsonl"
 BACKENDS = ("tensorboard", "wandb")
-
-
-def region_statistics(token_weights: torch.Tensor, region_type_ids: torch.Tensor, region_types: Sequence[str], *,
-                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                      token_losses: torch.Tensor | None = None, ignore_index: int = -100) -> dict:
-    """``{"regions": {type: stats}, "total": stats}`` of one batch (see the module docstring).
-
-    All tensors ``[B, T]`` (or any one shape; a 1-D one is one packed row), target-aligned: token_weights
-    float, region_type_ids int64 in ``[-1, len(region_types))``, attention_mask 0/1, labels int64
-    (``ignore_index`` = not learned), token_losses float.
-    """
-    shape = token_weights.shape
-    for name, tensor in (("region_type_ids", region_type_ids), ("attention_mask", attention_mask),
-                         ("labels", labels), ("token_losses", token_losses)):
-        if tensor is not None and tensor.shape != shape:
-            raise ValueError(f"{name} shape {tuple(tensor.shape)} != token_weights shape {tuple(shape)}")
-    n_types = len(region_types)
-    ids = region_type_ids.detach().long()
-    if bool(((ids < -1) | (ids >= n_types)).any()):
-        raise ValueError(f"region_type_ids holds values outside [-1, {n_types}) (region_types: {list(region_types)})")
-    weights = token_weights.detach().double()
-    valid = torch.ones(shape, dtype=torch.bool, device=weights.device) if attention_mask is None \
-        else attention_mask.detach().bool()
-    learned = valid & (weights > 0)
-    if learned.dim() > 0:
-        learned[..., 0] = False  # nothing predicts the first token of a row
-    if labels is not None:
-        learned &= labels.detach() != ignore_index
-    bucket = torch.where(ids >= 0, ids, n_types)  # bucket n_types: outside every region
-
-    def per_bucket(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
-        sums = torch.zeros(n_types + 1, dtype=torch.float64, device=weights.device)
-        return sums.index_add_(0, bucket[mask], values[mask].double()).tolist()
-
-    ones = torch.ones_like(weights)
-    columns = {"tokens": per_bucket(ones, valid), "learned_tokens": per_bucket(ones, learned),
-               "weight_sum": per_bucket(weights, learned)}
-    if token_losses is not None:
-        losses = token_losses.detach().double()
-        columns["loss_sum"] = per_bucket(losses, learned)
-        columns["share_of"] = per_bucket(weights * losses, learned)
-    else:
-        columns["share_of"] = columns["weight_sum"]
-    share_total = sum(columns["share_of"])
-
-    def entry(values: dict[str, float]) -> dict:
-        stats = {"tokens": int(values["tokens"]), "learned_tokens": int(values["learned_tokens"]),
-                 "weight_sum": values["weight_sum"],
-                 "grad_share": values["share_of"] / share_total if share_total > 0 else None}
-        if token_losses is not None:
-            stats["mean_loss"] = values["loss_sum"] / stats["learned_tokens"] if stats["learned_tokens"] else None
-        return stats
-
-    names = list(region_types) + [OUTSIDE]
-    regions = {name: entry({key: column[i] for key, column in columns.items()}) for i, name in enumerate(names)}
-    total = entry({key: sum(column) for key, column in columns.items()})
-    if token_losses is not None:
-        total["weighted_loss"] = sum(columns["share_of"]) / total["weight_sum"] if total["weight_sum"] > 0 \
-            else None
-    return {"regions": regions, "total": total}
-
-
-def region_loss_sums(record: Mapping, region_types: Sequence[str]) -> torch.Tensor:
-    """``[2, len(region_types)]`` float64 (CPU) of a `region_statistics` record (with token losses): row 0 the
-    Σ of the learned tokens' losses of each type, row 1 their count. Sums add up over batches and ranks."""
-    sums = torch.zeros(2, len(region_types), dtype=torch.float64)
-    for index, name in enumerate(region_types):
-        stats = record["regions"][name]
-        if stats["learned_tokens"]:
-            sums[0, index] = stats["mean_loss"] * stats["learned_tokens"]
-            sums[1, index] = stats["learned_tokens"]
-    return sums
-
-
-def mean_region_losses(sums: torch.Tensor, region_types: Sequence[str]) -> dict[str, float]:
-    """``{type: mean token loss}`` of `region_loss_sums` (summed); types without learned tokens left out."""
-    return {name: float(sums[0, i] / sums[1, i]) for i, name in enumerate(region_types) if sums[1, i] > 0}
 
 
 class MultiRegionTrainingMonitor:
@@ -118,8 +49,9 @@ class MultiRegionTrainingMonitor:
     Under data parallelism give ``output_dir`` (and ``report_to``) on rank 0 only.
     """
 
-    def __init__(self, output_dir=None, region_types: Sequence[str] | None = None, *,
-                 report_to: Sequence[str] = ()) -> None:
+    def __init__(
+        self, output_dir=None, region_types: Sequence[str] | None = None, *, report_to: Sequence[str] = ()
+    ) -> None:
         unknown = sorted(set(report_to) - set(BACKENDS))
         if unknown:
             raise ValueError(f"report_to: unknown backend(s) {unknown}; choose from {list(BACKENDS)}")
@@ -132,8 +64,15 @@ class MultiRegionTrainingMonitor:
     def stats_path(self) -> Path | None:
         return self.output_dir / STATS_FILE if self.output_dir is not None else None
 
-    def log_batch_stats(self, batch: Mapping[str, torch.Tensor], step: int, token_losses: torch.Tensor | None = None,
-                        *, multipliers: Mapping[str, float] | None = None, ignore_index: int = -100) -> dict:
+    def log_batch_stats(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        step: int,
+        token_losses: torch.Tensor | None = None,
+        *,
+        multipliers: Mapping[str, float] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> dict:
         """Statistics of one batch (collator output: ``token_weights``, ``region_type_ids``, optionally
         ``attention_mask`` and ``labels`` with ``ignore_index``), recorded and returned as
         ``{"step", "regions", "total"}`` plus ``"multipliers"`` (what the weighting tools did, region type ->
@@ -148,9 +87,18 @@ class MultiRegionTrainingMonitor:
         if region_types is None:
             largest = int(batch["region_type_ids"].max()) if batch["region_type_ids"].numel() else -1
             region_types = [f"type{i}" for i in range(largest + 1)]
-        record = {"step": int(step), **region_statistics(
-            batch["token_weights"], batch["region_type_ids"], region_types, attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"), token_losses=token_losses, ignore_index=ignore_index)}
+        record = {
+            "step": int(step),
+            **region_statistics(
+                batch["token_weights"],
+                batch["region_type_ids"],
+                region_types,
+                attention_mask=batch.get("attention_mask"),
+                labels=batch.get("labels"),
+                token_losses=token_losses,
+                ignore_index=ignore_index,
+            ),
+        }
         if multipliers is not None:
             record["multipliers"] = {str(k): float(v) for k, v in multipliers.items()}
         self._write(record)
@@ -159,8 +107,11 @@ class MultiRegionTrainingMonitor:
     @staticmethod
     def type_losses(record: Mapping) -> dict[str, float]:
         """``{region type: mean_loss}`` of a ``log_batch_stats`` record, for ``RegionWeighting.update``."""
-        return {name: stats["mean_loss"] for name, stats in record["regions"].items()
-                if name != OUTSIDE and stats.get("mean_loss") is not None}
+        return {
+            name: stats["mean_loss"]
+            for name, stats in record["regions"].items()
+            if name != OUTSIDE and stats.get("mean_loss") is not None
+        }
 
     def _write(self, record: dict) -> None:
         if self.output_dir is not None:
@@ -193,8 +144,10 @@ class MultiRegionTrainingMonitor:
                     log_dir = self.output_dir / "tensorboard" if self.output_dir is not None else None
                     backend = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
             except ImportError:
-                warnings.warn(f"MultiRegionTrainingMonitor: report_to includes {name!r} but it is not installed; "
-                              f"skipped", stacklevel=4)
+                warnings.warn(
+                    f"MultiRegionTrainingMonitor: report_to includes {name!r} but it is not installed; skipped",
+                    stacklevel=4,
+                )
                 backend = None
             self._backends[name] = backend
         return self._backends[name]
@@ -235,8 +188,12 @@ class MultiRegionTrainingMonitor:
 def flat_scalars(record: Mapping) -> dict[str, float]:
     """``{"region/<type>/<stat>": value, "total/<stat>": value, "multiplier/<type>": value}`` of a record,
     None values left out: the names used for TensorBoard and wandb."""
-    scalars = {f"region/{name}/{key}": value for name, stats in record["regions"].items()
-               for key, value in stats.items() if value is not None}
+    scalars = {
+        f"region/{name}/{key}": value
+        for name, stats in record["regions"].items()
+        for key, value in stats.items()
+        if value is not None
+    }
     scalars.update({f"total/{key}": value for key, value in record["total"].items() if value is not None})
     scalars.update({f"multiplier/{name}": value for name, value in record.get("multipliers", {}).items()})
     return scalars

@@ -1,4 +1,5 @@
 """`mrloss plot RUN_DIR [--out PNG]`: per-region loss curves (and gradient shares, multipliers) of a run."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,17 @@ def per_step_series(path) -> dict:
                 by_step.setdefault(record["step"], []).append(record)
     steps = sorted(by_step)
     types = list(dict.fromkeys(name for records in by_step.values() for r in records for name in r["regions"]))
-    multiplier_types = list(dict.fromkeys(name for records in by_step.values() for r in records
-                                          for name in r.get("multipliers", {})))
+    multiplier_types = list(
+        dict.fromkeys(name for records in by_step.values() for r in records for name in r.get("multipliers", {}))
+    )
     nan = float("nan")
 
     def mean_loss(records, name):
-        pairs = [(r["regions"][name].get("mean_loss"), r["regions"][name]["learned_tokens"]) for r in records
-                 if name in r["regions"]]
+        pairs = [
+            (r["regions"][name].get("mean_loss"), r["regions"][name]["learned_tokens"])
+            for r in records
+            if name in r["regions"]
+        ]
         pairs = [(loss, n) for loss, n in pairs if loss is not None and n > 0]
         return sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs) if pairs else nan
 
@@ -56,11 +61,17 @@ def per_step_series(path) -> dict:
         "steps": steps,
         "mean_loss": {name: [mean_loss(by_step[s], name) for s in steps] for name in types},
         "weighted_loss": [average([r["total"].get("weighted_loss") for r in by_step[s]]) for s in steps],
-        "grad_share": {name: [average([r["regions"].get(name, {}).get("grad_share") for r in by_step[s]])
-                              for s in steps] for name in types},
-        "multipliers": {name: [next((r["multipliers"][name] for r in reversed(by_step[s])
-                                     if name in r.get("multipliers", {})), nan) for s in steps]
-                        for name in multiplier_types},
+        "grad_share": {
+            name: [average([r["regions"].get(name, {}).get("grad_share") for r in by_step[s]]) for s in steps]
+            for name in types
+        },
+        "multipliers": {
+            name: [
+                next((r["multipliers"][name] for r in reversed(by_step[s]) if name in r.get("multipliers", {})), nan)
+                for s in steps
+            ]
+            for name in multiplier_types
+        },
     }
 
 
@@ -82,9 +93,15 @@ def plot_run(run_dir, out=None) -> Path:
     steps = series["steps"]
     colours = {name: f"C{i}" for i, name in enumerate(series["mean_loss"])}
     marker = "o" if len(steps) <= 30 else None
+
     def style(name):
-        return {"label": name, "color": colours.get(name), "marker": marker, "markersize": 3,
-                "linestyle": ":" if name == OUTSIDE else "-"}
+        return {
+            "label": name,
+            "color": colours.get(name),
+            "marker": marker,
+            "markersize": 3,
+            "linestyle": ":" if name == OUTSIDE else "-",
+        }
 
     for name, values in series["mean_loss"].items():
         axes[0].plot(steps, values, **style(name))

@@ -1,13 +1,14 @@
 """`mrloss show FILE [--index N] [--html out.html] [--run DIR | --tokenizer DIR]`: the loss mask of one sample,
 in the terminal or as HTML, with the token boundaries the model is (or was) trained on."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from mrloss.config import DataConfig, ModelConfig
 from mrloss.data.encode import TRUNCATION_MODES
+from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
 from mrloss.formats import FORMATS
 
 RUN_TOKENIZER_DIR = "tokenizer"  # `mrloss train` (model.path null) saves the tokenizer it trains here
@@ -15,17 +16,18 @@ RUN_TOKENIZER_DIR = "tokenizer"  # `mrloss train` (model.path null) saves the to
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mrloss show", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="mrloss show",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Show which tokens of one sample are learned, with what weight, in which region; warn about "
-                    "lost or cut regions.",
+        "lost or cut regions.",
         epilog="Tokenizer, first that applies:\n"
-               "  --run DIR        the tokenizer of an `mrloss train` output directory: DIR/tokenizer (saved when\n"
-               "                   the run starts, model.path null) or DIR itself (saved with the final model); the\n"
-               "                   run's config.yaml (written at its end) gives --max-length and --truncation\n"
-               "                   unless given here (the format of FILE is detected, or --format)\n"
-               "  --tokenizer DIR  a local Hugging Face tokenizer directory\n"
-               "  otherwise        a byte-level BPE of --vocab-size trained on FILE's texts, as `mrloss train`\n"
-               "                   trains it (model.path null) when FILE is its only training file",
+        "  --run DIR        the tokenizer of an `mrloss train` output directory: DIR/tokenizer (saved when\n"
+        "                   the run starts, model.path null) or DIR itself (saved with the final model); the\n"
+        "                   run's config.yaml (written at its end) gives --max-length and --truncation\n"
+        "                   unless given here (the format of FILE is detected, or --format)\n"
+        "  --tokenizer DIR  a local Hugging Face tokenizer directory\n"
+        "  otherwise        a byte-level BPE of --vocab-size trained on FILE's texts, as `mrloss train`\n"
+        "                   trains it (model.path null) when FILE is its only training file",
     )
     parser.add_argument("file", help="JSONL, JSON or Parquet file of samples (any of the three formats)")
     parser.add_argument("--index", type=int, default=0, help="0-based index of the sample in FILE (default 0)")
@@ -34,9 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", metavar="DIR", help="output directory of `mrloss train`: use its tokenizer")
     source.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer directory")
-    parser.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size,
-                        help="vocabulary of the tokenizer trained on FILE (default %(default)s: mrloss train's "
-                             "model.vocab_size default)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        help="vocabulary of the tokenizer trained on FILE (default %(default)s: mrloss train's "
+        "model.vocab_size default)",
+    )
     parser.add_argument("--max-length", type=int, help="truncate to this many tokens, as training would")
     parser.add_argument("--truncation", choices=TRUNCATION_MODES, help="default: right")
     parser.add_argument("--color", default="auto", choices=("auto", "always", "never"))
@@ -52,17 +58,19 @@ def main(argv: list[str]) -> int:
     from mrloss.formats import parse
 
     try:
-        data = _run_data_config(args.run) if args.run else DataConfig(max_length=None)
+        data = _run_data_config(args.run) if args.run else dict(UNTRUNCATED)
         records = read_records(args.file)
     except (OSError, ValueError) as error:
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
     data_format = args.format or "auto"  # FILE's own format: the run's data.format describes its training files
-    max_length = args.max_length if args.max_length is not None else data.max_length
-    truncation = args.truncation or data.truncation
+    max_length = args.max_length if args.max_length is not None else data["max_length"]
+    truncation = args.truncation or data["truncation"]
     if not 0 <= args.index < len(records):
-        print(f"mrloss show: --index {args.index} is out of range: {args.file} has {len(records)} sample(s)",
-              file=sys.stderr)
+        print(
+            f"mrloss show: --index {args.index} is out of range: {args.file} has {len(records)} sample(s)",
+            file=sys.stderr,
+        )
         return 2
     record = records[args.index]
     try:
@@ -70,25 +78,45 @@ def main(argv: list[str]) -> int:
             raise record.error
         region_text = parse(record.sample, data_format, sample_id=record.sample_id)
         tokenizer = _tokenizer(args, data_format)
-        encoded = encode(region_text, tokenizer, max_length=max_length, truncation=truncation, add_eos=data.add_eos,
-                         sample_id=record.sample_id)
+        encoded = encode(
+            region_text,
+            tokenizer,
+            max_length=max_length,
+            truncation=truncation,
+            add_eos=data["add_eos"],
+            sample_id=record.sample_id,
+        )
     except (OSError, ValueError) as error:  # FormatError is a ValueError
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
     visualizer = LossMaskVisualizer(tokenizer)
     print(f"sample {record.sample_id}")
-    visualizer.print_detailed_analysis(encoded["input_ids"], encoded["token_weights"], encoded, region_text=region_text,
-                                       color={"auto": None, "always": True, "never": False}[args.color])
+    visualizer.print_detailed_analysis(
+        encoded["input_ids"],
+        encoded["token_weights"],
+        encoded,
+        region_text=region_text,
+        color={"auto": None, "always": True, "never": False}[args.color],
+    )
     if args.html:
-        page = visualizer.to_html(encoded["input_ids"], encoded["token_weights"], encoded, region_text=region_text,
-                                  title=f"mrloss loss mask: {record.sample_id}")
+        page = visualizer.to_html(
+            encoded["input_ids"],
+            encoded["token_weights"],
+            encoded,
+            region_text=region_text,
+            title=f"mrloss loss mask: {record.sample_id}",
+        )
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"wrote {args.html}")
     return 0
 
 
-def _run_data_config(run_dir: str) -> DataConfig:
+# encode options of `mrloss show` without a run (no truncation): those of `mrloss train`'s data section otherwise
+UNTRUNCATED = {"max_length": None, "truncation": "right", "add_eos": True}
+
+
+def _run_data_config(run_dir: str) -> dict:
     """The ``data`` section of ``run_dir/config.yaml`` (no truncation until the run has written it)."""
     import yaml
 
@@ -96,9 +124,9 @@ def _run_data_config(run_dir: str) -> DataConfig:
     if not Path(run_dir).is_dir():
         raise OSError(f"--run {run_dir}: not a directory")
     if not path.exists():
-        return DataConfig(max_length=None)
+        return dict(UNTRUNCATED)
     section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-    return DataConfig(**{key: section[key] for key in ("max_length", "truncation", "add_eos") if key in section})
+    return {**UNTRUNCATED, "max_length": 512, **{key: section[key] for key in UNTRUNCATED if key in section}}
 
 
 def _tokenizer(args, data_format: str):
@@ -109,8 +137,10 @@ def _tokenizer(args, data_format: str):
         candidates = [Path(args.run) / RUN_TOKENIZER_DIR, Path(args.run)]
         directory = next((str(c) for c in candidates if (c / "tokenizer_config.json").exists()), None)
         if directory is None:
-            raise OSError(f"--run {args.run}: no tokenizer in {' or '.join(map(str, candidates))} "
-                          "(is it an `mrloss train` output directory?)")
+            raise OSError(
+                f"--run {args.run}: no tokenizer in {' or '.join(map(str, candidates))} "
+                "(is it an `mrloss train` output directory?)"
+            )
     if directory is not None:
         from transformers import AutoTokenizer
 

@@ -3,6 +3,7 @@
 One analysis (``LossMaskVisualizer.analyze``) feeds two views: coloured terminal text
 (``print_detailed_analysis``) and a self-contained HTML page (``to_html``).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -13,7 +14,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, TextIO
 
-OUTSIDE = "(outside)"  # label of tokens outside every region
+from mrloss.metrics import OUTSIDE
+
 MAX_LISTED_WARNINGS = 20
 # terminal background colours (xterm 256) by weight: (upper bound inclusive, colour, legend label)
 TERMINAL_BUCKETS = ((0.5, 153, "(0, 0.5]"), (1.0, 114, "(0.5, 1]"), (2.0, 221, "(1, 2]"), (float("inf"), 209, "> 2"))
@@ -67,8 +69,7 @@ class LossMaskVisualizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def analyze(self, input_ids, loss_mask, region_info: Mapping | None = None, *,
-                region_text=None) -> MaskAnalysis:
+    def analyze(self, input_ids, loss_mask, region_info: Mapping | None = None, *, region_text=None) -> MaskAnalysis:
         """Token views, the region table and the warnings of one sample."""
         input_ids = _as_list(input_ids, "input_ids", int)
         weights = _as_list(loss_mask, "loss_mask", float)
@@ -77,25 +78,46 @@ class LossMaskVisualizer:
         region_info = dict(region_info or {})
         region_ids = _as_list(region_info.get("region_ids", [-1] * len(input_ids)), "region_info['region_ids']", int)
         if len(region_ids) != len(input_ids):
-            raise ValueError(f"region_info['region_ids'] has {len(region_ids)} entries but input_ids has {len(input_ids)}")
+            raise ValueError(
+                f"region_info['region_ids'] has {len(region_ids)} entries but input_ids has {len(input_ids)}"
+            )
         region_types = list(region_info.get("region_types") or [])
         if region_text is not None and not region_types:
             region_types = [region.type for region in region_text.regions]
         for position, region in enumerate(region_ids):
             if not -1 <= region < len(region_types):
-                raise ValueError(f"region_info['region_ids'][{position}] = {region} is not -1 or an index into "
-                                 f"region_types (length {len(region_types)})")
+                raise ValueError(
+                    f"region_info['region_ids'][{position}] = {region} is not -1 or an index into "
+                    f"region_types (length {len(region_types)})"
+                )
         texts = token_texts(self.tokenizer, input_ids)
-        tokens = [TokenView(k, input_ids[k], texts[k], weights[k], region_ids[k],
-                            region_types[region_ids[k]] if region_ids[k] >= 0 else None) for k in range(len(input_ids))]
+        tokens = [
+            TokenView(
+                k,
+                input_ids[k],
+                texts[k],
+                weights[k],
+                region_ids[k],
+                region_types[region_ids[k]] if region_ids[k] >= 0 else None,
+            )
+            for k in range(len(input_ids))
+        ]
         total_weight = sum(weights)
         has_regions = "region_ids" in region_info or region_text is not None
         rows = _region_rows(tokens, region_types, total_weight) if has_regions else _weight_rows(tokens, total_weight)
         warnings = _warnings(tokens, region_types, region_info, region_text)
         return MaskAnalysis(tokens, rows, total_weight, sum(w > 0 for w in weights), warnings)
 
-    def print_detailed_analysis(self, input_ids, loss_mask, region_info: Mapping | None = None, *,
-                                region_text=None, color: bool | None = None, file: TextIO | None = None) -> str:
+    def print_detailed_analysis(
+        self,
+        input_ids,
+        loss_mask,
+        region_info: Mapping | None = None,
+        *,
+        region_text=None,
+        color: bool | None = None,
+        file: TextIO | None = None,
+    ) -> str:
         """Print the tokens coloured by weight, the region table and the warnings; return the printed text.
 
         ``color=None`` colours when ``file`` (default stdout) is a terminal and ``NO_COLOR`` is unset or empty;
@@ -108,8 +130,15 @@ class LossMaskVisualizer:
         print(text, file=file)
         return text
 
-    def to_html(self, input_ids, loss_mask, region_info: Mapping | None = None, *, region_text=None,
-                title: str = "mrloss loss mask") -> str:
+    def to_html(
+        self,
+        input_ids,
+        loss_mask,
+        region_info: Mapping | None = None,
+        *,
+        region_text=None,
+        title: str = "mrloss loss mask",
+    ) -> str:
         """One self-contained HTML page (inline CSS, no script, no network): each token's background shows its
         weight, its tooltip the token's position, id, text, weight and region; then the region table and warnings."""
         return render_html(self.analyze(input_ids, loss_mask, region_info, region_text=region_text), title)
@@ -122,12 +151,13 @@ def token_texts(tokenizer, input_ids: Sequence[int]) -> list[str]:
     tokens are decoded together with the following ones, the text going to the token that completes it and
     ``""`` to the others.
     """
+
     def decode(ids):
         return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     texts, start = [], 0
     for k in range(len(input_ids)):
-        text = decode(input_ids[start:k + 1])
+        text = decode(input_ids[start : k + 1])
         if text.endswith("\ufffd") and k + 1 < len(input_ids) and k + 1 - start < 4:
             texts.append("")  # a UTF-8 character has at most 4 bytes: give up joining after that
             continue
@@ -165,10 +195,27 @@ def _region_rows(tokens: list[TokenView], region_types: list[str], total_weight:
     members: dict[int, list[float]] = {r: [] for r in range(-1, len(region_types))}
     for token in tokens:
         members[token.region].append(token.weight)
-    rows = [RegionRow(str(r), region_types[r], len(members[r]), _weight_label(members[r]), sum(members[r]),
-                      _share(sum(members[r]), total_weight)) for r in range(len(region_types))]
-    rows.append(RegionRow("-", OUTSIDE, len(members[-1]), _weight_label(members[-1]), sum(members[-1]),
-                          _share(sum(members[-1]), total_weight)))
+    rows = [
+        RegionRow(
+            str(r),
+            region_types[r],
+            len(members[r]),
+            _weight_label(members[r]),
+            sum(members[r]),
+            _share(sum(members[r]), total_weight),
+        )
+        for r in range(len(region_types))
+    ]
+    rows.append(
+        RegionRow(
+            "-",
+            OUTSIDE,
+            len(members[-1]),
+            _weight_label(members[-1]),
+            sum(members[-1]),
+            _share(sum(members[-1]), total_weight),
+        )
+    )
     return rows
 
 
@@ -177,8 +224,10 @@ def _weight_rows(tokens: list[TokenView], total_weight: float) -> list[RegionRow
     counts: dict[float, int] = {}
     for token in tokens:
         counts[token.weight] = counts.get(token.weight, 0) + 1
-    return [RegionRow("-", f"weight {w:g}", n, f"{w:g}", w * n, _share(w * n, total_weight))
-            for w, n in sorted(counts.items())]
+    return [
+        RegionRow("-", f"weight {w:g}", n, f"{w:g}", w * n, _share(w * n, total_weight))
+        for w, n in sorted(counts.items())
+    ]
 
 
 def _describe(region_types: list[str], region: int) -> str:
@@ -201,8 +250,10 @@ def _warnings(tokens: list[TokenView], region_types: list[str], region_info: dic
         if region in truncated:
             warnings.append(f"{_describe(region_types, region)} cut by truncation: {counts[region]} token(s) left")
         elif counts[region] == 0:
-            warnings.append(f"{_describe(region_types, region)} has no tokens after tokenization (its characters "
-                            f"share tokens with a neighbour that took them)")
+            warnings.append(
+                f"{_describe(region_types, region)} has no tokens after tokenization (its characters "
+                f"share tokens with a neighbour that took them)"
+            )
     offsets = region_info.get("offsets")
     if region_text is not None and offsets is not None:
         warnings += _straddle_warnings(tokens, offsets, region_text)
@@ -213,17 +264,21 @@ def _warnings(tokens: list[TokenView], region_types: list[str], region_info: dic
 
 def _straddle_warnings(tokens: list[TokenView], offsets, region_text) -> list[str]:
     """A token whose characters ``[start, end)`` contain a region border strictly inside."""
-    borders = sorted({(region.start, index, "start") for index, region in enumerate(region_text.regions)}
-                     | {(region.end, index, "end") for index, region in enumerate(region_text.regions)})
+    borders = sorted(
+        {(region.start, index, "start") for index, region in enumerate(region_text.regions)}
+        | {(region.end, index, "end") for index, region in enumerate(region_text.regions)}
+    )
     positions = [border[0] for border in borders]
     warnings = []
     for token, (start, end) in zip(tokens, offsets):
         first = bisect.bisect_right(positions, start)
-        for char, region, side in borders[first:bisect.bisect_left(positions, end)]:
-            assigned = (f"region {token.region} ({token.region_type})" if token.region >= 0 else "no region")
-            warnings.append(f"token {token.position} {region_text.text[start:end]!r} (characters [{start}, {end})) "
-                            f"straddles the {side} of region {region} ({region_text.regions[region].type}) at "
-                            f"character {char}; it counts for {assigned} with weight {token.weight:g}")
+        for char, region, side in borders[first : bisect.bisect_left(positions, end)]:
+            assigned = f"region {token.region} ({token.region_type})" if token.region >= 0 else "no region"
+            warnings.append(
+                f"token {token.position} {region_text.text[start:end]!r} (characters [{start}, {end})) "
+                f"straddles the {side} of region {region} ({region_text.regions[region].type}) at "
+                f"character {char}; it counts for {assigned} with weight {token.weight:g}"
+            )
     return warnings
 
 
@@ -232,10 +287,27 @@ TABLE_HEADER = ("region", "type", "tokens", "weight", "Σ weight", "share")
 
 def _table_cells(analysis: MaskAnalysis) -> list[tuple[str, ...]]:
     """The region table as text cells (both views): one line per row, then the sample's total."""
-    cells = [(row.label, row.region_type, str(row.tokens), row.weight, f"{row.weight_sum:g}",
-              "-" if row.share is None else f"{100 * row.share:.1f}%") for row in analysis.rows]
-    cells.append(("all", f"{analysis.learned_tokens} learned", str(len(analysis.tokens)), "",
-                  f"{analysis.total_weight:g}", "100.0%" if analysis.total_weight > 0 else "-"))
+    cells = [
+        (
+            row.label,
+            row.region_type,
+            str(row.tokens),
+            row.weight,
+            f"{row.weight_sum:g}",
+            "-" if row.share is None else f"{100 * row.share:.1f}%",
+        )
+        for row in analysis.rows
+    ]
+    cells.append(
+        (
+            "all",
+            f"{analysis.learned_tokens} learned",
+            str(len(analysis.tokens)),
+            "",
+            f"{analysis.total_weight:g}",
+            "100.0%" if analysis.total_weight > 0 else "-",
+        )
+    )
     return cells
 
 
@@ -260,8 +332,10 @@ def _terminal_colour(weight: float) -> int:
 
 def render_terminal(analysis: MaskAnalysis, color: bool) -> str:
     """Text view: summary, tokens (ANSI-coloured, or ⟦weight type│text⟧ runs), region table, warnings."""
-    lines = [f"Loss mask: {len(analysis.tokens)} tokens, {analysis.learned_tokens} learned (weight > 0), "
-             f"total weight {analysis.total_weight:g}"]
+    lines = [
+        f"Loss mask: {len(analysis.tokens)} tokens, {analysis.learned_tokens} learned (weight > 0), "
+        f"total weight {analysis.total_weight:g}"
+    ]
     if color:
         legend = " ".join(f"\x1b[48;5;{colour};38;5;16m {label} \x1b[0m" for _, colour, label in TERMINAL_BUCKETS)
         lines.append(f"weights: \x1b[90m0\x1b[0m {legend}")
@@ -291,8 +365,10 @@ def _plain_runs(tokens: list[TokenView]) -> list[str]:
             runs[-1] = runs[-1][:3] + (runs[-1][3] + token.text,)
         else:
             runs.append((token.weight, token.region, token.region_type, token.text))
-    return [text if weight <= 0 else f"⟦{weight:g}{' ' + region_type if region_type else ''}│{text}⟧"
-            for weight, _, region_type, text in runs]
+    return [
+        text if weight <= 0 else f"⟦{weight:g}{' ' + region_type if region_type else ''}│{text}⟧"
+        for weight, _, region_type, text in runs
+    ]
 
 
 HTML_STYLE = """
@@ -334,22 +410,26 @@ def render_html(analysis: MaskAnalysis, title: str) -> str:
     spans = []
     for token in analysis.tokens:
         region = f"{token.region} ({token.region_type})" if token.region >= 0 else "none"
-        tip = (f"#{token.position}  id {token.token_id}  text {token.text!r}  weight {token.weight:g}  "
-               f"region {region}")
+        tip = f"#{token.position}  id {token.token_id}  text {token.text!r}  weight {token.weight:g}  region {region}"
         classes = "tok" + (" zero" if token.weight <= 0 else "") + ("" if token.text else " part")
         style = f"background: {_html_background(token.weight, low, high)};"
         if token.region_type is not None:
             style += f" border-bottom-color: {type_colour[token.region_type]};"
         text = esc(token.text).replace("\n", "↵\n")
-        spans.append(f'<span class="{classes}" style="{style}" title="{esc(tip)}" data-position="{token.position}" '
-                     f'data-id="{token.token_id}" data-weight="{token.weight:g}">{text}</span>')
+        spans.append(
+            f'<span class="{classes}" style="{style}" title="{esc(tip)}" data-position="{token.position}" '
+            f'data-id="{token.token_id}" data-weight="{token.weight:g}">{text}</span>'
+        )
     weight_steps = sorted({token.weight for token in analysis.tokens})
-    legend = "".join(f'<span style="background: {_html_background(w, low, high)}">weight {w:g}</span>'
-                     for w in weight_steps)
-    legend += "".join(f'<span style="border-bottom: 3px solid {colour}">{esc(name)}</span>'
-                      for name, colour in type_colour.items())
-    rows = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in line) + "</tr>"
-                   for line in _table_cells(analysis))
+    legend = "".join(
+        f'<span style="background: {_html_background(w, low, high)}">weight {w:g}</span>' for w in weight_steps
+    )
+    legend += "".join(
+        f'<span style="border-bottom: 3px solid {colour}">{esc(name)}</span>' for name, colour in type_colour.items()
+    )
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in line) + "</tr>" for line in _table_cells(analysis)
+    )
     warnings = "".join(f"<li>{esc(warning)}</li>" for warning in analysis.warnings) or "<li>none</li>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{HTML_STYLE}</style></head>

@@ -1,4 +1,5 @@
 """parse / convert: pick the format of a sample and hand it to that format's module."""
+
 from __future__ import annotations
 
 from mrloss.formats import position_based, structured, tag_based
@@ -7,8 +8,11 @@ from mrloss.formats.regions import RegionText
 
 FORMATS = ("position_based", "tag_based", "structured")
 _KEYS = {"position_based": position_based.KEYS, "tag_based": tag_based.KEYS, "structured": structured.KEYS}
-_WRITERS = {"position_based": position_based.to_position_based, "tag_based": tag_based.to_tag_based,
-            "structured": structured.to_structured}
+_WRITERS = {
+    "position_based": position_based.to_position_based,
+    "tag_based": tag_based.to_tag_based,
+    "structured": structured.to_structured,
+}
 
 
 def detect_format(sample: dict) -> str:
@@ -32,11 +36,19 @@ def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_
     if not isinstance(sample, dict):
         raise FormatError(f"a sample must be an object, got {type(sample).__name__}", sample_id=sample_id)
     chosen = detect_format(sample) if format == "auto" else format
-    foreign = [key for name, keys in _KEYS.items() if name != chosen for key in keys
-               if key in sample and key not in _KEYS[chosen]]
+    foreign = [
+        key
+        for name, keys in _KEYS.items()
+        if name != chosen
+        for key in keys
+        if key in sample and key not in _KEYS[chosen]
+    ]
     if foreign:
-        raise FormatError(f"key {foreign[0]!r} does not belong to a {chosen} sample (keys: "
-                          f"{', '.join(_KEYS[chosen])})", sample_id=sample_id, field=foreign[0])
+        raise FormatError(
+            f"key {foreign[0]!r} does not belong to a {chosen} sample (keys: {', '.join(_KEYS[chosen])})",
+            sample_id=sample_id,
+            field=foreign[0],
+        )
     if chosen == "position_based":
         region_text = position_based.parse_position_based(sample, overlap=overlap, sample_id=sample_id)
     elif chosen == "tag_based":
@@ -44,8 +56,9 @@ def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_
     else:
         region_text = structured.parse_structured(sample, sample_id=sample_id)
     if not region_text.text:
-        raise FormatError("the sample has no text", sample_id=sample_id,
-                          field="segments" if chosen == "structured" else "text")
+        raise FormatError(
+            "the sample has no text", sample_id=sample_id, field="segments" if chosen == "structured" else "text"
+        )
     return region_text
 
 

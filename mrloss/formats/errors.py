@@ -1,4 +1,5 @@
 """FormatError: the one error type for bad multi-region data."""
+
 from __future__ import annotations
 
 
@@ -27,7 +28,7 @@ class FormatError(ValueError):
             where.append(f"character {self.position}")
         return f"{', '.join(where)}: {self.reason}" if where else self.reason
 
-    def with_sample_id(self, sample_id) -> "FormatError":
+    def with_sample_id(self, sample_id) -> FormatError:
         """The same error, naming ``sample_id`` (kept if one is already set)."""
         if self.sample_id is not None or sample_id is None:
             return self

@@ -1,4 +1,5 @@
 """Region, RegionText and the checks every format shares (weights, keys, types, overlaps)."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,11 @@ class RegionText:
             name = f"regions[{index}]"
             check_weight(region.weight, f"{name}.weight", region.start)
             if not 0 <= region.start < region.end <= len(self.text):
-                raise FormatError(f"[{region.start}, {region.end}) is empty or outside the text (length "
-                                  f"{len(self.text)})", field=name, position=region.start)
+                raise FormatError(
+                    f"[{region.start}, {region.end}) is empty or outside the text (length {len(self.text)})",
+                    field=name,
+                    position=region.start,
+                )
             if region.start < previous_end:
                 raise FormatError("regions must be sorted and must not overlap", field=name, position=region.start)
             previous_end = region.end
@@ -54,22 +58,26 @@ class RegionText:
         """One weight per character of ``text``: the region's weight inside a region, else ``default_weight``."""
         weights = [float(self.default_weight)] * len(self.text)
         for region in self.regions:
-            weights[region.start:region.end] = [float(region.weight)] * (region.end - region.start)
+            weights[region.start : region.end] = [float(region.weight)] * (region.end - region.start)
         return weights
 
     def char_region_ids(self) -> list[int]:
         """One index into ``regions`` per character of ``text``; -1 outside every region."""
         ids = [-1] * len(self.text)
         for index, region in enumerate(self.regions):
-            ids[region.start:region.end] = [index] * (region.end - region.start)
+            ids[region.start : region.end] = [index] * (region.end - region.start)
         return ids
 
 
 def check_weight(value, field: str, position: int | None = None, sample_id=None) -> float:
     """``value`` as a float if it is a finite, non-negative real number (bools are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise FormatError(f"weight must be a number, got {value!r} ({type(value).__name__})",
-                          sample_id=sample_id, field=field, position=position)
+        raise FormatError(
+            f"weight must be a number, got {value!r} ({type(value).__name__})",
+            sample_id=sample_id,
+            field=field,
+            position=position,
+        )
     value = float(value)
     if math.isnan(value) or math.isinf(value):
         raise FormatError(f"weight must be finite, got {value!r}", sample_id=sample_id, field=field, position=position)
@@ -81,15 +89,21 @@ def check_weight(value, field: str, position: int | None = None, sample_id=None)
 def check_int(value, field: str, sample_id=None) -> int:
     """``value`` if it is an integer (bools are not)."""
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise FormatError(f"must be an integer, got {value!r} ({type(value).__name__})", sample_id=sample_id, field=field)
+        raise FormatError(
+            f"must be an integer, got {value!r} ({type(value).__name__})", sample_id=sample_id, field=field
+        )
     return int(value)
 
 
 def check_str(value, field: str, sample_id=None, position: int | None = None, allow_empty: bool = True) -> str:
     """``value`` if it is a string (non-empty unless ``allow_empty``)."""
     if not isinstance(value, str):
-        raise FormatError(f"must be a string, got {value!r} ({type(value).__name__})",
-                          sample_id=sample_id, field=field, position=position)
+        raise FormatError(
+            f"must be a string, got {value!r} ({type(value).__name__})",
+            sample_id=sample_id,
+            field=field,
+            position=position,
+        )
     if not allow_empty and not value:
         raise FormatError("must not be empty", sample_id=sample_id, field=field, position=position)
     return value
@@ -98,12 +112,17 @@ def check_str(value, field: str, sample_id=None, position: int | None = None, al
 def check_mapping(value, field: str, allowed: tuple[str, ...], sample_id=None, position: int | None = None) -> dict:
     """``value`` if it is a dict whose keys are all in ``allowed`` (a typo like ``weigth`` is an error)."""
     if not isinstance(value, dict):
-        raise FormatError(f"must be an object, got {type(value).__name__}", sample_id=sample_id, field=field,
-                          position=position)
+        raise FormatError(
+            f"must be an object, got {type(value).__name__}", sample_id=sample_id, field=field, position=position
+        )
     unknown = [key for key in value if key not in allowed]
     if unknown:
-        raise FormatError(f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})", sample_id=sample_id,
-                          field=f"{field}.{unknown[0]}", position=position)
+        raise FormatError(
+            f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})",
+            sample_id=sample_id,
+            field=f"{field}.{unknown[0]}",
+            position=position,
+        )
     return value
 
 
@@ -133,7 +152,10 @@ def resolve_overlaps(regions: list[Region], names: list[str], overlap: str, samp
                 raise FormatError(
                     f"overlaps {names[furthest]} [{regions[furthest].start}, {regions[furthest].end}) from "
                     f"character {regions[index].start}; fix the offsets or parse with overlap='max'",
-                    sample_id=sample_id, field=names[index], position=regions[index].start)
+                    sample_id=sample_id,
+                    field=names[index],
+                    position=regions[index].start,
+                )
             if regions[index].end > regions[furthest].end:
                 furthest = index
     borders = sorted({r.start for r in regions} | {r.end for r in regions})

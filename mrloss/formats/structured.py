@@ -4,11 +4,11 @@
 ``learn`` is true and 0.0 when false; ``learn`` defaults to ``weight > 0``; a segment with neither is context
 (weight 0). ``learn`` contradicting ``weight`` (false with weight > 0, true with weight 0) is an error. A
 segment becomes a region when it is learned or names a ``segment_type``."""
+
 from __future__ import annotations
 
 from mrloss.formats.errors import FormatError
-from mrloss.formats.regions import (DEFAULT_TYPE, Region, RegionText, check_list, check_mapping, check_str,
-                                    check_weight)
+from mrloss.formats.regions import DEFAULT_TYPE, Region, RegionText, check_list, check_mapping, check_str, check_weight
 
 KEYS = ("segments", "separator")
 SEGMENT_KEYS = ("content", "learn", "weight", "segment_type")
@@ -33,11 +33,17 @@ def parse_structured(sample: dict, *, sample_id=None) -> RegionText:
         content = check_str(segment["content"], f"{name}.content", sample_id, position)
         learn, weight = _learn_and_weight(segment, name, position, sample_id)
         if learn and not content:
-            raise FormatError("a learned segment must not be empty", sample_id=sample_id, field=f"{name}.content",
-                              position=position)
+            raise FormatError(
+                "a learned segment must not be empty", sample_id=sample_id, field=f"{name}.content", position=position
+            )
         if content and (learn or "segment_type" in segment):
-            region_type = check_str(segment.get("segment_type", DEFAULT_TYPE), f"{name}.segment_type", sample_id,
-                                    position, allow_empty=False)
+            region_type = check_str(
+                segment.get("segment_type", DEFAULT_TYPE),
+                f"{name}.segment_type",
+                sample_id,
+                position,
+                allow_empty=False,
+            )
             regions.append(Region(position, position + len(content), weight, region_type))
         contents.append(content)
         position += len(content)
@@ -47,8 +53,9 @@ def parse_structured(sample: dict, *, sample_id=None) -> RegionText:
 def _learn_and_weight(segment: dict, name: str, position: int, sample_id) -> tuple[bool, float]:
     learn = segment.get("learn")
     if learn is not None and not isinstance(learn, bool):
-        raise FormatError(f"must be true or false, got {learn!r}", sample_id=sample_id, field=f"{name}.learn",
-                          position=position)
+        raise FormatError(
+            f"must be true or false, got {learn!r}", sample_id=sample_id, field=f"{name}.learn", position=position
+        )
     weight = segment.get("weight")
     if weight is not None:
         weight = check_weight(weight, f"{name}.weight", position, sample_id)
@@ -57,8 +64,12 @@ def _learn_and_weight(segment: dict, name: str, position: int, sample_id) -> tup
     if weight is None:
         return learn, 1.0 if learn else 0.0
     if learn != (weight > 0):
-        raise FormatError(f"learn: {str(learn).lower()} contradicts weight {weight!r}", sample_id=sample_id,
-                          field=f"{name}.learn", position=position)
+        raise FormatError(
+            f"learn: {str(learn).lower()} contradicts weight {weight!r}",
+            sample_id=sample_id,
+            field=f"{name}.learn",
+            position=position,
+        )
     return learn, weight
 
 
@@ -74,8 +85,14 @@ def to_structured(region_text: RegionText) -> dict:
     for region in region_text.regions:
         if region.start > previous:
             outside(previous, region.start)
-        segments.append({"content": text[region.start:region.end], "learn": region.weight > 0,
-                         "weight": float(region.weight), "segment_type": region.type})
+        segments.append(
+            {
+                "content": text[region.start : region.end],
+                "learn": region.weight > 0,
+                "weight": float(region.weight),
+                "segment_type": region.type,
+            }
+        )
         previous = region.end
     if previous < len(text):
         outside(previous, len(text))

@@ -3,6 +3,7 @@
 quotes; the tag name and attribute names are case-insensitive). Tags are removed; a region is exactly the
 characters between its tags. Tags nest: inside an inner tag the inner tag's weight and type apply (an
 omitted attribute takes its default, 1.0 and "default"; nothing is inherited from the outer tag)."""
+
 from __future__ import annotations
 
 import re
@@ -33,7 +34,7 @@ def parse_tag_based(sample: dict, *, sample_id=None) -> RegionText:
     length = cursor = 0
     while True:
         tag = TAG_START.search(raw, cursor)
-        chunk = raw[cursor:tag.start() if tag else len(raw)]
+        chunk = raw[cursor : tag.start() if tag else len(raw)]
         if chunk:
             if open_tags:
                 _, weight, region_type, _ = open_tags[-1]
@@ -45,27 +46,47 @@ def parse_tag_based(sample: dict, *, sample_id=None) -> RegionText:
         if tag.group(0).startswith("</"):
             close = CLOSE_TAG.match(raw, tag.start())
             if close is None:
-                raise FormatError(f"malformed closing tag; write </{TAG_NAME}>", sample_id=sample_id, field="text",
-                                  position=tag.start())
+                raise FormatError(
+                    f"malformed closing tag; write </{TAG_NAME}>",
+                    sample_id=sample_id,
+                    field="text",
+                    position=tag.start(),
+                )
             if not open_tags:
-                raise FormatError(f"stray </{TAG_NAME}> without an opening <{TAG_NAME}>", sample_id=sample_id,
-                                  field="text", position=tag.start())
+                raise FormatError(
+                    f"stray </{TAG_NAME}> without an opening <{TAG_NAME}>",
+                    sample_id=sample_id,
+                    field="text",
+                    position=tag.start(),
+                )
             opened_at, _, _, opened_length = open_tags.pop()
             if opened_length == length:
-                raise FormatError(f"empty <{TAG_NAME}> region (no characters between the tags)",
-                                  sample_id=sample_id, field="text", position=opened_at)
+                raise FormatError(
+                    f"empty <{TAG_NAME}> region (no characters between the tags)",
+                    sample_id=sample_id,
+                    field="text",
+                    position=opened_at,
+                )
             cursor = close.end()
         else:
             opening = OPEN_TAG.match(raw, tag.start())
             if opening is None:
-                raise FormatError(f"malformed <{TAG_NAME}> tag; write <{TAG_NAME} weight=\"2.0\" type=\"concept\">"
-                                  " (quoted values)", sample_id=sample_id, field="text", position=tag.start())
+                raise FormatError(
+                    f'malformed <{TAG_NAME}> tag; write <{TAG_NAME} weight="2.0" type="concept"> (quoted values)',
+                    sample_id=sample_id,
+                    field="text",
+                    position=tag.start(),
+                )
             weight, region_type = _attributes(opening.group(1), tag.start(), sample_id)
             open_tags.append((tag.start(), weight, region_type, length))
             cursor = opening.end()
     if open_tags:
-        raise FormatError(f"unclosed <{TAG_NAME}> tag (no matching </{TAG_NAME}>)", sample_id=sample_id,
-                          field="text", position=open_tags[-1][0])
+        raise FormatError(
+            f"unclosed <{TAG_NAME}> tag (no matching </{TAG_NAME}>)",
+            sample_id=sample_id,
+            field="text",
+            position=open_tags[-1][0],
+        )
     return RegionText("".join(chunks), regions, default_weight)
 
 
@@ -76,17 +97,26 @@ def _attributes(source: str, position: int, sample_id) -> tuple[float, str]:
         name = match.group(1).lower()
         value = match.group(2) if match.group(2) is not None else match.group(3)
         if name not in ATTRIBUTES:
-            raise FormatError(f"unknown <{TAG_NAME}> attribute {match.group(1)!r} (allowed: {', '.join(ATTRIBUTES)})",
-                              sample_id=sample_id, field=f"text.<{TAG_NAME}>.{match.group(1)}", position=position)
+            raise FormatError(
+                f"unknown <{TAG_NAME}> attribute {match.group(1)!r} (allowed: {', '.join(ATTRIBUTES)})",
+                sample_id=sample_id,
+                field=f"text.<{TAG_NAME}>.{match.group(1)}",
+                position=position,
+            )
         if name in values:
-            raise FormatError(f"attribute {name!r} given twice", sample_id=sample_id,
-                              field=f"text.<{TAG_NAME}>.{name}", position=position)
+            raise FormatError(
+                f"attribute {name!r} given twice",
+                sample_id=sample_id,
+                field=f"text.<{TAG_NAME}>.{name}",
+                position=position,
+            )
         values[name] = value
     weight = 1.0
     if "weight" in values:
         weight = check_weight(_number(values["weight"]), f"text.<{TAG_NAME}>.weight", position, sample_id)
-    region_type = check_str(values.get("type", DEFAULT_TYPE), f"text.<{TAG_NAME}>.type", sample_id, position,
-                            allow_empty=False)
+    region_type = check_str(
+        values.get("type", DEFAULT_TYPE), f"text.<{TAG_NAME}>.type", sample_id, position, allow_empty=False
+    )
     return weight, region_type
 
 
@@ -102,17 +132,22 @@ def to_tag_based(region_text: RegionText) -> dict:
     """The tag_based sample of ``region_text``; raises FormatError if the text itself contains a LEARN tag."""
     literal = TAG_START.search(region_text.text)
     if literal:
-        raise FormatError(f"the text contains {literal.group(0)!r}, which tag_based cannot represent",
-                          field="text", position=literal.start())
+        raise FormatError(
+            f"the text contains {literal.group(0)!r}, which tag_based cannot represent",
+            field="text",
+            position=literal.start(),
+        )
     parts, previous = [], 0
     for region in region_text.regions:
         quote = "'" if '"' in region.type else '"'
         if quote in region.type:
-            raise FormatError("region type contains both quote characters", field="regions.type",
-                              position=region.start)
-        parts += [region_text.text[previous:region.start],
-                  f'<{TAG_NAME} weight="{float(region.weight)!r}" type={quote}{region.type}{quote}>',
-                  region_text.text[region.start:region.end], f"</{TAG_NAME}>"]
+            raise FormatError("region type contains both quote characters", field="regions.type", position=region.start)
+        parts += [
+            region_text.text[previous : region.start],
+            f'<{TAG_NAME} weight="{float(region.weight)!r}" type={quote}{region.type}{quote}>',
+            region_text.text[region.start : region.end],
+            f"</{TAG_NAME}>",
+        ]
         previous = region.end
     parts.append(region_text.text[previous:])
     return {"text": "".join(parts), "default_weight": float(region_text.default_weight)}

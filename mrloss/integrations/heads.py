@@ -1,15 +1,19 @@
 """How each supported causal-LM architecture turns its last hidden state into logits, and the loss options a
 user may set: the one table both integrations (`mrloss.integrations.hf`, `mrloss.integrations.verl.engine`)
-compute their fused loss from. Imports neither transformers nor verl.
+compute their fused loss from, and `head_loss`, the one hidden -> head -> loss step both call (PEFT check
+included). Imports neither transformers nor verl.
 
     logits = softcap(lm_head(hidden * hidden_scale))        (softcap: c * tanh(x / c); None: no cap)
 
 Scaling the hidden state instead of the logits is exact because no supported head has a bias.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable, Mapping
+
+import torch
 
 # Options of `mrloss.linear_cross_entropy` a user may set; everything else is decided by the model and the batch.
 # ``softcap`` overrides the model's own cap (None keeps the model's).
@@ -79,3 +83,34 @@ def check_loss_options(loss_options: Mapping | None, *, caller: str) -> dict:
     if unknown:
         raise TypeError(f"{caller}: unknown loss option(s) {unknown}; allowed: {list(LOSS_OPTIONS)}")
     return options
+
+
+def lm_head_of(causal_lm, *, caller: str) -> torch.nn.Module:
+    """The output embedding (``lm_head``) of a ``*ForCausalLM`` instance, as one weight matrix: ValueError,
+    naming ``caller``, when it carries a PEFT adapter; TypeError when it is not a linear layer with a 2-D weight."""
+    lm_head = causal_lm.get_output_embeddings()
+    if hasattr(lm_head, "lora_A") or hasattr(lm_head, "base_layer"):
+        raise ValueError(
+            f"{caller}: the lm_head of {type(causal_lm).__name__} carries a PEFT adapter "
+            f"({type(lm_head).__name__}); the fused loss needs the head as one weight matrix. Leave lm_head "
+            "out of the adapter's target_modules (use modules_to_save=['lm_head'] to train it fully), or "
+            "merge the adapter first (model.merge_and_unload())."
+        )
+    weight = getattr(lm_head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"{caller}: lm_head of {type(causal_lm).__name__} is {type(lm_head).__name__}, expected a linear "
+            "layer with a 2-D weight [vocab, hidden]"
+        )
+    return lm_head
+
+
+def head_loss(causal_lm, head: Head, hidden: torch.Tensor, loss_fn: Callable, *args, caller: str, **kwargs):
+    """Hidden -> head -> loss: ``loss_fn(hidden * hidden_scale, lm_head.weight, *args, bias=lm_head.bias,
+    softcap=head.softcap, **kwargs)``, the lm_head checked by `lm_head_of` (no PEFT adapter on it).
+    ``loss_fn``: `mrloss.linear_cross_entropy` (HF) or `mrloss.parallel.sequence_parallel_linear_cross_entropy`
+    (verl); the logits are never built."""
+    if head.hidden_scale is not None:
+        hidden = hidden * head.hidden_scale
+    lm_head = lm_head_of(causal_lm, caller=caller)
+    return loss_fn(hidden, lm_head.weight, *args, bias=getattr(lm_head, "bias", None), softcap=head.softcap, **kwargs)

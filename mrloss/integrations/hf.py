@@ -13,6 +13,7 @@
 transformers is imported at module level: this module is the integration itself, and `import mrloss`
 does not import it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,12 +26,19 @@ import warnings
 import torch
 import transformers
 
-from mrloss.alignment import valid_weight_sum
-from mrloss.debug.monitor import mean_region_losses, region_loss_sums, region_statistics
 from mrloss.integrations.heads import (  # noqa: F401  (LOSS_OPTIONS, SUPPORTED_ARCHITECTURES: public names here)
-    LOSS_OPTIONS, SUPPORTED_ARCHITECTURES, check_loss_options, model_head, unwrap_causal_lm,
+    LOSS_OPTIONS,
+    SUPPORTED_ARCHITECTURES,
+    check_loss_options,
+    head_loss,
+    lm_head_of,
+    model_head,
+    unwrap_causal_lm,
 )
-from mrloss.loss import linear_cross_entropy
+from mrloss.metrics import mean_region_losses
+from mrloss.ops.api import linear_cross_entropy
+from mrloss.ops.normalization import IGNORE_INDEX, valid_weight_sum
+from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
 
 
 @functools.cache
@@ -43,24 +51,6 @@ def _output_class():
         token_losses: torch.FloatTensor | None = None
 
     return MultiRegionCausalLMOutput
-
-
-def _lm_head(model) -> torch.nn.Module:
-    lm_head = model.get_output_embeddings()
-    if hasattr(lm_head, "lora_A") or hasattr(lm_head, "base_layer"):
-        raise ValueError(
-            f"apply_mrloss: the lm_head of {type(model).__name__} carries a PEFT adapter "
-            f"({type(lm_head).__name__}); the fused loss needs the head as one weight matrix. Leave lm_head "
-            "out of the adapter's target_modules (use modules_to_save=['lm_head'] to train it fully), or "
-            "merge the adapter first (model.merge_and_unload())."
-        )
-    weight = getattr(lm_head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(
-            f"apply_mrloss: lm_head of {type(model).__name__} is {type(lm_head).__name__}, expected a linear "
-            "layer with a 2-D weight [vocab, hidden]"
-        )
-    return lm_head
 
 
 def apply_mrloss(model, **loss_options):
@@ -85,45 +75,74 @@ def apply_mrloss(model, **loss_options):
     options = check_loss_options(loss_options, caller="apply_mrloss")
     causal_lm = unwrap_causal_lm(model)
     head = model_head(causal_lm, options.pop("softcap", None), caller="apply_mrloss")
-    _lm_head(causal_lm)  # fail now, not at the first training step
+    lm_head_of(causal_lm, caller="apply_mrloss")  # fail now, not at the first training step
     stock_forward = causal_lm.__dict__.get("_mrloss_stock_forward") or causal_lm.forward
 
     def forward(
-        input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-        labels=None, use_cache=None, logits_to_keep=0, token_weights=None, num_items_in_batch=None, **kwargs,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        token_weights=None,
+        num_items_in_batch=None,
+        **kwargs,
     ):
         if labels is None:
             if token_weights is not None:
                 raise ValueError("apply_mrloss: token_weights were given without labels")
             return stock_forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                logits_to_keep=logits_to_keep, **kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
             )
         if "shift_labels" in kwargs:
             raise ValueError("apply_mrloss: shift_labels is not supported; pass labels aligned with input_ids")
         return_dict = kwargs.pop("return_dict", None)
         use_cache = False if use_cache is None else use_cache  # a loss pass has no use for a KV cache
         outputs = causal_lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
-        if head.hidden_scale is not None:
-            hidden = hidden * head.hidden_scale
         if token_weights is not None:
             token_weights = token_weights.to(hidden.device)
             _warn_if_token_count(causal_lm, num_items_in_batch)
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(hidden.device)
-        lm_head = _lm_head(causal_lm)
-        loss, token_losses = linear_cross_entropy(
-            hidden, lm_head.weight, labels.to(hidden.device), token_weights, bias=lm_head.bias, shift=True,
-            softcap=head.softcap, normalizer=num_items_in_batch, return_token_losses=True, **options,
+        loss, token_losses = head_loss(
+            causal_lm,
+            head,
+            hidden,
+            linear_cross_entropy,
+            labels.to(hidden.device),
+            token_weights,
+            caller="apply_mrloss",
+            shift=True,
+            normalizer=num_items_in_batch,
+            return_token_losses=True,
+            **options,
         )
         result = _output_class()(
-            loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, token_losses=token_losses,
+            loss=loss,
+            logits=None,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            token_losses=token_losses,
         )
         return result.to_tuple() if return_dict is False else result
 
@@ -138,14 +157,17 @@ def _warn_if_token_count(causal_lm, num_items_in_batch) -> None:
     count (a stock `transformers.Trainer` passes Σ(labels[..., 1:] != -100) of the optimizer step), so the
     loss becomes Σw·l / count instead of the weighted mean Σw·l / Σw. `MultiRegionTrainer` passes a float Σw."""
     integer = isinstance(num_items_in_batch, int) or (
-        isinstance(num_items_in_batch, torch.Tensor) and not num_items_in_batch.is_floating_point())
+        isinstance(num_items_in_batch, torch.Tensor) and not num_items_in_batch.is_floating_point()
+    )
     if integer and not causal_lm.__dict__.get("_mrloss_warned_token_count", False):
         causal_lm._mrloss_warned_token_count = True
         warnings.warn(
             "apply_mrloss: num_items_in_batch is an integer (a token count, as a stock transformers.Trainer "
             "computes it) while token_weights are given: the loss is Σ w·l / token count, not the weighted mean "
             "Σ w·l / Σ w. Train with mrloss.integrations.hf.MultiRegionTrainer (it passes the step's Σ of "
-            "weights), or pass num_items_in_batch as a float Σ of the valid weights.", stacklevel=3)
+            "weights), or pass num_items_in_batch as a float Σ of the valid weights.",
+            stacklevel=3,
+        )
 
 
 def model_inputs(batch: dict) -> dict:
@@ -158,19 +180,15 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
-
 class _WeightingCheckpointCallback(transformers.TrainerCallback):
     """Saves the region weighting's state next to every checkpoint, so a resumed run continues exactly."""
 
-    FILE = "mrloss_weighting.pt"
-
-    def __init__(self, weighting):
-        self.weighting = weighting
+    def __init__(self, tracker: RegionStepTracker):
+        self.tracker = tracker
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            torch.save(self.weighting.state_dict(), os.path.join(directory, self.FILE))
+            self.tracker.save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
 class MultiRegionProgressCallback(transformers.trainer_callback.ProgressCallback):
@@ -205,18 +223,32 @@ class MultiRegionTrainer(transformers.Trainer):
     """
 
     def __init__(
-        self, model=None, args=None, train_dataset=None, eval_dataset=None, *, processing_class=None,
-        data_collator=None, loss_options: dict | None = None, region_types: list[str] | None = None,
-        weighting=None, monitor=None, pack: bool = False, max_length: int | None = None,
-        pad_to_multiple_of: int | None = None, **kwargs,
+        self,
+        model=None,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        *,
+        processing_class=None,
+        data_collator=None,
+        loss_options: dict | None = None,
+        region_types: list[str] | None = None,
+        weighting=None,
+        monitor=None,
+        pack: bool = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        **kwargs,
     ):
         apply_mrloss(model, **(loss_options or {}))
-        self.ignore_index = (loss_options or {}).get("ignore_index", -100)
+        self.ignore_index = (loss_options or {}).get("ignore_index", IGNORE_INDEX)
         if data_collator is None:
             from mrloss.data import MultiRegionCollator
 
             if processing_class is None or processing_class.pad_token_id is None:
-                raise ValueError("MultiRegionTrainer: pass a tokenizer with a pad token (processing_class) or a data_collator")
+                raise ValueError(
+                    "MultiRegionTrainer: pass a tokenizer with a pad token (processing_class) or a data_collator"
+                )
             data_collator = MultiRegionCollator(
                 processing_class.pad_token_id, pack=pack, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
             )
@@ -224,19 +256,33 @@ class MultiRegionTrainer(transformers.Trainer):
             args.remove_unused_columns = False
             args.average_tokens_across_devices = True
         super().__init__(
-            model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, data_collator=data_collator, **kwargs,
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            **kwargs,
         )
         self.model_accepts_loss_kwargs = True
-        self.region_types = list(region_types if region_types is not None else getattr(train_dataset, "region_types", []))
+        self.region_types = list(
+            region_types if region_types is not None else getattr(train_dataset, "region_types", [])
+        )
         self.weighting = weighting
         self.monitor = monitor
+        # the region step loop (statistics -> all ranks -> weighting.update -> checkpoint state); the monitor
+        # records on rank 0 only
+        self.region_tracker = RegionStepTracker(
+            self.region_types,
+            weighting=weighting,
+            monitor=monitor if self.is_world_process_zero() else None,
+            ignore_index=self.ignore_index,
+        )
         if weighting is not None:
-            self.add_callback(_WeightingCheckpointCallback(weighting))
+            self.add_callback(_WeightingCheckpointCallback(self.region_tracker))
         if self.pop_callback(transformers.trainer_callback.ProgressCallback) is not None:
             self.add_callback(MultiRegionProgressCallback)
-        # rows: loss sum, token count per region type; "step" feeds weighting.update, "log" the logs.
-        self._step_type_stats = torch.zeros(2, len(self.region_types), dtype=torch.float64)
+        # rows: loss sum, token count per region type since the last log (the tracker holds the step's)
         self._log_type_stats = torch.zeros(2, len(self.region_types), dtype=torch.float64)
         self._log_tokens = 0
         self._log_time = time.perf_counter()
@@ -266,13 +312,7 @@ class MultiRegionTrainer(transformers.Trainer):
 
     def _update_weighting(self) -> None:
         """Feed the last optimizer step's per-type mean token losses (all ranks) to the weighting."""
-        if self.weighting is None or not self.region_types:
-            return
-        stats = _all_reduce_sum(self._step_type_stats, self.args.device)
-        self._step_type_stats.zero_()
-        type_losses = mean_region_losses(stats, self.region_types)
-        if type_losses:
-            self.weighting.update(type_losses)
+        self.region_tracker.update_weighting(functools.partial(all_reduce_sum, device=self.args.device))
 
     # -- loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -285,20 +325,13 @@ class MultiRegionTrainer(transformers.Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _record_region_losses(self, batch, token_losses) -> None:
-        """Per-type loss sums of one training micro-batch (`mrloss.debug.monitor.region_statistics`), fed to
-        the weighting's and the log's statistics and, on rank 0, to the monitor."""
-        if self.monitor is not None and self.is_world_process_zero():
-            multipliers = self.weighting.multipliers() if self.weighting is not None else None
-            record = self.monitor.log_batch_stats(batch, self.state.global_step, token_losses,
-                                                  multipliers=multipliers, ignore_index=self.ignore_index)
-        else:
-            record = region_statistics(batch["token_weights"], batch["region_type_ids"], self.region_types,
-                                       attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                                       token_losses=token_losses, ignore_index=self.ignore_index)
-        sums = region_loss_sums(record, self.region_types)
-        self._step_type_stats += sums
-        self._log_type_stats += sums
-        self._log_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        """Per-type loss sums of one training micro-batch (`mrloss.metrics.region_statistics`, through the region
+        tracker; on rank 0 also the monitor), fed to the weighting's and the log's statistics."""
+        record = self.region_tracker.statistics(batch, token_losses, self.state.global_step)
+        self._log_type_stats += self.region_tracker.record(record)
+        self._log_tokens += (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        )
 
     # -- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -306,7 +339,9 @@ class MultiRegionTrainer(transformers.Trainer):
         region type since the last log, all ranks), ``tokens_per_second`` and ``weight/<type>``."""
         if "loss" in logs:
             tokens = torch.tensor([[float(self._log_tokens)]], dtype=torch.float64)
-            stats = _all_reduce_sum(torch.cat([self._log_type_stats, tokens.expand(2, 1)], dim=1), self.args.device)
+            stats = all_reduce_sum(
+                torch.cat([self._log_type_stats, tokens.expand(2, 1)], dim=1), device=self.args.device
+            )
             now = time.perf_counter()
             logs["tokens_per_second"] = round(float(stats[0, -1]) / max(now - self._log_time, 1e-9), 1)
             for region_type, mean_loss in mean_region_losses(stats[:, :-1], self.region_types).items():
@@ -324,18 +359,7 @@ class MultiRegionTrainer(transformers.Trainer):
             resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
-        if resume_from_checkpoint and self.weighting is not None:
-            state_file = os.path.join(resume_from_checkpoint, _WeightingCheckpointCallback.FILE)
-            if os.path.exists(state_file):
-                self.weighting.load_state_dict(torch.load(state_file, weights_only=True))
+        if resume_from_checkpoint:
+            self.region_tracker.load_state(resume_from_checkpoint)
         self._log_time = time.perf_counter()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-
-def _all_reduce_sum(tensor: torch.Tensor, device) -> torch.Tensor:
-    """Sum of a small CPU tensor over all ranks (itself when not distributed); returns a CPU tensor."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensor.clone()
-    on_device = tensor.to(device)
-    torch.distributed.all_reduce(on_device)
-    return on_device.cpu()

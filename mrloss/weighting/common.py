@@ -1,4 +1,5 @@
 """Pieces shared by the weighting tools: config key checks, the per-type multiplier base class."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ def reject_unknown_keys(config: Mapping, allowed: Iterable[str], where: str) -> 
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
 
 
-def finite_number(value, where: str, *, low: float | None = None, high: float | None = None,
-                  low_open: bool = False) -> float:
+def finite_number(
+    value, where: str, *, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
     """``value`` as a float, checked finite and within ``[low, high]`` (``(low, high]`` if ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: expected a number, got {value!r}")
@@ -32,8 +34,12 @@ def finite_number(value, where: str, *, low: float | None = None, high: float | 
     return value
 
 
-def apply_type_multipliers(token_weights: torch.Tensor, region_type_ids: torch.Tensor,
-                           region_types: list[str], multipliers: Mapping[str, float]) -> torch.Tensor:
+def apply_type_multipliers(
+    token_weights: torch.Tensor,
+    region_type_ids: torch.Tensor,
+    region_types: list[str],
+    multipliers: Mapping[str, float],
+) -> torch.Tensor:
     """New token weights ``token_weights * m[type]``; tokens outside every region (id -1) keep their weight.
 
     token_weights: float tensor, any shape (``[B, T]`` from the collator); region_type_ids: int tensor of the
@@ -41,17 +47,28 @@ def apply_type_multipliers(token_weights: torch.Tensor, region_type_ids: torch.T
     Returns a new tensor of token_weights' dtype and device; the input is not modified.
     """
     if not torch.is_tensor(token_weights) or not token_weights.is_floating_point():
-        raise TypeError(f"token_weights must be a floating-point tensor, got {getattr(token_weights, 'dtype', type(token_weights))}")
-    if not torch.is_tensor(region_type_ids) or region_type_ids.is_floating_point() or region_type_ids.dtype == torch.bool:
-        raise TypeError(f"region_type_ids must be an integer tensor, got {getattr(region_type_ids, 'dtype', type(region_type_ids))}")
+        raise TypeError(
+            f"token_weights must be a floating-point tensor, got {getattr(token_weights, 'dtype', type(token_weights))}"
+        )
+    if (
+        not torch.is_tensor(region_type_ids)
+        or region_type_ids.is_floating_point()
+        or region_type_ids.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"region_type_ids must be an integer tensor, got {getattr(region_type_ids, 'dtype', type(region_type_ids))}"
+        )
     if region_type_ids.shape != token_weights.shape:
-        raise ValueError(f"region_type_ids shape {tuple(region_type_ids.shape)} != token_weights shape "
-                         f"{tuple(token_weights.shape)}")
+        raise ValueError(
+            f"region_type_ids shape {tuple(region_type_ids.shape)} != token_weights shape {tuple(token_weights.shape)}"
+        )
     bad = (region_type_ids < -1) | (region_type_ids >= len(region_types))
     if bool(bad.any()):
         position = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"region_type_ids{list(position)} = {int(region_type_ids[position])} is not -1 or an "
-                         f"index into region_types (length {len(region_types)})")
+        raise ValueError(
+            f"region_type_ids{list(position)} = {int(region_type_ids[position])} is not -1 or an "
+            f"index into region_types (length {len(region_types)})"
+        )
     # last entry serves id -1 (outside every region)
     table = [float(multipliers.get(name, 1.0)) for name in region_types] + [1.0]
     table = torch.tensor(table, dtype=token_weights.dtype, device=token_weights.device)
@@ -71,8 +88,9 @@ class RegionMultiplierTool:
     def type_multipliers(self, region_types: list[str], epoch: int) -> dict[str, float]:
         raise NotImplementedError
 
-    def adjust(self, token_weights: torch.Tensor, region_type_ids: torch.Tensor, region_types: list[str],
-               epoch: int) -> torch.Tensor:
+    def adjust(
+        self, token_weights: torch.Tensor, region_type_ids: torch.Tensor, region_types: list[str], epoch: int
+    ) -> torch.Tensor:
         """New token weights ``[B, T]`` (same dtype): each token's weight times its region type's multiplier.
 
         region_type_ids ``[B, T]`` int64 indexes ``region_types`` (-1 = outside every region: unchanged);

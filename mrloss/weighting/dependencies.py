@@ -1,4 +1,5 @@
 """RegionDependencyHandler: damp a region type until the types it depends on are learned (cascade learning)."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -6,9 +7,9 @@ from typing import Mapping
 from mrloss.weighting.common import LossTrackingTool, finite_number, reject_unknown_keys
 
 DEFAULTS = {
-    "cascade_learning": True,   # false: the handler changes nothing
+    "cascade_learning": True,  # false: the handler changes nothing
     "region_dependencies": {},  # {"methodology": {"requires": ["definition"], "penalty_factor": 0.5}}
-    "learned_threshold": 1.0,   # a type is learned while its EMA loss (nats/token) <= this
+    "learned_threshold": 1.0,  # a type is learned while its EMA loss (nats/token) <= this
     "ema_decay": 0.9,
 }
 DEPENDENCY_DEFAULTS = {"requires": None, "penalty_factor": 0.5}
@@ -32,10 +33,13 @@ class RegionDependencyHandler(LossTrackingTool):
         reject_unknown_keys(config, DEFAULTS, "region_dependencies")
         config = {**DEFAULTS, **config}
         if not isinstance(config["cascade_learning"], bool):
-            raise TypeError(f"region_dependencies.cascade_learning: expected true/false, got {config['cascade_learning']!r}")
+            raise TypeError(
+                f"region_dependencies.cascade_learning: expected true/false, got {config['cascade_learning']!r}"
+            )
         self.cascade_learning = config["cascade_learning"]
-        self.learned_threshold = finite_number(config["learned_threshold"], "region_dependencies.learned_threshold",
-                                               low=0.0)
+        self.learned_threshold = finite_number(
+            config["learned_threshold"], "region_dependencies.learned_threshold", low=0.0
+        )
         super().__init__(config["ema_decay"], "region_dependencies")
         self.dependencies = _parse_dependencies(config["region_dependencies"])
 
@@ -49,15 +53,16 @@ class RegionDependencyHandler(LossTrackingTool):
         named = set(self.dependencies) | {r for requires, _ in self.dependencies.values() for r in requires}
         missing = sorted(named - set(region_types))
         if missing:
-            raise ValueError(f"region_dependencies names region type(s) {missing} that are not in the data's "
-                             f"region types {list(region_types)}")
+            raise ValueError(
+                f"region_dependencies names region type(s) {missing} that are not in the data's "
+                f"region types {list(region_types)}"
+            )
         multipliers = {t: 1.0 for t in region_types}
         if self.cascade_learning:
             for dependent, (requires, penalty_factor) in self.dependencies.items():
                 if not all(self.is_learned(r) for r in requires):
                     multipliers[dependent] = penalty_factor
         return multipliers
-
 
 
 def _parse_dependencies(dependencies) -> dict[str, tuple[tuple[str, ...], float]]:
@@ -69,11 +74,19 @@ def _parse_dependencies(dependencies) -> dict[str, tuple[tuple[str, ...], float]
         where = f"region_dependencies.region_dependencies[{dependent!r}]"
         reject_unknown_keys(spec, DEPENDENCY_DEFAULTS, where)
         requires = spec.get("requires")
-        if isinstance(requires, str) or not isinstance(requires, (list, tuple)) or not requires \
-                or not all(isinstance(r, str) for r in requires):
+        if (
+            isinstance(requires, str)
+            or not isinstance(requires, (list, tuple))
+            or not requires
+            or not all(isinstance(r, str) for r in requires)
+        ):
             raise ValueError(f"{where}.requires: expected a non-empty list of region type names, got {requires!r}")
-        penalty = finite_number(spec.get("penalty_factor", DEPENDENCY_DEFAULTS["penalty_factor"]),
-                                f"{where}.penalty_factor", low=0.0, high=1.0)
+        penalty = finite_number(
+            spec.get("penalty_factor", DEPENDENCY_DEFAULTS["penalty_factor"]),
+            f"{where}.penalty_factor",
+            low=0.0,
+            high=1.0,
+        )
         parsed[str(dependent)] = (tuple(dict.fromkeys(requires)), penalty)
     _reject_cycles({d: requires for d, (requires, _) in parsed.items()})
     return parsed
@@ -87,7 +100,7 @@ def _reject_cycles(graph: dict[str, tuple[str, ...]]) -> None:
         if state.get(node) == "done":
             return
         if state.get(node) == "open":
-            cycle = path[path.index(node):] + [node]
+            cycle = path[path.index(node) :] + [node]
             raise ValueError(f"region_dependencies: dependency cycle {' -> '.join(cycle)}")
         state[node] = "open"
         for required in graph.get(node, ()):

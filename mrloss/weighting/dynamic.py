@@ -1,4 +1,5 @@
 """DynamicWeightAdjuster: per-region-type weight multipliers from the epoch and from each type's difficulty."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -7,10 +8,10 @@ from mrloss.weighting.common import LossTrackingTool, check_epoch, finite_number
 
 DEFAULTS = {
     "difficulty_scaling": False,  # scale each type by its relative EMA loss
-    "epoch_weights": {},          # {"1": 1.0, "2": 1.2, "3": 1.5}: 1-based epoch -> multiplier
-    "ema_decay": 0.9,             # EMA of each type's batch mean loss
-    "exponent": 1.0,              # difficulty = (ema_type / mean_ema) ** exponent
-    "min_multiplier": 0.5,        # clamp of the difficulty multiplier
+    "epoch_weights": {},  # {"1": 1.0, "2": 1.2, "3": 1.5}: 1-based epoch -> multiplier
+    "ema_decay": 0.9,  # EMA of each type's batch mean loss
+    "exponent": 1.0,  # difficulty = (ema_type / mean_ema) ** exponent
+    "min_multiplier": 0.5,  # clamp of the difficulty multiplier
     "max_multiplier": 2.0,
 }
 
@@ -34,14 +35,18 @@ class DynamicWeightAdjuster(LossTrackingTool):
         reject_unknown_keys(config, DEFAULTS, "dynamic_weights")
         config = {**DEFAULTS, **config}
         if not isinstance(config["difficulty_scaling"], bool):
-            raise TypeError(f"dynamic_weights.difficulty_scaling: expected true/false, got {config['difficulty_scaling']!r}")
+            raise TypeError(
+                f"dynamic_weights.difficulty_scaling: expected true/false, got {config['difficulty_scaling']!r}"
+            )
         self.difficulty_scaling = config["difficulty_scaling"]
         self.epoch_weights = _parse_epoch_weights(config["epoch_weights"])
         self.exponent = finite_number(config["exponent"], "dynamic_weights.exponent", low=0.0)
-        self.min_multiplier = finite_number(config["min_multiplier"], "dynamic_weights.min_multiplier",
-                                            low=0.0, low_open=True)
-        self.max_multiplier = finite_number(config["max_multiplier"], "dynamic_weights.max_multiplier",
-                                            low=self.min_multiplier)
+        self.min_multiplier = finite_number(
+            config["min_multiplier"], "dynamic_weights.min_multiplier", low=0.0, low_open=True
+        )
+        self.max_multiplier = finite_number(
+            config["max_multiplier"], "dynamic_weights.max_multiplier", low=self.min_multiplier
+        )
         super().__init__(config["ema_decay"], "dynamic_weights")
 
     def epoch_multiplier(self, epoch: int) -> float:
@@ -59,13 +64,16 @@ class DynamicWeightAdjuster(LossTrackingTool):
         mean_ema = sum(seen.values()) / len(seen) if seen else 0.0
         if not self.difficulty_scaling or mean_ema <= 0.0:
             return {t: 1.0 for t in region_types}
-        return {t: min(max((seen[t] / mean_ema) ** self.exponent, self.min_multiplier), self.max_multiplier)
-                if t in seen else 1.0 for t in region_types}
+        return {
+            t: min(max((seen[t] / mean_ema) ** self.exponent, self.min_multiplier), self.max_multiplier)
+            if t in seen
+            else 1.0
+            for t in region_types
+        }
 
     def type_multipliers(self, region_types: list[str], epoch: int) -> dict[str, float]:
         epoch_multiplier = self.epoch_multiplier(epoch)
         return {t: epoch_multiplier * d for t, d in self.difficulty_multipliers(region_types).items()}
-
 
 
 def _parse_epoch_weights(epoch_weights) -> list[tuple[int, float]]:

@@ -1,4 +1,5 @@
 """Exponential moving average of each region type's loss (shared by both weighting tools)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """RegionWeighting: the dynamic weights and the region dependencies as one step of the training loop."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -19,21 +20,26 @@ class RegionWeighting(RegionMultiplierTool):
     ``monitor.log_batch_stats(..., multipliers=weighting.multipliers())`` to record what was done.
     """
 
-    def __init__(self, dynamic_weights: DynamicWeightAdjuster | None = None,
-                 region_dependencies: RegionDependencyHandler | None = None) -> None:
+    def __init__(
+        self,
+        dynamic_weights: DynamicWeightAdjuster | None = None,
+        region_dependencies: RegionDependencyHandler | None = None,
+    ) -> None:
         super().__init__()
         self.dynamic_weights = dynamic_weights
         self.region_dependencies = region_dependencies
 
     @classmethod
-    def from_config(cls, section: Mapping | None) -> "RegionWeighting":
+    def from_config(cls, section: Mapping | None) -> RegionWeighting:
         """``{"dynamic_weights": <DynamicWeightAdjuster config> | None, "region_dependencies": <RegionDependencyHandler
         config> | None}``; a missing or None entry leaves that tool off, unknown keys are errors."""
         section = dict(section or {})
         reject_unknown_keys(section, SECTION_KEYS, "weighting")
         dynamic, dependencies = section.get("dynamic_weights"), section.get("region_dependencies")
-        return cls(DynamicWeightAdjuster(dynamic) if dynamic is not None else None,
-                   RegionDependencyHandler(dependencies) if dependencies is not None else None)
+        return cls(
+            DynamicWeightAdjuster(dynamic) if dynamic is not None else None,
+            RegionDependencyHandler(dependencies) if dependencies is not None else None,
+        )
 
     @property
     def named_tools(self) -> dict[str, RegionMultiplierTool]:
@@ -68,6 +74,8 @@ class RegionWeighting(RegionMultiplierTool):
 
     def load_state_dict(self, state: Mapping) -> None:
         if set(state) != set(self.named_tools):
-            raise ValueError(f"weighting state holds {sorted(state)} but the configured tools are {sorted(self.named_tools)}")
+            raise ValueError(
+                f"weighting state holds {sorted(state)} but the configured tools are {sorted(self.named_tools)}"
+            )
         for name, tool in self.named_tools.items():
             tool.load_state_dict(state[name])

@@ -7,6 +7,7 @@ config; ``verl.key.sub=value`` goes to verl verbatim (without the ``verl.`` pref
 override of the same key), e.g. ``verl.engine.ulysses_sequence_parallel_size=2``. ``--dry-run`` prints
 the command instead of running it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,8 @@ def initial_model_path(config, save_path: str) -> Path:
 def prepare_model(config, save_path: str) -> None:
     """What verl needs on disk before it starts: the data files (``data.write_examples``) and, when
     ``model.path`` is null, the tiny model + BPE tokenizer that `mrloss train` would build, saved to
-    ``initial_model_path``. Reuses `mrloss.train`'s builders."""
-    from mrloss.train import build_model, build_tokenizer, ensure_data_files
+    ``initial_model_path``. Reuses `mrloss.training.build`'s builders."""
+    from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
 
     ensure_data_files(config.data)
     if config.model.path is not None:
@@ -88,8 +89,9 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "+data.add_eos": _hydra_value(data.add_eos),
         "data.use_dynamic_bsz": "false",
         "data.micro_batch_size_per_gpu": str(trainer.per_device_batch_size),
-        "data.train_batch_size": str(trainer.per_device_batch_size * trainer.gradient_accumulation_steps
-                                     * (nproc // sp_size)),
+        "data.train_batch_size": str(
+            trainer.per_device_batch_size * trainer.gradient_accumulation_steps * (nproc // sp_size)
+        ),
         "data.num_workers": str(trainer.dataloader_num_workers),
         "model.path": _hydra_string(initial_model_path(config, save_path).resolve()),
         "model.use_remove_padding": "true",
@@ -117,7 +119,8 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "+mrloss.softcap": _hydra_value(loss.softcap),
         "+mrloss.label_smoothing": str(loss.label_smoothing),
         "+mrloss.monitor_dir": _hydra_string(Path(config.monitor.output_dir or Path(save_path) / "monitor").resolve())
-        if config.monitor.enabled else "null",
+        if config.monitor.enabled
+        else "null",
         "+mrloss.weighting": _hydra_string(json.dumps(dataclasses.asdict(config.weighting)))
         if config.weighting.dynamic_weights is not None or config.weighting.region_dependencies is not None
         else "null",
@@ -133,8 +136,16 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
 
 def launch_command(nproc: int, overrides: list[str]) -> list[str]:
     """The torchrun command line (as argv) running verl's SFT trainer through our entry module."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "mrloss.integrations.verl.trainer", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "mrloss.integrations.verl.trainer",
+        *overrides,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value (mrloss config) or verl.key.sub=value (verl)")
     args = parser.parse_args(argv)
 
-    from mrloss.config import load_config
+    from mrloss.training.config import load_config
 
     verl_extra, config_overrides = [], []
     for item in args.overrides:
         plus, body = ("+", item[1:]) if item.startswith("+") else ("", item)
         if body.startswith("verl."):
-            verl_extra.append(plus + body[len("verl."):])
+            verl_extra.append(plus + body[len("verl.") :])
         else:
             config_overrides.append(item)
     try:

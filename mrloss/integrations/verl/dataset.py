@@ -13,6 +13,7 @@ Data config keys read (verl's ``data`` section; ``+data.format=...`` adds the on
 ``pad_mode`` (must be no_padding), ``max_length``, ``truncation`` (right | left | error), ``format``
 (auto | position_based | tag_based | structured), ``add_eos``, ``shuffle`` and ``seed`` (for max_samples).
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,12 @@ class MultiRegionSFTDataset(torch.utils.data.Dataset):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         paths = [parquet_files] if isinstance(parquet_files, str) else [str(path) for path in parquet_files]
         self.samples = MultiRegionDataset(
-            paths, tokenizer, format=config.get("format", "auto"), max_length=config.get("max_length", None),
-            truncation=config.get("truncation", "right"), add_eos=config.get("add_eos", True),
+            paths,
+            tokenizer,
+            format=config.get("format", "auto"),
+            max_length=config.get("max_length", None),
+            truncation=config.get("truncation", "right"),
+            add_eos=config.get("add_eos", True),
         )
         self.region_types = self.samples.region_types
         count = len(self.samples)

@@ -23,13 +23,15 @@ over the data-parallel group by the engine) and grad_reduction="mean", so the va
 ``sft_loss`` and the gradients after FSDP's average over dp*sp ranks are those of Σw·l / Σw.
 Requires ``model.use_remove_padding=True`` and ``data.pad_mode=no_padding`` (verl's FSDP SFT path).
 """
+
 from __future__ import annotations
 
 import types
 
 import torch
 
-from mrloss.integrations.heads import check_loss_options, model_head, unwrap_causal_lm
+from mrloss.integrations.heads import check_loss_options, head_loss, model_head, unwrap_causal_lm
+from mrloss.ops.normalization import IGNORE_INDEX
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shift_targets
 
 LOSS_KEY = "mrloss_loss"
@@ -59,22 +61,24 @@ def mrloss_sft_loss(config, model_output, data, dp_group=None):
     return model_output.pop(LOSS_KEY), {}
 
 
-def shard_micro_batch(micro_batch, pad_size: int, group, *, ignore_index: int = -100) -> ShardBatch:
+def shard_micro_batch(micro_batch, pad_size: int, group, *, ignore_index: int = IGNORE_INDEX) -> ShardBatch:
     """ShardBatch of a no_padding micro-batch (nested ``input_ids`` / ``loss_mask`` [B, j]): shift over the
     packed sequence, append ``pad_size`` ignored positions (verl's SP + static pad), take this rank's slice."""
     from verl.utils import tensordict_utils as tu
 
     input_ids, loss_mask = micro_batch["input_ids"], micro_batch["loss_mask"]
-    targets, weights = shift_targets(input_ids.values(), loss_mask.values().float(), ignore_index=ignore_index,
-                                     cu_seqlens=input_ids.offsets())
+    targets, weights = shift_targets(
+        input_ids.values(), loss_mask.values().float(), ignore_index=ignore_index, cu_seqlens=input_ids.offsets()
+    )
     if pad_size:
         targets = torch.cat([targets, targets.new_full((pad_size,), ignore_index)])
         weights = torch.cat([weights, weights.new_zeros(pad_size)])
     batch_num_tokens = tu.get_non_tensor_data(data=micro_batch, key="batch_num_tokens", default=None)
     dp_size = tu.get_non_tensor_data(data=micro_batch, key="dp_size", default=1)
     normalizer = None if batch_num_tokens is None else float(batch_num_tokens) / float(dp_size)
-    return ShardBatch(pad_and_slice(targets, group, pad_value=ignore_index), pad_and_slice(weights, group),
-                      normalizer, group)
+    return ShardBatch(
+        pad_and_slice(targets, group, pad_value=ignore_index), pad_and_slice(weights, group), normalizer, group
+    )
 
 
 def patch_causal_lm_forward(model, loss_options: dict | None = None):
@@ -84,7 +88,8 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
     `mrloss.integrations.heads`); without it, the original forward runs. Returns the model.
 
     loss_options: any of `mrloss.integrations.heads.LOSS_OPTIONS` (``ignore_index`` has no effect: the
-    targets are built here from ``loss_mask``, with -100). Raises TypeError for an architecture not in ``SUPPORTED_ARCHITECTURES``."""
+    targets are built here from ``loss_mask``, with ``IGNORE_INDEX``).
+    Raises TypeError for an architecture not in ``SUPPORTED_ARCHITECTURES``."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     options = check_loss_options(loss_options, caller="mrloss verl engine")
@@ -100,17 +105,23 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
             kwargs.pop(unused, None)
         hidden = causal_lm.get_decoder()(*args, **kwargs)[0]  # [1, n_local, H]
         if hidden.shape[0] != 1 or hidden.shape[1] != mrloss_shard.targets.shape[0]:
-            raise ValueError(f"hidden states {tuple(hidden.shape)} do not match the mrloss shard of "
-                             f"{mrloss_shard.targets.shape[0]} tokens (needs use_remove_padding=True)")
-        if head.hidden_scale is not None:
-            hidden = hidden * head.hidden_scale
-        lm_head = causal_lm.get_output_embeddings()
-        loss = sequence_parallel_linear_cross_entropy(
-            hidden[0], lm_head.weight, mrloss_shard.targets.to(hidden.device),
-            mrloss_shard.token_weights.to(hidden.device), bias=getattr(lm_head, "bias", None),
-            group=mrloss_shard.group, normalizer=mrloss_shard.normalizer, grad_reduction="mean",
-            softcap=head.softcap,
-            return_token_losses=mrloss_shard.keep_token_losses, **options,
+            raise ValueError(
+                f"hidden states {tuple(hidden.shape)} do not match the mrloss shard of "
+                f"{mrloss_shard.targets.shape[0]} tokens (needs use_remove_padding=True)"
+            )
+        loss = head_loss(
+            causal_lm,
+            head,
+            hidden[0],
+            sequence_parallel_linear_cross_entropy,
+            mrloss_shard.targets.to(hidden.device),
+            mrloss_shard.token_weights.to(hidden.device),
+            caller="mrloss verl engine",
+            group=mrloss_shard.group,
+            normalizer=mrloss_shard.normalizer,
+            grad_reduction="mean",
+            return_token_losses=mrloss_shard.keep_token_losses,
+            **options,
         )
         if mrloss_shard.keep_token_losses:
             loss, mrloss_shard.token_losses = loss
@@ -163,4 +174,3 @@ def patch_engine(engine, loss_options: dict | None = None, region_tools=None):
     engine.prepare_model_outputs = prepare_model_outputs
     engine.forward_backward_batch = forward_backward_batch
     return engine
-

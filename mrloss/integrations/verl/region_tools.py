@@ -9,22 +9,26 @@ training step (one ``forward_backward_batch``, the step's whole batch of this da
    every micro-batch uses the same adjusted weights: value and normalizer stay consistent.
 2. ``record_micro_batch(micro_batch, shard_losses, group)``, after each micro-batch's forward: the SP shards'
    unweighted token losses are all-gathered (N floats; no logits) and target-aligned, then
-   `mrloss.debug.monitor.region_statistics` (through ``monitor.log_batch_stats`` on rank 0) gives the
+   `mrloss.metrics.region_statistics` (through ``monitor.log_batch_stats`` on rank 0) gives the
    per-type statistics; rank 0 writes them, like the HF path, to ``<monitor_dir>/region_stats.jsonl``.
 3. ``end_step(dp_group)``: the step's per-type loss sums and learned-token counts are summed over the
    data-parallel group and their means fed to ``weighting.update`` (the next step's multipliers use them).
 
-Steps are verl's ``global_step`` (1-based); the epoch given to ``adjust`` is ``(step - 1) // steps_per_epoch + 1``.
+Accumulation, reduction, weighting update and checkpoint state are the shared region step tracker's
+(`mrloss.weighting.tracker.RegionStepTracker`, as in the HF Trainer). Steps are verl's
+``global_step`` (1-based); the epoch given to ``adjust`` is ``(step - 1) // steps_per_epoch + 1``.
 """
+
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
 
-from mrloss.debug.monitor import mean_region_losses, region_loss_sums, region_statistics
 from mrloss.parallel import group_size_and_rank
-
-WEIGHTING_STATE_FILE = "mrloss_weighting.pt"
+from mrloss.weighting.tracker import STATE_FILE as WEIGHTING_STATE_FILE  # noqa: F401  (public name here)
+from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
 
 
 class EngineRegionTools:
@@ -43,7 +47,7 @@ class EngineRegionTools:
         self.step = 0
         self.steps_per_epoch: int | None = None
         self.training = False
-        self._type_stats = torch.zeros(2, len(self.region_types), dtype=torch.float64)  # loss sum, learned tokens
+        self.tracker = RegionStepTracker(self.region_types, weighting=self.weighting, monitor=monitor)
 
     @property
     def needs_token_losses(self) -> bool:
@@ -58,10 +62,12 @@ class EngineRegionTools:
         """Start a training step: count it and put the weighting's adjusted weights into ``data["loss_mask"]``."""
         self.step += 1
         self.training = True
-        self._type_stats.zero_()
+        self.tracker.step_sums.zero_()
         if "region_type_ids" not in data.keys():
-            raise KeyError("the verl batch has no 'region_type_ids': the mrloss weighting / monitor need "
-                           "data.custom_cls = mrloss.integrations.verl.dataset.MultiRegionSFTDataset")
+            raise KeyError(
+                "the verl batch has no 'region_type_ids': the mrloss weighting / monitor need "
+                "data.custom_cls = mrloss.integrations.verl.dataset.MultiRegionSFTDataset"
+            )
         if self.weighting is None:
             return
         loss_mask, region_type_ids = data["loss_mask"], data["region_type_ids"]
@@ -75,28 +81,16 @@ class EngineRegionTools:
         token_losses = target_aligned_losses(shard_losses, input_ids.offsets(), group)
         token_weights = micro_batch["loss_mask"].values().float().to(token_losses.device)
         region_type_ids = micro_batch["region_type_ids"].values().to(token_losses.device)
-        if self.monitor is not None:
-            batch = {"token_weights": token_weights[None], "region_type_ids": region_type_ids[None]}
-            multipliers = self.weighting.multipliers() if self.weighting is not None else None
-            record = self.monitor.log_batch_stats(batch, self.step, token_losses[None], multipliers=multipliers)
-        else:
-            record = region_statistics(token_weights, region_type_ids, self.region_types, token_losses=token_losses)
-        self._type_stats += region_loss_sums(record, self.region_types)
+        batch = {"token_weights": token_weights[None], "region_type_ids": region_type_ids[None]}
+        self.tracker.record(self.tracker.statistics(batch, token_losses[None], self.step))
 
     def end_step(self, dp_group=None) -> None:
         """Feed the step's per-type mean token losses (summed over ``dp_group``) to the weighting."""
         self.training = False
         if self.weighting is None:
             return
-        stats = self._type_stats
-        if dp_group is not None and dist.is_initialized():
-            gloo = dist.get_backend(dp_group) == "gloo"
-            stats = stats.to("cpu" if gloo else torch.accelerator.current_accelerator())
-            dist.all_reduce(stats, group=dp_group)
-            stats = stats.cpu()
-        type_losses = mean_region_losses(stats, self.region_types)
-        if type_losses:
-            self.weighting.update(type_losses)
+        reduce = None if dp_group is None else functools.partial(all_reduce_sum, group=dp_group)
+        self.tracker.update_weighting(reduce)
 
 
 def target_aligned_losses(shard_losses: torch.Tensor, offsets: torch.Tensor, group=None) -> torch.Tensor:
@@ -114,6 +108,6 @@ def target_aligned_losses(shard_losses: torch.Tensor, offsets: torch.Tensor, gro
         shifted = torch.cat(shards)
     total = int(offsets[-1])
     token_losses = torch.zeros(total, dtype=torch.float32, device=shifted.device)
-    token_losses[1:] = shifted[:total - 1]
+    token_losses[1:] = shifted[: total - 1]
     token_losses[offsets[:-1].to(shifted.device).long()] = 0.0  # nothing predicts a sample's first token
     return token_losses

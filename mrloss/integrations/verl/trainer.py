@@ -14,13 +14,12 @@ saved in every checkpoint directory (``mrloss_weighting.pt``) and restored on re
 The dataset is chosen by verl itself: ``data.custom_cls.path=pkg://mrloss.integrations.verl.dataset
 data.custom_cls.name=MultiRegionSFTDataset``.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from functools import partial
-
-import torch
 
 LOSS_CHOICES = ("mrloss", "verl")
 TOOL_KEYS = ("monitor_dir", "weighting")
@@ -42,8 +41,10 @@ def install() -> None:
         tool_options = {key: options.pop(key) for key in TOOL_KEYS if key in options}
         if options.pop("loss") != "mrloss":
             if any(value is not None for value in tool_options.values()):
-                raise ValueError(f"mrloss.{'/'.join(TOOL_KEYS)} need mrloss.loss=mrloss (the token losses come "
-                                 "from the mrloss forward)")
+                raise ValueError(
+                    f"mrloss.{'/'.join(TOOL_KEYS)} need mrloss.loss=mrloss (the token losses come "
+                    "from the mrloss forward)"
+                )
             return
         from mrloss.integrations.verl.engine import mrloss_sft_loss, patch_engine
 
@@ -92,8 +93,10 @@ def region_tools(trainer, monitor_dir=None, weighting=None):
         return None
     types = getattr(trainer.train_dataset, "region_types", None)
     if types is None:
-        raise ValueError("mrloss.weighting / mrloss.monitor_dir need data.custom_cls = "
-                         "mrloss.integrations.verl.dataset.MultiRegionSFTDataset (it provides region_type_ids)")
+        raise ValueError(
+            "mrloss.weighting / mrloss.monitor_dir need data.custom_cls = "
+            "mrloss.integrations.verl.dataset.MultiRegionSFTDataset (it provides region_type_ids)"
+        )
     monitor = None
     if monitor_dir is not None and trainer.rank == 0:
         from mrloss.debug import MultiRegionTrainingMonitor
@@ -105,16 +108,13 @@ def region_tools(trainer, monitor_dir=None, weighting=None):
 def start_region_tools(trainer, tools) -> None:
     """Before ``fit``: resumed step and epoch length; the weighting's state from the resumed checkpoint (a
     fresh run instead starts a fresh ``region_stats.jsonl``); the weighting saved with every checkpoint."""
-    from mrloss.integrations.verl.region_tools import WEIGHTING_STATE_FILE
-
     tools.step, tools.steps_per_epoch = int(trainer.resume_global_step), int(trainer.steps_per_epoch)
     trainer_config = trainer.config.trainer
     if tools.step > 0 and tools.weighting is not None:
         directory = trainer_config.get("resume_from_path", None) or os.path.join(
-            trainer_config.default_local_dir, f"global_step_{tools.step}")
-        state_file = os.path.join(directory, WEIGHTING_STATE_FILE)
-        if os.path.exists(state_file):
-            tools.weighting.load_state_dict(torch.load(state_file, weights_only=True))
+            trainer_config.default_local_dir, f"global_step_{tools.step}"
+        )
+        tools.tracker.load_state(directory)
     if tools.step == 0 and tools.monitor is not None and tools.monitor.stats_path.exists():
         tools.monitor.stats_path.unlink()
     if tools.weighting is not None:
@@ -124,8 +124,7 @@ def start_region_tools(trainer, tools) -> None:
         def save_checkpoint(step):
             original_save(step)
             if trainer.rank == 0:
-                torch.save(tools.weighting.state_dict(),
-                           os.path.join(trainer_config.default_local_dir, f"global_step_{step}", WEIGHTING_STATE_FILE))
+                tools.tracker.save_state(os.path.join(trainer_config.default_local_dir, f"global_step_{step}"))
 
         handler.save_checkpoint = save_checkpoint
 

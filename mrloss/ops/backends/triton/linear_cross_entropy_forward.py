@@ -1,8 +1,8 @@
 """Fused Triton forward of the linear cross-entropy: per-row losses straight from the hidden states.
 
-Loss only (no gradients, no autograd): the loss-only passes of ``mrloss.loss`` with backend="triton"
+Loss only (no gradients, no autograd): the loss-only passes of ``mrloss.ops.api`` with backend="triton"
 use it instead of the chunked matmul + row op, so no ``[C, V]`` logits chunk is ever written to
-memory; the extra memory is O(M) (the losses). Formula and contract: ``mrloss.chunked`` (row op
+memory; the extra memory is O(M) (the losses). Formula and contract: ``mrloss.ops.chunked`` (row op
 contract, ``grad_scales`` None), with a_i = h_i W^T + b computed here in float32.
 
 Tiling: one program per BLOCK_N learned rows (gathered by index from ``hidden``, never copied). It loops
@@ -12,14 +12,21 @@ running max / sum-exp (online logsumexp), the target logit (picked when the targ
 and the sum of logits (label smoothing). Only those four [BLOCK_N] vectors live across tiles. Each
 program reads all of ``weight`` once per BLOCK_N rows. No atomics: deterministic.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from mrloss.kernels.launch import Capability, CompileCase, LaunchConfig, device_capability, triton_interpreted
-from mrloss.kernels.tl_math import softcapped
+from mrloss.ops.backends.triton.launch import (
+    Capability,
+    CompileCase,
+    LaunchConfig,
+    device_capability,
+    triton_interpreted,
+)
+from mrloss.ops.backends.triton.tl_math import softcapped
 
 # Block sizes are fixed, not autotuned: they were chosen without a GPU to tune on. GPU: the usual
 # tensor-core friendly tile (a 64 x 128 fp32 accumulator). Interpreter: small tiles (numpy per tile).
@@ -29,12 +36,28 @@ INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32)
 
 @triton.jit
 def _linear_cross_entropy_forward_kernel(
-    hidden_ptr, stride_hidden_row, stride_hidden_col,
-    weight_ptr, stride_weight_row, stride_weight_col,
-    bias_ptr, stride_bias, rows_ptr, targets_ptr, losses_ptr,
-    num_rows, hidden_size, vocab_size, softcap, label_smoothing,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_ptr,
+    stride_hidden_row,
+    stride_hidden_col,
+    weight_ptr,
+    stride_weight_row,
+    stride_weight_col,
+    bias_ptr,
+    stride_bias,
+    rows_ptr,
+    targets_ptr,
+    losses_ptr,
+    num_rows,
+    hidden_size,
+    vocab_size,
+    softcap,
+    label_smoothing,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     offsets = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offsets < num_rows
@@ -55,10 +78,14 @@ def _linear_cross_entropy_forward_kernel(
             ks = h_start + tl.arange(0, BLOCK_H)
             k_mask = ks < hidden_size
             ks = ks.to(tl.int64)  # column offsets times a transposed view's large stride
-            h = tl.load(hidden_row_ptrs + ks[None, :] * stride_hidden_col,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(weight_col_ptrs + ks[:, None] * stride_weight_col,  # [BLOCK_H, BLOCK_V] = W^T tile
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            h = tl.load(
+                hidden_row_ptrs + ks[None, :] * stride_hidden_col, mask=row_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            w = tl.load(
+                weight_col_ptrs + ks[:, None] * stride_weight_col,  # [BLOCK_H, BLOCK_V] = W^T tile
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
             logits = tl.dot(h, w, logits, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0)
@@ -112,7 +139,7 @@ def linear_cross_entropy_forward(
     read through its own strides, never copied); rows [M] int64 indices into hidden and targets [M]
     int64 in [0, V) (any strides: made contiguous, O(M)). Logits are accumulated in float32
     (fp32 inputs exactly: IEEE products, no TF32). blocks: BLOCK_N / BLOCK_V / BLOCK_H (each a power
-    of two >= 16) to override the per-device defaults. See ``mrloss.chunked`` for the formula.
+    of two >= 16) to override the per-device defaults. See ``mrloss.ops.chunked`` for the formula.
     """
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"linear_cross_entropy_forward takes float16, bfloat16 or float32, got {hidden.dtype}")
@@ -139,12 +166,24 @@ def linear_cross_entropy_forward(
     vocab_size, hidden_size = weight.shape
     grid = (triton.cdiv(num_rows, config.constexprs["BLOCK_N"]),)
     _linear_cross_entropy_forward_kernel[grid](
-        hidden, hidden.stride(0), hidden.stride(1),
-        weight, weight.stride(0), weight.stride(1),
-        weight if bias is None else bias, 0 if bias is None else bias.stride(0),  # weight: dummy bias pointer
-        rows.contiguous(), targets.contiguous(), losses,
-        num_rows, hidden_size, vocab_size, float(softcap or 1.0), float(label_smoothing),
-        **config.constexprs, **options,
+        hidden,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight,
+        weight.stride(0),
+        weight.stride(1),
+        weight if bias is None else bias,
+        0 if bias is None else bias.stride(0),  # weight: dummy bias pointer
+        rows.contiguous(),
+        targets.contiguous(),
+        losses,
+        num_rows,
+        hidden_size,
+        vocab_size,
+        float(softcap or 1.0),
+        float(label_smoothing),
+        **config.constexprs,
+        **options,
     )
     return losses
 
@@ -164,7 +203,9 @@ def compile_cases(capability: Capability):
                 # contiguous hidden and weight: column strides are 1 (a constexpr on a GPU launch)
                 signature.update(stride_hidden_col="constexpr", stride_weight_col="constexpr")
                 config = LaunchConfig(
-                    dict(config.constexprs, stride_hidden_col=1, stride_weight_col=1), config.num_warps, config.num_stages
+                    dict(config.constexprs, stride_hidden_col=1, stride_weight_col=1),
+                    config.num_warps,
+                    config.num_stages,
                 )
                 divisible = ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "targets_ptr", "losses_ptr",
                              "stride_hidden_row", "stride_weight_row", "hidden_size", "vocab_size")  # fmt: skip

@@ -1,7 +1,7 @@
 """Triton row op of the chunked linear cross-entropy: loss per row and dL/dlogits written in place.
 
-Same contract and formula as ``mrloss.torch_backend.cross_entropy_rows`` (documented once, in
-``mrloss.chunked``). One program per row, looping over the vocabulary in BLOCK_V tiles:
+Same contract and formula as ``mrloss.ops.backends.torch.cross_entropy_rows`` (documented once, in
+``mrloss.ops.chunked``). One program per row, looping over the vocabulary in BLOCK_V tiles:
 pass 1 keeps an online max / sum-exp (logsumexp), the sum of logits (label smoothing) and reads the
 target logit; pass 2 (only when grad_scales is given) rewrites the row with the gradient in the logits'
 dtype. All math in float32 (float64 for float64 logits); no atomics, so results are deterministic.
@@ -13,9 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from mrloss.chunked import accumulation_dtype
-from mrloss.kernels.launch import Capability, CompileCase, LaunchConfig, device_capability, triton_interpreted
-from mrloss.kernels.tl_math import softcapped, tanh
+from mrloss.ops.backends.dtypes import accumulation_dtype
+from mrloss.ops.backends.triton.launch import (
+    Capability,
+    CompileCase,
+    LaunchConfig,
+    device_capability,
+    triton_interpreted,
+)
+from mrloss.ops.backends.triton.tl_math import softcapped, tanh
 
 SMALL_BLOCK_V = 1024  # vocabularies up to this size: one tile, 4 warps (8 for float64)
 MAX_BLOCK_V = 4096  # larger vocabularies: 4096-wide tiles, 16 warps (8 values per thread; 8 warps spill)
@@ -101,7 +107,7 @@ def cross_entropy_rows(
     label_smoothing: float,
 ) -> torch.Tensor:
     """Per-row loss of ``logits [C, V]`` (contiguous rows) against ``targets [C]`` int64 in [0, V);
-    with ``grad_scales [C]`` also overwrites ``logits`` with dL/dlogits. See ``mrloss.chunked``."""
+    with ``grad_scales [C]`` also overwrites ``logits`` with dL/dlogits. See ``mrloss.ops.chunked``."""
     num_rows, vocab_size = logits.shape
     acc_dtype = accumulation_dtype(logits.dtype)
     losses = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)

@@ -2,30 +2,38 @@
 
 1. writes the example data set (three formats) to ``OUTPUT_DIR/data``;
 2. shows the loss mask of one sample in the terminal (`mrloss.debug.LossMaskVisualizer`);
-3. trains a tiny Llama with a BPE tokenizer trained on the data (`mrloss.train`), on CPU;
+3. trains a tiny Llama with a BPE tokenizer trained on the data (`mrloss.training.run`), on CPU;
 4. prints the loss of every region type before and after, and where the outputs are.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
 
-from mrloss.config import Config, DataConfig, ModelConfig, MonitorConfig, TrainerConfig
+from mrloss.training.config import Config, DataConfig, ModelConfig, MonitorConfig, TrainerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mrloss demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="mrloss-demo", help="where data, model and logs go (default: %(default)s)")
+    parser.add_argument(
+        "--output-dir", default="mrloss-demo", help="where data, model and logs go (default: %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--format", default="tag_based", choices=("position_based", "tag_based", "structured"),
-                        help="which copy of the example data to train on (default: %(default)s)")
+    parser.add_argument(
+        "--format",
+        default="tag_based",
+        choices=("position_based", "tag_based", "structured"),
+        help="which copy of the example data to train on (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
     from mrloss.data import encode, write_examples
     from mrloss.debug import LossMaskVisualizer
-    from mrloss.train import evaluate_region_losses, finish_run, prepare_run
+    from mrloss.training.evaluate import evaluate_region_losses
+    from mrloss.training.run import finish_run, prepare_run
 
     output_dir = Path(args.output_dir)
     paths = write_examples(output_dir / "data")
@@ -33,11 +41,25 @@ def main(argv: list[str] | None = None) -> int:
 
     config = Config(
         data=DataConfig(train_files=[str(paths[args.format])], format=args.format, max_length=256),
-        model=ModelConfig(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                          intermediate_size=128, vocab_size=512),
-        trainer=TrainerConfig(output_dir=str(output_dir / "run"), max_steps=args.steps, learning_rate=5e-3,
-                              per_device_batch_size=4, warmup_ratio=0.05, lr_scheduler="cosine",
-                              logging_steps=max(args.steps // 6, 1), device="cpu"),
+        model=ModelConfig(
+            arch="llama",
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            vocab_size=512,
+        ),
+        trainer=TrainerConfig(
+            output_dir=str(output_dir / "run"),
+            max_steps=args.steps,
+            learning_rate=5e-3,
+            per_device_batch_size=4,
+            warmup_ratio=0.05,
+            lr_scheduler="cosine",
+            logging_steps=max(args.steps // 6, 1),
+            device="cpu",
+        ),
         monitor=MonitorConfig(enabled=True),
     )
     run = prepare_run(config)
@@ -52,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     before = evaluate_region_losses(run.trainer, dataset)
-    print(f"\n[3/4] training a tiny llama ({sum(p.numel() for p in run.trainer.model.parameters()):,} parameters, "
-          f"{len(dataset)} samples) for {args.steps} steps on CPU")
+    print(
+        f"\n[3/4] training a tiny llama ({sum(p.numel() for p in run.trainer.model.parameters()):,} parameters, "
+        f"{len(dataset)} samples) for {args.steps} steps on CPU"
+    )
     finish_run(run)
     after = evaluate_region_losses(run.trainer, dataset)
 
@@ -62,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'region':<{width}}  {'start':>7}  {'end':>7}")
     for name in before:
         print(f"  {name:<{width}}  {before[name]:7.3f}  {after[name]:7.3f}")
-    print(f"\nmodel + tokenizer: {config.trainer.output_dir}   metrics: {Path(config.trainer.output_dir) / 'metrics.json'}")
-    print(f"per-region statistics: {Path(config.trainer.output_dir) / 'monitor' / 'region_stats.jsonl'}"
-          f"  (plot: mrloss plot {config.trainer.output_dir})")
+    metrics_file = Path(config.trainer.output_dir) / "metrics.json"
+    print(f"\nmodel + tokenizer: {config.trainer.output_dir}   metrics: {metrics_file}")
+    print(
+        f"per-region statistics: {Path(config.trainer.output_dir) / 'monitor' / 'region_stats.jsonl'}"
+        f"  (plot: mrloss plot {config.trainer.output_dir})"
+    )
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -75,7 +102,10 @@ def _sample_to_show(dataset) -> int:
 
     def key(i):
         region_text = dataset.region_texts[i]
-        return (dataset.sample_ids[i] in truncated, -len({region.type for region in region_text.regions}),
-                len(region_text.text))
+        return (
+            dataset.sample_ids[i] in truncated,
+            -len({region.type for region in region_text.regions}),
+            len(region_text.text),
+        )
 
     return min(range(len(dataset)), key=key)

@@ -1,16 +1,17 @@
 """Row op of the chunked linear cross-entropy in plain PyTorch (runs anywhere).
 
-The formula and the contract are documented once, in ``mrloss.chunked``; the Triton kernel
-``mrloss.kernels.cross_entropy_rows`` computes the same thing. Math runs in float32 (float64 for
+The formula and the contract are documented once, in ``mrloss.ops.chunked``; the Triton kernel
+``mrloss.ops.backends.triton.cross_entropy_rows`` computes the same thing. Math runs in float32 (float64 for
 float64 logits), in place on the chunk where the dtype allows (the softmax overwrites the logits), so
 the extra memory is at most two float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one
 more for the softcap factor) and none for float32 logits without softcap.
 """
+
 from __future__ import annotations
 
 import torch
 
-from mrloss.chunked import accumulation_dtype
+from mrloss.ops.backends.dtypes import accumulation_dtype
 
 
 def cross_entropy_rows(
@@ -22,7 +23,7 @@ def cross_entropy_rows(
     label_smoothing: float,
 ) -> torch.Tensor:
     """Per-row loss of ``logits [C, V]`` against ``targets [C]``; with ``grad_scales [C]`` also
-    overwrites ``logits`` with dL/dlogits. See ``mrloss.chunked`` for the formula."""
+    overwrites ``logits`` with dL/dlogits. See ``mrloss.ops.chunked`` for the formula."""
     vocab_size = logits.shape[1]
     acc_dtype = accumulation_dtype(logits.dtype)
     z = logits if logits.dtype == acc_dtype else logits.to(acc_dtype)  # may alias logits (scratch)

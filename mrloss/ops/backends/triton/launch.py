@@ -1,7 +1,7 @@
 """Launch configurations of the Triton kernels, as plain data.
 
 Each kernel module has one function that maps (device capability, dtypes, shapes, options) to a
-``LaunchConfig`` — its launcher calls it, and so does the compile check (``mrloss.kernels.compile_check``),
+``LaunchConfig`` — its launcher calls it, and so does the compile check (``mrloss.ops.backends.triton.compile_check``),
 which walks every configuration a GPU can get and compiles it with Triton's real compiler. Nothing that
 only the CPU interpreter needs goes into these configurations.
 """

@@ -1,30 +1,39 @@
 """Public API of the fused, zero-weight-skipping weighted linear cross-entropy.
 
 ``linear_cross_entropy`` validates its arguments, aligns targets and weights (``shift``, with the one
-shift rule of ``mrloss.alignment``), compacts the *learned* tokens (valid target and weight > 0: only
-they cost matmul work), and runs one ``torch.autograd.Function`` over the chunk driver
-``mrloss.chunked`` with a backend row op (``mrloss.torch_backend`` or the Triton kernel
-``mrloss.kernels.cross_entropy_rows``). With the Triton backend, passes that need losses only (no
+shift rule of ``mrloss.ops.normalization``), compacts the *learned* tokens (valid target and weight > 0: only
+they cost matmul work), and runs one ``torch.autograd.Function`` (``mrloss.ops.function``) over the chunk driver
+``mrloss.ops.chunked`` with a backend row op (``mrloss.ops.backends.torch`` or the Triton kernel
+``mrloss.ops.backends.triton.cross_entropy_rows``). With the Triton backend, passes that need losses only (no
 gradient wanted, or the forward of reduction "none") run the fused kernel
-``mrloss.kernels.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra memory. The
-formula is the one of ``mrloss.reference``.
+``mrloss.ops.backends.triton.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra memory. The
+formula is the one of ``mrloss.ops.reference``.
 
 For reduction "mean"/"sum" (and ``normalizer``) the upstream gradient is a scalar, so the gradients are
 computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward only scales them, in
 place (so one backward per forward: a second one through the same graph raises RuntimeError).
 For "none" the forward computes losses only and backward re-runs the chunks with per-token scales.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 
-from mrloss.alignment import shift_targets
-from mrloss.chunked import (ChunkedResult, FusedLosses, RowOp, accumulation_dtype,
-                            chunked_linear_cross_entropy, default_chunk_size)
+from mrloss.ops.backends.dtypes import accumulation_dtype
+from mrloss.ops.chunked import FusedLosses, RowOp, chunked_linear_cross_entropy, default_chunk_size
+from mrloss.ops.function import LinearCrossEntropyFunction, Plan
+from mrloss.ops.normalization import (  # noqa: F401  (check_normalizer, normalizer_tensor: public names here too)
+    IGNORE_INDEX,
+    check_normalizer,
+    denominator,
+    learned_mask,
+    normalizer_tensor,
+    safe_divide,
+    shift_targets,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -38,7 +47,7 @@ def linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     softcap: float | None = None,
@@ -65,8 +74,20 @@ def linear_cross_entropy(
     Returns the loss (float32; float64 for float64 inputs) and, with return_token_losses, also the
     detached unweighted per-token loss l (float32, shape of targets, 0 where skipped).
     """
-    _check_arguments(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap,
-                     label_smoothing, shift, backend, chunk_size)
+    _check_arguments(
+        hidden,
+        weight,
+        targets,
+        token_weights,
+        bias,
+        reduction,
+        normalizer,
+        softcap,
+        label_smoothing,
+        shift,
+        backend,
+        chunk_size,
+    )
     row_op, fused_losses = _backend_ops(backend, hidden)
     hidden_size, vocab_size = hidden.shape[-1], weight.shape[0]
     acc_dtype = accumulation_dtype(hidden.dtype)
@@ -76,9 +97,7 @@ def linear_cross_entropy(
         targets_used, weights_used = targets, token_weights
     targets_used = targets_used.reshape(-1)
     weights_used = None if weights_used is None else weights_used.reshape(-1)
-    learned = targets_used != ignore_index
-    if weights_used is not None:
-        learned &= weights_used > 0
+    learned = learned_mask(targets_used, weights_used, ignore_index)
     num_learned = _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size)
 
     rows = torch.nonzero_static(learned, size=num_learned).squeeze(1)  # learned flat positions
@@ -93,19 +112,16 @@ def linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_size, vocab_size)
     chunk_size = max(1, min(chunk_size, num_learned))
-    needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
-                       for t in (hidden, weight, bias))
-    plan = _Plan(row_op, fused_losses, softcap, float(label_smoothing), chunk_size, reduction == "none",
-                 needs_grad)
+    needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    plan = Plan(row_op, fused_losses, softcap, float(label_smoothing), chunk_size, reduction == "none", needs_grad)
 
     if reduction == "none":
         scales = learned_weights
     else:
-        denominator = _denominator(normalizer, reduction, learned_weights)
-        inverse = torch.where(denominator > 0, 1 / torch.where(denominator > 0, denominator, 1), 0)
-        scales = learned_weights * inverse
-    learned_loss, learned_token_losses = _LinearCrossEntropyFunction.apply(
-        hidden_2d, weight, bias, rows, learned_targets, scales, plan)
+        scales = learned_weights * safe_divide(1, denominator(normalizer, reduction, learned_weights))
+    learned_loss, learned_token_losses = LinearCrossEntropyFunction.apply(
+        hidden_2d, weight, bias, rows, learned_targets, scales, plan
+    )
 
     if reduction == "none":
         loss = learned_loss.new_zeros(targets.numel()).index_copy(0, output_positions, learned_loss)
@@ -131,8 +147,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         unknown = set(options) - _OPTION_NAMES
         if unknown:
-            raise TypeError(f"LinearCrossEntropyLoss: unknown option(s) {sorted(unknown)}; "
-                            f"expected some of {sorted(_OPTION_NAMES)}")
+            raise TypeError(
+                f"LinearCrossEntropyLoss: unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTION_NAMES)}"
+            )
         self.options = options
 
     def forward(self, hidden, weight, targets, token_weights=None, bias=None, normalizer=None):
@@ -144,96 +161,33 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 
-_OPTION_NAMES = {"ignore_index", "reduction", "normalizer", "softcap", "label_smoothing", "shift",
-                 "backend", "return_token_losses", "chunk_size"}
+_OPTION_NAMES = {
+    "ignore_index",
+    "reduction",
+    "normalizer",
+    "softcap",
+    "label_smoothing",
+    "shift",
+    "backend",
+    "return_token_losses",
+    "chunk_size",
+}
 
 
-@dataclass(frozen=True)
-class _Plan:
-    row_op: RowOp
-    fused_losses: FusedLosses | None  # loss-only passes use it instead of the chunks when given
-    softcap: float | None
-    label_smoothing: float
-    chunk_size: int
-    per_token: bool  # reduction "none": upstream gradient is per token, gradients built in backward
-    needs_grad: tuple[bool, bool, bool]  # gradients wanted for (hidden, weight, bias)
-
-    def run(self, hidden, weight, bias, rows, targets, grad_scales):
-        if grad_scales is None and self.fused_losses is not None:
-            losses = self.fused_losses(hidden, weight, bias, rows, targets, softcap=self.softcap,
-                                       label_smoothing=self.label_smoothing)
-            return ChunkedResult(losses, None, None, None)
-        return chunked_linear_cross_entropy(
-            hidden, weight, bias, rows, targets, grad_scales, row_op=self.row_op, softcap=self.softcap,
-            label_smoothing=self.label_smoothing, chunk_size=self.chunk_size, needs_grad=self.needs_grad)
-
-
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """(hidden [N, H], weight [V, H], bias [V]|None, rows [M], targets [M], scales [M], plan) ->
-    (loss, token_losses [M] unweighted, non-differentiable).
-
-    Reduced (plan.per_token False): loss = sum_i scales_i l_i, gradients built in forward; backward
-    multiplies those buffers in place by the scalar upstream gradient (no copy, no host sync), so they
-    serve one backward only: a second one through the same graph raises. Per token: loss [M] =
-    scales_i l_i (scales are the token weights) and backward re-runs the chunks with grad scales
-    scales_i * upstream_i (any number of backward passes).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, scales, plan):
-        ctx.plan, ctx.dtypes = plan, (hidden.dtype, weight.dtype, weight.dtype)
-        build_grads = any(plan.needs_grad) and not plan.per_token
-        result = plan.run(hidden, weight, bias, rows, targets, scales if build_grads else None)
-        if plan.per_token:
-            ctx.save_for_backward(hidden, weight, bias, rows, targets, scales)
-            loss = result.losses * scales
-        else:
-            ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
-            loss = (result.losses * scales).sum()
-        ctx.mark_non_differentiable(result.losses)
-        return loss, result.losses
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_token_losses):
-        if ctx.plan.per_token:
-            hidden, weight, bias, rows, targets, scales = ctx.saved_tensors
-            grads = ctx.plan.run(hidden, weight, bias, rows, targets, scales * grad_loss.to(scales.dtype))[1:]
-        else:
-            if getattr(ctx, "grads_consumed", False):
-                raise RuntimeError(
-                    "linear_cross_entropy: a second backward through the same graph is not supported for "
-                    'reduction "mean"/"sum": the gradients built in the forward pass were scaled in place '
-                    "by the first backward. Recompute the loss (or use reduction=\"none\" and reduce it).")
-            ctx.grads_consumed = True
-            grads = ctx.saved_tensors
-            for grad in grads:
-                if grad is not None:
-                    _scale_in_place(grad, grad_loss)
-        return (*(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)),
-                None, None, None, None)
-
-
-SCALE_BLOCK_ELEMENTS = 1 << 24  # float32 temporary of the half-precision scaling: at most 64 MiB
-
-
-def _scale_in_place(grad: torch.Tensor, upstream: torch.Tensor) -> None:
-    """grad *= upstream (0-dim, grad's device), in float32 at least and rounded once into grad's dtype.
-
-    float32/float64 buffers: one ``mul_``. Half-precision buffers (grad_hidden of bf16/fp16 inputs): in
-    blocks of rows through a float32 temporary, because a half-precision ``mul_`` by a 0-dim device
-    tensor would first round the upstream gradient itself to half precision (on CUDA)."""
-    acc_dtype = accumulation_dtype(grad.dtype)
-    upstream = upstream.to(acc_dtype)
-    if grad.dtype == acc_dtype:
-        grad.mul_(upstream)
-        return
-    rows_per_block = max(1, SCALE_BLOCK_ELEMENTS // max(1, math.prod(grad.shape[1:])))
-    for block in grad.split(rows_per_block):
-        block.copy_(block.to(acc_dtype) * upstream)
-
-
-def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap,
-                     label_smoothing, shift, backend, chunk_size):
+def _check_arguments(
+    hidden,
+    weight,
+    targets,
+    token_weights,
+    bias,
+    reduction,
+    normalizer,
+    softcap,
+    label_smoothing,
+    shift,
+    backend,
+    chunk_size,
+):
     """Shape, dtype, device and option checks (no device sync)."""
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
@@ -248,8 +202,10 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} has H={hidden.shape[-1]} "
-                         f"but weight {tuple(weight.shape)} has H={weight.shape[1]}")
+        raise ValueError(
+            f"hidden size mismatch: hidden {tuple(hidden.shape)} has H={hidden.shape[-1]} "
+            f"but weight {tuple(weight.shape)} has H={weight.shape[1]}"
+        )
     if weight.shape[0] == 0:
         raise ValueError(f"weight must have V >= 1 rows, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -262,16 +218,24 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
         raise TypeError(f"targets must hold integer class ids (int64), got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"shape mismatch: targets {tuple(targets.shape)} must be hidden's shape without "
-                         f"its last dim, {tuple(hidden.shape[:-1])} (hidden is {tuple(hidden.shape)})")
+        raise ValueError(
+            f"shape mismatch: targets {tuple(targets.shape)} must be hidden's shape without "
+            f"its last dim, {tuple(hidden.shape[:-1])} (hidden is {tuple(hidden.shape)})"
+        )
     if token_weights is not None:
         if not token_weights.is_floating_point():
             raise TypeError(f"token_weights must be a float tensor, got {token_weights.dtype}")
         if token_weights.shape != targets.shape:
-            raise ValueError(f"shape mismatch: token_weights {tuple(token_weights.shape)} must match "
-                             f"targets {tuple(targets.shape)}")
-    named = [("hidden", hidden), ("weight", weight), ("targets", targets), ("token_weights", token_weights),
-             ("bias", bias)]
+            raise ValueError(
+                f"shape mismatch: token_weights {tuple(token_weights.shape)} must match targets {tuple(targets.shape)}"
+            )
+    named = [
+        ("hidden", hidden),
+        ("weight", weight),
+        ("targets", targets),
+        ("token_weights", token_weights),
+        ("bias", bias),
+    ]
     for name, value in named:
         if value is not None and value.device != hidden.device:
             raise ValueError(f"device mismatch: hidden is on {hidden.device} but {name} is on {value.device}")
@@ -282,14 +246,17 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
     if normalizer is not None and reduction == "none":
         raise ValueError('normalizer cannot be combined with reduction="none"')
     check_normalizer(normalizer, hidden.device)
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-            or not 0.0 <= label_smoothing <= 1.0:
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, (int, float))
+        or not 0.0 <= label_smoothing <= 1.0
+    ):
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not 0 < softcap < math.inf):
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf
+    ):
         raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if shift and targets.dim() == 0:
         raise ValueError("shift=True needs targets with a sequence dimension, got a 0-dim tensor")
@@ -297,9 +264,9 @@ def _check_arguments(hidden, weight, targets, token_weights, bias, reduction, no
 
 def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses | None]:
     """The row op of the chosen backend and its fused loss-only forward, or None where there is none
-    (torch backend; float64, which the fused kernel leaves to the chunks). Contracts: ``mrloss.chunked``.
+    (torch backend; float64, which the fused kernel leaves to the chunks). Contracts: ``mrloss.ops.chunked``.
     "auto" on CUDA: the Triton ops, each falling back to the PyTorch backend (one warning) if it fails."""
-    from mrloss.torch_backend import cross_entropy_rows as torch_rows
+    from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
 
     auto = backend == "auto"
     if auto:
@@ -307,17 +274,19 @@ def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses
     if backend == "torch":
         return torch_rows, None
     if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
-                         "TRITON_INTERPRET=1 set before triton is imported")
+        raise ValueError(
+            f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
+            "TRITON_INTERPRET=1 set before triton is imported"
+        )
     if not _triton_available():
         raise ImportError('backend="triton" needs the triton package (pip install triton)')
-    from mrloss.kernels.cross_entropy_rows import cross_entropy_rows
-    from mrloss.kernels.linear_cross_entropy_forward import linear_cross_entropy_forward
+    from mrloss.ops.backends.triton.cross_entropy_rows import cross_entropy_rows
+    from mrloss.ops.backends.triton.linear_cross_entropy_forward import linear_cross_entropy_forward
 
     fused = None if hidden.dtype == torch.float64 else linear_cross_entropy_forward
     if not auto:
         return cross_entropy_rows, fused
-    from mrloss.triton_fallback import with_torch_fallback
+    from mrloss.ops.triton_fallback import with_torch_fallback
 
     row_op = with_torch_fallback(cross_entropy_rows, torch_rows, "cross_entropy_rows")
     if fused is not None:
@@ -332,40 +301,22 @@ def _auto_backend(hidden: torch.Tensor) -> str:
 
 def _chunked_torch_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing) -> torch.Tensor:
     """The fused loss-only forward's result from the PyTorch chunks (its fallback), float32."""
-    from mrloss.torch_backend import cross_entropy_rows as torch_rows
+    from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
 
     chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
-    result = chunked_linear_cross_entropy(hidden, weight, bias, rows, targets, None, row_op=torch_rows,
-                                          softcap=softcap, label_smoothing=label_smoothing, chunk_size=chunk_size)
+    result = chunked_linear_cross_entropy(
+        hidden,
+        weight,
+        bias,
+        rows,
+        targets,
+        None,
+        row_op=torch_rows,
+        softcap=softcap,
+        label_smoothing=label_smoothing,
+        chunk_size=chunk_size,
+    )
     return result.losses.float()
-
-
-def check_normalizer(normalizer, device: torch.device) -> None:
-    """Accept None, a finite Python number >= 0, or a 0-dim tensor on ``device`` or the CPU (a tensor's
-    value is not checked: that would be a host sync; it is used as given, <= 0 giving a loss of 0)."""
-    if normalizer is None:
-        return
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.dim() != 0:
-            raise ValueError(f"normalizer must be a float or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
-        if normalizer.device != device and normalizer.device.type != "cpu":
-            raise ValueError(f"device mismatch: hidden is on {device} but normalizer is on {normalizer.device} "
-                             "(a 0-dim normalizer may be on hidden's device or the CPU)")
-        if normalizer.is_complex() or normalizer.dtype == torch.bool:
-            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
-        return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-        raise TypeError(f"normalizer must be a float or a 0-dim tensor, got {type(normalizer).__name__}")
-    if not math.isfinite(normalizer) or normalizer < 0:
-        raise ValueError(f"normalizer must be a finite number >= 0 (the global sum of token weights), "
-                         f"got {normalizer}")
-
-
-def normalizer_tensor(normalizer: float | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The normalizer as a detached 0-dim ``dtype`` tensor on ``device`` (a CPU scalar is copied over)."""
-    if isinstance(normalizer, torch.Tensor):
-        return normalizer.detach().to(device=device, dtype=dtype)
-    return torch.tensor(float(normalizer), dtype=dtype, device=device)
 
 
 def _triton_available() -> bool:
@@ -387,25 +338,20 @@ def _check_values_and_count(targets, token_weights, learned, ignore_index, vocab
     counts = torch.stack(counts).tolist()
     if counts[0]:
         position = _first_position(bad_targets)
-        raise ValueError(f"targets{position} = {targets[position].item()} is outside [0, V={vocab_size}) "
-                         f"and is not ignore_index ({ignore_index}); {counts[0]} such target(s) in "
-                         f"targets of shape {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets{position} = {targets[position].item()} is outside [0, V={vocab_size}) "
+            f"and is not ignore_index ({ignore_index}); {counts[0]} such target(s) in "
+            f"targets of shape {tuple(targets.shape)}"
+        )
     if token_weights is not None and counts[2]:
         position = _first_position(bad_weights)
-        raise ValueError(f"token_weights{position} = {token_weights[position].item()}: token weights must "
-                         f"be finite and >= 0; {counts[2]} bad value(s) in token_weights of shape "
-                         f"{tuple(token_weights.shape)}")
+        raise ValueError(
+            f"token_weights{position} = {token_weights[position].item()}: token weights must "
+            f"be finite and >= 0; {counts[2]} bad value(s) in token_weights of shape "
+            f"{tuple(token_weights.shape)}"
+        )
     return counts[1]
 
 
 def _first_position(mask: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.unravel_index(mask.reshape(-1).nonzero()[0, 0], mask.shape))
-
-
-def _denominator(normalizer, reduction, learned_weights) -> torch.Tensor:
-    """0-dim tensor in the weights' dtype: normalizer, sum of learned weights ("mean") or 1 ("sum")."""
-    if normalizer is not None:
-        return normalizer_tensor(normalizer, learned_weights.dtype, learned_weights.device)
-    if reduction == "mean":
-        return learned_weights.sum()
-    return torch.ones((), dtype=learned_weights.dtype, device=learned_weights.device)

@@ -22,6 +22,7 @@ to the working directory of the run (the run scripts run from the repository roo
 ``key.sub=value`` are applied before validation; the value is parsed as YAML (``trainer.max_steps=3``,
 ``model.path=null``, ``data.train_files=[a.jsonl,b.jsonl]``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
 
 
 class ConfigError(ValueError):
@@ -66,7 +69,7 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 128
-    vocab_size: int = 512
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = None  # None: transformers' default (sdpa)
     gradient_checkpointing: bool = False
@@ -84,7 +87,7 @@ class LossConfig:
 
 @dataclasses.dataclass
 class TrainerConfig:
-    """Training loop settings (mapped onto `transformers.TrainingArguments` by `mrloss.train`)."""
+    """Training loop settings (mapped onto `transformers.TrainingArguments` by `mrloss.training.run`)."""
 
     output_dir: str = "outputs/multi_region"
     epochs: float = 1.0
@@ -173,7 +176,7 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> dict:
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: config {'.'.join(parts[:depth + 1])} is not a section")
+                raise ConfigError(f"override {override!r}: config {'.'.join(parts[: depth + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return raw

@@ -6,8 +6,8 @@ of C learned tokens the driver computes the logits with a plain matmul (cuBLAS o
 backend *row op*, and turns the row op's logit gradients into the gradients of hidden, weight and bias.
 It never holds more than one ``[C, V]`` logits chunk.
 
-Row op contract (the one place for the formula; ``mrloss.torch_backend`` and
-``mrloss.kernels.cross_entropy_rows`` implement exactly this, in float32 at least):
+Row op contract (the one place for the formula; ``mrloss.ops.backends.torch`` and
+``mrloss.ops.backends.triton.cross_entropy_rows`` implement exactly this, in float32 at least):
 
     row_op(logits, targets, grad_scales, *, softcap, label_smoothing) -> losses
 
@@ -20,18 +20,21 @@ Row op contract (the one place for the formula; ``mrloss.torch_backend`` and
     and, when grad_scales is given, logits[i] is overwritten (in its own dtype) with dL/da_i:
         s_i * (softmax(z_i) - (1 - eps) * onehot(t_i) - eps / V) * (1 - (z_i / c)^2 if softcap else 1)
 
-A backend may also offer a fused loss-only forward (``mrloss.kernels.linear_cross_entropy_forward``),
-the same losses l_i without any logits in memory (a_i accumulated in float32); ``mrloss.loss`` uses it
+A backend may also offer a fused loss-only forward (``mrloss.ops.backends.triton.linear_cross_entropy_forward``),
+the same losses l_i without any logits in memory (a_i accumulated in float32); ``mrloss.ops.function`` uses it
 for passes that need no gradient:
 
     fused_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing) -> losses [M] fp32
     (arguments as in ``chunked_linear_cross_entropy``; fp16|bf16|fp32 inputs)
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
 import torch
+
+from mrloss.ops.backends.dtypes import accumulation_dtype
 
 RowOp = Callable[..., torch.Tensor]
 FusedLosses = Callable[..., torch.Tensor]
@@ -48,11 +51,6 @@ class ChunkedResult(NamedTuple):
     grad_hidden: torch.Tensor | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 MIN_CHUNK_SIZE = 256
@@ -100,16 +98,19 @@ def chunked_linear_cross_entropy(
     grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_bias else None
 
     for start in range(0, num_rows, chunk_size):
-        chunk_rows = rows[start:start + chunk_size]
+        chunk_rows = rows[start : start + chunk_size]
         chunk_hidden = hidden.index_select(0, chunk_rows)
         if bias is None:
             logits = chunk_hidden @ weight.T
         else:
             logits = torch.addmm(bias, chunk_hidden, weight.T)
-        chunk_scales = None if grad_scales is None else grad_scales[start:start + chunk_size]
-        losses[start:start + chunk_size] = row_op(
-            logits, targets[start:start + chunk_size], chunk_scales,
-            softcap=softcap, label_smoothing=label_smoothing,
+        chunk_scales = None if grad_scales is None else grad_scales[start : start + chunk_size]
+        losses[start : start + chunk_size] = row_op(
+            logits,
+            targets[start : start + chunk_size],
+            chunk_scales,
+            softcap=softcap,
+            label_smoothing=label_smoothing,
         )
         if chunk_scales is None:
             continue

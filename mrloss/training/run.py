@@ -9,6 +9,7 @@ With ``model.path: null`` the model is a tiny ``model.arch`` built from a transf
 tokenizer a byte-level BPE trained on the training texts (no downloads): rank 0 trains it and saves it
 under ``<output_dir>/tokenizer`` for the other ranks; a resumed run takes it from the checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,10 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from mrloss.config import Config, ConfigError, DataConfig, ModelConfig, load_config
-
-EXAMPLE_FILES = ("position_based.jsonl", "tag_based.jsonl", "structured.jsonl")
+from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
+from mrloss.training.config import Config, ConfigError, load_config
 
 
 @dataclasses.dataclass
@@ -73,21 +72,38 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         ensure_data_files(config.data)
     with args.main_process_first(desc="build the tokenizer"):
         tokenizer = build_tokenizer(config, resume, is_main=args.local_process_index == 0)
-    data_options = dict(format=config.data.format, max_length=config.data.max_length,
-                        truncation=config.data.truncation, add_eos=config.data.add_eos)
+    data_options = dict(
+        format=config.data.format,
+        max_length=config.data.max_length,
+        truncation=config.data.truncation,
+        add_eos=config.data.add_eos,
+    )
     train_dataset = MultiRegionDataset(config.data.train_files, tokenizer, **data_options)
     eval_dataset = None
     if config.data.val_files:
-        eval_dataset = MultiRegionDataset(config.data.val_files, tokenizer, region_types=train_dataset.region_types,
-                                          **data_options)
+        eval_dataset = MultiRegionDataset(
+            config.data.val_files, tokenizer, region_types=train_dataset.region_types, **data_options
+        )
     model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
     weighting, monitor, callbacks = _tools(config, train_dataset.region_types, args.process_index == 0, callbacks)
-    loss_options = {"backend": config.loss.backend, "chunk_size": config.loss.chunk_size,
-                    "label_smoothing": config.loss.label_smoothing, "softcap": config.loss.softcap}
+    loss_options = {
+        "backend": config.loss.backend,
+        "chunk_size": config.loss.chunk_size,
+        "label_smoothing": config.loss.label_smoothing,
+        "softcap": config.loss.softcap,
+    }
     trainer = MultiRegionTrainer(
-        model, args, train_dataset, eval_dataset, processing_class=tokenizer, loss_options=loss_options,
-        weighting=weighting, monitor=monitor, pack=config.data.pack,
-        max_length=config.data.max_length if config.data.pack else None, callbacks=list(callbacks),
+        model,
+        args,
+        train_dataset,
+        eval_dataset,
+        processing_class=tokenizer,
+        loss_options=loss_options,
+        weighting=weighting,
+        monitor=monitor,
+        pack=config.data.pack,
+        max_length=config.data.max_length if config.data.pack else None,
+        callbacks=list(callbacks),
     )
     return TrainingRun(config, trainer, tokenizer, train_dataset, eval_dataset, resume)
 
@@ -104,8 +120,9 @@ def finish_run(run: TrainingRun) -> dict:
     metrics = {
         "train": result.metrics,
         "region_losses": {
-            moment: {k[len("loss/"):]: v for k, v in entry.items() if k.startswith("loss/")} | {"step": entry["step"]}
-            for moment, entry in (("first", region_logs[0]), ("last", region_logs[-1])) if region_logs
+            moment: {k[len("loss/") :]: v for k, v in entry.items() if k.startswith("loss/")} | {"step": entry["step"]}
+            for moment, entry in (("first", region_logs[0]), ("last", region_logs[-1]))
+            if region_logs
         },
         "region_types": list(run.train_dataset.region_types),
         "world_size": trainer.args.world_size,
@@ -113,41 +130,11 @@ def finish_run(run: TrainingRun) -> dict:
     }
     if trainer.is_world_process_zero():
         output_dir = Path(run.config.trainer.output_dir)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False, allow_unicode=True),
-                                                encoding="utf-8")
+        (output_dir / "config.yaml").write_text(
+            yaml.safe_dump(run.config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     return {**metrics, "is_main_process": trainer.is_world_process_zero()}
-
-
-def evaluate_region_losses(trainer, dataset, batch_size: int = 8) -> dict[str, float]:
-    """Mean unweighted token loss of each region type over ``dataset`` (learned tokens only), and
-    ``"weighted"``: the weighted mean Σ w·l / Σ w -- one no-grad pass of the trainer's model, this process.
-    Counted by `mrloss.debug.monitor.region_statistics` with the trainer's ``ignore_index``."""
-    import torch
-
-    from mrloss.debug.monitor import mean_region_losses, region_loss_sums, region_statistics
-    from mrloss.integrations.hf import model_inputs
-
-    model, collator = trainer.model, trainer.data_collator
-    was_training = model.training
-    model.eval()
-    names = list(dataset.region_types)
-    sums = torch.zeros(2, len(names), dtype=torch.float64)  # loss sum, learned tokens per region type
-    weighted_sum = weight_sum = 0.0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            token_losses = model(**model_inputs(batch)).token_losses
-            record = region_statistics(batch["token_weights"], batch["region_type_ids"], names,
-                                       attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                                       token_losses=token_losses, ignore_index=trainer.ignore_index)
-            sums += region_loss_sums(record, names)
-            if record["total"]["weight_sum"] > 0:
-                weighted_sum += record["total"]["weighted_loss"] * record["total"]["weight_sum"]
-                weight_sum += record["total"]["weight_sum"]
-    model.train(was_training)
-    return {**mean_region_losses(sums, names), "weighted": weighted_sum / weight_sum if weight_sum > 0 else float("nan")}
 
 
 def training_arguments(config: Config):
@@ -207,71 +194,6 @@ def resolve_checkpoint(resume, output_dir: str) -> str | None:
     if not os.path.isdir(resume):
         raise ConfigError(f"config trainer.resume_from_checkpoint: {resume!r} is not a directory")
     return resume
-
-
-def ensure_data_files(data: DataConfig) -> None:
-    """With ``data.write_examples``, write the example data set into the directory of every missing file
-    (atomically: ranks and concurrent runs never see a half-written file). Then every file must exist."""
-    missing = [Path(f) for f in [*data.train_files, *data.val_files] if not Path(f).exists()]
-    if missing and data.write_examples:
-        from mrloss.data import write_examples
-
-        for directory in sorted({path.parent for path in missing}):
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory, prefix=".examples-") as scratch:
-                for name, path in write_examples(scratch).items():
-                    target = directory / Path(path).name
-                    if not target.exists():
-                        os.replace(path, target)
-        missing = [path for path in missing if not path.exists()]
-    if missing:
-        hint = "" if data.write_examples else " (data.write_examples=true writes the example data set there)"
-        raise ConfigError(f"config data: file(s) not found: {', '.join(map(str, missing))}{hint}")
-
-
-def build_tokenizer(config: Config, checkpoint: str | None, *, is_main: bool):
-    """The model's tokenizer (``model.path``), the one of the checkpoint, or a BPE trained on the data
-    (by the main process, saved in ``<output_dir>/tokenizer``; the others load it)."""
-    from transformers import AutoTokenizer
-
-    source = config.model.path or checkpoint
-    if source is None and not is_main:
-        source = os.path.join(config.trainer.output_dir, "tokenizer")
-    if source is not None:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    else:
-        from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
-
-        tokenizer = train_bpe_tokenizer_for_files(config.data.train_files, config.data.format, config.model.vocab_size)
-        tokenizer.save_pretrained(os.path.join(config.trainer.output_dir, "tokenizer"))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None, seed: int):
-    """``model.path`` loaded with transformers, or a tiny randomly initialized ``model.arch``."""
-    import torch
-    import transformers
-
-    dtype = getattr(torch, model_config.dtype)
-    options = {"attn_implementation": model_config.attn_implementation} if model_config.attn_implementation else {}
-    if model_config.path is not None:
-        return transformers.AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype, **options)
-    head_dim = model_config.hidden_size // model_config.num_heads
-    try:
-        model_config_hf = transformers.AutoConfig.for_model(
-            model_config.arch, vocab_size=len(tokenizer), hidden_size=model_config.hidden_size,
-            intermediate_size=model_config.intermediate_size, num_hidden_layers=model_config.num_layers,
-            num_attention_heads=model_config.num_heads, num_key_value_heads=model_config.num_kv_heads,
-            head_dim=head_dim, max_position_embeddings=max(max_length or 0, 2048),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
-    except ValueError as error:
-        raise ConfigError(f"config model.arch: {model_config.arch!r} is not a transformers model type ({error})") from None
-    transformers.set_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(model_config_hf, dtype=dtype, **options)
 
 
 def _tools(config: Config, region_types: list[str], is_main: bool, callbacks: tuple):

@@ -5,7 +5,7 @@ nothing about a GPU. This check compiles each ``CompileCase`` the kernel modules
 launch configurations their launchers choose on a GPU) for sm_80 and sm_90 with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", major * 10 + minor, warp_size))``, and reads
 registers and shared memory of the cubin with ``cuobjdump -res-usage`` from the triton wheel, and the
-spill stores from ``ptxas -v``. ``python -m mrloss.kernels.compile_check`` prints the table. The
+spill stores from ``ptxas -v``. ``python -m mrloss.ops.backends.triton.compile_check`` prints the table. The
 kernels must be real ``JITFunction``s: run it with TRITON_INTERPRET unset (the tests use a subprocess).
 """
 
@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mrloss.kernels.launch import GPU_CAPABILITIES, Capability, CompileCase, triton_interpreted
+from mrloss.ops.backends.triton.launch import GPU_CAPABILITIES, Capability, CompileCase, triton_interpreted
 
 SHARED_MEMORY_LIMIT = {(8, 0): 166912, (9, 0): 232448}  # bytes of shared memory per block (opt-in maximum)
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -52,7 +52,9 @@ class CompileResult:
     def row(self) -> str:
         arch = f"sm_{self.capability[0]}{self.capability[1]}"
         if self.error is not None:
-            return f"| {self.case.kernel_name} | {arch} | {self.case.dtype} | {self.case.config.describe()} | | error |||"
+            return (
+                f"| {self.case.kernel_name} | {arch} | {self.case.dtype} | {self.case.config.describe()} | | error |||"
+            )
         return (
             f"| {self.case.kernel_name} | {arch} | {self.case.dtype} | {self.case.config.describe()} "
             f"| {'yes' if any(not name.endswith('_ptr') for name in self.case.divisible_by_16) else 'no'} "
@@ -67,7 +69,7 @@ TABLE_HEADER = (
 
 def all_cases(capability: Capability):
     """Every kernel's cases for ``capability``."""
-    from mrloss.kernels import cross_entropy_rows, linear_cross_entropy_forward
+    from mrloss.ops.backends.triton import cross_entropy_rows, linear_cross_entropy_forward
 
     for module in (cross_entropy_rows, linear_cross_entropy_forward):
         yield from module.compile_cases(capability)
@@ -132,7 +134,7 @@ def _run_on_file(content: bytes, suffix: str, command: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Compile every case for every target and print the table (``--json PATH``: also write each case's
     id, row and problems); exit status 1 when any case is unfit. Needs TRITON_INTERPRET unset."""
-    parser = argparse.ArgumentParser(prog="python -m mrloss.kernels.compile_check", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mrloss.ops.backends.triton.compile_check", description=__doc__)
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
     if triton_interpreted():

@@ -2,7 +2,7 @@
 
 This is the oracle of the tests (run in float64) and the "plain PyTorch" baseline of the benchmark
 (run in the inputs' dtype). It materializes the full ``[N, V]`` logits on purpose: it is written to be
-obviously right, not to be fast. The fused implementations live in ``mrloss.loss``.
+obviously right, not to be fast. The fused implementation lives in ``mrloss.ops.api``.
 
 Math, for token i with hidden h_i, target t_i, weight w_i (valid when t_i != ignore_index):
     a_i = h_i W^T + b                      raw logits, [V]
@@ -13,9 +13,12 @@ Math, for token i with hidden h_i, target t_i, weight w_i (valid when t_i != ign
 With shift=True, the loss at position k is that of predicting targets[..., k] from hidden[..., k-1]
 (position 0 of every sequence has no prediction and gets 0).
 """
+
 from __future__ import annotations
 
 import torch
+
+from mrloss.ops.normalization import IGNORE_INDEX, safe_divide
 
 
 def reference_linear_cross_entropy(
@@ -25,7 +28,7 @@ def reference_linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     softcap: float | None = None,
@@ -83,7 +86,7 @@ def reference_linear_cross_entropy(
             denom = torch.ones((), dtype=dtype, device=logits.device)
         else:
             raise ValueError(f"unknown reduction {reduction!r}")
-        loss = torch.where(denom > 0, total / torch.where(denom > 0, denom, 1), total * 0)
+        loss = safe_divide(total, denom)
     if return_token_losses:
         return loss, token_loss.detach()
     return loss

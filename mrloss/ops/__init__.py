@@ -1,0 +1,2 @@
+"""The fused, zero-weight-skipping weighted linear cross-entropy: api (validation, dispatch), the autograd
+function, the chunk driver, the normalization rules, the float64 reference and the backends (torch, triton)."""
