@@ -1,19 +1,7 @@
 """MultiRegionTrainingMonitor: per-region-type statistics of each training batch, to JSONL / TensorBoard / wandb.
 
-Statistics of one batch (`mrloss.metrics.region_statistics`), per region type
-(plus ``(outside)`` for tokens outside every region), over the
-non-padding tokens (``attention_mask`` = 1):
-  - ``tokens``: tokens of the type;
-  - ``learned_tokens``: those with weight > 0 (and a label other than ``ignore_index`` when ``labels`` is in the
-    batch), never the first token of a row (nothing predicts it);
-  - ``weight_sum``: Σw over the learned tokens;
-  - ``mean_loss`` (token losses given): the plain mean of their token losses (unweighted, so that changing
-    the weights does not move it; None without learned tokens) — what ``RegionWeighting.update`` takes;
-  - ``grad_share``: the type's share of the effective gradient, Σ(w·l) of the type / Σ(w·l) of the batch:
-    the fraction of the weighted loss (and so of its gradient signal) that the type contributes; without
-    token losses, Σw of the type / Σw of the batch. None when the denominator is 0.
-``total`` holds the same for the whole batch, plus ``weighted_loss`` = Σ(w·l) / Σw (the batch's loss under
-its own normaliser).
+Statistics of one batch are those of `mrloss.metrics.region_statistics` (defined there: tokens,
+learned_tokens, weight_sum, mean_loss and grad_share per region type, plus ``total``).
 """
 
 from __future__ import annotations
