@@ -25,7 +25,7 @@ EXTRAS = {
         "matplotlib",
         "tensorboard",
     ],
-    "lint": ["ruff>=0.6", "import-linter>=2.0", "pre-commit"],
+    "lint": ["ruff==0.17.6", "import-linter>=2.0", "pre-commit"],
     "hf": ["accelerate>=1.0", "peft>=0.13", "datasets"],
     "verl": ["verl==0.9.1", "fastapi", "uvicorn"],
     # trl: the TRL fused-LM-head baseline (trl.kernels.ChunkedLogProbFunction, from 1.15; needs Python >= 3.11)
