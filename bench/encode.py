@@ -13,7 +13,9 @@ import platform
 import random
 import time
 
-CHINESE = "梯度下降法通过迭代更新参数模型训练数据损失函数学习率优化器网络层权重偏置激活输出输入序列注意力机制语言生成任务"
+CHINESE = (
+    "梯度下降法通过迭代更新参数模型训练数据损失函数学习率优化器网络层权重偏置激活输出输入序列注意力机制语言生成任务"
+)
 ENGLISH = (
     "gradient descent updates the parameters of a model by following the negative gradient of the loss "
     "with a learning rate that controls the step size while attention layers mix tokens"
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = qwen_tokenizer()
     result = measure(make_region_texts(args.samples, args.seed), tokenizer, args.repeats)
     print(
-        f"{platform.processor() or platform.machine()}: {args.samples} samples, {result['tokens']:,} tokens (Qwen BPE); "
+        f"{platform.processor() or platform.machine()}: {args.samples} samples, {result['tokens']:,} tokens "
+        "(Qwen BPE); "
         f"tokenizer call with offsets {result['tokenizer_s']:.3f} s, encode_batch {result['encode_s']:.3f} s, "
         f"ratio encode/tokenizer {result['ratio']:.2f} (best of {args.repeats})"
     )

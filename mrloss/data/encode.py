@@ -117,7 +117,7 @@ def _align_batch(region_texts: list[RegionText], input_ids: list[list[int]], off
     text_lengths = np.fromiter((len(rt.text) for rt in region_texts), np.int64, count)
     bases = np.concatenate([[0], np.cumsum(text_lengths + 1)[:-1]])
     # the appended EOS: an empty span at the end of the text
-    for i, (region_text, ids, spans) in enumerate(zip(region_texts, input_ids, offsets)):
+    for region_text, ids, spans in zip(region_texts, input_ids, offsets):
         if eos_token_id is not None and not region_text.has_special_tokens and (not ids or ids[-1] != eos_token_id):
             ids.append(eos_token_id)
             spans.append((len(region_text.text), len(region_text.text)))
