@@ -52,7 +52,14 @@ def _byte_oracle(region_text, tokenizer, input_ids):
     return expected
 
 
-def test_token_weight_is_the_max_char_weight_of_its_bytes(tokenizer):
+@pytest.fixture(scope="module", params=["bpe", "qwen"])
+def any_tokenizer(request):
+    """The small BPE trained on the examples, and Qwen's real vocabulary (151,643 tokens)."""
+    return request.getfixturevalue("tokenizer" if request.param == "bpe" else "qwen_tokenizer")
+
+
+def test_token_weight_is_the_max_char_weight_of_its_bytes(any_tokenizer):
+    tokenizer = any_tokenizer
     straddling = partial_characters = 0
     for rt in REGION_TEXTS:
         encoding = encode(rt, tokenizer, add_eos=False)
@@ -67,7 +74,7 @@ def test_token_weight_is_the_max_char_weight_of_its_bytes(tokenizer):
 
 @st.composite
 def mixed_region_texts(draw):
-    text = draw(st.text(st.sampled_from(list("ab the 学习概念降龘𝕏é\n")), min_size=1, max_size=30))
+    text = draw(st.text(st.sampled_from(list("ab the 学习概念降龘𝕏é\n🙂👍🏽")), min_size=1, max_size=30))
     borders = sorted(draw(st.sets(st.integers(0, len(text)), max_size=6)))
     weights = st.sampled_from([0.0, 0.5, 1.0, 2.0])
     regions = [Region(a, b, draw(weights), "t") for a, b in zip(borders[::2], borders[1::2]) if a < b]
@@ -76,7 +83,8 @@ def mixed_region_texts(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(mixed_region_texts())
-def test_random_texts_follow_the_byte_oracle(tokenizer, region_text):
+def test_random_texts_follow_the_byte_oracle(any_tokenizer, region_text):
+    tokenizer = any_tokenizer
     encoding = encode(region_text, tokenizer)
     ids = encoding["input_ids"]
     assert ids[-1] == tokenizer.eos_token_id
@@ -86,7 +94,8 @@ def test_random_texts_follow_the_byte_oracle(tokenizer, region_text):
         assert (region_text.regions[region].weight if region >= 0 else region_text.default_weight) == expected[k]
 
 
-def test_half_of_a_chinese_character_in_a_region_is_learned(tokenizer):
+def test_half_of_a_chinese_character_in_a_region_is_learned(any_tokenizer):
+    tokenizer = any_tokenizer
     rt = RegionText("它是龘字", [Region(2, 3, 2.0, "concept")])  # 龘 is rare: split into byte tokens
     encoding = encode(rt, tokenizer, add_eos=False)
     in_region = [k for k, (s, e) in enumerate(encoding["offsets"]) if s < 3 and e > 2]

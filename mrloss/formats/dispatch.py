@@ -26,9 +26,10 @@ _WRITERS = {
 
 
 def detect_format(sample: dict) -> str:
-    """``messages``, or ``prompt`` and ``completion`` (TRL) -> messages; ``segments`` -> structured;
-    ``learning_regions`` -> position_based; otherwise tag_based."""
-    if "messages" in sample or ("prompt" in sample and "completion" in sample):
+    """``messages``, or TRL's ``prompt`` and ``completion`` (both, or either as a list of messages) -> messages;
+    ``segments`` -> structured; ``learning_regions`` -> position_based; otherwise tag_based."""
+    turns = [sample[key] for key in ("prompt", "completion") if key in sample]
+    if "messages" in sample or len(turns) == 2 or any(isinstance(value, list) for value in turns):
         return CHAT_FORMAT
     if "segments" in sample:
         return "structured"
