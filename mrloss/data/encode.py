@@ -110,9 +110,9 @@ def _align_batch(region_texts: list[RegionText], input_ids: list[list[int]], off
     ``offsets`` are the tokenizer's own lists (this call's), extended by the appended EOS and patched where a
     span was widened.
 
-    All samples are laid end to end: sample i's characters sit at ``base_i + c`` with one sentinel character
-    after each text (``base_{i+1} = base_i + len(text_i) + 1``), so every span is a valid, sample-local
-    ``reduceat`` range and one pass of numpy covers the batch."""
+    All samples are laid end to end: sample i's characters sit at ``base_i + c`` with one character between
+    texts (``base_{i+1} = base_i + len(text_i) + 1``), so one pass of numpy over the tokens covers the batch.
+    Work is linear in tokens and regions (nothing per character)."""
     count = len(region_texts)
     text_lengths = np.fromiter((len(rt.text) for rt in region_texts), np.int64, count)
     bases = np.concatenate([[0], np.cumsum(text_lengths + 1)[:-1]])
@@ -128,22 +128,10 @@ def _align_batch(region_texts: list[RegionText], input_ids: list[list[int]], off
     raw_starts, raw_ends = flat[0::2] + token_bases, flat[1::2] + token_bases
     starts, ends = _spans(raw_starts, raw_ends, token_counts, bases, bases + text_lengths)
 
-    char_weights, char_regions = _char_arrays(region_texts, bases, int(bases[-1] + text_lengths[-1] + 1))
     filled = ends > starts
-    token_weights = np.zeros(len(starts), dtype=np.float64)
-    region_ids = np.full(len(starts), -1, dtype=np.int64)
+    token_defaults = np.repeat(np.fromiter((rt.default_weight for rt in region_texts), np.float64, count), token_counts)
+    token_weights, region_ids = _span_weights(starts, ends, filled, token_defaults, _batch_regions(region_texts, bases))
     if len(starts):
-        span_maxima = np.maximum.reduceat(char_weights, np.stack([starts, ends], 1).ravel())[::2]
-        token_weights[filled] = span_maxima[filled]
-        # a span inside one region (or outside all) has one region id; spans crossing a border are looked up
-        borders = np.concatenate([[0], np.cumsum(char_regions[1:] != char_regions[:-1])])
-        uniform = filled & (borders[np.maximum(ends - 1, 0)] == borders[starts])
-        region_ids[uniform] = char_regions[starts[uniform]]
-        for k in np.flatnonzero(filled & ~uniform).tolist():
-            span = range(starts[k], ends[k])
-            region_ids[k] = next(
-                (char_regions[c] for c in span if char_regions[c] >= 0 and char_weights[c] == token_weights[k]), -1
-            )
         # an empty span takes weight and region of the closest filled token before it in its sample, if any
         source = np.maximum.accumulate(np.where(filled, np.arange(len(starts)), -1))
         inherits = ~filled & (source >= np.repeat(bounds[:-1], token_counts))
@@ -179,18 +167,42 @@ def _spans(starts, ends, token_counts, text_starts, text_ends) -> tuple[np.ndarr
     return starts, ends
 
 
-def _char_arrays(region_texts: list[RegionText], bases: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Character weights [total] f64 and region ids [total] i64 of the batch laid end to end (sentinels: 0, -1):
-    ``RegionText.char_weights()`` / ``char_region_ids()`` of every sample, without Python lists per character."""
-    lengths = np.diff(np.append(bases, total))
-    weights = np.repeat(np.fromiter((rt.default_weight for rt in region_texts), np.float64, len(region_texts)), lengths)
-    weights[bases + lengths - 1] = 0.0
-    regions = np.full(total, -1, dtype=np.int64)
-    for base, region_text in zip(bases.tolist(), region_texts):
-        for index, region in enumerate(region_text.regions):
-            weights[base + region.start : base + region.end] = region.weight
-            regions[base + region.start : base + region.end] = index
-    return weights, regions
+def _batch_regions(region_texts: list[RegionText], bases: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every region of the batch in global positions, sorted: (starts i64, ends i64, weights f64, index of the
+    region in its sample i64)."""
+    rows = [
+        (base + region.start, base + region.end, region.weight, index)
+        for base, region_text in zip(bases.tolist(), region_texts)
+        for index, region in enumerate(region_text.regions)
+    ]
+    columns = list(zip(*rows)) if rows else [(), (), (), ()]
+    return tuple(
+        np.asarray(column, dtype=dtype) for column, dtype in zip(columns, (np.int64, np.int64, float, np.int64))
+    )
+
+
+def _span_weights(starts, ends, filled, defaults, regions) -> tuple[np.ndarray, np.ndarray]:
+    """(token_weights [T] f64, region_ids [T] i64) of the tokens with a non-empty span (``filled``; the others
+    get 0 and -1): the highest character weight of the span (a region's weight inside it, ``defaults`` [T]
+    outside every region), and the region of the first character in a region with that weight, else -1."""
+    region_starts, region_ends, region_weights, region_index = regions
+    first = np.searchsorted(region_ends, starts, side="right")  # first region ending after the span's start
+    overlapping = np.searchsorted(region_starts, ends, side="left") - first  # regions meeting the span
+    weights = np.where(filled, defaults, 0.0)
+    region_ids = np.full(len(starts), -1, dtype=np.int64)
+    one = np.flatnonzero(filled & (overlapping == 1))
+    if len(one):
+        r = first[one]
+        inside = (region_starts[r] <= starts[one]) & (region_ends[r] >= ends[one])
+        weights[one] = np.where(inside, region_weights[r], np.maximum(region_weights[r], defaults[one]))
+        region_ids[one] = np.where(region_weights[r] == weights[one], region_index[r], -1)
+    for k in np.flatnonzero(filled & (overlapping > 1)).tolist():  # a token over several regions: rare
+        met = range(first[k], first[k] + overlapping[k])
+        gaps = region_starts[met[0]] > starts[k] or region_ends[met[-1]] < ends[k]
+        gaps = gaps or any(region_starts[j + 1] > region_ends[j] for j in met[:-1])
+        weights[k] = max([region_weights[j] for j in met] + ([defaults[k]] if gaps else []))
+        region_ids[k] = next((region_index[j] for j in met if region_weights[j] == weights[k]), -1)
+    return weights, region_ids
 
 
 def _sample_encoding(
