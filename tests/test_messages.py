@@ -166,3 +166,18 @@ def test_verl_chat_keys_are_mapped():
     }
     assert chat_sample({"text": "x"}, config) == {"text": "x"}
     assert chat_sample({"messages": []}, {}) == {"messages": []}
+
+
+def test_verl_dataset_reads_chat_under_its_messages_key(qwen_tokenizer, tmp_path):
+    import json
+
+    from mrloss.integrations.verl.dataset import MultiRegionSFTDataset
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"conversation": CHAT["messages"]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    dataset = MultiRegionSFTDataset(str(path), qwen_tokenizer, {"messages_key": "conversation"})
+    item = dataset[0]
+    expected = encode(parse(CHAT, tokenizer=qwen_tokenizer), qwen_tokenizer)
+    assert item["input_ids"].tolist() == expected["input_ids"]
+    assert item["loss_mask"].tolist() == expected["token_weights"]
+    assert dataset.region_types == ["assistant", "concept"]
