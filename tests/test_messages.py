@@ -60,6 +60,17 @@ def test_per_message_weight_and_type_override_the_defaults(qwen_tokenizer):
     spans = [(region_text.text[r.start : r.end], r.weight, r.type) for r in region_text.regions]
     # a system prompt the template adds is context; a weight-0 assistant learns nothing (not even its end)
     assert spans == [("问题<|im_end|>", 0.5, "question"), ("typed context", 0.0, "note")]
+    assert detect_format(sample) == "messages"
+
+
+def test_end_of_turn_is_the_first_special_token_when_eos_is_not_there(qwen_tokenizer):
+    original = qwen_tokenizer.eos_token
+    try:
+        qwen_tokenizer.eos_token = "<|endoftext|>"  # Qwen's base models: EOS is not the end-of-turn marker
+        region_text = parse({"messages": [{"role": "assistant", "content": "答"}]}, tokenizer=qwen_tokenizer)
+    finally:
+        qwen_tokenizer.eos_token = original
+    assert [region_text.text[r.start : r.end] for r in region_text.regions] == ["答<|im_end|>"]
 
 
 def test_trl_prompt_completion_learns_the_completion(qwen_tokenizer):
