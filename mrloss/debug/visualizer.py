@@ -192,7 +192,7 @@ def _texts_from_offsets(tokenizer, input_ids: list[int], offsets, text: str) -> 
             texts.append(_decode(tokenizer, input_ids[k : k + 1]))
             continue
         shown = start if shown is None else shown
-        if next_start[k] < end or end <= shown:  # a later token completes these characters
+        if next_start[k] < end or end <= shown:  # a later token completes these characters, or none is new
             texts.append("")
             continue
         texts.append(text[shown:end])
