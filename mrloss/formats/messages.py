@@ -44,7 +44,8 @@ def parse_messages(sample: dict, *, tokenizer=None, sample_id=None) -> RegionTex
         )
     if not getattr(tokenizer, "chat_template", None):
         raise FormatError(
-            f"the tokenizer ({type(tokenizer).__name__}) has no chat template; set tokenizer.chat_template",
+            f"the tokenizer ({type(tokenizer).__name__}) has no chat template: use a chat model's tokenizer "
+            "(`mrloss show` / `prepare`: --tokenizer DIR) or set tokenizer.chat_template",
             sample_id=sample_id,
             field="messages",
         )
