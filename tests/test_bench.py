@@ -176,3 +176,13 @@ def test_gpu_goals_preset_holds_the_deciding_cases():
         f"{head}-N16384-z{zero_frac:g}-bfloat16" for head in ("llama3-8b", "gemma2-2b") for zero_frac in (0, 0.5, 0.9)
     ]
     assert set(preset.impls) == {"plain", "torch-chunked", "liger", "cce", "trl", "mrloss-triton"} <= set(IMPLS)
+
+
+def test_encode_benchmark_measures_both_calls_on_the_same_samples(tokenizer):
+    from bench.encode import make_region_texts, measure
+
+    region_texts = make_region_texts(4, seed=1)
+    assert all(rt.regions and any("\u4e00" <= c <= "\u9fff" for c in rt.text) for rt in region_texts)
+    result = measure(region_texts, tokenizer, repeats=1)
+    assert result["tokens"] == sum(len(ids) for ids in tokenizer([rt.text for rt in region_texts])["input_ids"])
+    assert result["ratio"] == result["encode_s"] / result["tokenizer_s"] > 0

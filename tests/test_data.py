@@ -52,7 +52,14 @@ def _byte_oracle(region_text, tokenizer, input_ids):
     return expected
 
 
-def test_token_weight_is_the_max_char_weight_of_its_bytes(tokenizer):
+@pytest.fixture(scope="module", params=["bpe", "qwen"])
+def any_tokenizer(request):
+    """The small BPE trained on the examples, and Qwen's real vocabulary (151,643 tokens)."""
+    return request.getfixturevalue("tokenizer" if request.param == "bpe" else "qwen_tokenizer")
+
+
+def test_token_weight_is_the_max_char_weight_of_its_bytes(any_tokenizer):
+    tokenizer = any_tokenizer
     straddling = partial_characters = 0
     for rt in REGION_TEXTS:
         encoding = encode(rt, tokenizer, add_eos=False)
@@ -67,7 +74,7 @@ def test_token_weight_is_the_max_char_weight_of_its_bytes(tokenizer):
 
 @st.composite
 def mixed_region_texts(draw):
-    text = draw(st.text(st.sampled_from(list("ab the 学习概念降龘𝕏é\n")), min_size=1, max_size=30))
+    text = draw(st.text(st.sampled_from(list("ab the 学习概念降龘𝕏é\n🙂👍🏽")), min_size=1, max_size=30))
     borders = sorted(draw(st.sets(st.integers(0, len(text)), max_size=6)))
     weights = st.sampled_from([0.0, 0.5, 1.0, 2.0])
     regions = [Region(a, b, draw(weights), "t") for a, b in zip(borders[::2], borders[1::2]) if a < b]
@@ -76,7 +83,8 @@ def mixed_region_texts(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(mixed_region_texts())
-def test_random_texts_follow_the_byte_oracle(tokenizer, region_text):
+def test_random_texts_follow_the_byte_oracle(any_tokenizer, region_text):
+    tokenizer = any_tokenizer
     encoding = encode(region_text, tokenizer)
     ids = encoding["input_ids"]
     assert ids[-1] == tokenizer.eos_token_id
@@ -86,7 +94,8 @@ def test_random_texts_follow_the_byte_oracle(tokenizer, region_text):
         assert (region_text.regions[region].weight if region >= 0 else region_text.default_weight) == expected[k]
 
 
-def test_half_of_a_chinese_character_in_a_region_is_learned(tokenizer):
+def test_half_of_a_chinese_character_in_a_region_is_learned(any_tokenizer):
+    tokenizer = any_tokenizer
     rt = RegionText("它是龘字", [Region(2, 3, 2.0, "concept")])  # 龘 is rare: split into byte tokens
     encoding = encode(rt, tokenizer, add_eos=False)
     in_region = [k for k, (s, e) in enumerate(encoding["offsets"]) if s < 3 and e > 2]
@@ -160,3 +169,114 @@ def test_truncation_right_left_error_and_cut_regions(tokenizer):
         encode(rt, tokenizer, max_length=n - 1, truncation="error", sample_id="file.jsonl:9")
     assert info.value.sample_id == "file.jsonl:9" and str(n) in str(info.value)
     assert encode(rt, tokenizer, max_length=n, truncation="error")["input_ids"] == full["input_ids"]
+
+
+# ------------------------------------------------------------- the vectorized batch against a plain reference
+
+
+def _reference_encode(region_text, tokenizer, *, max_length=None, truncation="right", add_eos=True):
+    """The token-weight rule of `mrloss.data.encode`, written plainly, one token at a time (the oracle of the
+    vectorized batch alignment)."""
+    text_length = len(region_text.text)
+    encoding = tokenizer(
+        region_text.text, return_offsets_mapping=True, add_special_tokens=not region_text.has_special_tokens
+    )
+    ids, spans, covered = list(encoding["input_ids"]), [], 0
+    for start, end in encoding["offset_mapping"]:
+        if end > start or start > covered:
+            start = min(start, covered)
+        spans.append([start, end])
+        covered = max(covered, end)
+    filled = [k for k, (start, end) in enumerate(spans) if end > start]
+    if filled and max(end for _, end in spans) < text_length:
+        spans[filled[-1]][1] = text_length
+    eos = tokenizer.eos_token_id
+    if add_eos and not region_text.has_special_tokens and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        spans.append([text_length, text_length])
+    char_weights, char_regions = region_text.char_weights(), region_text.char_region_ids()
+    weights, regions = [], []
+    for start, end in spans:
+        if end > start:
+            weight = max(char_weights[start:end])
+            inside = [c for c in range(start, end) if char_regions[c] >= 0 and char_weights[c] == weight]
+            weights.append(weight)
+            regions.append(char_regions[inside[0]] if inside else -1)
+        else:
+            weights.append(weights[-1] if weights else 0.0)
+            regions.append(regions[-1] if regions else -1)
+
+    def learned(weights, regions):
+        return [sum(1 for w, r in zip(weights[1:], regions[1:]) if w > 0 and r == i) for i in range(len(regions_of))]
+
+    regions_of = region_text.regions
+    untruncated_length, truncated = len(ids), []
+    if max_length is not None and len(ids) > max_length:
+        keep = slice(0, max_length) if truncation == "right" else slice(len(ids) - max_length, None)
+        before = learned(weights, regions)
+        ids, spans, weights, regions = ids[keep], spans[keep], weights[keep], regions[keep]
+        truncated = [i for i, (a, b) in enumerate(zip(before, learned(weights, regions))) if b < a]
+    weights[:1] = [0.0] * min(1, len(weights))
+    return {
+        "input_ids": ids,
+        "token_weights": weights,
+        "region_ids": regions,
+        "offsets": [tuple(span) for span in spans],
+        "region_types": [region.type for region in regions_of],
+        "truncated_regions": truncated,
+        "untruncated_length": untruncated_length,
+    }
+
+
+def _random_region_texts(rng, count, alphabet, special=()):
+    region_texts = []
+    for _ in range(count):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+        if special and rng.random() < 0.5:
+            cut = rng.randint(0, len(text))
+            text = text[:cut] + rng.choice(special) + text[cut:]
+        borders = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 8))))
+        regions = [
+            Region(a, b, rng.choice([0.0, 0.5, 1.0, 2.0]), rng.choice("xyz"))
+            for a, b in zip(borders[::2], borders[1::2])
+            if a < b
+        ]
+        region_texts.append(
+            RegionText(text, regions, rng.choice([0.0, 0.25]), has_special_tokens=bool(special) and rng.random() < 0.3)
+        )
+    return region_texts
+
+
+ALPHABET = list("ab the 学习概念降龘𝕏é\n") + ["🙂", "👍🏽", "  ", "\t"]
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bpe", "trimmed_bos", "qwen"])
+def test_vectorized_batch_equals_the_plain_reference(tokenizer_name, tokenizer, qwen_tokenizer):
+    import random
+
+    from tokenizers import processors
+
+    from mrloss.data import encode_batch
+
+    if tokenizer_name == "trimmed_bos":  # offsets without leading spaces, and a BOS with an empty span
+        chosen = train_bpe_tokenizer([rt.text for rt in REGION_TEXTS[:5]], vocab_size=300)
+        chosen.backend_tokenizer.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=True),
+                processors.TemplateProcessing(single="<|pad|> $A", special_tokens=[("<|pad|>", 1)]),
+            ]
+        )
+    else:
+        chosen = qwen_tokenizer if tokenizer_name == "qwen" else tokenizer
+    special = ("<|im_start|>", "<|im_end|>", "<|endoftext|>") if tokenizer_name == "qwen" else ()
+    rng = random.Random(5)
+    region_texts = _random_region_texts(rng, 120, ALPHABET, special) + REGION_TEXTS
+    for options in (
+        {},
+        {"add_eos": False},
+        {"max_length": 7, "truncation": "right"},
+        {"max_length": 9, "truncation": "left"},
+    ):
+        got = encode_batch(region_texts, chosen, **options)
+        for region_text, encoding in zip(region_texts, got):
+            assert encoding == _reference_encode(region_text, chosen, **options), (region_text, options)

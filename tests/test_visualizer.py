@@ -178,7 +178,9 @@ def test_html_page(examples):
     parser.feed(page)
     assert len(parser.spans) == len(enc["input_ids"])
     shown = "".join(text for _, text in parser.spans).replace("↵\n", "\n")
-    assert shown == examples[2].decode(enc["input_ids"]) and "物体加速度的大小与所受合外力成正比" in shown
+    # the characters of the kept tokens, whole (decoding the ids would end in a cut character's U+FFFD)
+    assert shown == region_text.text[: enc["offsets"][-1][1]] and "物体加速度的大小与所受合外力成正比" in shown
+    assert examples[2].decode(enc["input_ids"]).endswith("\ufffd") and "\ufffd" not in page
     for position, (attrs, _text) in enumerate(parser.spans):
         weight, region = enc["token_weights"][position], enc["region_ids"][position]
         assert attrs["data-id"] == str(enc["input_ids"][position]) and float(attrs["data-weight"]) == weight
@@ -277,3 +279,60 @@ def test_html_renders_in_headless_chromium(examples, tmp_path):
     warm = (red > 0.85) & (green < 0.8) & (blue < 0.45)  # weight backgrounds (orange: the largest weight)
     dark = pixels.max(axis=-1) < 0.3  # glyphs
     assert warm.sum() > 5000 and dark.sum() > 2000
+
+
+CUT_TEXT = "梯度下降法通过迭代更新参数"
+
+
+@pytest.fixture(scope="module")
+def cross_character_bpe():
+    """A byte-level BPE whose tokens end and start inside characters (decoding them one by one, or a few at a
+    time, gives U+FFFD): 262 tokens trained on one Chinese sentence."""
+    return train_bpe_tokenizer([CUT_TEXT] * 20 + ["梯度", "参数更新"] * 5, vocab_size=262)
+
+
+def test_no_replacement_character_for_tokens_that_cut_characters(cross_character_bpe):
+    tokenizer = cross_character_bpe
+    ids = tokenizer(CUT_TEXT)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([token]) for token in ids)  # the tokens do cut characters
+    region_text = parse({"text": "梯度<LEARN weight='2' type='c'>下降法通过迭代更新</LEARN>参数"})
+    enc = encode(region_text, tokenizer)
+    visualizer = LossMaskVisualizer(tokenizer)
+    for info, text in ((enc, region_text), ({}, None)):  # encode's offsets; the tokenizer's on the decoded ids
+        pieces = token_texts(tokenizer, enc["input_ids"], info.get("offsets"), text and text.text)
+        assert "".join(pieces) == CUT_TEXT + "<|endoftext|>" and "" in pieces
+        terminal = visualizer.print_detailed_analysis(
+            enc["input_ids"], enc["token_weights"], info, region_text=text, color=False, file=io.StringIO()
+        )
+        page = visualizer.to_html(enc["input_ids"], enc["token_weights"], info, region_text=text)
+        assert "\ufffd" not in terminal and "\ufffd" not in page
+        assert "⟦2 c│" in terminal if text else "⟦2│" in terminal
+    # ids that do not tokenize back (one token per byte): decoded in runs, still whole characters
+    byte_ids = [
+        tokenizer.convert_tokens_to_ids(t)
+        for t in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(CUT_TEXT)[0][0]
+    ]
+    assert "".join(token_texts(tokenizer, byte_ids)) == CUT_TEXT
+
+
+def test_qwen_chat_sample_in_the_terminal_and_html(qwen_tokenizer):
+    sample = {
+        "messages": [
+            {"role": "user", "content": "什么是梯度下降？🙂"},
+            {
+                "role": "assistant",
+                "content": '梯度下降法<LEARN weight="2" type="concept">通过迭代更新参数</LEARN>。👍🏽',
+            },
+        ]
+    }
+    region_text = parse(sample, tokenizer=qwen_tokenizer)
+    enc = encode(region_text, qwen_tokenizer)
+    visualizer = LossMaskVisualizer(qwen_tokenizer)
+    terminal = visualizer.print_detailed_analysis(
+        enc["input_ids"], enc["token_weights"], enc, region_text=region_text, color=False, file=io.StringIO()
+    )
+    assert "⟦1 assistant│梯度下降法⟧⟦2 concept│通过迭代更新参数⟧⟦1 assistant│。👍🏽<|im_end|>⟧" in terminal
+    assert "<|im_start|>user\n什么是梯度下降？🙂<|im_end|>" in terminal and "\ufffd" not in terminal
+    parser = Spans()
+    parser.feed(visualizer.to_html(enc["input_ids"], enc["token_weights"], enc, region_text=region_text))
+    assert "".join(text for _, text in parser.spans).replace("↵\n", "\n") == region_text.text

@@ -13,7 +13,8 @@ from mrloss.formats import FormatError
 
 
 class MultiRegionDataset(torch.utils.data.Dataset):
-    """Every sample of ``paths`` (JSONL / JSON / Parquet, formats mixed freely), parsed and encoded up front,
+    """Every sample of ``paths`` (JSONL / JSON / Parquet, formats mixed freely; chat ``messages`` samples are
+    rendered with ``tokenizer``'s chat template), parsed and encoded up front,
     so a bad sample fails at construction with a FormatError naming it (and counting the others).
 
     Item ``i``: ``input_ids [T] int64``, ``token_weights [T] float32`` (``token_weights[0] == 0``),
@@ -52,6 +53,13 @@ class MultiRegionDataset(torch.utils.data.Dataset):
         )
 
     @classmethod
+    def from_records(cls, records: list[Record], tokenizer, **options):
+        """The dataset of ``records`` (`mrloss.data.records.read_records`, possibly edited; same options)."""
+        dataset = cls.__new__(cls)
+        dataset._build(list(records), tokenizer, **options)
+        return dataset
+
+    @classmethod
     def from_samples(cls, samples: list[dict], tokenizer, *, sample_ids: list | None = None, **options):
         """The dataset of in-memory raw samples (same options as the constructor); ids default to indices."""
         dataset = cls.__new__(cls)
@@ -78,7 +86,7 @@ class MultiRegionDataset(torch.utils.data.Dataset):
         region_types=None,
         overlap="error",
     ):
-        valid, region_texts, errors = parse_records(records, format, overlap)
+        valid, region_texts, errors = parse_records(records, format, overlap, tokenizer)
         sample_ids = [record.sample_id for record in valid]
         if errors:
             first = errors[0]

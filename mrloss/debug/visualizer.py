@@ -17,6 +17,7 @@ from typing import Mapping, Sequence, TextIO
 from mrloss.metrics import OUTSIDE
 
 MAX_LISTED_WARNINGS = 20
+MAX_JOINED_TOKENS = 16  # without offsets, at most this many tokens are decoded together (keeps it linear)
 # terminal background colours (xterm 256) by weight: (upper bound inclusive, colour, legend label)
 TERMINAL_BUCKETS = ((0.5, 153, "(0, 0.5]"), (1.0, 114, "(0.5, 1]"), (2.0, 221, "(1, 2]"), (float("inf"), 209, "> 2"))
 REGION_TYPE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -90,7 +91,12 @@ class LossMaskVisualizer:
                     f"region_info['region_ids'][{position}] = {region} is not -1 or an index into "
                     f"region_types (length {len(region_types)})"
                 )
-        texts = token_texts(self.tokenizer, input_ids)
+        texts = token_texts(
+            self.tokenizer,
+            input_ids,
+            region_info.get("offsets"),
+            region_text.text if region_text is not None else None,
+        )
         tokens = [
             TokenView(
                 k,
@@ -144,24 +150,67 @@ class LossMaskVisualizer:
         return render_html(self.analyze(input_ids, loss_mask, region_info, region_text=region_text), title)
 
 
-def token_texts(tokenizer, input_ids: Sequence[int]) -> list[str]:
-    """The text each token adds to the decoded sequence.
+def token_texts(tokenizer, input_ids: Sequence[int], offsets=None, text: str | None = None) -> list[str]:
+    """The text each token adds to the shown sequence, cut only between characters (never a U+FFFD for
+    text that has none).
 
-    A byte-level token holding only part of a character (common for Chinese) decodes to U+FFFD alone; such
-    tokens are decoded together with the following ones, the text going to the token that completes it and
-    ``""`` to the others.
+    The characters come from ``text`` and the tokens' character ``offsets`` (``encode``'s, or the tokenizer's
+    on the decoded sequence when it tokenizes back to ``input_ids``): each character goes to the last token
+    whose span holds it (a byte-level token holding only part of a character shows ``""``), a token with no
+    characters (BOS, an appended EOS) shows its own decoding. Otherwise, tokens are decoded in runs until a
+    run decodes cleanly.
     """
+    input_ids = list(input_ids)
+    if offsets is not None and text is not None and len(offsets) == len(input_ids):
+        return _texts_from_offsets(tokenizer, input_ids, offsets, text)
+    decoded = _decode(tokenizer, input_ids)
+    try:
+        again = tokenizer(decoded, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers give no offsets
+        again = None
+    if again is not None and list(again["input_ids"]) == input_ids:
+        return _texts_from_offsets(tokenizer, input_ids, again["offset_mapping"], decoded)
+    return _texts_from_decoded_runs(tokenizer, input_ids)
 
-    def decode(ids):
-        return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+def _decode(tokenizer, ids) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _texts_from_offsets(tokenizer, input_ids: list[int], offsets, text: str) -> list[str]:
+    """Characters of ``text`` per token, each to the last token whose ``[start, end)`` holds it (see
+    ``token_texts``); linear in the number of tokens."""
+    spans = [(int(start), int(end)) for start, end in offsets]
+    next_start, upcoming = [0] * len(spans), len(text)
+    for k in range(len(spans) - 1, -1, -1):  # start of the next token with characters
+        next_start[k] = upcoming
+        if spans[k][1] > spans[k][0]:
+            upcoming = spans[k][0]
+    texts, shown = [], None
+    for k, (start, end) in enumerate(spans):
+        if end <= start:
+            texts.append(_decode(tokenizer, input_ids[k : k + 1]))
+            continue
+        shown = start if shown is None else shown
+        if next_start[k] < end or end <= shown:  # a later token completes these characters, or none is new
+            texts.append("")
+            continue
+        texts.append(text[shown:end])
+        shown = end
+    return texts
+
+
+def _texts_from_decoded_runs(tokenizer, input_ids: list[int]) -> list[str]:
+    """Without offsets: tokens decoded together while their decoding ends in U+FFFD (a character continued in
+    the next token; at most ``MAX_JOINED_TOKENS``), the text going to the token that completes it and ``""`` to
+    the others."""
     texts, start = [], 0
     for k in range(len(input_ids)):
-        text = decode(input_ids[start : k + 1])
-        if text.endswith("\ufffd") and k + 1 < len(input_ids) and k + 1 - start < 4:
-            texts.append("")  # a UTF-8 character has at most 4 bytes: give up joining after that
+        decoded = _decode(tokenizer, input_ids[start : k + 1])
+        if decoded.endswith("\ufffd") and k + 1 < len(input_ids) and k + 1 - start < MAX_JOINED_TOKENS:
+            texts.append("")
             continue
-        texts.append(text)
+        texts.append(decoded)
         start = k + 1
     return texts
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from mrloss.formats import position_based, structured, tag_based
+from mrloss.formats import messages, position_based, structured, tag_based
 from mrloss.formats.errors import FormatError
 from mrloss.formats.regions import RegionText
 
-FORMATS = ("position_based", "tag_based", "structured")
-_KEYS = {"position_based": position_based.KEYS, "tag_based": tag_based.KEYS, "structured": structured.KEYS}
+FORMATS = ("position_based", "tag_based", "structured")  # the formats of plain text: parse, write, convert
+CHAT_FORMAT = "messages"  # chat samples, rendered with the tokenizer's chat template: parse only
+INPUT_FORMATS = FORMATS + (CHAT_FORMAT,)
+_KEYS = {
+    "position_based": position_based.KEYS,
+    "tag_based": tag_based.KEYS,
+    "structured": structured.KEYS,
+    CHAT_FORMAT: messages.KEYS,
+}
+# keys that mark a sample as one of that format when they appear next to another format's keys (a chat
+# sample's "prompt" or "tools" alone are ordinary metadata of a plain-text sample)
+_MARKING_KEYS = {**_KEYS, CHAT_FORMAT: ("messages",)}
 _WRITERS = {
     "position_based": position_based.to_position_based,
     "tag_based": tag_based.to_tag_based,
@@ -16,7 +26,11 @@ _WRITERS = {
 
 
 def detect_format(sample: dict) -> str:
-    """``segments`` -> structured; ``learning_regions`` -> position_based; otherwise tag_based."""
+    """``messages``, or TRL's ``prompt`` and ``completion`` (both, or either as a list of messages) -> messages;
+    ``segments`` -> structured; ``learning_regions`` -> position_based; otherwise tag_based."""
+    turns = [sample[key] for key in ("prompt", "completion") if key in sample]
+    if "messages" in sample or len(turns) == 2 or any(isinstance(value, list) for value in turns):
+        return CHAT_FORMAT
     if "segments" in sample:
         return "structured"
     if "learning_regions" in sample:
@@ -24,21 +38,23 @@ def detect_format(sample: dict) -> str:
     return "tag_based"
 
 
-def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_id=None) -> RegionText:
-    """RegionText of one raw sample in ``format`` (``"auto"``, or one of FORMATS).
+def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_id=None, tokenizer=None) -> RegionText:
+    """RegionText of one raw sample in ``format`` (``"auto"``, or one of INPUT_FORMATS).
 
     Extra top-level keys are metadata and ignored, except keys of another format (e.g. ``text`` next to
     ``segments``), which would otherwise be silently dropped. ``overlap`` ("error" | "max") applies to
-    position_based regions. Raises FormatError naming ``sample_id``, the field and the character position.
+    position_based regions. ``tokenizer``: a tokenizer with a chat template (any object with
+    ``apply_chat_template``), needed by the messages format only. Raises FormatError naming ``sample_id``, the
+    field and the character position.
     """
-    if format not in ("auto",) + FORMATS:
-        raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
+    if format not in ("auto",) + INPUT_FORMATS:
+        raise ValueError(f"format must be 'auto' or one of {INPUT_FORMATS}, got {format!r}")
     if not isinstance(sample, dict):
         raise FormatError(f"a sample must be an object, got {type(sample).__name__}", sample_id=sample_id)
     chosen = detect_format(sample) if format == "auto" else format
     foreign = [
         key
-        for name, keys in _KEYS.items()
+        for name, keys in _MARKING_KEYS.items()
         if name != chosen
         for key in keys
         if key in sample and key not in _KEYS[chosen]
@@ -53,12 +69,13 @@ def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_
         region_text = position_based.parse_position_based(sample, overlap=overlap, sample_id=sample_id)
     elif chosen == "tag_based":
         region_text = tag_based.parse_tag_based(sample, sample_id=sample_id)
+    elif chosen == CHAT_FORMAT:
+        region_text = messages.parse_messages(sample, tokenizer=tokenizer, sample_id=sample_id)
     else:
         region_text = structured.parse_structured(sample, sample_id=sample_id)
     if not region_text.text:
-        raise FormatError(
-            "the sample has no text", sample_id=sample_id, field="segments" if chosen == "structured" else "text"
-        )
+        field = {"structured": "segments", CHAT_FORMAT: "messages"}.get(chosen, "text")
+        raise FormatError("the sample has no text", sample_id=sample_id, field=field)
     return region_text
 
 
@@ -67,6 +84,13 @@ def to_format(region_text: RegionText, format: str, *, sample_id=None) -> dict:
     ``char_weights()``."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if region_text.has_special_tokens:
+        raise FormatError(
+            f"a rendered chat template cannot be written as {format} (it would be tokenized with added special "
+            "tokens): keep the messages sample",
+            sample_id=sample_id,
+            field="text",
+        )
     try:
         return _WRITERS[format](region_text)
     except FormatError as error:

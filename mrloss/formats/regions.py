@@ -28,12 +28,14 @@ class RegionText:
 
     ``regions`` are sorted by ``start``, never overlap and never empty; every character outside them has
     ``default_weight``. A character inside a region has the region's weight (even when it is below
-    ``default_weight``).
+    ``default_weight``). ``has_special_tokens``: the text holds its own special tokens (a rendered chat
+    template), so tokenizing it adds none (no BOS, no appended EOS).
     """
 
     text: str
     regions: tuple[Region, ...] = field(default_factory=tuple)
     default_weight: float = 0.0
+    has_special_tokens: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "regions", tuple(self.regions))

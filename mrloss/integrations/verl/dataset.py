@@ -11,7 +11,10 @@ what keeps a packed sample from learning the next sample's first token.
 
 Data config keys read (verl's ``data`` section; ``+data.format=...`` adds the ones verl lacks):
 ``pad_mode`` (must be no_padding), ``max_length``, ``truncation`` (right | left | error), ``format``
-(auto | position_based | tag_based | structured), ``add_eos``, ``shuffle`` and ``seed`` (for max_samples).
+(auto | position_based | tag_based | structured | messages), ``add_eos``, ``shuffle`` and ``seed`` (for
+max_samples); for chat samples, as verl's MultiTurnSFTDataset reads them: ``messages_key`` (default
+messages), ``tools_key`` (tools), ``enable_thinking_key`` (enable_thinking), ``enable_thinking_default`` and
+``apply_chat_template_kwargs``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class MultiRegionSFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, parquet_files, tokenizer, config=None, processor=None, max_samples: int = -1):
         from mrloss.data import MultiRegionDataset
+        from mrloss.data.records import read_records
 
         config = {} if config is None else config
         pad_mode = str(config.get("pad_mode", "no_padding"))
@@ -42,8 +46,12 @@ class MultiRegionSFTDataset(torch.utils.data.Dataset):
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         paths = [parquet_files] if isinstance(parquet_files, str) else [str(path) for path in parquet_files]
-        self.samples = MultiRegionDataset(
-            paths,
+        records = [record for path in paths for record in read_records(path)]
+        for record in records:
+            if record.sample is not None:
+                record.sample = chat_sample(record.sample, config)
+        self.samples = MultiRegionDataset.from_records(
+            records,
             tokenizer,
             format=config.get("format", "auto"),
             max_length=config.get("max_length", None),
@@ -72,3 +80,25 @@ class MultiRegionSFTDataset(torch.utils.data.Dataset):
             "loss_mask": item["token_weights"].float(),
             "region_type_ids": item["region_type_ids"].long(),
         }
+
+
+def chat_sample(sample: dict, config) -> dict:
+    """``sample`` with verl's chat keys (``data.messages_key``, ``tools_key``, ``enable_thinking_key``) under the
+    names of the messages format, and ``data.apply_chat_template_kwargs`` / ``enable_thinking_default`` in its
+    ``chat_template_kwargs`` (the sample's own values win). Samples of the other formats are returned as is."""
+    messages_key = config.get("messages_key", "messages")
+    if messages_key not in sample:
+        return sample
+    tools_key = config.get("tools_key", "tools")
+    thinking_key = config.get("enable_thinking_key", "enable_thinking")
+    renamed = {messages_key: "messages", tools_key: "tools"}
+    chat = {renamed.get(key, key): value for key, value in sample.items() if key != thinking_key}
+    template_kwargs = dict(config.get("apply_chat_template_kwargs", None) or {})
+    thinking = sample.get(thinking_key, config.get("enable_thinking_default", None))
+    if isinstance(thinking, str):  # verl's YAML default is the string "none"
+        thinking = {"none": None, "null": None, "": None, "false": False, "true": True}.get(thinking.lower(), thinking)
+    if thinking is not None:
+        template_kwargs["enable_thinking"] = bool(thinking)
+    if template_kwargs:
+        chat["chat_template_kwargs"] = {**template_kwargs, **chat.get("chat_template_kwargs", {})}
+    return chat
