@@ -33,6 +33,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mrloss.configs import builtin_configs, resolve_config
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
 
 
@@ -141,13 +142,16 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read the YAML file at ``path`` (None: all defaults), apply ``key.sub=value`` overrides, validate."""
+    """Read the YAML file at ``path``, or the built-in config of that name (None: all defaults), apply
+    ``key.sub=value`` overrides, validate."""
     raw: Any = {}
     if path is not None:
+        path = resolve_config(path)  # a built-in name (``tag_based``) or a file
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} not found") from None
+            builtin = ", ".join(builtin_configs())
+            raise ConfigError(f"config file {str(path)!r} not found (built-in configs: {builtin})") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         raw = {} if raw is None else raw

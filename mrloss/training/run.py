@@ -37,7 +37,9 @@ class TrainingRun:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mrloss train", description="Train from a YAML config.")
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/multi_region_tag_based.yaml")
+    parser.add_argument(
+        "--config", required=True, help="a YAML file or a built-in config: tag_based, position_based, structured"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
     args = parser.parse_args(argv)
     try:
