@@ -10,7 +10,7 @@ A config has six sections; every key is optional except ``data.train_files``::
     trainer:   output_dir, epochs, max_steps, learning_rate, per_device_batch_size,
                gradient_accumulation_steps, weight_decay, warmup_ratio, lr_scheduler, max_grad_norm,
                seed, logging_steps, save_steps, save_total_limit, eval_steps, resume_from_checkpoint,
-               device, dataloader_num_workers, report_to
+               device, dataloader_num_workers, report_to, backend (hf | trl)
     weighting: dynamic_weights (DynamicWeightAdjuster config or null),
                region_dependencies (RegionDependencyHandler config or null)
     monitor:   enabled, output_dir
@@ -109,6 +109,9 @@ class TrainerConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dataloader_num_workers: int = 0
     report_to: list[str] = dataclasses.field(default_factory=list)  # e.g. [tensorboard]
+    # hf: mrloss.integrations.hf.MultiRegionTrainer; trl: mrloss.integrations.trl.MultiRegionSFTTrainer (TRL's
+    # SFTTrainer; data.pack becomes TRL's padding-free "bfd" packing); `mrloss train --trainer trl` sets it
+    backend: Literal["hf", "trl"] = "hf"
 
 
 @dataclasses.dataclass
