@@ -37,19 +37,20 @@ def tiny_model(tokenizer):
     return transformers.LlamaForCausalLM(config)
 
 
-def token_dataset(tokenizer, *, weights=True, completion=False, seed=3):
+def token_dataset(tokenizer, *, weights=True, mask_column=None, seed=3):
     """Pre-tokenized samples of different lengths with non-uniform weights (some 0) and region types."""
     g = torch.Generator().manual_seed(seed)
-    columns = {"input_ids": [], "token_weights": [], "region_type_ids": [], "completion_mask": []}
+    columns = {"input_ids": [], "token_weights": [], "region_type_ids": [], "mask": []}
     for length in LENGTHS:
         columns["input_ids"].append(torch.randint(3, len(tokenizer), (length,), generator=g).tolist())
         w = torch.rand(length, generator=g) * 2.0
         w[torch.rand(length, generator=g) < 0.25] = 0.0
         columns["token_weights"].append(w.tolist())
         columns["region_type_ids"].append(torch.randint(-1, len(REGION_TYPES), (length,), generator=g).tolist())
-        columns["completion_mask"].append([0] * (length // 2) + [1] * (length - length // 2))
-    if not completion:
-        del columns["completion_mask"]
+        columns["mask"].append([0] * (length // 2) + [1] * (length - length // 2))  # prompt, then completion
+    mask = columns.pop("mask")
+    if mask_column is not None:
+        columns[mask_column] = mask
     if not weights:
         del columns["token_weights"], columns["region_type_ids"]
     features = {
@@ -57,6 +58,7 @@ def token_dataset(tokenizer, *, weights=True, completion=False, seed=3):
         "token_weights": datasets.List(datasets.Value("float32")),
         "region_type_ids": datasets.List(datasets.ClassLabel(names=REGION_TYPES)),
         "completion_mask": datasets.List(datasets.Value("int64")),
+        "assistant_masks": datasets.List(datasets.Value("int64")),
     }
     return datasets.Dataset.from_dict(columns, features=datasets.Features({k: features[k] for k in columns}))
 
@@ -139,9 +141,15 @@ def assert_close_gradients(actual, expected, rtol=1e-4, atol=1e-6):
         torch.testing.assert_close(actual[name].double(), expected[name].double(), rtol=rtol, atol=atol, msg=name)
 
 
-def test_one_step_equals_the_plain_trainer_and_a_float64_weighted_cross_entropy(tokenizer, tmp_path):
+@pytest.fixture(scope="module")
+def padded_step(tokenizer, tmp_path_factory):
+    """One TRL step on `token_dataset`, padded, batch of 4: (loss, gradients, trainer)."""
+    return run(MultiRegionSFTTrainer, tokenizer, token_dataset(tokenizer), tmp_path_factory.mktemp("padded"))
+
+
+def test_one_step_equals_the_plain_trainer_and_a_float64_weighted_cross_entropy(tokenizer, tmp_path, padded_step):
     dataset = token_dataset(tokenizer)
-    loss, gradients, trainer = run(MultiRegionSFTTrainer, tokenizer, dataset, tmp_path / "trl")
+    loss, gradients, trainer = padded_step
     plain_loss, plain_gradients, _ = run(MultiRegionTrainer, tokenizer, dataset, tmp_path / "hf")
     expected_loss, expected_gradients = float64_reference(tokenizer, dataset)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
@@ -159,9 +167,9 @@ def test_one_step_equals_the_plain_trainer_and_a_float64_weighted_cross_entropy(
 
 
 @pytest.mark.parametrize("layout", [{"padding_free": True}, {"packing": True, "max_length": 64}])
-def test_packing_and_padding_free_equal_padded(tokenizer, tmp_path, layout):
+def test_packing_and_padding_free_equal_padded(tokenizer, tmp_path, layout, padded_step):
     dataset = token_dataset(tokenizer)
-    padded_loss, padded_gradients, _ = run(MultiRegionSFTTrainer, tokenizer, dataset, tmp_path / "padded")
+    padded_loss, padded_gradients, _ = padded_step
     loss, gradients, trainer = run(MultiRegionSFTTrainer, tokenizer, dataset, tmp_path / "packed", **layout)
     assert trainer.padding_free  # TRL's packing ("bfd") is padding-free: one row, position_ids restart per sample
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
@@ -170,9 +178,9 @@ def test_packing_and_padding_free_equal_padded(tokenizer, tmp_path, layout):
     assert_close_gradients(gradients, padded_gradients)
 
 
-def test_gradient_accumulation_2x2_equals_a_batch_of_4(tokenizer, tmp_path):
+def test_gradient_accumulation_2x2_equals_a_batch_of_4(tokenizer, tmp_path, padded_step):
     dataset = token_dataset(tokenizer)
-    loss, gradients, _ = run(MultiRegionSFTTrainer, tokenizer, dataset, tmp_path / "4")
+    loss, gradients, _ = padded_step
     accumulated_loss, accumulated_gradients, _ = run(
         MultiRegionSFTTrainer,
         tokenizer,
@@ -211,16 +219,20 @@ def test_without_weights_it_is_trls_own_loss_and_logs(tokenizer, tmp_path):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
 
 
-@pytest.mark.parametrize("completion_only_loss", [True, False])
-def test_completion_only_loss_combines_with_region_weights(tokenizer, tmp_path, completion_only_loss):
-    """A token is trained iff TRL keeps its label and its weight is > 0; the normalizer is the Σ of those weights."""
-    dataset = token_dataset(tokenizer, completion=True)
+@pytest.mark.parametrize(
+    "mask_column, completion_only_loss, masked",
+    [("completion_mask", True, True), ("completion_mask", False, False), ("assistant_masks", None, True)],
+)
+def test_trls_masks_combine_with_region_weights(tokenizer, tmp_path, mask_column, completion_only_loss, masked):
+    """A token is trained iff TRL keeps its label (completion_only_loss: the completion_mask; an assistant_masks
+    column always) and its weight is > 0; the normalizer is the Σ of those weights."""
+    dataset = token_dataset(tokenizer, mask_column=mask_column)
     loss, gradients, _ = run(
         MultiRegionSFTTrainer, tokenizer, dataset, tmp_path, completion_only_loss=completion_only_loss
     )
 
     def weight_of(i, w):
-        return w * torch.tensor(dataset[i]["completion_mask"]) if completion_only_loss else w
+        return w * torch.tensor(dataset[i][mask_column]) if masked else w
 
     expected_loss, expected_gradients = float64_reference(tokenizer, dataset, weight_of)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
