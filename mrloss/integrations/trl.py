@@ -40,6 +40,7 @@ import trl
 from torch.distributed.tensor import DTensor
 from trl.data_utils import get_dataset_column_names, pack_dataset
 from trl.kernels import ChunkedLogProbFunction
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, create_model_from_path, pad
 
 from mrloss.integrations.heads import lm_head_of, model_head, unwrap_causal_lm
@@ -70,6 +71,11 @@ def sft_dataset(source, tokenizer=None, *, region_types: list[str] | None = None
 
     if source is None:
         return None
+    if isinstance(source, dict):  # TRL's several evaluation sets
+        return {
+            name: sft_dataset(part, tokenizer, region_types=region_types, **dataset_options)
+            for name, part in source.items()
+        }
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         if not _holds_raw_regions(source):
             return source
@@ -126,7 +132,8 @@ class TokenWeightCollator:
 
     Without ``token_weights`` in the items every token gets weight 1 (the loss is then TRL's own, normalized by
     the step's count of valid labels). Batch: TRL's keys plus ``token_weights [B, T] fp32`` (0 on padding) and,
-    when the items have them, ``region_type_ids [B, T] int64`` (-1 on padding)."""
+    when the items have them, ``region_type_ids [B, T] int64`` (-1 on padding). Another collator must return
+    the columns itself (its layout is unknown here): ValueError otherwise."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -135,8 +142,14 @@ class TokenWeightCollator:
         batch = self.collator(examples)
         padding_free = getattr(self.collator, "padding_free", False)
         for name, padding_value in TOKEN_COLUMNS.items():
-            if name not in examples[0]:
+            if name not in examples[0] or name in batch:
                 continue
+            if not isinstance(self.collator, DataCollatorForLanguageModeling):
+                raise ValueError(
+                    f"MultiRegionSFTTrainer: the items have {name} but the data_collator "
+                    f"{type(self.collator).__name__} does not return it; return it from the collator (aligned with "
+                    "input_ids) or leave data_collator to TRL"
+                )
             values = [torch.as_tensor(example[name], dtype=_COLUMN_DTYPES[name]) for example in examples]
             if padding_free:
                 values = [torch.cat(values)]
@@ -254,10 +267,13 @@ class _MRLossSFTTrainer(trl.SFTTrainer):
         """The model's own loss (``transformers.Trainer.compute_loss``: the mrloss forward with the step's Σw),
         plus TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` logs."""
         mode = "train" if self.model.training else "eval"
-        self._last_hidden = None
-        loss, outputs = transformers.Trainer.compute_loss(
-            self, model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        self._capture, self._last_hidden = self._log_token_metrics, None
+        try:
+            loss, outputs = transformers.Trainer.compute_loss(
+                self, model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            self._capture = False
         if self._last_hidden is not None:
             causal_lm = unwrap_causal_lm(self.accelerator.unwrap_model(self.model))
             sums = token_metrics(
@@ -284,7 +300,9 @@ class _MRLossSFTTrainer(trl.SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _capture_last_hidden(self, module, args, output) -> None:
-        self._last_hidden = output.last_hidden_state.detach()
+        """Forward hook on the decoder body: its last hidden state [B, T, H], during `compute_loss` only."""
+        if self._capture:
+            self._last_hidden = output.last_hidden_state.detach()
 
 
 class MultiRegionSFTTrainer(MultiRegionTrainer, _MRLossSFTTrainer):
@@ -352,10 +370,15 @@ class MultiRegionSFTTrainer(MultiRegionTrainer, _MRLossSFTTrainer):
         _refuse_fused_lm_head(causal_lm)
         if not isinstance(self.data_collator, TokenWeightCollator):
             self.data_collator = TokenWeightCollator(self.data_collator)
-        self._last_hidden = None
+        self._capture, self._last_hidden, self._log_token_metrics = False, None, log_token_metrics
         self._metrics_head = model_head(causal_lm, (loss_options or {}).get("softcap"), caller="MultiRegionSFTTrainer")
-        if log_token_metrics:
-            causal_lm.base_model.register_forward_hook(self._capture_last_hidden)
+        causal_lm.base_model.register_forward_hook(self._capture_last_hidden)
 
-    def _default_data_collator(self, processing_class, **collator_options):
-        return None  # TRL builds its collator (padded or padding-free); __init__ wraps it in TokenWeightCollator
+    def _default_data_collator(self, processing_class, pack=False, max_length=None, pad_to_multiple_of=None):
+        """None: TRL builds its collator (padded or padding-free), which __init__ wraps in `TokenWeightCollator`."""
+        if pack or max_length is not None or pad_to_multiple_of is not None:
+            raise ValueError(
+                "MultiRegionSFTTrainer: pack / max_length / pad_to_multiple_of are SFTConfig's here "
+                "(SFTConfig(packing=True, max_length=..., pad_to_multiple_of=...))"
+            )
+        return None
