@@ -3,10 +3,12 @@ from setuptools import find_packages, setup
 # torch is a base requirement, but CI installs the CPU build (torch==2.13.0) first so that this
 # range does not pull a multi-GB CUDA build. transformers is capped below 5.11 because verl 0.9.1
 # (the `verl` extra) requires it; the cap keeps one environment able to hold every extra.
+# The main job (`mrloss demo`, `mrloss train`: transformers.Trainer) needs accelerate, so it is a base requirement.
 BASE = [
     "torch>=2.6",
     "triton>=3.0",
     "transformers>=5.5.3,<5.11,!=5.6.0",
+    "accelerate>=1.1.0",
     "tokenizers>=0.20",
     "numpy",
     "pyyaml>=6",
@@ -29,7 +31,9 @@ EXTRAS = {
         "tiktoken",
     ],
     "lint": ["ruff==0.17.6", "import-linter>=2.0", "pre-commit"],
-    "hf": ["accelerate>=1.0", "peft>=0.13", "datasets"],
+    "hf": ["peft>=0.13", "datasets"],
+    # TRL's SFTTrainer (mrloss.integrations.trl, `mrloss train --trainer trl`); TRL 1.16 needs Python >= 3.11
+    "trl": ["trl>=1.16,<2; python_version >= '3.11'", "datasets>=4.7", "peft>=0.13"],
     "verl": ["verl==0.9.1", "fastapi", "uvicorn"],
     # trl: the TRL fused-LM-head baseline (trl.kernels.ChunkedLogProbFunction, from 1.15; needs Python >= 3.11)
     "bench": ["matplotlib", "pandas", "trl>=1.15,<2; python_version >= '3.11'"],
@@ -46,6 +50,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mrloss", "mrloss.*"]),
+    package_data={"mrloss.configs": ["*.yaml"]},  # the built-in configs (`mrloss configs`)
     python_requires=">=3.10",
     install_requires=BASE,
     extras_require=EXTRAS,

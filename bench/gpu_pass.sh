@@ -53,7 +53,7 @@ assert torch.cuda.is_available(), \"no CUDA device\"; print(torch.cuda.get_devic
 --junitxml=$out/pytest-gpu.xml tests"
   [bench-llama3-8b]="$PYTHON -m bench.linear_ce $bench_args --heads llama3-8b --name gpu-goals-llama3-8b"
   [bench-gemma2-2b]="$PYTHON -m bench.linear_ce $bench_args --heads gemma2-2b --name gpu-goals-gemma2-2b"
-  [train]="$PYTHON -m mrloss train --config configs/multi_region_tag_based.yaml $train_overrides"
+  [train]="$PYTHON -m mrloss train --config tag_based $train_overrides"
   [summary]="$PYTHON -m bench.gpu_summary $out"
 )
 

@@ -1,7 +1,8 @@
 """`mrloss` command line: one entry point, subcommands implemented next to the code they drive.
 
 mrloss demo                      write example data, show a loss mask, train a tiny model on CPU
-mrloss train --config F [k=v ...]
+mrloss train --config F|NAME [--trainer hf|trl] [k=v ...]
+mrloss configs [NAME]            list the built-in configs, or print one
 mrloss prepare ...               validate / convert / split raw data
 mrloss show FILE [--index N] [--html out.html]
 mrloss plot RUN_DIR
@@ -16,6 +17,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("mrloss.training.demo", "main", "write example data, show a loss mask, train a tiny model on CPU"),
     "train": ("mrloss.training.run", "main", "train from a YAML config: mrloss train --config F [key=value ...]"),
+    "configs": ("mrloss.configs", "main", "list the built-in configs (mrloss configs NAME prints one)"),
     "prepare": ("mrloss.data.prepare", "main", "validate, convert and split a raw data file"),
     "show": ("mrloss.debug.show", "main", "show the loss mask of one sample (terminal or HTML)"),
     "plot": ("mrloss.debug.plot", "main", "plot per-region loss curves of a run directory"),

@@ -7,7 +7,7 @@ import pytest
 from mrloss.training.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = sorted((REPO / "configs").glob("multi_region_*.yaml"))
+SHIPPED = sorted((REPO / "mrloss/configs").glob("multi_region_*.yaml"))
 
 
 def write(tmp_path, text):
@@ -28,6 +28,22 @@ def test_three_shipped_configs_load_with_their_format():
         assert config.data.train_files and config.model.path is None
         # the example data set sits where the config says, or is written there on first use
         assert config.data.write_examples or all(Path(f).exists() for f in config.data.train_files)
+
+
+def test_builtin_configs_by_name_and_unknown_names(tmp_path, monkeypatch, capsys):
+    from mrloss.configs import builtin_configs, main
+
+    monkeypatch.chdir(tmp_path)  # a built-in name works from any directory
+    assert list(builtin_configs()) == ["position_based", "structured", "tag_based"]
+    for name in ("tag_based", "multi_region_tag_based", "multi_region_tag_based.yaml"):
+        assert load_config(name).data.format == "tag_based"
+    (tmp_path / "tag_based").write_text("data:\n  train_files: mine.jsonl\n")  # a file of that name wins
+    assert load_config("tag_based").data.train_files == ["mine.jsonl"]
+    with pytest.raises(ConfigError, match="not found .built-in configs: position_based, structured, tag_based"):
+        load_config("tag")
+    assert main([]) == 0 and "tag_based" in capsys.readouterr().out
+    assert main(["structured"]) == 0 and "format: structured" in capsys.readouterr().out
+    assert main(["nope"]) == 2 and "no built-in config 'nope'" in capsys.readouterr().err
 
 
 def test_defaults_and_overrides_parse_as_yaml(tmp_path):

@@ -205,7 +205,7 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
         "model.hidden_size=32",
         "model.intermediate_size=64",
     ]
-    run_train(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), *overrides])
+    run_train(["--config", "tag_based", *overrides])
     assert (tmp_path / "data/structured.jsonl").exists()  # write_examples: true created the example data
     metrics = json.loads((output_dir / "metrics.json").read_text())
     first, last = metrics["region_losses"]["first"], metrics["region_losses"]["last"]
@@ -223,7 +223,7 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     run_train(
         [
             "--config",
-            str(REPO / "configs/multi_region_tag_based.yaml"),
+            "tag_based",
             *overrides,
             "trainer.max_steps=16",
             "trainer.resume_from_checkpoint=true",
@@ -237,7 +237,7 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
 def test_mrloss_train_reports_config_errors(tmp_path, capsys):
     from mrloss.training.run import main
 
-    assert main(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), "trainer.epoch=2"]) == 2
+    assert main(["--config", "tag_based", "trainer.epoch=2"]) == 2
     assert "config trainer.epoch: unknown key" in capsys.readouterr().err
 
 

@@ -243,14 +243,8 @@ class MultiRegionTrainer(transformers.Trainer):
         apply_mrloss(model, **(loss_options or {}))
         self.ignore_index = (loss_options or {}).get("ignore_index", IGNORE_INDEX)
         if data_collator is None:
-            from mrloss.data import MultiRegionCollator
-
-            if processing_class is None or processing_class.pad_token_id is None:
-                raise ValueError(
-                    "MultiRegionTrainer: pass a tokenizer with a pad token (processing_class) or a data_collator"
-                )
-            data_collator = MultiRegionCollator(
-                processing_class.pad_token_id, pack=pack, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
+            data_collator = self._default_data_collator(
+                processing_class, pack=pack, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
             )
         if args is not None:
             args.remove_unused_columns = False
@@ -286,6 +280,17 @@ class MultiRegionTrainer(transformers.Trainer):
         self._log_type_stats = torch.zeros(2, len(self.region_types), dtype=torch.float64)
         self._log_tokens = 0
         self._log_time = time.perf_counter()
+
+    def _default_data_collator(self, processing_class, **collator_options):
+        """The collator when none is passed: `MultiRegionCollator` with the pad id of ``processing_class``
+        (`mrloss.integrations.trl.MultiRegionSFTTrainer` returns None here: TRL builds its own)."""
+        from mrloss.data import MultiRegionCollator
+
+        if processing_class is None or processing_class.pad_token_id is None:
+            raise ValueError(
+                "MultiRegionTrainer: pass a tokenizer with a pad token (processing_class) or a data_collator"
+            )
+        return MultiRegionCollator(processing_class.pad_token_id, **collator_options)
 
     # -- weights and normalization ------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):

@@ -10,7 +10,7 @@ A config has six sections; every key is optional except ``data.train_files``::
     trainer:   output_dir, epochs, max_steps, learning_rate, per_device_batch_size,
                gradient_accumulation_steps, weight_decay, warmup_ratio, lr_scheduler, max_grad_norm,
                seed, logging_steps, save_steps, save_total_limit, eval_steps, resume_from_checkpoint,
-               device, dataloader_num_workers, report_to
+               device, dataloader_num_workers, report_to, backend (hf | trl)
     weighting: dynamic_weights (DynamicWeightAdjuster config or null),
                region_dependencies (RegionDependencyHandler config or null)
     monitor:   enabled, output_dir
@@ -33,6 +33,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mrloss.configs import builtin_configs, resolve_config
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
 
 
@@ -108,6 +109,9 @@ class TrainerConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dataloader_num_workers: int = 0
     report_to: list[str] = dataclasses.field(default_factory=list)  # e.g. [tensorboard]
+    # hf: mrloss.integrations.hf.MultiRegionTrainer; trl: mrloss.integrations.trl.MultiRegionSFTTrainer (TRL's
+    # SFTTrainer; data.pack becomes TRL's padding-free "bfd" packing); `mrloss train --trainer trl` sets it
+    backend: Literal["hf", "trl"] = "hf"
 
 
 @dataclasses.dataclass
@@ -141,13 +145,16 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read the YAML file at ``path`` (None: all defaults), apply ``key.sub=value`` overrides, validate."""
+    """Read the YAML file at ``path``, or the built-in config of that name (None: all defaults), apply
+    ``key.sub=value`` overrides, validate."""
     raw: Any = {}
     if path is not None:
+        path = resolve_config(path)  # a built-in name (``tag_based``) or a file
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} not found") from None
+            builtin = ", ".join(builtin_configs())
+            raise ConfigError(f"config file {str(path)!r} not found (built-in configs: {builtin})") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         raw = {} if raw is None else raw

@@ -37,9 +37,16 @@ class TrainingRun:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mrloss train", description="Train from a YAML config.")
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/multi_region_tag_based.yaml")
+    parser.add_argument(
+        "--config", required=True, help="a YAML file or a built-in config: tag_based, position_based, structured"
+    )
+    parser.add_argument(
+        "--trainer", choices=("hf", "trl"), help="hf: transformers.Trainer, trl: TRL's SFTTrainer (trainer.backend)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
     args = parser.parse_args(argv)
+    if args.trainer is not None:
+        args.overrides.append(f"trainer.backend={args.trainer}")
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
@@ -92,19 +99,24 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         "label_smoothing": config.loss.label_smoothing,
         "softcap": config.loss.softcap,
     }
-    trainer = MultiRegionTrainer(
-        model,
-        args,
-        train_dataset,
-        eval_dataset,
-        processing_class=tokenizer,
-        loss_options=loss_options,
-        weighting=weighting,
-        monitor=monitor,
-        pack=config.data.pack,
-        max_length=config.data.max_length if config.data.pack else None,
-        callbacks=list(callbacks),
-    )
+    common = dict(processing_class=tokenizer, loss_options=loss_options, weighting=weighting, monitor=monitor)
+    if config.trainer.backend == "trl":
+        from mrloss.integrations.trl import MultiRegionSFTTrainer, sft_config
+
+        # the data are encoded and truncated by mrloss already; TRL packs them ("bfd", padding-free) when asked
+        args = sft_config(args, max_length=config.data.max_length, packing=config.data.pack)
+        trainer = MultiRegionSFTTrainer(model, args, train_dataset, eval_dataset, callbacks=list(callbacks), **common)
+    else:
+        trainer = MultiRegionTrainer(
+            model,
+            args,
+            train_dataset,
+            eval_dataset,
+            pack=config.data.pack,
+            max_length=config.data.max_length if config.data.pack else None,
+            callbacks=list(callbacks),
+            **common,
+        )
     return TrainingRun(config, trainer, tokenizer, train_dataset, eval_dataset, resume)
 
 

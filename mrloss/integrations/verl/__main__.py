@@ -151,7 +151,7 @@ def launch_command(nproc: int, overrides: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mrloss.integrations.verl", description=__doc__.split("\n\n")[1])
     parser.add_argument("--nproc", type=int, required=True, help="processes (GPUs) on this node")
-    parser.add_argument("--config", required=True, help="mrloss YAML config (configs/multi_region_*.yaml)")
+    parser.add_argument("--config", required=True, help="mrloss YAML config: a file or a built-in name")
     parser.add_argument("--save-path", required=True, help="checkpoint directory (trainer.default_local_dir)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     parser.add_argument("overrides", nargs="*", help="key.sub=value (mrloss config) or verl.key.sub=value (verl)")
