@@ -13,8 +13,6 @@ BASE = [
     "numpy",
     "pyyaml>=6",
     "tqdm",
-    "pytest",
-    "pytest-benchmark",
 ]
 
 EXTRAS = {
