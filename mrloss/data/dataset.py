@@ -22,8 +22,9 @@ class MultiRegionDataset(torch.utils.data.Dataset):
 
     ``region_types``: the region-type vocabulary: the given list first (share ``train.region_types`` with
     the validation set to keep ids equal), then the other types of the data, sorted.
-    Also kept: ``sample_ids``, ``region_texts`` and ``truncated`` (``(sample_id, [region index])`` of samples
-    whose learned regions truncation cut; a warning counts them).
+    A directory in ``paths`` is tokenized data of `mrloss prepare --tokenizer` (see `from_disk`).
+    Also kept: ``sample_ids``, ``region_texts`` (None for tokenized data) and ``truncated`` (``(sample_id,
+    [region index])`` of samples whose learned regions truncation cut; a warning counts them).
     """
 
     def __init__(
@@ -39,7 +40,13 @@ class MultiRegionDataset(torch.utils.data.Dataset):
         overlap: str = "error",
     ):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if any(Path(path).is_dir() for path in paths):
+            self._load(paths, tokenizer, max_length=max_length, truncation=truncation, add_eos=add_eos,
+                       region_types=region_types)  # fmt: skip
+            return
         records = [record for path in paths for record in read_records(path)]
+        if not records:
+            raise ValueError(f"no samples in {', '.join(map(str, paths))}")
         self._build(
             records,
             tokenizer,
@@ -65,6 +72,41 @@ class MultiRegionDataset(torch.utils.data.Dataset):
             **options,
         )
         return dataset
+
+    @classmethod
+    def from_disk(cls, paths, tokenizer, **options):
+        """The dataset of directories written by `mrloss prepare --tokenizer` (`mrloss.data.tokenized`),
+        memory-mapped: every rank maps the same Arrow files, nothing is tokenized or copied. Same options as
+        the constructor; ``format`` and ``overlap`` do not apply (the data is parsed already)."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        not_tokenized = [str(path) for path in paths if not Path(path).is_dir()]
+        if not_tokenized:
+            raise ValueError(f"not a tokenized data directory: {', '.join(not_tokenized)}")
+        dataset = cls.__new__(cls)
+        options = {key: value for key, value in options.items() if key not in ("format", "overlap")}
+        dataset._load(paths, tokenizer, **options)
+        return dataset
+
+    def _load(self, paths, tokenizer, *, max_length=None, truncation="right", add_eos=True, region_types=None):
+        import pyarrow.compute as pc
+
+        from mrloss.data.tokenized import TokenizedItems, is_tokenized, load_tokenized
+
+        mixed = [str(path) for path in paths if not is_tokenized(path)]
+        if mixed:
+            raise ValueError(
+                f"{', '.join(mixed)}: not tokenized data (directories of `mrloss prepare --tokenizer`); "
+                "give either raw files or tokenized directories, not both"
+            )
+        arrow, found = load_tokenized(paths, tokenizer, max_length=max_length, truncation=truncation, add_eos=add_eos)
+        given = list(region_types or [])
+        self.region_types = given + sorted(set(found) - set(given))
+        self.sample_ids = arrow["sample_id"]
+        self.region_texts = None  # raw texts are not stored with the tokens
+        cut = arrow.data.column("truncated_regions")
+        rows = pc.indices_nonzero(pc.greater(pc.list_value_length(cut), 0)).to_pylist()
+        self.truncated = [(self.sample_ids[row], cut[row].as_py()) for row in rows]
+        self._items = TokenizedItems(arrow, self.region_types)
 
     def _build(
         self,
