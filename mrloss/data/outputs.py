@@ -3,7 +3,8 @@
 Every output is first written under one hidden scratch directory inside the output directory
 (``.mrloss-tmp-*``, same file system), flushed and fsynced. `OutputUnit.commit` then moves every old file the
 unit replaces or makes stale out of the way, renames the new ones into place and deletes the old ones; an
-error or an interrupt before that leaves every earlier output untouched and removes the scratch directory.
+error or an interrupt before that (or a failed rename, which is rolled back) leaves every earlier output
+untouched and removes the scratch directory.
 A reader therefore never sees a new train file next to an old validation file: at worst (a kill during
 the renames themselves) a file is missing. A ``kill -9`` can leave the scratch directory behind; nothing
 reads it.
@@ -40,8 +41,12 @@ class OutputUnit:
         while not missing.exists():
             self._created.insert(0, missing)
             missing = missing.parent
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.scratch = Path(tempfile.mkdtemp(dir=self.directory, prefix=SCRATCH_PREFIX))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.scratch = Path(tempfile.mkdtemp(dir=self.directory, prefix=SCRATCH_PREFIX))
+        except BaseException:
+            self.abort()
+            raise
         return self
 
     def __exit__(self, kind, error, trace) -> None:
@@ -55,16 +60,27 @@ class OutputUnit:
         return self.scratch / target.name
 
     def commit(self) -> None:
-        """fsync the new outputs, move the old ones aside, rename the new ones in, delete the old ones."""
+        """fsync the new outputs, move the old ones aside, rename the new ones in, delete the old ones. A failed
+        rename puts every file back where it was."""
         for target in self.targets:
             _fsync_tree(self.path(target))
         aside = self.scratch / "replaced"
         aside.mkdir()
-        for old in self.targets + self.stale:
-            if old.exists() or old.is_symlink():
-                os.replace(old, aside / old.name)
-        for target in self.targets:
-            os.replace(self.path(target), target)
+        moved, placed = [], []
+        try:
+            for old in self.targets + self.stale:
+                if old.exists() or old.is_symlink():
+                    os.replace(old, aside / old.name)
+                    moved.append(old)
+            for target in self.targets:
+                os.replace(self.path(target), target)
+                placed.append(target)
+        except BaseException:  # put everything back as it was
+            for target in placed:
+                os.replace(target, self.path(target))
+            for old in moved:
+                os.replace(aside / old.name, old)
+            raise
         _fsync_directory(self.directory)
         self._created = []
         self.abort()

@@ -220,23 +220,29 @@ def _stream(args, unit: OutputUnit | None, targets: dict) -> int:
                 for split, part in result.parts.items():
                     writers[split].write(part)
     except FormatError as error:  # data that the output file type cannot hold
+        _close(writers)
         raise _Failure(f"{error}; nothing written") from None
-    finally:
-        for writer in writers.values():
-            writer.close()
+    except BaseException:
+        _close(writers)
+        raise
     if records == 0:
+        _close(writers)
         raise _Failure(f"no samples in {', '.join(map(str, args.inputs))}")
     print(escape_control(summary.format(bad, tokenizer_note, time.perf_counter() - started)))
     if writers and (not bad or args.drop_invalid):
         empty = [split for split, writer in writers.items() if writer.count == 0]
         if empty and summary.samples:
+            _close(writers)
             raise _Failure(
                 f"no sample of {summary.samples} fell into {' and '.join(empty)} (a sample goes to validation "
                 f"with probability --val-fraction {args.val_fraction}); change --val-fraction; nothing written"
             )
         if summary.samples:
-            for writer in writers.values():
-                writer.finish(tokenizer, max_length=args.max_length, truncation=options.encode_truncation)
+            try:
+                for writer in writers.values():
+                    writer.finish(tokenizer, max_length=args.max_length, truncation=options.encode_truncation)
+            finally:
+                _close(writers)
             unit.commit()
             for writer in writers.values():
                 for path in (writer.path, writer.tokenized_path):
@@ -250,6 +256,11 @@ def _stream(args, unit: OutputUnit | None, targets: dict) -> int:
         print(f"{bad} bad sample(s){note}", file=sys.stderr)
         return 0 if args.drop_invalid and writers and summary.samples else 1
     return 0
+
+
+def _close(writers: dict) -> None:
+    for writer in writers.values():
+        writer.close()
 
 
 def _chunks(paths):

@@ -86,8 +86,7 @@ class TokenizedWriter:
         """Write the dataset directory (``datasets`` shards + metadata + tokenizer) to ``directory``."""
         import datasets
 
-        self._writer.close()
-        self._stream.close()
+        self.close()
         dataset = datasets.Dataset.from_file(str(self.scratch))
         dataset.save_to_disk(str(directory))
         del dataset
@@ -105,8 +104,10 @@ class TokenizedWriter:
         tokenizer.save_pretrained(str(Path(directory) / TOKENIZER_DIR))
 
     def close(self) -> None:
-        if not self._stream.closed:
+        """Close the Arrow file (idempotent)."""
+        if self._writer is not None:
             self._writer.close()
+            self._writer = None
             self._stream.close()
 
 
