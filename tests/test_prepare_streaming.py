@@ -81,6 +81,15 @@ def test_stream_holds_a_bounded_number_of_samples_and_keeps_the_order(tmp_path, 
     assert _files(out) == ["train.jsonl", "train.tokenized", "validation.jsonl", "validation.tokenized"]
 
 
+def test_json_output_is_written_chunk_by_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "CHUNK_SIZE", 3)
+    samples = _many(10)
+    raw = _jsonl(tmp_path / "raw.jsonl", samples)
+    assert main([str(raw), "--output-dir", str(tmp_path / "out"), "--file-type", "json", "--to", "structured"]) == 0
+    written = json.loads((tmp_path / "out/train.json").read_text(encoding="utf-8"))
+    assert [s["id"] for s in written] == [s["id"] for s in samples] and all("segments" in s for s in written)
+
+
 def test_hash_split_is_reproducible_and_independent_of_the_other_samples(tmp_path):
     picked = [in_validation(i, 7, 0.1) for i in range(20000)]
     assert 0.09 < sum(picked) / len(picked) < 0.11

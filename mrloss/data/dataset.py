@@ -41,8 +41,8 @@ class MultiRegionDataset(torch.utils.data.Dataset):
     ):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if any(Path(path).is_dir() for path in paths):
-            self._load(paths, tokenizer, max_length=max_length, truncation=truncation, add_eos=add_eos,
-                       region_types=region_types)  # fmt: skip
+            options = dict(max_length=max_length, truncation=truncation, add_eos=add_eos, region_types=region_types)
+            self._load(paths, tokenizer, **options)
             return
         records = [record for path in paths for record in read_records(path)]
         if not records:
@@ -87,26 +87,11 @@ class MultiRegionDataset(torch.utils.data.Dataset):
         dataset._load(paths, tokenizer, **options)
         return dataset
 
-    def _load(self, paths, tokenizer, *, max_length=None, truncation="right", add_eos=True, region_types=None):
-        import pyarrow.compute as pc
+    def _load(self, paths, tokenizer, **options):
+        from mrloss.data.tokenized import open_tokenized
 
-        from mrloss.data.tokenized import TokenizedItems, is_tokenized, load_tokenized
-
-        mixed = [str(path) for path in paths if not is_tokenized(path)]
-        if mixed:
-            raise ValueError(
-                f"{', '.join(mixed)}: not tokenized data (directories of `mrloss prepare --tokenizer`); "
-                "give either raw files or tokenized directories, not both"
-            )
-        arrow, found = load_tokenized(paths, tokenizer, max_length=max_length, truncation=truncation, add_eos=add_eos)
-        given = list(region_types or [])
-        self.region_types = given + sorted(set(found) - set(given))
-        self.sample_ids = arrow["sample_id"]
+        self.region_types, self.sample_ids, self.truncated, self._items = open_tokenized(paths, tokenizer, **options)
         self.region_texts = None  # raw texts are not stored with the tokens
-        cut = arrow.data.column("truncated_regions")
-        rows = pc.indices_nonzero(pc.greater(pc.list_value_length(cut), 0)).to_pylist()
-        self.truncated = [(self.sample_ids[row], cut[row].as_py()) for row in rows]
-        self._items = TokenizedItems(arrow, self.region_types)
 
     def _build(
         self,

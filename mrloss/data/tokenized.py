@@ -116,6 +116,28 @@ def is_tokenized(path) -> bool:
     return (Path(path) / METADATA).is_file()
 
 
+def open_tokenized(paths, tokenizer, *, max_length=None, truncation="right", add_eos=True, region_types=None):
+    """What `MultiRegionDataset` keeps of tokenized ``paths``: (region-type vocabulary: ``region_types`` first,
+    then the others sorted; sample ids (a lazy Arrow column); ``truncated``: ``(sample_id, [region index])`` of
+    samples whose learned regions truncation cut; the items, a `TokenizedItems`)."""
+    import pyarrow.compute as pc
+
+    mixed = [str(path) for path in paths if not is_tokenized(path)]
+    if mixed:
+        raise ValueError(
+            f"{', '.join(mixed)}: not tokenized data (directories of `mrloss prepare --tokenizer`); "
+            "give either raw files or tokenized directories, not both"
+        )
+    arrow, found = load_tokenized(paths, tokenizer, max_length=max_length, truncation=truncation, add_eos=add_eos)
+    given = list(region_types or [])
+    vocabulary = given + sorted(set(found) - set(given))
+    sample_ids = arrow["sample_id"]
+    cut = arrow.data.column("truncated_regions")
+    rows = pc.indices_nonzero(pc.greater(pc.list_value_length(cut), 0)).to_pylist()
+    truncated = [(sample_ids[row], cut[row].as_py()) for row in rows]
+    return vocabulary, sample_ids, truncated, TokenizedItems(arrow, vocabulary)
+
+
 def load_tokenized(paths, tokenizer, *, max_length, truncation: str, add_eos: bool):
     """(memory-mapped ``datasets.Dataset`` of all ``paths`` in order, sorted region types found in them).
 
