@@ -9,7 +9,8 @@ samples of the shipped examples' tag_based texts, 3 to 5 per sample, numbered so
 `mrloss prepare FILE --output-dir OUT --val-fraction 0.05 --force` then runs in a child process; its
 process tree (workers included) is sampled every 200 ms from /proc. Printed: wall seconds, the peak RSS of
 the main process, of the largest worker, and the peak PSS of the whole tree (shared pages counted once,
-so that forked workers are not counted twice), and prepare's own summary.
+so that forked workers are not counted twice), the CPU seconds of the tree (user + system: on a shared
+machine the fairer comparison of two versions), and prepare's own summary.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import threading
@@ -99,10 +101,14 @@ def measure(command: list[str], env: dict) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     output, _ = process.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers too: prepare waits for them
     done.set()
     sampler.join()
-    return {"seconds": time.perf_counter() - started, "returncode": process.returncode, "output": output, **peaks}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "cpu_seconds": cpu, "returncode": process.returncode, "output": output, **peaks}
 
 
 def main(argv: list[str] | None = None) -> int:

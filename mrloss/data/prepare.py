@@ -200,54 +200,26 @@ def _stream(args, unit: OutputUnit | None, targets: dict) -> int:
         tokenized=bool(args.tokenizer),
     )
     writers = {split: _SplitWriter(unit, *paths) for split, paths in targets.items()}
-    small = sum(Path(path).stat().st_size for path in args.inputs) < PARALLEL_MIN_BYTES
-    summary, bad, records = _Summary(), 0, 0
     try:
-        results = ordered_map(
-            _prepare_chunk,
-            _chunks(args.inputs),
-            num_proc=1 if small else args.num_proc,
-            initializer=_start_worker,
-            initargs=(tokenizer, options),
-        )
-        for result in results:
-            records += result.records
-            bad += len(result.errors)
-            for error in result.errors:
-                print(f"error: {escape_control(str(error))}", file=sys.stderr)
-            summary.merge(result.summary)
-            if writers and (not bad or args.drop_invalid):
-                for split, part in result.parts.items():
-                    writers[split].write(part)
-    except FormatError as error:  # data that the output file type cannot hold
-        _close(writers)
-        raise _Failure(f"{error}; nothing written") from None
-    except BaseException:
-        _close(writers)
-        raise
-    if records == 0:
-        _close(writers)
-        raise _Failure(f"no samples in {', '.join(map(str, args.inputs))}")
-    print(escape_control(summary.format(bad, tokenizer_note, time.perf_counter() - started)))
-    if writers and (not bad or args.drop_invalid):
-        empty = [split for split, writer in writers.items() if writer.count == 0]
-        if empty and summary.samples:
-            _close(writers)
-            raise _Failure(
-                f"no sample of {summary.samples} fell into {' and '.join(empty)} (a sample goes to validation "
-                f"with probability --val-fraction {args.val_fraction}); change --val-fraction; nothing written"
-            )
-        if summary.samples:
-            try:
-                for writer in writers.values():
-                    writer.finish(tokenizer, max_length=args.max_length, truncation=options.encode_truncation)
-            finally:
-                _close(writers)
+        summary, bad = _consume(args, options, tokenizer, writers)
+        print(escape_control(summary.format(bad, tokenizer_note, time.perf_counter() - started)))
+        if writers and (not bad or args.drop_invalid) and summary.samples:
+            empty = [split for split, writer in writers.items() if writer.count == 0]
+            if empty:
+                raise _Failure(
+                    f"no sample of {summary.samples} fell into {' and '.join(empty)} (a sample goes to validation "
+                    f"with probability --val-fraction {args.val_fraction}); change --val-fraction; nothing written"
+                )
+            for writer in writers.values():
+                writer.finish(tokenizer, max_length=args.max_length, truncation=options.encode_truncation)
             unit.commit()
             for writer in writers.values():
                 for path in (writer.path, writer.tokenized_path):
                     if path is not None:
                         print(f"wrote {path} ({writer.count} samples)")
+    finally:
+        for writer in writers.values():
+            writer.close()
     if bad:
         if args.drop_invalid:
             note = ", dropped" + ("" if summary.samples else "; no valid sample, nothing written")
@@ -258,9 +230,32 @@ def _stream(args, unit: OutputUnit | None, targets: dict) -> int:
     return 0
 
 
-def _close(writers: dict) -> None:
-    for writer in writers.values():
-        writer.close()
+def _consume(args, options: _ChunkOptions, tokenizer, writers: dict) -> tuple[_Summary, int]:
+    """Run the chunks through the processes, print their errors, write their parts; (summary, bad samples)."""
+    small = sum(Path(path).stat().st_size for path in args.inputs) < PARALLEL_MIN_BYTES
+    summary, bad, records = _Summary(), 0, 0
+    results = ordered_map(
+        _prepare_chunk,
+        _chunks(args.inputs),
+        num_proc=1 if small else args.num_proc,
+        initializer=_start_worker,
+        initargs=(tokenizer, options),
+    )
+    try:
+        for result in results:
+            records += result.records
+            bad += len(result.errors)
+            for error in result.errors:
+                print(f"error: {escape_control(str(error))}", file=sys.stderr)
+            summary.merge(result.summary)
+            if writers and (not bad or args.drop_invalid):
+                for split, part in result.parts.items():
+                    writers[split].write(part)
+    except FormatError as error:  # data that the output file type cannot hold
+        raise _Failure(f"{error}; nothing written") from None
+    if records == 0:
+        raise _Failure(f"no samples in {', '.join(map(str, args.inputs))}")
+    return summary, bad
 
 
 def _chunks(paths):
