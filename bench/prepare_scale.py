@@ -81,10 +81,10 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return values["Rss:"], values["Pss:"]
 
 
-def measure(command: list[str], env: dict) -> dict:
-    """Run ``command``; wall seconds and peak memory (MB) of its process tree."""
+def measure(command: list[str], env: dict, cwd: Path) -> dict:
+    """Run ``command`` in ``cwd``; wall and CPU seconds and peak memory (MB) of its process tree."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks = {"main_rss_mb": 0.0, "worker_rss_mb": 0.0, "tree_pss_mb": 0.0, "processes": 1}
     done = threading.Event()
 
@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     args, prepare_options = parser.parse_known_args(argv)
     path = DATA_DIR / f"tag_based_{args.size_mb:g}mb.jsonl"
     samples = generate(path, args.size_mb)
-    command = [sys.executable, "-m", "mrloss", "prepare", str(path), "--output-dir", str(args.output_dir)]
+    command = [sys.executable, "-m", "mrloss", "prepare", str(path), "--output-dir", str(args.output_dir.resolve())]
     command += ["--val-fraction", "0.05", "--force", *prepare_options]
     env = {**os.environ, "PYTHONPATH": str(args.code.resolve())}
-    result = measure(command, env)
+    result = measure(command, env, args.code.resolve())  # in the checkout: `python -m` puts the cwd first
     print(result.pop("output"))
     print(f"file: {path} ({path.stat().st_size / 1e6:.0f} MB, {samples} samples); code: {args.code}")
     print(json.dumps({key: round(value, 1) for key, value in result.items()}))

@@ -81,6 +81,19 @@ def test_stream_holds_a_bounded_number_of_samples_and_keeps_the_order(tmp_path, 
     assert _files(out) == ["train.jsonl", "train.tokenized", "validation.jsonl", "validation.tokenized"]
 
 
+def _die(chunk):
+    os._exit(9)  # a worker killed (e.g. by the OOM killer)
+
+
+def test_a_dead_worker_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(prepare_module, "_prepare_chunk", _die)
+    raw = _jsonl(tmp_path / "raw.jsonl", _many(5))
+    assert main([str(raw), "--output-dir", str(tmp_path / "out"), "--num-proc", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "a worker process died" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_json_output_is_written_chunk_by_chunk(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "CHUNK_SIZE", 3)
     samples = _many(10)

@@ -26,6 +26,7 @@ import json
 import sys
 import time
 from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from mrloss.data.encode import TRUNCATION_MODES, encode_batch
@@ -253,6 +254,8 @@ def _consume(args, options: _ChunkOptions, tokenizer, writers: dict) -> tuple[_S
                     writers[split].write(part)
     except FormatError as error:  # data that the output file type cannot hold
         raise _Failure(f"{error}; nothing written") from None
+    except BrokenProcessPool:
+        raise _Failure("a worker process died (out of memory?); nothing written") from None
     if records == 0:
         raise _Failure(f"no samples in {', '.join(map(str, args.inputs))}")
     return summary, bad
