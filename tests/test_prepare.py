@@ -170,7 +170,7 @@ def test_cli_dispatches_to_prepare(tmp_path):
 
 
 def test_weight_histogram_bins_many_distinct_weights():
-    from mrloss.data.prepare import _histogram
+    from mrloss.data.summary import _histogram
 
     assert _histogram({2.0: 3, 0.5: 1}) == "0.5×1 2×3"
     binned = _histogram({w / 10: 1 for w in range(20)}, bins=4)
