@@ -4,6 +4,7 @@ and the bad inputs of #13 (empty file, lone surrogates, Parquet type conflicts, 
 import errno
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,25 @@ def test_a_failed_write_leaves_the_earlier_outputs_intact(tmp_path, monkeypatch,
     assert "No space left on device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert {name: (out / name).read_bytes() for name in before} == before
     assert _files(out) == ["train.jsonl", "validation.jsonl"]  # no scratch left
+
+
+def test_sigterm_in_the_middle_keeps_the_earlier_outputs(tmp_path, monkeypatch, capsys):
+    raw, out, before = _first_run(tmp_path)
+    monkeypatch.setattr(prepare_module, "CHUNK_SIZE", 8)
+    original, calls = prepare_module._SplitWriter.write, []
+
+    def killed(self, part):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, part)
+
+    monkeypatch.setattr(prepare_module._SplitWriter, "write", killed)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main([str(raw), "--output-dir", str(out), "--val-fraction", "0.5", "--force"]) == 130
+    assert "interrupted" in capsys.readouterr().err and signal.getsignal(signal.SIGTERM) is handler
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert _files(out) == ["train.jsonl", "validation.jsonl"]
 
 
 def test_a_failed_rename_puts_everything_back(tmp_path, monkeypatch):

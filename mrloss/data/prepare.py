@@ -13,8 +13,9 @@ validation when a hash of its index (its place among the inputs' samples) and ``
 ``--val-fraction``: reproducible, and independent of the other samples. The outputs (train, validation,
 their tokenized directories) are written as one unit (`mrloss.data.outputs.OutputUnit`), never overwrite
 without ``--force``, and with ``--force`` replace every earlier output of the directory (a stale
-validation file included). Exit codes: 0 ok, 1 bad samples or a failed write (e.g. a full disk), 2 usage
-error (bad option, existing output without --force, unreadable input, unwritable output directory).
+validation file included); Ctrl-C or SIGTERM stop it with nothing changed. Exit codes: 0 ok, 1 bad samples
+or a failed write (e.g. a full disk), 2 usage error (bad option, existing output without --force, unreadable
+input, unwritable output directory), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import signal
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    previous = signal.signal(signal.SIGTERM, _terminated) if _in_main_thread() else None
     try:
         return _run(args)
     except _UsageError as error:
@@ -104,6 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     except _Failure as error:
         print(f"mrloss prepare: {escape_control(str(error))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("mrloss prepare: interrupted; nothing was written or changed", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    """SIGTERM (``kill``) ends the run like Ctrl-C: the scratch outputs are removed, earlier outputs kept."""
+    raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 class _UsageError(Exception):

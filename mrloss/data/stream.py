@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -11,6 +12,14 @@ from concurrent.futures import ProcessPoolExecutor
 def default_num_proc(limit: int = 8) -> int:
     """The CPUs this process may run on, at most ``limit``."""
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, limit))
+
+
+def _start_worker(initializer: Callable, initargs: tuple) -> None:
+    """Ctrl-C reaches the whole process group: the workers ignore it, the main process stops them (no
+    traceback per worker); SIGTERM ends a worker at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    initializer(*initargs)
 
 
 def ordered_map(
@@ -35,7 +44,7 @@ def ordered_map(
     window = window or 2 * num_proc
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited by the workers, read when they are forked
-    pool = ProcessPoolExecutor(num_proc, initializer=initializer, initargs=initargs)
+    pool = ProcessPoolExecutor(num_proc, initializer=_start_worker, initargs=(initializer, initargs))
     try:
         pending: deque = deque()
         for item in items:
