@@ -279,6 +279,12 @@ def test_parquet_with_mixed_metadata_types(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"sample {raw}:8, field 'id'" in err and "int64 here, string before" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+    for i in (6, 8):  # now chunk [6, 7, 8] is one type in itself, and conflicts with the chunks before it
+        samples[i]["id"] = i
+    raw = _jsonl(tmp_path / "raw.jsonl", samples)
+    assert main([str(raw), "--output-dir", str(tmp_path / "bad"), "--file-type", "parquet"]) == 1
+    err = capsys.readouterr().err
+    assert f"sample {raw}:7, field 'id'" in err and "int64 here, string before" in err and "Traceback" not in err
 
 
 def test_control_characters_from_data_are_escaped_in_the_summary(tmp_path, capsys):

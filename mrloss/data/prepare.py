@@ -414,9 +414,10 @@ def _prepare_chunk(chunk: list[tuple[int, Record]]) -> _ChunkResult:
             )
             for k in too_long
         ]
+        dropped = set(too_long)
         kept, encodings = (
-            [item for k, item in enumerate(kept) if k not in set(too_long)],
-            [encoding for k, encoding in enumerate(encodings) if k not in set(too_long)],
+            [item for k, item in enumerate(kept) if k not in dropped],
+            [encoding for k, encoding in enumerate(encodings) if k not in dropped],
         )
     summary = PrepareSummary()
     summary.add([item[3] for item in kept], encodings)
@@ -447,17 +448,14 @@ def parquet_schema(rows: list[dict], sample_ids: list, schema=None):
     the first sample and field whose type conflicts (Parquet holds one type per column)."""
     import pyarrow as pa
 
-    def unify(first, second):
-        return second if first is None else pa.unify_schemas([first, second], promote_options="permissive")
-
     try:
-        return unify(schema, pa.Table.from_pylist(rows).schema)
+        return _unify(schema, pa.Table.from_pylist(rows).schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pass
     for row, sample_id in zip(rows, sample_ids):
         try:
             row_schema = pa.Table.from_pylist([row]).schema
-            schema = unify(schema, row_schema)
+            schema = _unify(schema, row_schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
             known = {} if schema is None else {field.name: field.type for field in schema}
             field = next((f.name for f in row_schema if f.name in known and f.type != known[f.name]), None)
@@ -496,9 +494,11 @@ class _SplitWriter:
         else:
             self._stream.write("".join(s + "\n" for s in part.samples))
         if part.schema is not None:
+            import pyarrow as pa
+
             try:
                 self._schema = _unify(self._schema, part.schema)
-            except ValueError:  # name the sample and field
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # name the sample and field
                 self._schema = parquet_schema([json.loads(s) for s in part.samples], part.sample_ids, self._schema)
         if self._tokens is not None and part.tokens is not None:
             self._tokens.write(part.tokens)
@@ -540,14 +540,10 @@ class _SplitWriter:
 
 
 def _unify(first, second):
+    """One Arrow schema of both (``first`` may be None); raises pyarrow's ArrowInvalid / ArrowTypeError."""
     import pyarrow as pa
 
-    if first is None:
-        return second
-    try:
-        return pa.unify_schemas([first, second], promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise ValueError(str(error)) from None
+    return second if first is None else pa.unify_schemas([first, second], promote_options="permissive")
 
 
 if __name__ == "__main__":
