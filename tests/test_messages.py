@@ -192,3 +192,20 @@ def test_verl_dataset_reads_chat_under_its_messages_key(qwen_tokenizer, tmp_path
     assert item["input_ids"].tolist() == expected["input_ids"]
     assert item["loss_mask"].tolist() == expected["token_weights"]
     assert dataset.region_types == ["assistant", "concept"]
+
+
+def test_prepare_reads_chat_samples_with_the_tokenizers_template(qwen_tokenizer, tmp_path):
+    import json
+
+    from mrloss.data.prepare import main
+
+    tokenizer_dir = tmp_path / "qwen"
+    qwen_tokenizer.save_pretrained(tokenizer_dir)
+    raw = tmp_path / "chat.jsonl"
+    raw.write_text("".join(json.dumps(CHAT, ensure_ascii=False) + "\n" for _ in range(3)), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main([str(raw), "--output-dir", str(out), "--tokenizer", str(tokenizer_dir), "--num-proc", "1"]) == 0
+    assert len((out / "train.jsonl").read_text(encoding="utf-8").splitlines()) == 3
+    dataset = MultiRegionDataset.from_disk([out / "train.tokenized"], qwen_tokenizer)
+    weights = dataset[0]["token_weights"]
+    assert weights.max().item() == 2.0 and (weights == 0).sum().item() > 0

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from mrloss.data.examples import EXAMPLES
-from mrloss.data.prepare import main
+from mrloss.data.prepare import in_validation, main
 from mrloss.data.records import read_records, write_samples
 from mrloss.formats import FORMATS, detect_format, parse
 
@@ -96,7 +96,9 @@ def test_conversion_and_split_keep_every_sample_and_its_weights(tmp_path, to):
     out = tmp_path / to
     assert main([str(raw), "--output-dir", str(out), "--to", to, "--val-fraction", "0.25", "--seed", "3"]) == 0
     train, validation = read_records(out / "train.jsonl"), read_records(out / "validation.jsonl")
-    assert len(validation) == round(len(EXAMPLES) * 0.25) and len(train) + len(validation) == len(EXAMPLES)
+    chosen = [s["id"] for i, s in enumerate(EXAMPLES) if in_validation(i, 3, 0.25)]  # a hash of (seed, index)
+    assert [r.sample["id"] for r in validation] == chosen and 0 < len(chosen) < len(EXAMPLES)
+    assert [r.sample["id"] for r in train] == [s["id"] for s in EXAMPLES if s["id"] not in chosen]
     assert all(detect_format(r.sample) == to for r in train + validation)
     by_id = {r.sample["id"]: parse(r.sample).char_weights() for r in train + validation}
     assert by_id == {s["id"]: parse(s).char_weights() for s in EXAMPLES}
@@ -168,7 +170,7 @@ def test_cli_dispatches_to_prepare(tmp_path):
 
 
 def test_weight_histogram_bins_many_distinct_weights():
-    from mrloss.data.prepare import _histogram
+    from mrloss.data.summary import _histogram
 
     assert _histogram({2.0: 3, 0.5: 1}) == "0.5×1 2×3"
     binned = _histogram({w / 10: 1 for w in range(20)}, bins=4)

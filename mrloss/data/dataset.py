@@ -23,8 +23,9 @@ class MultiRegionDataset(torch.utils.data.Dataset):
 
     ``region_types``: the region-type vocabulary: the given list first (share ``train.region_types`` with
     the validation set to keep ids equal), then the other types of the data, sorted.
-    Also kept: ``sample_ids``, ``region_texts`` and ``truncated`` (``(sample_id, [region index])`` of samples
-    whose learned regions truncation cut; a warning counts them).
+    A directory in ``paths`` is tokenized data of `mrloss prepare --tokenizer` (see `from_disk`).
+    Also kept: ``sample_ids``, ``region_texts`` (None for tokenized data) and ``truncated`` (``(sample_id,
+    [region index])`` of samples whose learned regions truncation cut; a warning counts them).
     """
 
     def __init__(
@@ -40,7 +41,13 @@ class MultiRegionDataset(torch.utils.data.Dataset):
         overlap: str = "error",
     ):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if any(Path(path).is_dir() for path in paths):
+            options = dict(max_length=max_length, truncation=truncation, add_eos=add_eos, region_types=region_types)
+            self._load(paths, tokenizer, **options)
+            return
         records = [record for path in paths for record in read_records(path)]
+        if not records:
+            raise ValueError(f"no samples in {', '.join(map(str, paths))}")
         self._build(
             records,
             tokenizer,
@@ -73,6 +80,26 @@ class MultiRegionDataset(torch.utils.data.Dataset):
             **options,
         )
         return dataset
+
+    @classmethod
+    def from_disk(cls, paths, tokenizer, **options):
+        """The dataset of directories written by `mrloss prepare --tokenizer` (`mrloss.data.tokenized`),
+        memory-mapped: every rank maps the same Arrow files, nothing is tokenized or copied. Same options as
+        the constructor; ``format`` and ``overlap`` do not apply (the data is parsed already)."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        not_tokenized = [str(path) for path in paths if not Path(path).is_dir()]
+        if not_tokenized:
+            raise ValueError(f"not a tokenized data directory: {', '.join(not_tokenized)}")
+        dataset = cls.__new__(cls)
+        options = {key: value for key, value in options.items() if key not in ("format", "overlap")}
+        dataset._load(paths, tokenizer, **options)
+        return dataset
+
+    def _load(self, paths, tokenizer, **options):
+        from mrloss.data.tokenized import open_tokenized
+
+        self.region_types, self.sample_ids, self.truncated, self._items = open_tokenized(paths, tokenizer, **options)
+        self.region_texts = None  # raw texts are not stored with the tokens
 
     def _build(
         self,

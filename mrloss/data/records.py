@@ -7,14 +7,17 @@ there is none, so the dataset can fail fast and ``mrloss prepare`` can list ever
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mrloss.formats import FormatError, RegionText, parse
 
 FILE_TYPES = (".jsonl", ".json", ".parquet")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as read with errors="surrogateescape"
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape that may decode to a lone surrogate
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Record:
     line: int
     sample: dict | None = None
     error: FormatError | None = None
+    source: str | None = None  # the undecoded JSONL line (iter_records(decode=False))
 
 
 def parse_records(records: list[Record], format: str = "auto", overlap: str = "error", tokenizer=None):
@@ -57,42 +61,48 @@ def file_type(path) -> str:
 
 
 def read_records(path) -> list[Record]:
-    """Every sample of one file, in order. Parquet nulls mean "absent" (Parquet fills missing struct
-    fields with null); in JSON a null is a value, and the format checks reject it."""
+    """Every sample of one file, in order (`iter_records` as a list)."""
+    return list(iter_records(path))
+
+
+def iter_records(path, *, decode: bool = True) -> Iterator[Record]:
+    """The samples of one file, in order, one at a time: JSONL line by line and Parquet by row batches (memory
+    independent of the file's size); a .json file (one list) is read whole. ``decode=False`` leaves each JSONL
+    line undecoded in ``record.source`` (`decode_record` decodes it, e.g. in a worker process).
+
+    Parquet nulls mean "absent" (Parquet fills missing struct fields with null); in JSON a null is a value,
+    and the format checks reject it. Text that is not UTF-8, or lone surrogates (``"\\ud800"``, not a
+    character), make that sample a FormatError."""
     path = Path(path)
     kind = file_type(path)
     if kind == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             for line_number, line in enumerate(handle, 1):
                 if line.strip():
-                    records.append(_record(f"{path}:{line_number}", line_number, line))
-        return records
+                    record = Record(f"{path}:{line_number}", line_number, source=line)
+                    yield decode_record(record) if decode else record
+        return
     if kind == ".json":
-        try:
-            samples = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            return [
-                Record(
-                    f"{path}:{error.lineno}",
-                    error.lineno,
-                    error=FormatError(
-                        f"invalid JSON: {error.msg}", sample_id=f"{path}:{error.lineno}", position=error.colno - 1
-                    ),
-                )
-            ]
-        if not isinstance(samples, list):
-            return [
-                Record(str(path), 0, error=FormatError("a .json file must hold a list of samples", sample_id=str(path)))
-            ]
-        return [_checked(f"{path}[{index}]", index, sample) for index, sample in enumerate(samples)]
+        yield from _json_records(path)
+        return
     import pyarrow.parquet
 
-    rows = pyarrow.parquet.read_table(path).to_pylist()
-    return [_checked(f"{path}[{index}]", index, _drop_nulls(row)) for index, row in enumerate(rows)]
+    index = 0
+    for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield _checked(f"{path}[{index}]", index, _drop_nulls(row))
+            index += 1
 
 
-def _record(sample_id: str, line: int, source: str) -> Record:
+def decode_record(record: Record) -> Record:
+    """``record`` with its JSONL ``source`` line decoded into ``sample`` (or ``error``)."""
+    if record.source is None:
+        return record
+    sample_id, line, source = record.sample_id, record.line, record.source
+    if _UNDECODABLE.search(source):
+        position = _UNDECODABLE.search(source).start()
+        error = FormatError("bytes that are not UTF-8", sample_id=sample_id, position=position)
+        return Record(sample_id, line, error=error)
     try:
         sample = json.loads(source)
     except json.JSONDecodeError as error:
@@ -101,17 +111,72 @@ def _record(sample_id: str, line: int, source: str) -> Record:
             line,
             error=FormatError(f"invalid JSON: {error.msg}", sample_id=sample_id, position=error.colno - 1),
         )
-    return _checked(sample_id, line, sample)
+    return _checked(sample_id, line, sample, escaped_surrogates=_ESCAPED_SURROGATE.search(source) is not None)
 
 
-def _checked(sample_id: str, line: int, sample) -> Record:
+def _json_records(path: Path) -> Iterator[Record]:
+    source = path.read_text(encoding="utf-8", errors="surrogateescape")
+    if _UNDECODABLE.search(source):
+        yield Record(str(path), 0, error=FormatError("bytes that are not UTF-8", sample_id=str(path)))
+        return
+    try:
+        samples = json.loads(source)
+    except json.JSONDecodeError as error:
+        yield Record(
+            f"{path}:{error.lineno}",
+            error.lineno,
+            error=FormatError(
+                f"invalid JSON: {error.msg}", sample_id=f"{path}:{error.lineno}", position=error.colno - 1
+            ),
+        )
+        return
+    if not isinstance(samples, list):
+        yield Record(str(path), 0, error=FormatError("a .json file must hold a list of samples", sample_id=str(path)))
+        return
+    escaped = _ESCAPED_SURROGATE.search(source) is not None
+    for index, sample in enumerate(samples):
+        yield _checked(f"{path}[{index}]", index, sample, escaped_surrogates=escaped)
+
+
+def _checked(sample_id: str, line: int, sample, *, escaped_surrogates: bool = False) -> Record:
     if not isinstance(sample, dict):
         return Record(
             sample_id,
             line,
             error=FormatError(f"a sample must be an object, got {type(sample).__name__}", sample_id=sample_id),
         )
+    surrogate = _lone_surrogate(sample) if escaped_surrogates else None
+    if surrogate is not None:
+        field, position, character = surrogate
+        return Record(
+            sample_id,
+            line,
+            error=FormatError(
+                f"lone surrogate {character!a} (half of a UTF-16 pair, not a character)",
+                sample_id=sample_id,
+                field=field,
+                position=position,
+            ),
+        )
     return Record(sample_id, line, sample=sample)
+
+
+def _lone_surrogate(value, field: str = ""):
+    """(field path, character index, character) of the first lone surrogate in the strings of ``value``."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return None if found is None else (field or None, found.start(), found.group())
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str):
+            found = _SURROGATE.search(key)
+            if found is not None:
+                return (f"{field}.{key}" if field else key), found.start(), found.group()
+        inner = f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}" if field else key
+        found = _lone_surrogate(item, inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _drop_nulls(value):
@@ -123,16 +188,17 @@ def _drop_nulls(value):
 
 
 def write_samples(path, samples: list[dict], *, force: bool = False) -> Path:
-    """Write ``samples`` to ``path`` (type from its suffix) atomically: a temporary file in the same folder,
-    then ``os.replace``. An existing file raises FileExistsError unless ``force``."""
+    """Write ``samples`` to ``path`` (type from its suffix) atomically (`mrloss.data.outputs.OutputUnit`: a
+    temporary file in the same folder, fsync, rename; permissions follow the umask). An existing file raises
+    FileExistsError unless ``force``."""
+    from mrloss.data.outputs import OutputUnit
+
     path = Path(path)
     kind = file_type(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
+    with OutputUnit(path.parent, [path]) as unit:
+        with open(unit.path(path), "wb") as stream:
             if kind == ".parquet":
                 import pyarrow
                 import pyarrow.parquet
@@ -142,11 +208,5 @@ def write_samples(path, samples: list[dict], *, force: bool = False) -> Path:
                 stream.write(json.dumps(samples, ensure_ascii=False, indent=1).encode("utf-8"))
             else:
                 stream.write("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples).encode("utf-8"))
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        unit.commit()
     return path

@@ -42,13 +42,25 @@ def train_bpe_tokenizer_for_files(paths, format: str = "auto", vocab_size: int =
     size, same tokenizer. A bad sample raises its FormatError, or is left out with ``skip_invalid``.
     Overlapping position_based regions are no error here (the text does not depend on them).
     """
-    from mrloss.data.records import parse_records, read_records
+    from mrloss.data.records import iter_records
+    from mrloss.formats import FormatError, parse
 
-    records = [record for path in paths for record in read_records(path)]
-    _, region_texts, errors = parse_records(records, format, overlap="max")
+    errors: list[FormatError] = []
+
+    def texts():  # streamed: the trainer counts words, it never holds the texts
+        for path in paths:
+            for record in iter_records(path):
+                try:
+                    if record.error is not None:
+                        raise record.error
+                    yield parse(record.sample, format, overlap="max", sample_id=record.sample_id).text
+                except FormatError as error:
+                    errors.append(error)
+
+    tokenizer = train_bpe_tokenizer(texts(), vocab_size=vocab_size)
     if errors and not skip_invalid:
         raise errors[0]
-    return train_bpe_tokenizer([region_text.text for region_text in region_texts], vocab_size=vocab_size)
+    return tokenizer
 
 
 # Qwen (1 / 1.5 / 2 / 2.5): the pre-tokenizer regex and special tokens (ids 151643..151645) of its tokenizer

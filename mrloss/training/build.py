@@ -37,7 +37,7 @@ def build_tokenizer(config: Config, checkpoint: str | None, *, is_main: bool):
     (by the main process, saved in ``<output_dir>/tokenizer``; the others load it)."""
     from transformers import AutoTokenizer
 
-    source = config.model.path or checkpoint
+    source = config.model.path or checkpoint or _tokenizer_of_tokenized_data(config.data.train_files)
     if source is None and not is_main:
         source = os.path.join(config.trainer.output_dir, "tokenizer")
     if source is not None:
@@ -50,6 +50,13 @@ def build_tokenizer(config: Config, checkpoint: str | None, *, is_main: bool):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _tokenizer_of_tokenized_data(paths) -> str | None:
+    """The tokenizer saved with tokenized training data (`mrloss prepare --tokenizer`), if that is the data."""
+    from mrloss.data.tokenized import TOKENIZER_DIR, is_tokenized
+
+    return next((os.path.join(path, TOKENIZER_DIR) for path in paths if is_tokenized(path)), None)
 
 
 def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None, seed: int):

@@ -45,7 +45,9 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the samples are and how they become token sequences (see `mrloss.data`)."""
 
-    train_files: list[str] = dataclasses.field(default_factory=list)  # JSONL / JSON / Parquet; required
+    # JSONL / JSON / Parquet, or directories of `mrloss prepare --tokenizer` (their tokenizer is used when
+    # model.path is null); required
+    train_files: list[str] = dataclasses.field(default_factory=list)
     val_files: list[str] = dataclasses.field(default_factory=list)
     format: Literal["auto", "position_based", "tag_based", "structured"] = "auto"
     max_length: int | None = 512

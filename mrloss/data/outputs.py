@@ -1,0 +1,122 @@
+"""Output files written as one unit: all or nothing, never a mix of new and old files.
+
+Every output is first written under one hidden scratch directory inside the output directory
+(``.mrloss-tmp-*``, same file system), flushed and fsynced. `OutputUnit.commit` then moves every old file the
+unit replaces or makes stale out of the way, renames the new ones into place and deletes the old ones; an
+error or an interrupt before that (or a failed rename, which is rolled back) leaves every earlier output
+untouched and removes the scratch directory.
+A reader therefore never sees a new train file next to an old validation file: at worst (a kill during
+the renames themselves) a file is missing. A ``kill -9`` can leave the scratch directory behind; nothing
+reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SCRATCH_PREFIX = ".mrloss-tmp-"
+
+
+class OutputUnit:
+    """``targets`` (files or directories, all in ``directory``) written together; ``stale``: other paths the
+    unit removes when it commits (e.g. a validation file an earlier run wrote). Use as a context manager:
+    leaving it by an exception aborts (scratch removed, nothing changed)."""
+
+    def __init__(self, directory, targets, *, stale=()):
+        self.directory = Path(directory)
+        self.targets = [Path(target) for target in targets]
+        self.stale = [Path(path) for path in stale if Path(path) not in self.targets]
+        outside = [str(path) for path in self.targets + self.stale if path.parent != self.directory]
+        if outside:
+            raise ValueError(f"outputs must lie in {self.directory}, got {', '.join(outside)}")
+        self.scratch: Path | None = None
+        self._created: list[Path] = []  # directories this unit made, removed again when nothing is committed
+
+    def __enter__(self) -> OutputUnit:
+        """Create the scratch directory: an unwritable output directory fails here, before any work."""
+        missing = self.directory.absolute()
+        while not missing.exists():
+            self._created.insert(0, missing)
+            missing = missing.parent
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.scratch = Path(tempfile.mkdtemp(dir=self.directory, prefix=SCRATCH_PREFIX))
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.abort()
+
+    def path(self, target) -> Path:
+        """Where the new ``target`` is written until `commit` (a file or a directory the caller creates)."""
+        target = Path(target)
+        if target not in self.targets:
+            raise KeyError(f"{target} is not an output of this unit")
+        return self.scratch / target.name
+
+    def commit(self) -> None:
+        """fsync the new outputs, move the old ones aside, rename the new ones in, delete the old ones. A failed
+        rename puts every file back where it was."""
+        for target in self.targets:
+            _fsync_tree(self.path(target))
+        aside = self.scratch / "replaced"
+        aside.mkdir()
+        moved, placed = [], []
+        try:
+            for old in self.targets + self.stale:
+                if old.exists() or old.is_symlink():
+                    os.replace(old, aside / old.name)
+                    moved.append(old)
+            for target in self.targets:
+                os.replace(self.path(target), target)
+                placed.append(target)
+        except BaseException:  # put everything back as it was
+            for target in placed:
+                os.replace(target, self.path(target))
+            for old in moved:
+                os.replace(aside / old.name, old)
+            raise
+        _fsync_directory(self.directory)
+        self._created = []
+        self.abort()
+
+    def abort(self) -> None:
+        """Remove the scratch directory (new outputs not committed, old outputs moved aside by an interrupted
+        commit); idempotent."""
+        if self.scratch is not None and self.scratch.exists():
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch = None
+        for directory in reversed(self._created):
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        self._created = []
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if child.is_file():
+                _fsync_file(child)
+        _fsync_directory(path)
+    else:
+        _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
