@@ -3,12 +3,14 @@ from setuptools import find_packages, setup
 # torch is a base requirement, but CI installs the CPU build (torch==2.13.0) first so that this
 # range does not pull a multi-GB CUDA build. transformers is capped below 5.11 because verl 0.9.1
 # (the `verl` extra) requires it; the cap keeps one environment able to hold every extra.
-# The main job (`mrloss demo`, `mrloss train`: transformers.Trainer) needs accelerate, so it is a base requirement.
+# The main job (`mrloss demo`, `mrloss train`: transformers.Trainer) needs accelerate, and `mrloss prepare
+# --tokenizer` / `mrloss train` on tokenized data need datasets, so both are base requirements.
 BASE = [
     "torch>=2.6",
     "triton>=3.0",
     "transformers>=5.5.3,<5.11,!=5.6.0",
     "accelerate>=1.1.0",
+    "datasets>=4.7",  # tokenized training data (memory-mapped Arrow) from `mrloss prepare --tokenizer`
     "tokenizers>=0.20",
     "numpy",
     "pyyaml>=6",
