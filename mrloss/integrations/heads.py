@@ -6,6 +6,14 @@ included). Imports neither transformers nor verl.
     logits = softcap(lm_head(hidden * hidden_scale))        (softcap: c * tanh(x / c); None: no cap)
 
 Scaling the hidden state instead of the logits is exact because no supported head has a bias.
+
+Sharded heads: under FSDP2 (``fully_shard``) the weight is a DTensor sharded over the data-parallel mesh at rest,
+but the forward of the FSDP unit that holds ``lm_head`` all-gathers it, so the patched forward (the root's, when
+``lm_head`` is in the root unit: ``fully_shard`` on each decoder layer, then on the model) sees the full tensor.
+``lm_head`` (or a tied input embedding) wrapped as its own FSDP unit would never be all-gathered (its forward
+does not run): that is an error. A DTensor that does reach the loss is a tensor-parallel one:
+split by vocabulary rows (``ColwiseParallel``, or transformers' ``tp_plan``) it goes to
+`mrloss.parallel_vocab` (`local_head`), replicated it is used as its local tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +22,9 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
+
+from mrloss.ops.api import linear_cross_entropy
+from mrloss.parallel_vocab import local_head, vocab_parallel_linear_cross_entropy
 
 # Options of `mrloss.linear_cross_entropy` a user may set; everything else is decided by the model and the batch.
 # ``softcap`` overrides the model's own cap (None keeps the model's).
@@ -97,6 +108,7 @@ def lm_head_of(causal_lm, *, caller: str) -> torch.nn.Module:
             "merge the adapter first (model.merge_and_unload())."
         )
     weight = getattr(lm_head, "weight", None)
+    _check_not_own_fsdp_unit(causal_lm, lm_head, caller)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(
             f"{caller}: lm_head of {type(causal_lm).__name__} is {type(lm_head).__name__}, expected a linear "
@@ -113,4 +125,23 @@ def head_loss(causal_lm, head: Head, hidden: torch.Tensor, loss_fn: Callable, *a
     if head.hidden_scale is not None:
         hidden = hidden * head.hidden_scale
     lm_head = lm_head_of(causal_lm, caller=caller)
-    return loss_fn(hidden, lm_head.weight, *args, bias=getattr(lm_head, "bias", None), softcap=head.softcap, **kwargs)
+    weight, bias, vocab_parallel = local_head(lm_head, causal_lm.config.get_text_config().vocab_size)
+    if vocab_parallel and loss_fn is linear_cross_entropy:
+        loss_fn = vocab_parallel_linear_cross_entropy
+    return loss_fn(hidden, weight, *args, bias=bias, softcap=head.softcap, **vocab_parallel, **kwargs)
+
+
+def _check_not_own_fsdp_unit(causal_lm, lm_head, caller: str) -> None:
+    """ValueError when ``lm_head`` (or the input embedding it is tied to) is its own ``fully_shard`` unit: the
+    fused loss never calls it, so FSDP2 would never all-gather its weight."""
+    from torch.distributed.fsdp import FSDPModule
+
+    embedding = causal_lm.get_input_embeddings()
+    tied = embedding is not None and getattr(embedding, "weight", None) is lm_head.weight
+    for name, module in (("lm_head", lm_head), ("the tied input embedding", embedding if tied else None)):
+        if isinstance(module, FSDPModule):
+            raise ValueError(
+                f"{caller}: {name} of {type(causal_lm).__name__} is its own fully_shard unit; the fused loss reads "
+                "lm_head.weight without calling lm_head, so FSDP2 never all-gathers it. Leave it in the root unit: "
+                "fully_shard each decoder layer, then the whole model."
+            )
