@@ -9,9 +9,10 @@ Scaling the hidden state instead of the logits is exact because no supported hea
 
 Sharded heads: under FSDP2 (``fully_shard``) the weight is a DTensor sharded over the data-parallel mesh at rest,
 but the forward of the FSDP unit that holds ``lm_head`` all-gathers it, so the patched forward (the root's, when
-``lm_head`` is in the root unit: ``fully_shard`` on each decoder layer, then on the model) sees the full tensor.
-``lm_head`` (or a tied input embedding) wrapped as its own FSDP unit would never be all-gathered (its forward
-does not run): that is an error. A DTensor that does reach the loss is a tensor-parallel one:
+``lm_head`` is in the root unit: ``fully_shard`` on each decoder layer, then on the model; or accelerate's tail
+unit [final norm, lm_head] with reshard_after_forward=False) sees the full tensor. A weight still sharded by
+``fully_shard`` when the loss reads it (lm_head alone in a unit: its forward never runs) is an error, never read
+as a vocabulary shard. A DTensor that does reach the loss is a tensor-parallel one:
 split by vocabulary rows (``ColwiseParallel``, or transformers' ``tp_plan``) it goes to
 `mrloss.parallel_vocab` (`local_head`), replicated it is used as its local tensor.
 """
@@ -22,6 +23,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from mrloss.ops.api import linear_cross_entropy
 from mrloss.parallel_vocab import local_head, vocab_parallel_linear_cross_entropy
@@ -76,7 +78,11 @@ def model_head(causal_lm, softcap_override: float | None = None, *, caller: str)
     """`Head` of a ``*ForCausalLM`` instance (``softcap_override`` replaces the model's cap when not None).
     Raises TypeError, naming ``caller``, for an architecture not in `SUPPORTED_ARCHITECTURES`."""
     name = type(causal_lm).__name__
-    spec = SUPPORTED_ARCHITECTURES.get(name)
+    # by class name, also through wrappers that subclass the model class (FSDP2's fully_shard: FSDPLlamaForCausalLM)
+    spec = next(
+        (SUPPORTED_ARCHITECTURES[c.__name__] for c in type(causal_lm).__mro__ if c.__name__ in SUPPORTED_ARCHITECTURES),
+        None,
+    )
     if spec is None:
         raise TypeError(
             f"{caller}: cannot patch {name} (model_type "
@@ -108,7 +114,6 @@ def lm_head_of(causal_lm, *, caller: str) -> torch.nn.Module:
             "merge the adapter first (model.merge_and_unload())."
         )
     weight = getattr(lm_head, "weight", None)
-    _check_not_own_fsdp_unit(causal_lm, lm_head, caller)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(
             f"{caller}: lm_head of {type(causal_lm).__name__} is {type(lm_head).__name__}, expected a linear "
@@ -125,23 +130,28 @@ def head_loss(causal_lm, head: Head, hidden: torch.Tensor, loss_fn: Callable, *a
     if head.hidden_scale is not None:
         hidden = hidden * head.hidden_scale
     lm_head = lm_head_of(causal_lm, caller=caller)
+    if isinstance(lm_head.weight, DTensor):
+        _check_gathered(causal_lm, lm_head.weight, caller)
     weight, bias, vocab_parallel = local_head(lm_head, causal_lm.config.get_text_config().vocab_size)
     if vocab_parallel and loss_fn is linear_cross_entropy:
         loss_fn = vocab_parallel_linear_cross_entropy
     return loss_fn(hidden, weight, *args, bias=bias, softcap=head.softcap, **vocab_parallel, **kwargs)
 
 
-def _check_not_own_fsdp_unit(causal_lm, lm_head, caller: str) -> None:
-    """ValueError when ``lm_head`` (or the input embedding it is tied to) is its own ``fully_shard`` unit: the
-    fused loss never calls it, so FSDP2 would never all-gather its weight."""
+def _check_gathered(causal_lm, weight: torch.Tensor, caller: str) -> None:
+    """ValueError when ``weight`` is still the sharded parameter of a ``fully_shard`` unit at loss time: the
+    fused loss reads ``lm_head.weight`` without calling lm_head, so a unit whose forward has not run (or has
+    resharded it) would hand over a data-parallel shard, which must not pass for a vocabulary shard."""
     from torch.distributed.fsdp import FSDPModule
 
-    embedding = causal_lm.get_input_embeddings()
-    tied = embedding is not None and getattr(embedding, "weight", None) is lm_head.weight
-    for name, module in (("lm_head", lm_head), ("the tied input embedding", embedding if tied else None)):
-        if isinstance(module, FSDPModule):
-            raise ValueError(
-                f"{caller}: {name} of {type(causal_lm).__name__} is its own fully_shard unit; the fused loss reads "
-                "lm_head.weight without calling lm_head, so FSDP2 never all-gathers it. Leave it in the root unit: "
-                "fully_shard each decoder layer, then the whole model."
-            )
+    for module in causal_lm.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            if any(fsdp_param.sharded_param is weight for fsdp_param in group.fsdp_params):
+                raise ValueError(
+                    f"{caller}: the lm_head weight of {type(causal_lm).__name__} is still sharded by fully_shard "
+                    f"when the loss reads it (its unit {type(module).__name__} has not all-gathered it). Keep "
+                    "lm_head in a unit that is unsharded while the decoder runs: fully_shard each decoder layer, "
+                    "then the whole model (or accelerate's tail unit [norm, lm_head], reshard_after_forward=False)."
+                )
