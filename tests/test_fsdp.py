@@ -11,12 +11,15 @@ compute, fp32 gradient reduction, ``MixedPrecisionPolicy``) against the fp32 sin
 relative, each gradient within 5e-2 of its norm (||g - g_ref|| <= 0.05 ||g_ref|| + 1e-4; bf16 keeps 8 bits).
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 V, T, ROWS_PER_RANK = 37, 10, 2
+CONFIG = str(Path(__file__).resolve().parent.parent / "configs/multi_region_tag_based.yaml")
 F32 = dict(atol=2e-6, rtol=2e-5)
 
 
@@ -50,10 +53,25 @@ def global_batch(world: int, seed: int, zero_rank: int | None):
     return input_ids, labels, weights
 
 
-def shard_model(model, mesh, reshard_after_forward: bool, mixed_precision: bool):
+def shard_model(model, mesh, reshard_after_forward: bool, mixed_precision: bool, layout: str = "layers+root"):
+    """``fully_shard`` on each decoder layer, then the root; layout "accelerate": accelerate's own
+    ``fsdp2_prepare_model`` (what ``mrloss train`` with ``fsdp.enabled`` runs: also an embedding unit and a
+    [final norm, lm_head] unit with reshard_after_forward=False; the default mesh, every rank)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    if layout == "accelerate":
+        import types
+
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, reshard_after_forward=reshard_after_forward, auto_wrap_policy="TRANSFORMER_BASED_WRAP"
+        )
+        state = types.SimpleNamespace(fsdp_plugin=plugin)
+        accelerator = types.SimpleNamespace(state=state, mixed_precision="no", is_main_process=True)
+        return fsdp2_prepare_model(accelerator, model)
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy or MixedPrecisionPolicy())
     for layer in model.model.layers:
         fully_shard(layer, **options)
@@ -61,7 +79,9 @@ def shard_model(model, mesh, reshard_after_forward: bool, mixed_precision: bool)
     return model
 
 
-def check_fsdp(mesh, *, tie, reshard_after_forward, mixed_precision=False, zero_rank=None, seed=0):
+def check_fsdp(
+    mesh, *, tie, reshard_after_forward, mixed_precision=False, zero_rank=None, seed=0, layout="layers+root"
+):
     from torch.distributed.tensor import DTensor
 
     from mrloss.integrations.hf import apply_mrloss
@@ -75,7 +95,11 @@ def check_fsdp(mesh, *, tie, reshard_after_forward, mixed_precision=False, zero_
     ref_loss.backward()
 
     model = shard_model(
-        apply_mrloss(tiny_llama(tie), backend="torch", chunk_size=8), mesh, reshard_after_forward, mixed_precision
+        apply_mrloss(tiny_llama(tie), backend="torch", chunk_size=8),
+        mesh,
+        reshard_after_forward,
+        mixed_precision,
+        layout,
     )
     rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
     loss = model(
@@ -84,7 +108,8 @@ def check_fsdp(mesh, *, tie, reshard_after_forward, mixed_precision=False, zero_
     (loss * world).backward()
     total = loss.detach().clone()
     dist.all_reduce(total, group=mesh.get_group())
-    where = f"FSDP over {world} ranks, tie={tie}, reshard_after_forward={reshard_after_forward}, bf16={mixed_precision}"
+    where = f"FSDP {layout} over {world} ranks, tie={tie}, reshard_after_forward={reshard_after_forward}, "
+    where += f"bf16={mixed_precision}"
     grads = {
         name: (param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad).float()
         for name, param in model.named_parameters()
@@ -130,6 +155,8 @@ def worker(rank, world_size, store_path):
         check_fsdp(world, tie=False, reshard_after_forward=False, seed=3)
         check_fsdp(world, tie=False, reshard_after_forward=True, mixed_precision=True, seed=4)
         check_fsdp(world, tie=True, reshard_after_forward=False, mixed_precision=True, seed=5)
+        check_fsdp(world, tie=False, reshard_after_forward=True, seed=6, layout="accelerate")
+        check_fsdp(world, tie=True, reshard_after_forward=True, seed=7, layout="accelerate")
     finally:
         dist.destroy_process_group()
 
@@ -140,3 +167,81 @@ def test_fsdp2_hf_patch_matches_single_process(tmp_path):
     untied embeddings, reshard_after_forward both ways, a rank with only zero-weight tokens, bf16 mixed
     precision within the stated tolerance), and an lm_head alone in its unit is a clear error."""
     mp.spawn(worker, args=(4, str(tmp_path / "store")), nprocs=4, join=True)
+
+
+TRAIN_OVERRIDES = [
+    "data.max_length=96",
+    "data.write_examples=true",
+    "trainer.max_steps=3",
+    "trainer.save_steps=null",
+    "trainer.logging_steps=1",
+    "trainer.device=cpu",
+    "trainer.warmup_ratio=0",
+    "model.hidden_size=32",
+    "model.intermediate_size=48",
+    "monitor.enabled=false",
+]
+
+
+def test_fsdp_section_maps_to_fsdp2_training_arguments():
+    """The ``fsdp`` section becomes transformers' FSDP2 plugin arguments (each decoder layer, then the root;
+    reshard_after_forward as set); on the CPU, where accelerate would run DDP instead, it is a ConfigError."""
+    import transformers
+
+    from mrloss.training.config import ConfigError, load_config
+    from mrloss.training.run import fsdp_arguments, training_arguments
+
+    config = load_config(
+        CONFIG, ["fsdp.enabled=true", "fsdp.reshard_after_forward=false", "fsdp.layers=LlamaDecoderLayer"]
+    )
+    arguments = transformers.TrainingArguments(output_dir="unused", use_cpu=True, **fsdp_arguments(config))
+    assert arguments.fsdp_plugin_args["fsdp_version"] == 2
+    assert arguments.fsdp_plugin_args["reshard_after_forward"] is False
+    assert arguments.fsdp_plugin_args["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert arguments.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    assert fsdp_arguments(load_config(CONFIG)) == {}
+    with pytest.raises(ConfigError, match="config fsdp.enabled: .* CUDA devices only"):
+        training_arguments(load_config(CONFIG, ["fsdp.enabled=true", "trainer.device=cpu"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: accelerate runs FSDP on CUDA devices only")
+def test_mrloss_train_fsdp_equals_one_process(tmp_path):
+    """`mrloss train` with ``fsdp.enabled`` under torchrun on up to 2 GPUs (per-device batch 4 / GPUs,
+    reshard_after_forward false) and one process without FSDP (batch 4) see the same samples per step: the
+    same losses, gradient norms and trained weights (fp32; atol 1e-5 after 3 Adam steps)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    gpus = min(2, torch.cuda.device_count())
+    data = f"data.train_files=[{tmp_path / 'data/tag_based.jsonl'}]"
+    common = [*TRAIN_OVERRIDES, data, "trainer.device=cuda", "loss.backend=torch"]
+    env = {**os.environ, "PYTHONPATH": str(Path(CONFIG).parent.parent)}
+    runs = {
+        "fsdp": ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "mrloss.cli"],
+        "single": ["-m", "mrloss.cli"],
+    }
+    for name, launcher in runs.items():
+        batch = 4 // gpus if name == "fsdp" else 4
+        fsdp = ["fsdp.enabled=true", "fsdp.reshard_after_forward=false"] if name == "fsdp" else []
+        command = [sys.executable, *launcher, "train", "--config", CONFIG, *common, *fsdp]
+        command += [f"trainer.output_dir={tmp_path / name}", f"trainer.per_device_batch_size={batch}"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def logs(name):
+        history = json.loads((tmp_path / name / "metrics.json").read_text())["log_history"]
+        return [(entry["loss"], entry["grad_norm"]) for entry in history if "loss" in entry]
+
+    assert len(logs("fsdp")) == 3
+    assert logs("fsdp") == pytest.approx(logs("single"), rel=1e-4)
+    fsdp_weights, single_weights = (load_file(tmp_path / name / "model.safetensors") for name in ("fsdp", "single"))
+    assert fsdp_weights.keys() == single_weights.keys()
+    for name, weight in fsdp_weights.items():
+        torch.testing.assert_close(
+            weight, single_weights[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
