@@ -54,7 +54,8 @@ def global_batch(world: int, seed: int, zero_rank: int | None):
 
 
 def shard_model(model, mesh, reshard_after_forward: bool, mixed_precision: bool, layout: str = "layers+root"):
-    """``fully_shard`` on each decoder layer, then the root; layout "accelerate": accelerate's own
+    """``fully_shard`` on each decoder layer, then the root (layout "embedding+lm_head units": those two are units
+    of their own first, as verl's ``apply_fsdp2`` makes them); layout "accelerate": accelerate's own
     ``fsdp2_prepare_model`` (what ``mrloss train`` with ``fsdp.enabled`` runs: also an embedding unit and a
     [final norm, lm_head] unit with reshard_after_forward=False; the default mesh, every rank)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -73,6 +74,9 @@ def shard_model(model, mesh, reshard_after_forward: bool, mixed_precision: bool,
         accelerator = types.SimpleNamespace(state=state, mixed_precision="no", is_main_process=True)
         return fsdp2_prepare_model(accelerator, model)
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy or MixedPrecisionPolicy())
+    if layout == "embedding+lm_head units":  # verl's fsdp2 layout: the fused loss never calls lm_head itself
+        fully_shard(model.model.embed_tokens, **options)
+        fully_shard(model.lm_head, **options)
     for layer in model.model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
@@ -127,19 +131,6 @@ def check_fsdp(
         assert error <= 0.05 * scale + 1e-4, f"{where} {name}: |g - g_ref| = {error:.3g}, |g_ref| = {scale:.3g}"
 
 
-def check_lm_head_alone_is_an_error(mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    from mrloss.integrations.hf import apply_mrloss
-
-    input_ids, labels, weights = global_batch(mesh.size(), 1, None)
-    model = apply_mrloss(tiny_llama(False), backend="torch")
-    fully_shard(model.lm_head, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    with pytest.raises(ValueError, match="still sharded by fully_shard"):
-        model(input_ids=input_ids[:2], labels=labels[:2], token_weights=weights[:2])
-
-
 def worker(rank, world_size, store_path):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -149,10 +140,10 @@ def worker(rank, world_size, store_path):
         pairs = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replica", "shard"))["shard"]
         check_fsdp(pairs, tie=False, reshard_after_forward=True, zero_rank=1)
         check_fsdp(pairs, tie=True, reshard_after_forward=False, seed=1)
-        check_lm_head_alone_is_an_error(pairs)
+        check_fsdp(pairs, tie=False, reshard_after_forward=True, seed=8, layout="embedding+lm_head units")
         world = init_device_mesh("cpu", (world_size,))
         check_fsdp(world, tie=True, reshard_after_forward=True, seed=2, zero_rank=3)
-        check_fsdp(world, tie=False, reshard_after_forward=False, seed=3)
+        check_fsdp(world, tie=False, reshard_after_forward=False, seed=3, layout="embedding+lm_head units")
         check_fsdp(world, tie=False, reshard_after_forward=True, mixed_precision=True, seed=4)
         check_fsdp(world, tie=True, reshard_after_forward=False, mixed_precision=True, seed=5)
         check_fsdp(world, tie=False, reshard_after_forward=True, seed=6, layout="accelerate")
@@ -165,7 +156,7 @@ def worker(rank, world_size, store_path):
 def test_fsdp2_hf_patch_matches_single_process(tmp_path):
     """fully_shard over 2 and 4 gloo ranks: loss and every parameter's gradient equal one process (tied and
     untied embeddings, reshard_after_forward both ways, a rank with only zero-weight tokens, bf16 mixed
-    precision within the stated tolerance), and an lm_head alone in its unit is a clear error."""
+    precision within the stated tolerance), also with lm_head a unit of its own and with accelerate's layout."""
     mp.spawn(worker, args=(4, str(tmp_path / "store")), nprocs=4, join=True)
 
 

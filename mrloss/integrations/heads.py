@@ -10,9 +10,10 @@ Scaling the hidden state instead of the logits is exact because no supported hea
 Sharded heads: under FSDP2 (``fully_shard``) the weight is a DTensor sharded over the data-parallel mesh at rest,
 but the forward of the FSDP unit that holds ``lm_head`` all-gathers it, so the patched forward (the root's, when
 ``lm_head`` is in the root unit: ``fully_shard`` on each decoder layer, then on the model; or accelerate's tail
-unit [final norm, lm_head] with reshard_after_forward=False) sees the full tensor. A weight still sharded by
-``fully_shard`` when the loss reads it (lm_head alone in a unit: its forward never runs) is an error, never read
-as a vocabulary shard. A DTensor that does reach the loss is a tensor-parallel one:
+unit [final norm, lm_head] with reshard_after_forward=False) sees the full tensor. lm_head alone in a unit (verl's
+fsdp2 layout) is never called by the fused loss, so its weight would still be the data-parallel shard: the loss
+then runs as a forward method of that unit (``register_fsdp_forward_method``), which all-gathers it first.
+A DTensor that does reach the loss is a tensor-parallel one:
 split by vocabulary rows (``ColwiseParallel``, or transformers' ``tp_plan``) it goes to
 `mrloss.parallel_vocab` (`local_head`), replicated it is used as its local tensor.
 """
@@ -126,32 +127,48 @@ def head_loss(causal_lm, head: Head, hidden: torch.Tensor, loss_fn: Callable, *a
     """Hidden -> head -> loss: ``loss_fn(hidden * hidden_scale, lm_head.weight, *args, bias=lm_head.bias,
     softcap=head.softcap, **kwargs)``, the lm_head checked by `lm_head_of` (no PEFT adapter on it).
     ``loss_fn``: `mrloss.linear_cross_entropy` (HF) or `mrloss.parallel.sequence_parallel_linear_cross_entropy`
-    (verl); the logits are never built."""
+    (verl); the logits are never built. A head split by vocabulary rows (see the module docstring) goes to
+    `mrloss.parallel_vocab.vocab_parallel_linear_cross_entropy` (HF) or gets ``vocab_group`` (verl); a head that
+    is its own ``fully_shard`` unit runs the loss as a forward method of that unit."""
     if head.hidden_scale is not None:
         hidden = hidden * head.hidden_scale
     lm_head = lm_head_of(causal_lm, caller=caller)
-    if isinstance(lm_head.weight, DTensor):
-        _check_gathered(causal_lm, lm_head.weight, caller)
-    weight, bias, vocab_parallel = local_head(lm_head, causal_lm.config.get_text_config().vocab_size)
-    if vocab_parallel and loss_fn is linear_cross_entropy:
-        loss_fn = vocab_parallel_linear_cross_entropy
-    return loss_fn(hidden, weight, *args, bias=bias, softcap=head.softcap, **vocab_parallel, **kwargs)
+    vocab_size = causal_lm.config.get_text_config().vocab_size
+
+    def compute(hidden):
+        weight, bias, vocab_parallel = local_head(lm_head, vocab_size)  # read here: after an FSDP all-gather
+        fn = vocab_parallel_linear_cross_entropy if vocab_parallel and loss_fn is linear_cross_entropy else loss_fn
+        return fn(hidden, weight, *args, bias=bias, softcap=head.softcap, **vocab_parallel, **kwargs)
+
+    unit = _sharding_fsdp_unit(causal_lm, lm_head.weight)
+    return compute(hidden) if unit is None else _fsdp_forward(unit, compute, hidden)
 
 
-def _check_gathered(causal_lm, weight: torch.Tensor, caller: str) -> None:
-    """ValueError when ``weight`` is still the sharded parameter of a ``fully_shard`` unit at loss time: the
-    fused loss reads ``lm_head.weight`` without calling lm_head, so a unit whose forward has not run (or has
-    resharded it) would hand over a data-parallel shard, which must not pass for a vocabulary shard."""
+FSDP_LOSS_METHOD = "mrloss_head_loss"
+
+
+def _sharding_fsdp_unit(causal_lm, weight: torch.Tensor):
+    """The ``fully_shard`` module whose sharded parameter ``weight`` still is (lm_head, or the embedding it is tied
+    to, as its own unit: verl's fsdp2 layout), or None (a plain tensor, or a tensor-parallel DTensor)."""
+    if not isinstance(weight, DTensor):
+        return None
     from torch.distributed.fsdp import FSDPModule
 
     for module in causal_lm.modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        for group in module._get_fsdp_state()._fsdp_param_groups:
-            if any(fsdp_param.sharded_param is weight for fsdp_param in group.fsdp_params):
-                raise ValueError(
-                    f"{caller}: the lm_head weight of {type(causal_lm).__name__} is still sharded by fully_shard "
-                    f"when the loss reads it (its unit {type(module).__name__} has not all-gathered it). Keep "
-                    "lm_head in a unit that is unsharded while the decoder runs: fully_shard each decoder layer, "
-                    "then the whole model (or accelerate's tail unit [norm, lm_head], reshard_after_forward=False)."
-                )
+        if isinstance(module, FSDPModule):
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                if any(fsdp_param.sharded_param is weight for fsdp_param in group.fsdp_params):
+                    return module
+    return None
+
+
+def _fsdp_forward(unit, compute: Callable, hidden: torch.Tensor):
+    """``compute(hidden)`` as a forward method of the FSDP2 unit (``register_fsdp_forward_method``): all-gathered
+    before, resharded after as its policy says, gradients reduce-scattered in backward; the loss never calls
+    lm_head's own forward, so FSDP would not otherwise gather its weight."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if FSDP_LOSS_METHOD not in unit.__dict__:
+        setattr(unit, FSDP_LOSS_METHOD, lambda hidden, compute: compute(hidden))
+        register_fsdp_forward_method(unit, FSDP_LOSS_METHOD)
+    return getattr(unit, FSDP_LOSS_METHOD)(hidden, compute)
