@@ -6,6 +6,8 @@ One spawned group of 4 ranks runs every case (process start-up dominates on a sm
 shard reduction reorders float64 sums only); float32 cases (mesh, HF model) atol 2e-6 / rtol 2e-5.
 """
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -225,26 +227,57 @@ def check_hf_colwise_lm_head(tp_group_mesh):
         torch.testing.assert_close(grad, ref_param.grad, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
-def worker(rank, world_size, store_path):
+def check_hf_tp_plan_lm_head(model_dir, mesh):
+    """transformers' own tp_plan (``from_pretrained(tp_plan={"lm_head": "colwise_gather_output"})``: plain local
+    tensors of ceil(V / tp) rows, here 8/8/8/5): apply_mrloss routes to the vocabulary-parallel loss; loss, the
+    replicated parameters' gradients and this rank's lm_head rows equal the unsharded model's."""
+    from transformers import LlamaForCausalLM
+
+    from mrloss.integrations.hf import apply_mrloss
+
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(0, V, (2, 9), generator=generator)
+    token_weights = torch.rand(2, 9, generator=generator) * 2
+    reference = apply_mrloss(LlamaForCausalLM.from_pretrained(model_dir), backend="torch")
+    ref_loss = reference(input_ids=input_ids, labels=input_ids, token_weights=token_weights).loss
+    ref_loss.backward()
+    model = LlamaForCausalLM.from_pretrained(model_dir, tp_plan={"lm_head": "colwise_gather_output"}, device_mesh=mesh)
+    start = mesh.get_local_rank() * -(-V // mesh.size())
+    assert not isinstance(model.lm_head.weight, torch.distributed.tensor.DTensor)
+    assert model.lm_head.weight.shape[0] == min(V, start + -(-V // mesh.size())) - start < V
+    apply_mrloss(model, chunk_size=4)
+    loss = model(input_ids=input_ids, labels=input_ids, token_weights=token_weights).loss
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **F32)
+    for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+        expected = ref_param.grad[start : start + param.shape[0]] if name == "lm_head.weight" else ref_param.grad
+        torch.testing.assert_close(param.grad, expected, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def worker(rank, world_size, store_path, model_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)  # transformers' tp_plan loading reads it
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
         check_tensor_parallel(dist.group.WORLD, 4)
         check_tensor_parallel(pairs[rank // 2], 2)
         check_meshes()
-        check_hf_colwise_lm_head(init_device_mesh("cpu", (world_size,)))
+        mesh = init_device_mesh("cpu", (world_size,))
+        check_hf_colwise_lm_head(mesh)
+        check_hf_tp_plan_lm_head(model_dir, mesh)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_vocab_parallel_matches_single_process(tmp_path):
-    """TP=4 and TP=2 (uneven splits, every option), dp x sp x tp meshes and a ColwiseParallel HF lm_head on 4
-    gloo ranks equal one process."""
-    mp.spawn(worker, args=(4, str(tmp_path / "store")), nprocs=4, join=True)
+    """TP=4 and TP=2 (uneven splits, every option), dp x sp x tp meshes, and an HF lm_head split by
+    ColwiseParallel (DTensor) and by transformers' tp_plan, on 4 gloo ranks, equal one process."""
+    tiny_llama().save_pretrained(tmp_path / "model")
+    mp.spawn(worker, args=(4, str(tmp_path / "store"), str(tmp_path / "model")), nprocs=4, join=True)
 
 
 def test_without_a_group_equals_the_fused_loss():
