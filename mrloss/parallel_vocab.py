@@ -64,8 +64,9 @@ def vocab_range(weight_shard: torch.Tensor, group, vocab_start: int | None, voca
     if vocab_start is None:
         if group is None:
             return 0, weight_shard.shape[0]
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(sizes, torch.tensor([weight_shard.shape[0]], dtype=torch.int64), group=group)
+        device = weight_shard.device  # NCCL gathers device tensors
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(sizes, torch.tensor([weight_shard.shape[0]], dtype=torch.int64, device=device), group=group)
         sizes = [int(size) for size in sizes]
         vocab_start, vocab_size = sum(sizes[: dist.get_rank(group)]), sum(sizes)
     if not 0 <= vocab_start <= vocab_start + weight_shard.shape[0] <= vocab_size:
@@ -150,7 +151,7 @@ def vocab_parallel_linear_cross_entropy(
 
     hidden_2d = hidden.reshape(-1, hidden_size)
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_size, vocab_size)
+        chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_size, weight_shard.shape[0])  # [C, V_r] logits
     chunk_size = max(1, min(chunk_size, num_learned))
     needs_grad = tuple(
         torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight_shard, bias)
