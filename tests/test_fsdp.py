@@ -8,7 +8,8 @@ The layout is the usual one: ``fully_shard`` on each decoder layer, then on the 
 
 Tolerances: fp32 parameters atol 2e-6 / rtol 2e-5 (reduction order only). Mixed precision (bf16 parameters and
 compute, fp32 gradient reduction, ``MixedPrecisionPolicy``) against the fp32 single process: loss within 2e-2
-relative, each gradient within 5e-2 of its norm (||g - g_ref|| <= 0.05 ||g_ref|| + 1e-4; bf16 keeps 8 bits).
+relative, each gradient within 4e-2 of its norm (||g - g_ref|| <= 0.04 ||g_ref|| + 1e-4; bf16 keeps 8 bits; measured
+on 4 ranks: 8e-4 and 1.5e-2).
 """
 
 from pathlib import Path
@@ -40,8 +41,9 @@ def tiny_llama(tie: bool):
     return LlamaForCausalLM(config).float()
 
 
-def global_batch(world: int, seed: int, zero_rank: int | None):
-    """input_ids / labels / token_weights [world * ROWS_PER_RANK, T]; the rows of ``zero_rank`` learn nothing."""
+def global_batch(world: int, seed: int, zero_rank: int | None, all_zero: bool = False):
+    """input_ids / labels / token_weights [world * ROWS_PER_RANK, T]; the rows of ``zero_rank`` (all rows with
+    ``all_zero``) learn nothing."""
     generator = torch.Generator().manual_seed(seed)
     rows = world * ROWS_PER_RANK
     input_ids = torch.randint(0, V, (rows, T), generator=generator)
@@ -50,6 +52,8 @@ def global_batch(world: int, seed: int, zero_rank: int | None):
     weights = torch.rand(rows, T, generator=generator) * 2 * (torch.rand(rows, T, generator=generator) > 0.2)
     if zero_rank is not None:
         weights[zero_rank * ROWS_PER_RANK : (zero_rank + 1) * ROWS_PER_RANK] = 0
+    if all_zero:
+        weights.zero_()
     return input_ids, labels, weights
 
 
@@ -84,7 +88,15 @@ def shard_model(model, mesh, reshard_after_forward: bool, mixed_precision: bool,
 
 
 def check_fsdp(
-    mesh, *, tie, reshard_after_forward, mixed_precision=False, zero_rank=None, seed=0, layout="layers+root"
+    mesh,
+    *,
+    tie,
+    reshard_after_forward,
+    mixed_precision=False,
+    zero_rank=None,
+    all_zero=False,
+    seed=0,
+    layout="layers+root",
 ):
     from torch.distributed.tensor import DTensor
 
@@ -92,7 +104,7 @@ def check_fsdp(
     from mrloss.ops.normalization import valid_weight_sum
 
     world, rank = mesh.size(), mesh.get_local_rank()
-    input_ids, labels, weights = global_batch(world, seed, zero_rank)
+    input_ids, labels, weights = global_batch(world, seed, zero_rank, all_zero)
     normalizer = valid_weight_sum(labels, weights).float()
     reference = apply_mrloss(tiny_llama(tie), backend="torch")
     ref_loss = reference(input_ids=input_ids, labels=labels, token_weights=weights, num_items_in_batch=normalizer).loss
@@ -120,15 +132,17 @@ def check_fsdp(
     }
     ref_grads = dict(reference.named_parameters())
     assert grads.keys() == ref_grads.keys(), where
+    if all_zero:  # loss 0 and zero gradients, no NaN from the zero normalizer
+        assert float(total) == 0.0 and all(not grad.any() for grad in grads.values()), where
     if not mixed_precision:
         torch.testing.assert_close(total, ref_loss.detach(), **F32, msg=lambda m: f"{where} loss: {m}")
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name].grad, **F32, msg=lambda m, n=name: f"{where} {n}: {m}")
         return
-    assert abs(float(total) - float(ref_loss)) <= 2e-2 * abs(float(ref_loss)), (where, float(total), float(ref_loss))
+    assert abs(float(total) - float(ref_loss)) <= 5e-3 * abs(float(ref_loss)), (where, float(total), float(ref_loss))
     for name, grad in grads.items():
         error, scale = (grad - ref_grads[name].grad).norm(), ref_grads[name].grad.norm()
-        assert error <= 0.05 * scale + 1e-4, f"{where} {name}: |g - g_ref| = {error:.3g}, |g_ref| = {scale:.3g}"
+        assert error <= 0.04 * scale + 1e-4, f"{where} {name}: |g - g_ref| = {error:.3g}, |g_ref| = {scale:.3g}"
 
 
 def worker(rank, world_size, store_path):
@@ -140,6 +154,7 @@ def worker(rank, world_size, store_path):
         pairs = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replica", "shard"))["shard"]
         check_fsdp(pairs, tie=False, reshard_after_forward=True, zero_rank=1)
         check_fsdp(pairs, tie=True, reshard_after_forward=False, seed=1)
+        check_fsdp(pairs, tie=False, reshard_after_forward=True, seed=9, all_zero=True)
         check_fsdp(pairs, tie=False, reshard_after_forward=True, seed=8, layout="embedding+lm_head units")
         world = init_device_mesh("cpu", (world_size,))
         check_fsdp(world, tie=True, reshard_after_forward=True, seed=2, zero_rank=3)
@@ -155,8 +170,8 @@ def worker(rank, world_size, store_path):
 @pytest.mark.slow
 def test_fsdp2_hf_patch_matches_single_process(tmp_path):
     """fully_shard over 2 and 4 gloo ranks: loss and every parameter's gradient equal one process (tied and
-    untied embeddings, reshard_after_forward both ways, a rank with only zero-weight tokens, bf16 mixed
-    precision within the stated tolerance), also with lm_head a unit of its own and with accelerate's layout."""
+    untied embeddings, reshard_after_forward both ways, a rank with only zero-weight tokens, all weights zero,
+    bf16 mixed precision within the stated tolerance), also with lm_head a unit of its own and accelerate's layout."""
     mp.spawn(worker, args=(4, str(tmp_path / "store")), nprocs=4, join=True)
 
 
