@@ -1,5 +1,5 @@
 """Vocabulary-parallel loss (mrloss.parallel_vocab) on CPU with gloo: TP=2/4, uneven splits, TP x SP and
-TP x DP meshes, and a ColwiseParallel (DTensor) lm_head in the HF patch, against one process.
+TP x DP meshes, a ColwiseParallel (DTensor) lm_head and transformers' tp_plan in the HF patch, against one process.
 
 One spawned group of 4 ranks runs every case (process start-up dominates on a small machine). The oracle is
 ``mrloss.ops.reference`` in float64 on the whole head. Tolerances: float64 cases atol 1e-10 / rtol 1e-9 (the
@@ -191,7 +191,7 @@ def tiny_llama(tie=False):
         intermediate_size=24,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=4,  # transformers' tp_plan "auto" over 4 ranks splits the kv heads too
         tie_word_embeddings=tie,
         attn_implementation="eager",
     )
@@ -227,10 +227,12 @@ def check_hf_colwise_lm_head(tp_group_mesh):
         torch.testing.assert_close(grad, ref_param.grad, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
-def check_hf_tp_plan_lm_head(model_dir, mesh):
-    """transformers' own tp_plan (``from_pretrained(tp_plan={"lm_head": "colwise_gather_output"})``: plain local
-    tensors of ceil(V / tp) rows, here 8/8/8/5): apply_mrloss routes to the vocabulary-parallel loss; loss, the
-    replicated parameters' gradients and this rank's lm_head rows equal the unsharded model's."""
+def check_hf_tp_plan(model_dir, mesh):
+    """transformers' own tensor parallelism, ``from_pretrained(tp_plan=...)`` with the model's plan (attention and
+    MLP col/rowwise) and its ForCausalLM plan for lm_head ("colwise_gather_output"), all plain local tensors cut
+    at ceil(size / tp) (lm_head: 8/8/8/5 rows).
+    apply_mrloss routes the head to the vocabulary-parallel loss; the loss and every parameter's local gradient
+    equal the unsharded model's (sliced the same way)."""
     from transformers import LlamaForCausalLM
 
     from mrloss.integrations.hf import apply_mrloss
@@ -241,16 +243,21 @@ def check_hf_tp_plan_lm_head(model_dir, mesh):
     reference = apply_mrloss(LlamaForCausalLM.from_pretrained(model_dir), backend="torch")
     ref_loss = reference(input_ids=input_ids, labels=input_ids, token_weights=token_weights).loss
     ref_loss.backward()
-    model = LlamaForCausalLM.from_pretrained(model_dir, tp_plan={"lm_head": "colwise_gather_output"}, device_mesh=mesh)
-    start = mesh.get_local_rank() * -(-V // mesh.size())
-    assert not isinstance(model.lm_head.weight, torch.distributed.tensor.DTensor)
-    assert model.lm_head.weight.shape[0] == min(V, start + -(-V // mesh.size())) - start < V
+    base_plan = LlamaForCausalLM.config_class.base_model_tp_plan  # "auto" of transformers 5.10 leaves lm_head whole
+    plan = {**{f"model.{key}": style for key, style in base_plan.items()}, "lm_head": "colwise_gather_output"}
+    model = LlamaForCausalLM.from_pretrained(model_dir, tp_plan=plan, device_mesh=mesh)
+    tp, rank = mesh.size(), mesh.get_local_rank()
+    assert model.lm_head._hf_tp_plan == "colwise_gather_output"
+    assert model.lm_head.weight.shape[0] == (-(-V // tp) if rank < tp - 1 else V - (tp - 1) * -(-V // tp))
     apply_mrloss(model, chunk_size=4)
     loss = model(input_ids=input_ids, labels=input_ids, token_weights=token_weights).loss
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, **F32)
     for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
-        expected = ref_param.grad[start : start + param.shape[0]] if name == "lm_head.weight" else ref_param.grad
+        expected = ref_param.grad
+        for dim in range(param.dim()):  # the rank's slice of a sharded dimension
+            if param.shape[dim] != expected.shape[dim]:
+                expected = expected.narrow(dim, rank * -(-expected.shape[dim] // tp), param.shape[dim])
         torch.testing.assert_close(param.grad, expected, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
@@ -267,7 +274,7 @@ def worker(rank, world_size, store_path, model_dir):
         check_meshes()
         mesh = init_device_mesh("cpu", (world_size,))
         check_hf_colwise_lm_head(mesh)
-        check_hf_tp_plan_lm_head(model_dir, mesh)
+        check_hf_tp_plan(model_dir, mesh)
     finally:
         dist.destroy_process_group()
 
@@ -275,7 +282,7 @@ def worker(rank, world_size, store_path, model_dir):
 @pytest.mark.slow
 def test_vocab_parallel_matches_single_process(tmp_path):
     """TP=4 and TP=2 (uneven splits, every option), dp x sp x tp meshes, and an HF lm_head split by
-    ColwiseParallel (DTensor) and by transformers' tp_plan, on 4 gloo ranks, equal one process."""
+    ColwiseParallel (DTensor) and in a transformers tp_plan model, on 4 gloo ranks, equal one process."""
     tiny_llama().save_pretrained(tmp_path / "model")
     mp.spawn(worker, args=(4, str(tmp_path / "store"), str(tmp_path / "model")), nprocs=4, join=True)
 
