@@ -157,7 +157,15 @@ def vocab_parallel_linear_cross_entropy(
         torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight_shard, bias)
     )
     row_op = _row_op(vocab_group, vocab_start, vocab_size)
-    plan = Plan(row_op, None, softcap, float(label_smoothing), chunk_size, reduction == "none", needs_grad)
+    plan = Plan(
+        row_op=row_op,
+        fused_losses=None,
+        softcap=softcap,
+        label_smoothing=float(label_smoothing),
+        chunk_size=chunk_size,
+        per_token=reduction == "none",
+        needs_grad=needs_grad,
+    )
     if reduction == "none":
         scales = learned_weights
     else:
