@@ -23,6 +23,12 @@ Gradient scale (``grad_reduction``):
             dp*sp ranks gives d(Σ w·l / Σ w)/dθ.
     "sum":  d loss / d local_sum = 1 / normalizer: each rank gets exactly its shard's share
             (d loss / d hidden_shard is exact); SUM parameter gradients over the group.
+
+With ``vocab_group`` the LM head is also split by vocabulary rows (tensor parallelism,
+`mrloss.parallel_vocab`): each shard's local sum comes from the vocabulary-parallel loss over that group (row
+statistics and one hidden-gradient all-reduce), then the two scalars are summed over the SP group as above.
+Parameters replicated over the vocabulary group get identical gradients on its ranks: reduce them over the
+data/sequence ranks only.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from mrloss.ops.normalization import (  # shift_targets: the shift rule; also im
     shift_targets,
     valid_weight_sum,
 )
+from mrloss.parallel_vocab import vocab_parallel_linear_cross_entropy
 
 GRAD_REDUCTIONS = ("mean", "sum")
 
@@ -120,6 +127,9 @@ def sequence_parallel_linear_cross_entropy(
     backend: str = "auto",
     chunk_size: int | None = None,
     return_token_losses: bool = False,
+    vocab_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ):
     """Weighted mean cross-entropy of a sequence split over the ranks of ``group``.
 
@@ -131,6 +141,8 @@ def sequence_parallel_linear_cross_entropy(
     is used as given, without a host sync). Returns the fp32 0-dim loss Σ_group Σ w·l / normalizer (0 when
     the normalizer is <= 0), identical on every rank, with the gradient scale of ``grad_reduction`` (see the
     module docstring); with ``return_token_losses`` also this shard's detached unweighted per-token losses.
+    vocab_group / vocab_start / vocab_size: ``weight`` [V_r, H] (and ``bias``) is this rank's vocabulary shard
+    (see `mrloss.parallel_vocab.vocab_parallel_linear_cross_entropy`); None: the whole head.
     """
     if grad_reduction not in GRAD_REDUCTIONS:
         raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
@@ -142,11 +154,16 @@ def sequence_parallel_linear_cross_entropy(
             f"hidden_shard {tuple(hidden_shard.shape)}, targets_shard {tuple(targets_shard.shape)} and "
             f"token_weights_shard {tuple(token_weights_shard.shape)} do not line up: shard them together"
         )
-    out = linear_cross_entropy(
+    vocab_parallel = (
+        {} if vocab_group is None else dict(vocab_group=vocab_group, vocab_start=vocab_start, vocab_size=vocab_size)
+    )
+    loss_fn = linear_cross_entropy if vocab_group is None else vocab_parallel_linear_cross_entropy
+    out = loss_fn(
         hidden_shard,
         weight,
         targets_shard,
         token_weights_shard,
+        **vocab_parallel,
         bias=bias,
         ignore_index=ignore_index,
         reduction="sum",

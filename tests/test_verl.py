@@ -409,6 +409,42 @@ def check_region_tools(rank, sp_size, local_items, vocab_size, region_types, out
             json.dump(tools.weighting.dynamic_weights.ema.values, handle)
 
 
+def check_fsdp2(sp_size, local_items, vocab_size, verl_losses, verl_grads, *, reshard_after_forward):
+    """The patched engine on a model wrapped by verl's own ``apply_fsdp2`` (fully_shard on each decoder layer,
+    then the root, over every rank; fp32 MixedPrecisionPolicy with cast_forward_inputs, as verl's fsdp2 strategy):
+    the same per micro-batch losses, and full gradients equal to the mean over ranks of verl's unwrapped
+    per-rank gradients (what FSDP's reduction gives verl's own loss); fp32, atol 1e-5 / rtol 1e-4."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.tensor import DTensor
+    from verl.utils.fsdp_utils import apply_fsdp2
+
+    from mrloss.integrations.verl.engine import mrloss_sft_loss, patch_engine
+
+    model = tiny_model(vocab_size)
+    fsdp_kwargs = {
+        "mesh": init_device_mesh("cpu", (dist.get_world_size(),)),
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=True
+        ),
+        "reshard_after_forward": reshard_after_forward,
+    }
+    apply_fsdp2(model, fsdp_kwargs, {})
+    engine = patch_engine(make_engine(model, sp_size), {"backend": "torch", "chunk_size": 16})
+    engine.module = engine._build_module()
+    losses, grads = run_engine(engine, local_items, functools.partial(mrloss_sft_loss, config=None))
+    where = f"fsdp2 sp={sp_size} reshard_after_forward={reshard_after_forward} rank={dist.get_rank()}"
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(verl_losses), atol=1e-5, rtol=1e-5, msg=lambda m: f"{where} loss: {m}"
+    )
+    for name, grad in verl_grads.items():
+        mean = grad.clone()
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+        ours = grads[name].full_tensor() if isinstance(grads[name], DTensor) else grads[name]
+        torch.testing.assert_close(ours, mean, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{where} {name}: {m}")
+
+
 def engine_worker(rank, world_size, store_path, items, vocab_size, region_types, output_dir):
     from verl.workers.engine.fsdp import transformer_impl
     from verl.workers.utils.losses import sft_loss
@@ -442,6 +478,7 @@ def engine_worker(rank, world_size, store_path, items, vocab_size, region_types,
                     ours_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{where} grad {name}: {m}"
                 )
             check_region_tools(rank, sp_size, local_items, vocab_size, region_types, f"{output_dir}/sp{sp_size}")
+            check_fsdp2(sp_size, local_items, vocab_size, verl_losses, verl_grads, reshard_after_forward=sp_size == 2)
     finally:
         dist.destroy_process_group()
 

@@ -20,6 +20,11 @@ Row op contract (the one place for the formula; ``mrloss.ops.backends.torch`` an
     and, when grad_scales is given, logits[i] is overwritten (in its own dtype) with dL/da_i:
         s_i * (softmax(z_i) - (1 - eps) * onehot(t_i) - eps / V) * (1 - (z_i / c)^2 if softcap else 1)
 
+The PyTorch row op also takes ``vocab_shard`` (``mrloss.ops.backends.torch.VocabShard``): the logits are the
+columns [start, start + V_local) of a vocabulary of V split over ranks, targets are global ids, and the row max,
+Σexp, target logit and Σz are reduced over the shards through its callbacks before the same formula is applied
+(``mrloss.parallel_vocab`` passes collectives).
+
 A backend may also offer a fused loss-only forward (``mrloss.ops.backends.triton.linear_cross_entropy_forward``),
 the same losses l_i without any logits in memory (a_i accumulated in float32); ``mrloss.ops.function`` uses it
 for passes that need no gradient:

@@ -14,6 +14,7 @@ A config has six sections; every key is optional except ``data.train_files``::
     weighting: dynamic_weights (DynamicWeightAdjuster config or null),
                region_dependencies (RegionDependencyHandler config or null)
     monitor:   enabled, output_dir
+    fsdp:      enabled, reshard_after_forward, layers
 
 Rules: an unknown key anywhere is an error naming its path (``data.max_lenght``); values are type-checked
 (an int is accepted for a float; a string such as ``1e-3`` -- which YAML reads as a string -- is accepted
@@ -134,6 +135,17 @@ class MonitorConfig:
 
 
 @dataclasses.dataclass
+class FsdpConfig:
+    """FSDP2 (``fully_shard`` through transformers / accelerate; run under torchrun): ``fully_shard`` on each
+    module whose class name is in ``layers`` (empty: the model's ``_no_split_modules``, its decoder layer), then
+    on the root; accelerate also gives the input embedding and [final norm, lm_head] their own units."""
+
+    enabled: bool = False
+    reshard_after_forward: bool = True  # false: keep parameters gathered from forward to backward (ZeRO-2)
+    layers: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -141,6 +153,7 @@ class Config:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     weighting: WeightingConfig = dataclasses.field(default_factory=WeightingConfig)
     monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
+    fsdp: FsdpConfig = dataclasses.field(default_factory=FsdpConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -160,6 +160,11 @@ def training_arguments(config: Config):
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"config trainer.warmup_ratio: expected a fraction in [0, 1), got {t.warmup_ratio}")
     use_cpu = t.device == "cpu" or not torch.cuda.is_available()
+    if config.fsdp.enabled and use_cpu:
+        raise ConfigError(
+            "config fsdp.enabled: transformers / accelerate shard with FSDP on CUDA devices only (on the CPU they "
+            "would silently run DDP instead); set fsdp.enabled=false or train on GPUs"
+        )
     evaluate = "no" if not config.data.val_files else ("steps" if t.eval_steps else "epoch")
     return transformers.TrainingArguments(
         output_dir=t.output_dir,
@@ -189,7 +194,18 @@ def training_arguments(config: Config):
         gradient_checkpointing=config.model.gradient_checkpointing,
         report_to=t.report_to or "none",
         remove_unused_columns=False,
+        **fsdp_arguments(config),
     )
+
+
+def fsdp_arguments(config: Config) -> dict:
+    """``fsdp`` / ``fsdp_config`` of `transformers.TrainingArguments` for the ``fsdp`` section (FSDP2)."""
+    if not config.fsdp.enabled:
+        return {}
+    fsdp_config = {"version": 2, "reshard_after_forward": config.fsdp.reshard_after_forward}
+    if config.fsdp.layers:
+        fsdp_config["transformer_layer_cls_to_wrap"] = list(config.fsdp.layers)
+    return {"fsdp": True, "fsdp_config": fsdp_config}
 
 
 def resolve_checkpoint(resume, output_dir: str) -> str | None:
