@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 V, T, ROWS_PER_RANK = 37, 10, 2
-CONFIG = str(Path(__file__).resolve().parent.parent / "configs/multi_region_tag_based.yaml")
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = str(REPO / "mrloss/configs/multi_region_tag_based.yaml")
 F32 = dict(atol=2e-6, rtol=2e-5)
 
 
@@ -226,7 +227,7 @@ def test_mrloss_train_fsdp_equals_one_process(tmp_path):
     gpus = min(2, torch.cuda.device_count())
     data = f"data.train_files=[{tmp_path / 'data/tag_based.jsonl'}]"
     common = [*TRAIN_OVERRIDES, data, "trainer.device=cuda", "loss.backend=torch"]
-    env = {**os.environ, "PYTHONPATH": str(Path(CONFIG).parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     runs = {
         "fsdp": ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "mrloss.cli"],
         "single": ["-m", "mrloss.cli"],

@@ -349,7 +349,7 @@ def test_mrloss_train_on_tokenized_data(tmp_path, tokenizer_dir):
         "model.intermediate_size=64",
         "monitor.enabled=false",
     ]
-    assert train_main(["--config", str(REPO / "configs/multi_region_tag_based.yaml"), *overrides]) == 0
+    assert train_main(["--config", "tag_based", *overrides]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["region_types"] == ["concept", "definition", "methodology"]
     assert [e["step"] for e in metrics["log_history"] if "loss" in e][-1] == 2
