@@ -119,9 +119,16 @@ def _drop_nulls(value):
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_samples(path, samples: list[dict], *, force: bool = False) -> Path:
     """Write ``samples`` to ``path`` (type from its suffix) atomically: a temporary file in the same folder,
-    then ``os.replace``. An existing file raises FileExistsError unless ``force``."""
+    then ``os.replace``; its mode follows the umask, like any file ``open`` creates. An existing file raises
+    FileExistsError unless ``force``."""
     path = Path(path)
     kind = file_type(path)
     if path.exists() and not force:
@@ -129,6 +136,7 @@ def write_samples(path, samples: list[dict], *, force: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600
         with os.fdopen(handle, "wb") as stream:
             if kind == ".parquet":
                 import pyarrow

@@ -31,7 +31,8 @@ def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_
 
     Extra top-level keys are metadata and ignored, except keys of another format (e.g. ``text`` next to
     ``segments``) and near misses of a format's keys (``defualt_weight``, ``learning_region``, ``segment``),
-    which would otherwise be silently dropped: those raise, naming the key (and the key it is close to). ``overlap`` ("error" | "max") applies to
+    which would otherwise be silently dropped: those raise, naming the key (and the key it is close to).
+    ``overlap`` ("error" | "max") applies to
     position_based regions. Raises FormatError naming ``sample_id``, the field and the character position.
     """
     if format not in ("auto",) + FORMATS:

@@ -227,7 +227,12 @@ def _check_arguments(
             raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"dtype mismatch: hidden is {hidden.dtype} but bias is {bias.dtype}")
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex() or not targets.dtype.is_signed:
+    if (
+        targets.dtype == torch.bool
+        or targets.is_floating_point()
+        or targets.is_complex()
+        or not targets.dtype.is_signed
+    ):
         raise TypeError(
             f"targets must hold integer class ids in a signed dtype (int64; an unsigned dtype cannot hold "
             f"ignore_index), got {targets.dtype}"
@@ -363,7 +368,8 @@ def _check_values_and_count(targets, token_weights, learned, ignore_index, vocab
         position = _first_position(bad_weights)
         raise ValueError(
             f"token_weights{position} = {token_weights[position].item()}: token weights must "
-            f"be >= 0 and finite in {acc_dtype}; {counts[2]} bad value(s) in token_weights of shape "
+            f"be finite and >= 0 (finite in {acc_dtype}, the dtype the loss uses them in); {counts[2]} bad "
+            f"value(s) in token_weights of shape "
             f"{tuple(token_weights.shape)}"
         )
     return counts[1]

@@ -138,7 +138,8 @@ def normalizer_tensor(normalizer: float | torch.Tensor, dtype: torch.dtype, devi
 
 def weight_scales(learned_weights: torch.Tensor, normalizer, reduction: str) -> torch.Tensor:
     """Per-token scales s_i of the loss Σ s_i·l_i: w_i / normalizer ("mean" without one: / Σw; 0 when it is <= 0),
-    or w_i for reduction "none" / "sum" without a normalizer. learned_weights [M] float (> 0, finite) -> [M], same dtype.
+    or w_i for reduction "none" / "sum" without a normalizer. learned_weights [M] float (> 0, finite) -> [M], same
+    dtype.
 
     Computed as (w_i / m) / (denominator / m) with m = max w, so any finite positive scale of all weights gives
     the same loss: neither Σw nor 1/Σw over- or underflows (all weights 1e38, or 1e-42)."""
