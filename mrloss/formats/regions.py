@@ -86,16 +86,22 @@ def check_weight(value, field: str, position: int | None = None, sample_id=None)
         raise FormatError(f"weight must be finite, got {value!r}", sample_id=sample_id, field=field, position=position)
     if value < 0:
         raise FormatError(f"weight must be >= 0, got {value!r}", sample_id=sample_id, field=field, position=position)
-    try:
-        struct.pack("f", value)  # OverflowError exactly when float32 rounds it to inf
-    except OverflowError:
+    if math.isinf(_as_float32(value)):
         raise FormatError(
             f"weight must be finite in float32 (at most ~3.4e38), got {value!r}",
             sample_id=sample_id,
             field=field,
             position=position,
-        ) from None
+        )
     return value
+
+
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32 (inf beyond its range), without torch or numpy."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # older Pythons raise instead of rounding to inf
+        return math.inf
 
 
 def check_int(value, field: str, sample_id=None) -> int:

@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
+from mrloss.training.build import RUN_TOKENIZER_DIR, build_model, build_tokenizer, ensure_data_files
 from mrloss.training.config import Config, ConfigError, load_config
 
 
@@ -187,13 +187,15 @@ def training_arguments(config: Config):
 def check_output_dir(trainer_config) -> None:
     """ConfigError when ``trainer.output_dir`` is a file, or a non-empty directory that the run neither resumes from
     (``resume_from_checkpoint``) nor may overwrite (``overwrite_output_dir``): its checkpoints and logs would be
-    replaced. With ``overwrite_output_dir`` the old ``checkpoint-N`` directories are removed (rank 0), so that a
+    replaced (the tokenizer a failed start left behind does not count). With ``overwrite_output_dir`` the old ``checkpoint-N`` directories are removed (rank 0), so that a
     later ``resume_from_checkpoint: true`` never picks one of the old run. Runs before the process group exists."""
     output_dir = Path(trainer_config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"config trainer.output_dir: {output_dir} exists and is not a directory")
-    if trainer_config.resume_from_checkpoint or not output_dir.is_dir() or not any(output_dir.iterdir()):
+    if not output_dir.is_dir() or trainer_config.resume_from_checkpoint:
         return
+    if all(entry.name == RUN_TOKENIZER_DIR for entry in output_dir.iterdir()):
+        return  # empty, or only the tokenizer of a run that failed before training (e.g. on its data)
     if not trainer_config.overwrite_output_dir:
         raise ConfigError(
             f"config trainer.output_dir: {output_dir} is not empty; resume it (trainer.resume_from_checkpoint=true), "
