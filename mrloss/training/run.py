@@ -187,8 +187,9 @@ def training_arguments(config: Config):
 def check_output_dir(trainer_config) -> None:
     """ConfigError when ``trainer.output_dir`` is a file, or a non-empty directory that the run neither resumes from
     (``resume_from_checkpoint``) nor may overwrite (``overwrite_output_dir``): its checkpoints and logs would be
-    replaced (the tokenizer a failed start left behind does not count). With ``overwrite_output_dir`` the old ``checkpoint-N`` directories are removed (rank 0), so that a
-    later ``resume_from_checkpoint: true`` never picks one of the old run. Runs before the process group exists."""
+    replaced (the tokenizer a failed start left behind does not count). With ``overwrite_output_dir`` the old
+    ``checkpoint-N`` directories are removed (rank 0), so that a later ``resume_from_checkpoint: true`` never
+    picks one of the old run. Runs before the process group exists."""
     output_dir = Path(trainer_config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"config trainer.output_dir: {output_dir} exists and is not a directory")
