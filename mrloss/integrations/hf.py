@@ -16,6 +16,7 @@ does not import it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -368,6 +369,8 @@ class MultiRegionTrainer(transformers.Trainer):
             if os.path.exists(final):
                 shutil.rmtree(final)  # the same step saved again (a resumed run)
             os.replace(staged, final)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_dir)  # when empty
             if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_dir):
                 self.state.best_model_checkpoint = os.path.join(
                     run_dir, os.path.basename(self.state.best_model_checkpoint)

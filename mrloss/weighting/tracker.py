@@ -108,6 +108,8 @@ class RegionStepTracker:
         if not os.path.exists(state_file):
             return False
         state = torch.load(state_file, weights_only=True)
+        if "step_sums" not in state:  # written before the pending sums were saved: the weighting's state alone
+            state = {"weighting": state, "step_sums": torch.zeros_like(self.step_sums)}
         self.weighting.load_state_dict(state["weighting"])
         if state["step_sums"].shape != self.step_sums.shape:
             raise ValueError(
