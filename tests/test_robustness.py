@@ -210,6 +210,7 @@ def test_a_partial_checkpoint_is_never_picked_on_resume(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         trainer.train()
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert (tmp_path / ".checkpoint-staging/checkpoint-4").is_dir()  # the partial one, out of resume's sight
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
 
 
@@ -335,6 +336,7 @@ def test_resume_with_dynamic_weights_is_bit_identical_and_records_each_step_once
         return [(e["step"], e["loss"], e["grad_norm"]) for e in metrics["log_history"] if "loss" in e]
 
     assert step_losses(resumed) == step_losses(straight)  # bit-identical floats, steps 1-6
+    assert (tmp_path / "resumed/checkpoint-6").is_dir() and not (tmp_path / "resumed/.checkpoint-staging").exists()
 
     def batch_records(run):
         lines = (tmp_path / run / "monitor/region_stats.jsonl").read_text().splitlines()
