@@ -6,6 +6,10 @@ mrloss configs [NAME]            list the built-in configs, or print one
 mrloss prepare ...               validate / convert / split raw data
 mrloss show FILE [--index N] [--html out.html]
 mrloss plot RUN_DIR
+
+A mistake a user can make (a bad config or sample, a missing or unwritable file) ends in one line on stderr,
+``mrloss <command>: <message>`` with its control characters escaped, and exit code 2 (config / data) or 1
+(files); a bug still shows its traceback.
 """
 
 from __future__ import annotations
@@ -40,7 +44,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mrloss: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, function, _ = SUBCOMMANDS[name]
-    return int(getattr(importlib.import_module(module), function)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), function)(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"mrloss {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        code = _user_error_code(error)
+        if code is None:
+            raise
+        from mrloss.formats.terminal import escape_control
+
+        print(f"mrloss {name}: {escape_control(str(error))}", file=sys.stderr)
+        return code
+
+
+def _user_error_code(error: Exception) -> int | None:
+    """Exit code of an error a user caused: 2 for a config or data problem (`ConfigError`, `FormatError`), 1 for a
+    file problem (OSError: missing, unreadable, unwritable, disk full); None for anything else (a bug)."""
+    from mrloss.formats import FormatError
+    from mrloss.training.config import ConfigError
+
+    if isinstance(error, (ConfigError, FormatError)):
+        return 2
+    if isinstance(error, OSError):
+        return 1
+    return None
 
 
 if __name__ == "__main__":

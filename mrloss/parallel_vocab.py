@@ -35,7 +35,7 @@ from mrloss.ops.backends.dtypes import accumulation_dtype
 from mrloss.ops.backends.torch import VocabShard, cross_entropy_rows
 from mrloss.ops.chunked import default_chunk_size
 from mrloss.ops.function import LinearCrossEntropyFunction, Plan
-from mrloss.ops.normalization import IGNORE_INDEX, denominator, learned_mask, safe_divide, shift_targets
+from mrloss.ops.normalization import IGNORE_INDEX, learned_mask, shift_targets, weight_scales
 
 VOCAB_PARALLEL_BACKENDS = ("auto", "torch")
 
@@ -139,7 +139,7 @@ def vocab_parallel_linear_cross_entropy(
     targets_used = targets_used.reshape(-1)
     weights_used = None if weights_used is None else weights_used.reshape(-1)
     learned = learned_mask(targets_used, weights_used, ignore_index)
-    num_learned = _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size)
+    num_learned = _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size, acc_dtype)
 
     rows = torch.nonzero_static(learned, size=num_learned).squeeze(1)
     learned_targets = targets_used.index_select(0, rows).long()
@@ -166,10 +166,7 @@ def vocab_parallel_linear_cross_entropy(
         per_token=reduction == "none",
         needs_grad=needs_grad,
     )
-    if reduction == "none":
-        scales = learned_weights
-    else:
-        scales = learned_weights * safe_divide(1, denominator(normalizer, reduction, learned_weights))
+    scales = weight_scales(learned_weights, normalizer, reduction)
     if vocab_group is not None and needs_grad[0]:  # the learned rows only: the all-reduce is M x H, not N x H
         hidden_2d = _AllReduceGradient.apply(hidden_2d.index_select(0, rows), vocab_group)
         rows = torch.arange(num_learned, device=rows.device)

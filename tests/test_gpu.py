@@ -1,5 +1,6 @@
 """GPU checks at scale (issue #11): the Triton training path against a float64 reference, the HF patch on
-CUDA with the default backend, and the peak memory of the loss. Every test needs CUDA and skips without it.
+CUDA with the default backend, autocast (bf16/fp16) against casting by hand (issue #13), and the peak memory of
+the loss. Every test needs CUDA and skips without it.
 
 Tolerances: fp32 (TF32 off): loss, gradients within 1e-5 of the float64 values (max error relative to the
 largest reference entry). bf16: the relative error (L2) of each output against float64 is at most 1.25x
@@ -131,6 +132,27 @@ def test_hf_patch_on_cuda_with_the_default_backend(monkeypatch):
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     for grad, expected_grad in zip(torch.autograd.grad(out.loss, params), expected_grads):
         torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_autocast_gives_the_hand_cast_loss_and_gradients(dtype, reduction):
+    """Issue #13: under ``torch.autocast("cuda", dtype)`` float32 hidden/weight/bias run the loss (backend auto:
+    Triton) in ``dtype``, as F.linear would, with the loss and gradients of casting by hand (within one rounding
+    of ``dtype``); the gradients come back in float32."""
+    inputs = make_inputs(torch.float32, bias=True, tokens=1031, hidden_size=257, vocab=4099)
+
+    def cast_by_hand(hidden, weight, targets, token_weights, bias=None, **options):
+        return mrloss.linear_cross_entropy(
+            hidden.to(dtype), weight.to(dtype), targets, token_weights, bias=bias.to(dtype), **options
+        )
+
+    with torch.autocast("cuda", dtype=dtype):
+        autocast = loss_and_grads(mrloss.linear_cross_entropy, inputs, {"reduction": reduction})
+    by_hand = loss_and_grads(cast_by_hand, inputs, {"reduction": reduction})
+    for got, expected in zip(autocast, by_hand):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=torch.finfo(dtype).eps, atol=1e-6)
 
 
 def test_peak_memory_holds_no_full_logits():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -147,6 +148,21 @@ class MultiRegionTrainingMonitor:
             numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             with open(self.stats_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": int(step), "trainer": numbers}) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Keep only what the first ``step`` optimizer steps recorded (a run resumed from checkpoint-``step``
+        records the later steps again): batch records with ``step`` < ``step`` and trainer log lines with
+        ``step`` <= ``step`` (the Trainer logs a step after it, batches carry the steps done before them)."""
+        if self.stats_path is None or not self.stats_path.exists():
+            return
+        kept = []
+        for line in self.stats_path.read_text(encoding="utf-8").splitlines(keepends=True):
+            record = json.loads(line)
+            if record["step"] < step or ("trainer" in record and record["step"] == step):
+                kept.append(line)
+        temporary = self.stats_path.with_name(f".{STATS_FILE}.tmp")
+        temporary.write_text("".join(kept), encoding="utf-8")
+        os.replace(temporary, self.stats_path)
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer (JSONL lines are written as they come)."""

@@ -14,6 +14,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, TextIO
 
+from mrloss.formats.terminal import escape_control
 from mrloss.metrics import OUTSIDE
 
 MAX_LISTED_WARNINGS = 20
@@ -361,7 +362,8 @@ def _table_cells(analysis: MaskAnalysis) -> list[tuple[str, ...]]:
 
 
 def _format_table(analysis: MaskAnalysis) -> list[str]:
-    lines = [TABLE_HEADER] + _table_cells(analysis)
+    """The region table for a terminal (region types from data shown with control characters escaped)."""
+    lines = [TABLE_HEADER] + [tuple(map(escape_control, cells)) for cells in _table_cells(analysis)]
     widths = [max(_display_width(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]
 
     def fmt(line):
@@ -380,7 +382,8 @@ def _terminal_colour(weight: float) -> int:
 
 
 def render_terminal(analysis: MaskAnalysis, color: bool) -> str:
-    """Text view: summary, tokens (ANSI-coloured, or ⟦weight type│text⟧ runs), region table, warnings."""
+    """Text view: summary, tokens (ANSI-coloured, or ⟦weight type│text⟧ runs), region table, warnings. Text and
+    region types from data reach it with their control characters escaped (`escape_control`)."""
     lines = [
         f"Loss mask: {len(analysis.tokens)} tokens, {analysis.learned_tokens} learned (weight > 0), "
         f"total weight {analysis.total_weight:g}"
@@ -393,13 +396,14 @@ def render_terminal(analysis: MaskAnalysis, color: bool) -> str:
             if not token.text:
                 continue
             style = "\x1b[90m" if token.weight <= 0 else f"\x1b[48;5;{_terminal_colour(token.weight)};38;5;16m"
-            pieces.append("\x1b[0m↵\n".join(style + part for part in token.text.split("\n")) + "\x1b[0m")
+            text = escape_control(token.text)
+            pieces.append("\x1b[0m↵\n".join(style + part for part in text.split("\n")) + "\x1b[0m")
         lines.append("".join(pieces))
     else:
         lines.append("".join(_plain_runs(analysis.tokens)))
     lines += ["", "Regions:"] + _format_table(analysis)
     if analysis.warnings:
-        lines += ["", "Warnings:"] + [f"  ! {warning}" for warning in analysis.warnings]
+        lines += ["", "Warnings:"] + [f"  ! {escape_control(warning)}" for warning in analysis.warnings]
     else:
         lines += ["", "Warnings: none"]
     return "\n".join(lines)
@@ -407,17 +411,19 @@ def render_terminal(analysis: MaskAnalysis, color: bool) -> str:
 
 def _plain_runs(tokens: list[TokenView]) -> list[str]:
     """Runs of tokens with the same (weight, region): weight-0 runs bare, others as ⟦weight type│text⟧
-    (``⟦weight│text⟧`` outside regions)."""
-    runs: list[tuple[float, int, str | None, str]] = []
+    (``⟦weight│text⟧`` outside regions); control characters escaped. Linear in the text's length."""
+    runs: list[tuple[float, int, str | None, list[str]]] = []
     for token in tokens:
         if runs and runs[-1][:2] == (token.weight, token.region):
-            runs[-1] = runs[-1][:3] + (runs[-1][3] + token.text,)
+            runs[-1][3].append(token.text)
         else:
-            runs.append((token.weight, token.region, token.region_type, token.text))
-    return [
-        text if weight <= 0 else f"⟦{weight:g}{' ' + region_type if region_type else ''}│{text}⟧"
-        for weight, _, region_type, text in runs
-    ]
+            runs.append((token.weight, token.region, token.region_type, [token.text]))
+    pieces = []
+    for weight, _, region_type, texts in runs:
+        text = escape_control("".join(texts))
+        label = f" {escape_control(region_type)}" if region_type else ""
+        pieces.append(text if weight <= 0 else f"⟦{weight:g}{label}│{text}⟧")
+    return pieces
 
 
 HTML_STYLE = """

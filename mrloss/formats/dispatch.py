@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from mrloss.formats import messages, position_based, structured, tag_based
 from mrloss.formats.errors import FormatError
 from mrloss.formats.regions import RegionText
@@ -42,15 +44,17 @@ def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_
     """RegionText of one raw sample in ``format`` (``"auto"``, or one of INPUT_FORMATS).
 
     Extra top-level keys are metadata and ignored, except keys of another format (e.g. ``text`` next to
-    ``segments``), which would otherwise be silently dropped. ``overlap`` ("error" | "max") applies to
-    position_based regions. ``tokenizer``: a tokenizer with a chat template (any object with
-    ``apply_chat_template``), needed by the messages format only. Raises FormatError naming ``sample_id``, the
-    field and the character position.
+    ``segments``) and near misses of a format's keys (``defualt_weight``, ``learning_region``, ``segment``),
+    which would otherwise be silently dropped: those raise, naming the key (and the key it is close to).
+    ``overlap`` ("error" | "max") applies to position_based regions. ``tokenizer``: a tokenizer with a chat
+    template (any object with ``apply_chat_template``), needed by the messages format only. Raises FormatError
+    naming ``sample_id``, the field and the character position.
     """
     if format not in ("auto",) + INPUT_FORMATS:
         raise ValueError(f"format must be 'auto' or one of {INPUT_FORMATS}, got {format!r}")
     if not isinstance(sample, dict):
         raise FormatError(f"a sample must be an object, got {type(sample).__name__}", sample_id=sample_id)
+    _check_near_misses(sample, sample_id)
     chosen = detect_format(sample) if format == "auto" else format
     foreign = [
         key
@@ -77,6 +81,24 @@ def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_
         field = {"structured": "segments", CHAT_FORMAT: "messages"}.get(chosen, "text")
         raise FormatError("the sample has no text", sample_id=sample_id, field=field)
     return region_text
+
+
+_ALL_KEYS = sorted({key for keys in _KEYS.values() for key in keys})
+NEAR_MISS_CUTOFF = 0.8  # difflib ratio: "defualt_weight" / "segment" are typos, "id" / "source" are metadata
+
+
+def _check_near_misses(sample: dict, sample_id) -> None:
+    """FormatError for a top-level key that is not a format key but close to one (a typo)."""
+    for key in sample:
+        if not isinstance(key, str) or key in _ALL_KEYS:
+            continue
+        close = difflib.get_close_matches(key, _ALL_KEYS, n=1, cutoff=NEAR_MISS_CUTOFF)
+        if close:
+            raise FormatError(
+                f"unknown key {key!r}; did you mean {close[0]!r}? (other top-level keys are metadata and ignored)",
+                sample_id=sample_id,
+                field=key,
+            )
 
 
 def to_format(region_text: RegionText, format: str, *, sample_id=None) -> dict:

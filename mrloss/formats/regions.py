@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 import math
+import struct
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -72,7 +74,8 @@ class RegionText:
 
 
 def check_weight(value, field: str, position: int | None = None, sample_id=None) -> float:
-    """``value`` as a float if it is a finite, non-negative real number (bools are not numbers)."""
+    """``value`` as a float if it is a non-negative real number finite in float32, the dtype training uses it in
+    (bools are not numbers; 1e39 is inf in float32)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise FormatError(
             f"weight must be a number, got {value!r} ({type(value).__name__})",
@@ -85,7 +88,22 @@ def check_weight(value, field: str, position: int | None = None, sample_id=None)
         raise FormatError(f"weight must be finite, got {value!r}", sample_id=sample_id, field=field, position=position)
     if value < 0:
         raise FormatError(f"weight must be >= 0, got {value!r}", sample_id=sample_id, field=field, position=position)
+    if math.isinf(_as_float32(value)):
+        raise FormatError(
+            f"weight must be finite in float32 (at most ~3.4e38), got {value!r}",
+            sample_id=sample_id,
+            field=field,
+            position=position,
+        )
     return value
+
+
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32 (inf beyond its range), without torch or numpy."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # older Pythons raise instead of rounding to inf
+        return math.inf
 
 
 def check_int(value, field: str, sample_id=None) -> int:
@@ -160,14 +178,28 @@ def resolve_overlaps(regions: list[Region], names: list[str], overlap: str, samp
                 )
             if regions[index].end > regions[furthest].end:
                 furthest = index
+    return _max_weight_pieces(regions)
+
+
+def _max_weight_pieces(regions: list[Region]) -> list[Region]:
+    """Sweep over the region borders with a heap of the open regions (O(n log n) for n regions): each piece
+    between two borders belongs to the highest-weight region covering it (on ties, the one listed first);
+    neighbouring pieces of one region are merged."""
+    starts = sorted(range(len(regions)), key=lambda i: regions[i].start)
     borders = sorted({r.start for r in regions} | {r.end for r in regions})
+    open_regions: list[tuple[float, int]] = []  # (-weight, index): the top is the owner
     pieces: list[Region] = []
-    piece_owner = -1
+    piece_owner, next_start = -1, 0
     for left, right in zip(borders, borders[1:]):
-        covering = [i for i in range(len(regions)) if regions[i].start <= left and right <= regions[i].end]
-        if not covering:
+        while next_start < len(starts) and regions[starts[next_start]].start <= left:
+            index = starts[next_start]
+            heapq.heappush(open_regions, (-regions[index].weight, index))
+            next_start += 1
+        while open_regions and regions[open_regions[0][1]].end <= left:
+            heapq.heappop(open_regions)  # closed regions leave lazily, once they reach the top
+        if not open_regions:
             continue
-        owner = max(covering, key=lambda i: (regions[i].weight, -i))
+        owner = open_regions[0][1]
         if pieces and piece_owner == owner and pieces[-1].end == left:
             pieces[-1] = Region(pieces[-1].start, right, pieces[-1].weight, pieces[-1].type)
         else:

@@ -16,10 +16,12 @@ does not import it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import os
+import shutil
 import time
 import warnings
 
@@ -39,6 +41,8 @@ from mrloss.metrics import mean_region_losses
 from mrloss.ops.api import linear_cross_entropy
 from mrloss.ops.normalization import IGNORE_INDEX, valid_weight_sum
 from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
+
+CHECKPOINT_STAGING = ".checkpoint-staging"  # inside the run directory; transformers never takes it for a checkpoint
 
 
 @functools.cache
@@ -180,17 +184,6 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
-class _WeightingCheckpointCallback(transformers.TrainerCallback):
-    """Saves the region weighting's state next to every checkpoint, so a resumed run continues exactly."""
-
-    def __init__(self, tracker: RegionStepTracker):
-        self.tracker = tracker
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.tracker.save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-
 class MultiRegionProgressCallback(transformers.trainer_callback.ProgressCallback):
     """The Trainer's progress bar, with the last logged loss and tokens/s shown on the bar itself."""
 
@@ -272,8 +265,6 @@ class MultiRegionTrainer(transformers.Trainer):
             monitor=monitor if self.is_world_process_zero() else None,
             ignore_index=self.ignore_index,
         )
-        if weighting is not None:
-            self.add_callback(_WeightingCheckpointCallback(self.region_tracker))
         if self.pop_callback(transformers.trainer_callback.ProgressCallback) is not None:
             self.add_callback(MultiRegionProgressCallback)
         # rows: loss sum, token count per region type since the last log (the tracker holds the step's)
@@ -357,14 +348,59 @@ class MultiRegionTrainer(transformers.Trainer):
             self._log_tokens, self._log_time = 0, now
         super().log(logs, start_time)
 
-    # -- resume -------------------------------------------------------------------------------------
+    # -- checkpoints and resume ---------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """As `transformers.Trainer._save_checkpoint`, plus the region tracker's state, but atomic: everything goes
+        into ``<run dir>/CHECKPOINT_STAGING/checkpoint-N`` first and is renamed to ``<run dir>/checkpoint-N`` once
+        complete, so a checkpoint cut short (full disk, kill) is never one that ``resume_from_checkpoint`` picks.
+        Old checkpoints are rotated (``save_total_limit``) only after the rename."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_dir = os.path.join(run_dir, CHECKPOINT_STAGING)
+        staged, final = os.path.join(staging_dir, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left by an interrupted save
+        self.accelerator.wait_for_everyone()
+        self._staging_dir, save_total_limit = staging_dir, self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate below, among the complete checkpoints
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir, self.args.save_total_limit = None, save_total_limit
+        if self.is_world_process_zero():
+            self.region_tracker.save_state(staged)
+        self.accelerator.wait_for_everyone()  # every rank's files are in
+        if self.args.should_save:
+            if os.path.exists(final):
+                shutil.rmtree(final)  # the same step saved again (a resumed run)
+            os.replace(staged, final)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_dir)  # when empty
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_dir):
+                self.state.best_model_checkpoint = os.path.join(
+                    run_dir, os.path.basename(self.state.best_model_checkpoint)
+                )
+            transformers.trainer_utils.rotate_checkpoints(
+                run_dir, save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        """The run directory; while `_save_checkpoint` writes, the staging directory inside it."""
+        staging_dir = getattr(self, "_staging_dir", None)
+        return staging_dir if staging_dir is not None else super()._get_output_dir(trial)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """As `transformers.Trainer.train`; a resumed run also restores the weighting's state."""
+        """As `transformers.Trainer.train`; a resumed run also restores the region tracker's state (weighting and
+        pending step sums) and rewinds the monitor's record to the checkpoint's step (no step recorded twice)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
         if resume_from_checkpoint:
             self.region_tracker.load_state(resume_from_checkpoint)
+            if self.monitor is not None and self.is_world_process_zero() and hasattr(self.monitor, "rewind"):
+                state_file = os.path.join(resume_from_checkpoint, transformers.trainer.TRAINER_STATE_NAME)
+                self.monitor.rewind(transformers.TrainerState.load_from_json(state_file).global_step)
         self._log_time = time.perf_counter()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

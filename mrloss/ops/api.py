@@ -28,11 +28,10 @@ from mrloss.ops.function import LinearCrossEntropyFunction, Plan
 from mrloss.ops.normalization import (  # noqa: F401  (check_normalizer, normalizer_tensor: public names here too)
     IGNORE_INDEX,
     check_normalizer,
-    denominator,
     learned_mask,
     normalizer_tensor,
-    safe_divide,
     shift_targets,
+    weight_scales,
 )
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -74,6 +73,7 @@ def linear_cross_entropy(
     Returns the loss (float32; float64 for float64 inputs) and, with return_token_losses, also the
     detached unweighted per-token loss l (float32, shape of targets, 0 where skipped).
     """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     _check_arguments(
         hidden,
         weight,
@@ -98,7 +98,7 @@ def linear_cross_entropy(
     targets_used = targets_used.reshape(-1)
     weights_used = None if weights_used is None else weights_used.reshape(-1)
     learned = learned_mask(targets_used, weights_used, ignore_index)
-    num_learned = _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size)
+    num_learned = _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size, acc_dtype)
 
     rows = torch.nonzero_static(learned, size=num_learned).squeeze(1)  # learned flat positions
     learned_targets = targets_used.index_select(0, rows).long()
@@ -115,10 +115,7 @@ def linear_cross_entropy(
     needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     plan = Plan(row_op, fused_losses, softcap, float(label_smoothing), chunk_size, reduction == "none", needs_grad)
 
-    if reduction == "none":
-        scales = learned_weights
-    else:
-        scales = learned_weights * safe_divide(1, denominator(normalizer, reduction, learned_weights))
+    scales = weight_scales(learned_weights, normalizer, reduction)
     learned_loss, learned_token_losses = LinearCrossEntropyFunction.apply(
         hidden_2d, weight, bias, rows, learned_targets, scales, plan
     )
@@ -174,6 +171,21 @@ _OPTION_NAMES = {
 }
 
 
+def autocast_inputs(hidden, weight, bias):
+    """(hidden, weight, bias) in the dtype autocast gives ``F.linear`` on hidden's device when autocast is on there
+    (float16/bfloat16/float32 tensors cast to ``torch.get_autocast_dtype``; float64 and non-tensors unchanged),
+    else as given. The casts are differentiable: gradients flow back in the original dtypes."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(tensor):
+        eligible = isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dtype != torch.float64
+        return tensor.to(dtype) if eligible else tensor
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _check_arguments(
     hidden,
     weight,
@@ -215,8 +227,16 @@ def _check_arguments(
             raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"dtype mismatch: hidden is {hidden.dtype} but bias is {bias.dtype}")
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"targets must hold integer class ids (int64), got {targets.dtype}")
+    if (
+        targets.dtype == torch.bool
+        or targets.is_floating_point()
+        or targets.is_complex()
+        or not targets.dtype.is_signed
+    ):
+        raise TypeError(
+            f"targets must hold integer class ids in a signed dtype (int64; an unsigned dtype cannot hold "
+            f"ignore_index), got {targets.dtype}"
+        )
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(
             f"shape mismatch: targets {tuple(targets.shape)} must be hidden's shape without "
@@ -327,13 +347,14 @@ def _triton_available() -> bool:
     return True
 
 
-def _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size) -> int:
-    """Raise on targets outside [0, V) (other than ignore_index) and on negative / NaN / inf token
-    weights; return the number of learned tokens. One device -> host sync for all three."""
+def _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size, acc_dtype) -> int:
+    """Raise on targets outside [0, V) (other than ignore_index) and on negative token weights or weights not
+    finite in ``acc_dtype`` (the dtype the loss uses them in: 1e39 in float64 is inf in float32); return the
+    number of learned tokens. One device -> host sync for all three."""
     bad_targets = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     counts = [bad_targets.sum(), learned.sum()]
     if token_weights is not None:
-        bad_weights = ~torch.isfinite(token_weights) | (token_weights < 0)
+        bad_weights = ~torch.isfinite(token_weights.to(acc_dtype)) | (token_weights < 0)
         counts.append(bad_weights.sum())
     counts = torch.stack(counts).tolist()
     if counts[0]:
@@ -347,7 +368,8 @@ def _check_values_and_count(targets, token_weights, learned, ignore_index, vocab
         position = _first_position(bad_weights)
         raise ValueError(
             f"token_weights{position} = {token_weights[position].item()}: token weights must "
-            f"be finite and >= 0; {counts[2]} bad value(s) in token_weights of shape "
+            f"be finite and >= 0 (finite in {acc_dtype}, the dtype the loss uses them in); {counts[2]} bad "
+            f"value(s) in token_weights of shape "
             f"{tuple(token_weights.shape)}"
         )
     return counts[1]

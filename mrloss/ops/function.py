@@ -7,6 +7,7 @@ loss-only forward) and builds the gradients in forward ("mean"/"sum") or in back
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -14,6 +15,18 @@ import torch
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
 from mrloss.ops.chunked import ChunkedResult, FusedLosses, RowOp, chunked_linear_cross_entropy
+
+
+def _without_autocast(run):
+    """Run with autocast off on hidden's device: ``mrloss.ops.api.autocast_inputs`` cast the inputs already, and
+    the chunks' matmuls and float32 math must keep the dtypes the plan was made for (also in backward)."""
+
+    @functools.wraps(run)
+    def wrapper(self, hidden, *args):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return run(self, hidden, *args)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,7 @@ class Plan:
     per_token: bool  # reduction "none": upstream gradient is per token, gradients built in backward
     needs_grad: tuple[bool, bool, bool]  # gradients wanted for (hidden, weight, bias)
 
+    @_without_autocast
     def run(self, hidden, weight, bias, rows, targets, grad_scales):
         if grad_scales is None and self.fused_losses is not None:
             losses = self.fused_losses(

@@ -4,7 +4,7 @@ verl share.
 - ``IGNORE_INDEX``: the target that is no target (-100, the HF convention).
 - Learned token (`learned_mask`): a valid target (not ``ignore_index``) with weight > 0. Only learned tokens
   cost matmul work in the fused loss and count in the region statistics.
-- Normalizer (`valid_weight_sum`, `check_normalizer`, `normalizer_tensor`, `denominator`): the loss is
+- Normalizer (`valid_weight_sum`, `check_normalizer`, `normalizer_tensor`, `weight_scales`): the loss is
   Σ w·l / normalizer, the normalizer being Σ of the valid weights (of the batch, of the optimizer step, or of
   the SP group) unless given; `safe_divide` gives 0 (and zero gradients) when it is <= 0.
 - Shift rule (`shift_targets`), below: target alignment -> prediction alignment.
@@ -136,13 +136,26 @@ def normalizer_tensor(normalizer: float | torch.Tensor, dtype: torch.dtype, devi
     return torch.tensor(float(normalizer), dtype=dtype, device=device)
 
 
-def denominator(normalizer, reduction: str, learned_weights: torch.Tensor) -> torch.Tensor:
-    """0-dim tensor in the weights' dtype: normalizer, sum of learned weights ("mean") or 1 ("sum")."""
-    if normalizer is not None:
-        return normalizer_tensor(normalizer, learned_weights.dtype, learned_weights.device)
-    if reduction == "mean":
-        return learned_weights.sum()
-    return torch.ones((), dtype=learned_weights.dtype, device=learned_weights.device)
+def weight_scales(learned_weights: torch.Tensor, normalizer, reduction: str) -> torch.Tensor:
+    """Per-token scales s_i of the loss Σ s_i·l_i: w_i / normalizer ("mean" without one: / Σw; 0 when it is <= 0),
+    or w_i for reduction "none" / "sum" without a normalizer. learned_weights [M] float (> 0, finite) -> [M], same
+    dtype.
+
+    Computed as (w_i / m) / (denominator / m) with m = max w, so any finite positive scale of all weights gives
+    the same loss: neither Σw nor 1/Σw over- or underflows (all weights 1e38, or 1e-42)."""
+    if reduction == "none" or (reduction == "sum" and normalizer is None) or learned_weights.numel() == 0:
+        return learned_weights
+    top = learned_weights.amax()
+    top = torch.where(top > 0, top, 1)  # weights that underflowed to 0 in the accumulation dtype
+    unit_weights = learned_weights / top
+    if normalizer is None:
+        return safe_divide(unit_weights, unit_weights.sum())
+    if isinstance(normalizer, torch.Tensor):  # a float64 normalizer (e.g. Σw of huge weights) is divided in float64
+        normalizer_dtype = torch.promote_types(normalizer.dtype, learned_weights.dtype)
+    else:
+        normalizer_dtype = learned_weights.dtype
+    unit_normalizer = normalizer_tensor(normalizer, normalizer_dtype, learned_weights.device) / top
+    return safe_divide(unit_weights, unit_normalizer.to(learned_weights.dtype))
 
 
 def _shift_left(values: torch.Tensor, fill, sample_ends: torch.Tensor | None) -> torch.Tensor:

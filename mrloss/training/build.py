@@ -11,6 +11,8 @@ from pathlib import Path
 
 from mrloss.training.config import Config, ConfigError, DataConfig, ModelConfig
 
+RUN_TOKENIZER_DIR = "tokenizer"  # <output_dir>/tokenizer: the tokenizer trained on the data (model.path null)
+
 
 def ensure_data_files(data: DataConfig) -> None:
     """With ``data.write_examples``, write the example data set into the directory of every missing file
@@ -39,14 +41,14 @@ def build_tokenizer(config: Config, checkpoint: str | None, *, is_main: bool):
 
     source = config.model.path or checkpoint or _tokenizer_of_tokenized_data(config.data.train_files)
     if source is None and not is_main:
-        source = os.path.join(config.trainer.output_dir, "tokenizer")
+        source = os.path.join(config.trainer.output_dir, RUN_TOKENIZER_DIR)
     if source is not None:
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
         from mrloss.data.tokenizer import train_bpe_tokenizer_for_files
 
         tokenizer = train_bpe_tokenizer_for_files(config.data.train_files, config.data.format, config.model.vocab_size)
-        tokenizer.save_pretrained(os.path.join(config.trainer.output_dir, "tokenizer"))
+        tokenizer.save_pretrained(os.path.join(config.trainer.output_dir, RUN_TOKENIZER_DIR))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

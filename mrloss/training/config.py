@@ -10,7 +10,7 @@ A config has six sections; every key is optional except ``data.train_files``::
     trainer:   output_dir, epochs, max_steps, learning_rate, per_device_batch_size,
                gradient_accumulation_steps, weight_decay, warmup_ratio, lr_scheduler, max_grad_norm,
                seed, logging_steps, save_steps, save_total_limit, eval_steps, resume_from_checkpoint,
-               device, dataloader_num_workers, report_to, backend (hf | trl)
+               overwrite_output_dir, device, dataloader_num_workers, report_to, backend (hf | trl)
     weighting: dynamic_weights (DynamicWeightAdjuster config or null),
                region_dependencies (RegionDependencyHandler config or null)
     monitor:   enabled, output_dir
@@ -18,15 +18,18 @@ A config has six sections; every key is optional except ``data.train_files``::
 
 Rules: an unknown key anywhere is an error naming its path (``data.max_lenght``); values are type-checked
 (an int is accepted for a float; a string such as ``1e-3`` -- which YAML reads as a string -- is accepted
-for a float when it parses as one; a single string for a list of strings). Relative paths are relative
-to the working directory of the run (the run scripts run from the repository root). Overrides
+for a float when it parses as one; a single string for a list of strings), then range-checked (`VALUE_RANGES`:
+a batch size of 0 or a learning rate of nan is an error); a recursive YAML alias is an error. Relative paths are
+relative to the working directory of the run (the run scripts run from the repository root). Overrides
 ``key.sub=value`` are applied before validation; the value is parsed as YAML (``trainer.max_steps=3``,
-``model.path=null``, ``data.train_files=[a.jsonl,b.jsonl]``).
+``model.path=null``, ``data.train_files=[a.jsonl,b.jsonl]``), except that a ``#`` YAML would read as the
+start of a comment is kept: ``trainer.output_dir=/data/run #2`` is the string ``/data/run #2``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -109,6 +112,7 @@ class TrainerConfig:
     save_total_limit: int | None = 2
     eval_steps: int | None = None  # null: evaluate at the end of each epoch when val_files are given
     resume_from_checkpoint: str | bool | None = None  # a checkpoint dir, or true: the last in output_dir
+    overwrite_output_dir: bool = False  # true: train into a non-empty output_dir (its old checkpoints are removed)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dataloader_num_workers: int = 0
     report_to: list[str] = dataclasses.field(default_factory=list)  # e.g. [tensorboard]
@@ -173,6 +177,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         raw = {} if raw is None else raw
+        _check_acyclic(raw, "", set(), set())
     raw = apply_overrides(raw, overrides)
     config = config_from_dict(raw)
     if not config.data.train_files:
@@ -190,7 +195,7 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {override!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(text)
+            value = _override_value(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: value is not valid YAML: {error}") from None
         node = raw
@@ -204,9 +209,79 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> dict:
     return raw
 
 
+def _override_value(text: str):
+    """The YAML value of an override, or ``text`` itself where YAML would drop a trailing comment (the shell has
+    already taken the user's quotes: ``/data/run #2`` must not become ``/data/run``)."""
+    tokens = [token for token in yaml.scan(text) if not isinstance(token, yaml.StreamEndToken)]
+    end = max((token.end_mark.index for token in tokens), default=0)
+    return text if text[end:].strip() else yaml.safe_load(text)
+
+
+def _check_acyclic(value, path: str, ancestors: set[int], checked: set[int]) -> None:
+    """ConfigError for a YAML alias inside its own anchor (``a: &x [*x]``), which would recurse forever.
+    ``checked``: containers already walked (shared aliases are walked once)."""
+    if not isinstance(value, (dict, list)) or id(value) in checked:
+        return
+    if id(value) in ancestors:
+        raise ConfigError(f"config {path or '<top>'}: a YAML alias refers to its own anchor (recursive structure)")
+    ancestors.add(id(value))
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        _check_acyclic(item, f"{path}.{key}" if path else str(key), ancestors, checked)
+    ancestors.discard(id(value))
+    checked.add(id(value))
+
+
+# ranges the types cannot say: key path -> (lower bound, whether the bound itself is allowed); every float
+# must also be finite
+VALUE_RANGES = {
+    "data.max_length": (0, False),
+    "model.hidden_size": (0, False),
+    "model.num_layers": (0, False),
+    "model.num_heads": (0, False),
+    "model.num_kv_heads": (0, False),
+    "model.intermediate_size": (0, False),
+    "model.vocab_size": (0, False),
+    "loss.chunk_size": (0, False),
+    "loss.softcap": (0, False),
+    "loss.label_smoothing": (0, True),
+    "trainer.epochs": (0, False),
+    "trainer.max_steps": (0, False),
+    "trainer.learning_rate": (0, True),
+    "trainer.per_device_batch_size": (0, False),
+    "trainer.gradient_accumulation_steps": (0, False),
+    "trainer.weight_decay": (0, True),
+    "trainer.warmup_ratio": (0, True),
+    "trainer.max_grad_norm": (0, True),
+    "trainer.logging_steps": (0, False),
+    "trainer.save_steps": (0, False),
+    "trainer.save_total_limit": (0, False),
+    "trainer.eval_steps": (0, False),
+    "trainer.dataloader_num_workers": (0, True),
+}
+
+
+def check_ranges(config: Config) -> None:
+    """ConfigError for a value outside `VALUE_RANGES` or a float that is not finite (null is always allowed)."""
+    for section in dataclasses.fields(config):
+        for field in dataclasses.fields(getattr(config, section.name)):
+            path = f"{section.name}.{field.name}"
+            value = getattr(getattr(config, section.name), field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config {path}: expected a finite number, got {value}")
+            if path in VALUE_RANGES and value is not None:
+                bound, inclusive = VALUE_RANGES[path]
+                if value < bound or (value == bound and not inclusive):
+                    raise ConfigError(
+                        f"config {path}: expected a value {'>=' if inclusive else '>'} {bound}, got {value}"
+                    )
+
+
 def config_from_dict(raw: dict) -> Config:
-    """Validate a nested dict against the schema (unknown keys and wrong types raise ConfigError)."""
-    return _build(Config, raw, "")
+    """Validate a nested dict against the schema (unknown keys, wrong types and values out of range raise
+    ConfigError)."""
+    config = _build(Config, raw, "")
+    check_ranges(config)
+    return config
 
 
 def _deep_copy(value):

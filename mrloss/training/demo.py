@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             lr_scheduler="cosine",
             logging_steps=max(args.steps // 6, 1),
             device="cpu",
+            overwrite_output_dir=True,  # the demo rewrites its own directory, data included
         ),
         monitor=MonitorConfig(enabled=True),
     )

@@ -16,10 +16,11 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
+from mrloss.training.build import RUN_TOKENIZER_DIR, build_model, build_tokenizer, ensure_data_files
 from mrloss.training.config import Config, ConfigError, load_config
 
 
@@ -73,6 +74,7 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
     from mrloss.data import MultiRegionDataset
     from mrloss.integrations.hf import MultiRegionTrainer
 
+    check_output_dir(config.trainer)
     args = training_arguments(config)
     resume = resolve_checkpoint(config.trainer.resume_from_checkpoint, config.trainer.output_dir)
     with args.main_process_first(desc="write the example data"):
@@ -86,6 +88,8 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         add_eos=config.data.add_eos,
     )
     train_dataset = MultiRegionDataset(config.data.train_files, tokenizer, **data_options)
+    if len(train_dataset) == 0:
+        raise ConfigError(f"config data.train_files: no samples in {', '.join(config.data.train_files)}")
     eval_dataset = None
     if config.data.val_files:
         eval_dataset = MultiRegionDataset(
@@ -129,12 +133,12 @@ def finish_run(run: TrainingRun) -> dict:
     trainer.save_model(run.config.trainer.output_dir)
     history = trainer.state.log_history
     region_logs = [entry for entry in history if any(key.startswith("loss/") for key in entry)]
+    moments = (("first", region_logs[0]), ("last", region_logs[-1])) if region_logs else ()  # none: plain SFT
     metrics = {
         "train": result.metrics,
         "region_losses": {
             moment: {k[len("loss/") :]: v for k, v in entry.items() if k.startswith("loss/")} | {"step": entry["step"]}
-            for moment, entry in (("first", region_logs[0]), ("last", region_logs[-1]))
-            if region_logs
+            for moment, entry in moments
         },
         "region_types": list(run.train_dataset.region_types),
         "world_size": trainer.args.world_size,
@@ -206,6 +210,32 @@ def fsdp_arguments(config: Config) -> dict:
     if config.fsdp.layers:
         fsdp_config["transformer_layer_cls_to_wrap"] = list(config.fsdp.layers)
     return {"fsdp": True, "fsdp_config": fsdp_config}
+
+
+def check_output_dir(trainer_config) -> None:
+    """ConfigError when ``trainer.output_dir`` is a file, or a non-empty directory that the run neither resumes from
+    (``resume_from_checkpoint``) nor may overwrite (``overwrite_output_dir``): its checkpoints and logs would be
+    replaced (the tokenizer a failed start left behind does not count). With ``overwrite_output_dir`` the old
+    ``checkpoint-N`` directories are removed (rank 0), so that a later ``resume_from_checkpoint: true`` never
+    picks one of the old run. Runs before the process group exists."""
+    output_dir = Path(trainer_config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"config trainer.output_dir: {output_dir} exists and is not a directory")
+    if not output_dir.is_dir() or trainer_config.resume_from_checkpoint:
+        return
+    if all(entry.name == RUN_TOKENIZER_DIR for entry in output_dir.iterdir()):
+        return  # empty, or only the tokenizer of a run that failed before training (e.g. on its data)
+    if not trainer_config.overwrite_output_dir:
+        raise ConfigError(
+            f"config trainer.output_dir: {output_dir} is not empty; resume it (trainer.resume_from_checkpoint=true), "
+            "replace it (trainer.overwrite_output_dir=true) or choose another directory"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        for checkpoint in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            if checkpoint.is_dir():
+                shutil.rmtree(checkpoint)
 
 
 def resolve_checkpoint(resume, output_dir: str) -> str | None:

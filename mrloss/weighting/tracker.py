@@ -3,8 +3,8 @@
 Per optimizer step: ``statistics`` of every micro-batch (`mrloss.metrics.region_statistics`, or the monitor's
 ``log_batch_stats`` where a monitor records them) are *accumulated* (`record`: loss sum and learned-token count
 per region type), *reduced* over ranks (`all_reduce_sum`), and their means *update* the weighting
-(`update_weighting`); the weighting's *state* goes next to every checkpoint (`save_state` / `load_state`,
-file ``STATE_FILE``), so a resumed run continues exactly.
+(`update_weighting`); the weighting's *state* and the step sums still waiting for the next update go next to
+every checkpoint (`save_state` / `load_state`, file ``STATE_FILE``), so a resumed run continues bit-identically.
 """
 
 from __future__ import annotations
@@ -92,16 +92,29 @@ class RegionStepTracker:
 
     # -- checkpoint state ---------------------------------------------------------------------------
     def save_state(self, directory) -> None:
-        """Write the weighting's state to ``directory/STATE_FILE`` (nothing without a weighting)."""
+        """Write ``{"weighting": its state_dict, "step_sums": the sums of the step not yet fed to it}`` to
+        ``directory/STATE_FILE`` (nothing without a weighting). A checkpoint is written after its step's micro-batches
+        were recorded and before the next step's ``update_weighting``: those sums are part of the state."""
         if self.weighting is not None:
-            torch.save(self.weighting.state_dict(), os.path.join(directory, STATE_FILE))
+            state = {"weighting": self.weighting.state_dict(), "step_sums": self.step_sums.clone()}
+            torch.save(state, os.path.join(directory, STATE_FILE))
 
     def load_state(self, directory) -> bool:
-        """Restore the weighting's state from ``directory/STATE_FILE`` when there is one; whether it was."""
+        """Restore the weighting's state and the pending step sums from ``directory/STATE_FILE`` when there is
+        one; whether it was."""
         if self.weighting is None:
             return False
         state_file = os.path.join(directory, STATE_FILE)
         if not os.path.exists(state_file):
             return False
-        self.weighting.load_state_dict(torch.load(state_file, weights_only=True))
+        state = torch.load(state_file, weights_only=True)
+        if "step_sums" not in state:  # written before the pending sums were saved: the weighting's state alone
+            state = {"weighting": state, "step_sums": torch.zeros_like(self.step_sums)}
+        self.weighting.load_state_dict(state["weighting"])
+        if state["step_sums"].shape != self.step_sums.shape:
+            raise ValueError(
+                f"{state_file}: step sums of {state['step_sums'].shape[1]} region types, but this run has "
+                f"{len(self.region_types)} ({self.region_types})"
+            )
+        self.step_sums.copy_(state["step_sums"])
         return True
