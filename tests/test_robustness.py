@@ -242,7 +242,7 @@ def test_written_files_follow_the_umask(tmp_path, umask):
         ({"learning_rate": float("nan")}, "data", "config trainer.learning_rate: expected a finite number, got nan"),
         ({"per_device_batch_size": 0}, "data", "config trainer.per_device_batch_size: expected a value > 0, got 0"),
         ({}, "missing", "config data: file(s) not found: missing.jsonl"),
-        ({}, "empty", "config data.train_files: no samples in empty.jsonl"),
+        ({}, "empty", "no samples in empty.jsonl"),
         ({}, "bad", "sample bad.jsonl:1, field 'defualt_weight'"),
     ],
     ids=["lr-nan", "batch-size-0", "missing-file", "empty-file", "bad-sample"],
@@ -292,7 +292,7 @@ class Interrupted(Exception):
 
 
 def train_tag_based(output_dir: Path, *overrides, stop_at: int | None = None) -> dict:
-    """`mrloss train` with configs/multi_region_tag_based.yaml (dynamic_weights) on a tiny model, 6 steps, a
+    """`mrloss train` with the built-in tag_based config (dynamic_weights) on a tiny model, 6 steps, a
     checkpoint every 3; ``stop_at``: interrupted at the end of that step (before its save)."""
     from mrloss.training.config import load_config
     from mrloss.training.run import finish_run, prepare_run
@@ -303,7 +303,7 @@ def train_tag_based(output_dir: Path, *overrides, stop_at: int | None = None) ->
                 raise Interrupted
 
     config = load_config(
-        REPO / "configs/multi_region_tag_based.yaml",
+        REPO / "mrloss/configs/multi_region_tag_based.yaml",
         [
             "data.train_files=data/tag_based.jsonl",
             "data.val_files=[]",

@@ -47,7 +47,7 @@ class MultiRegionDataset(torch.utils.data.Dataset):
             return
         records = [record for path in paths for record in read_records(path)]
         if not records:
-            raise ValueError(f"no samples in {', '.join(map(str, paths))}")
+            raise FormatError(f"no samples in {', '.join(map(str, paths))}")
         self._build(
             records,
             tokenizer,

@@ -88,8 +88,6 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         add_eos=config.data.add_eos,
     )
     train_dataset = MultiRegionDataset(config.data.train_files, tokenizer, **data_options)
-    if len(train_dataset) == 0:
-        raise ConfigError(f"config data.train_files: no samples in {', '.join(config.data.train_files)}")
     eval_dataset = None
     if config.data.val_files:
         eval_dataset = MultiRegionDataset(
