@@ -35,7 +35,7 @@ The low-memory mode (``mrloss.ops.low_memory``) also needs the same gradient on 
 
 A backend may also offer a fused loss-only forward (``mrloss.ops.backends.triton.linear_cross_entropy_forward``),
 the same losses l_i (and lse_i) without any logits in memory (a_i accumulated in float32); ``mrloss.ops.function``
-uses it for passes that need no gradient and no token metrics:
+uses it for passes that need no gradient and no token metrics, with memory="fast":
 
     fused_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing, lse_out=None) -> losses [M] fp32
     (arguments as in ``chunked_linear_cross_entropy``; fp16|bf16|fp32 inputs; lse_out [M] fp32)

@@ -21,7 +21,9 @@ from mrloss.ops.low_memory import low_memory_gradients
 @dataclass(frozen=True)
 class Plan:
     row_op: RowOp
-    fused_losses: FusedLosses | None  # loss-only passes without token metrics use it instead of the chunks
+    # loss-only passes use it instead of the chunks, except with token metrics and with memory="low" (whose
+    # backward needs the lse of the very logits it recomputes: the chunks' matmul, not the kernel's)
+    fused_losses: FusedLosses | None
     softcap: float | None
     label_smoothing: float
     chunk_size: int
@@ -32,7 +34,7 @@ class Plan:
     slice_grad_op: SliceGradOp | None = None  # memory="low": gradients by vocabulary slices, in backward
 
     def run(self, hidden, weight, bias, rows, targets, grad_scales, *, metrics=False) -> ChunkedResult:
-        if grad_scales is None and self.fused_losses is not None and not metrics:
+        if grad_scales is None and self.fused_losses is not None and not metrics and self.slice_grad_op is None:
             lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
             losses = self.fused_losses(
                 hidden,
