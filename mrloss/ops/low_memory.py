@@ -11,8 +11,9 @@ rows, every chunk of C learned rows recomputes its ``[C, V_s]`` logits block, th
 
 so the weight gradient is never accumulated in half precision, and nothing of size ``[V, H]`` exists besides
 the gradient itself (in weight's dtype). Extra memory: the fp32 ``[M, H]`` accumulator, one ``[V_s, H]`` fp32
-block and one ``[C, V_s]`` logits block (V_s = ``vocab_slice_size``). Work: 6·M·H·V FLOPs (logits again,
-two gradient products), 8·M·H·V with the loss-only pass. Deterministic: fixed loop order, no atomics.
+block and one ``[C, V_s]`` logits block (V_s = ``vocab_slice_size``, at most half the vocabulary). Work:
+6·M·H·V FLOPs (logits again, two gradient products), 8·M·H·V with the loss-only pass. Deterministic: fixed
+loop order, no atomics.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def low_memory_gradients(
     grad_bias = torch.empty_like(bias) if want_bias else None
     lse = lse.to(acc_dtype)
     grad_scales = grad_scales.to(acc_dtype)
-    slice_rows = vocab_slice_size(chunk_size, hidden_size, vocab_size)
+    slice_rows = min(vocab_slice_size(chunk_size, hidden_size, vocab_size), -(-vocab_size // 2))  # 2+ slices
 
     for v_start in range(0, vocab_size, slice_rows):
         vocab = slice(v_start, v_start + slice_rows)

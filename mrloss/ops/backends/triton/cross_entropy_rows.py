@@ -69,6 +69,7 @@ def _cross_entropy_rows_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < num_cols
             z = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
+            finite_z = tl.where(mask, z, 0.0)
             z = tl.where(mask, z, float("-inf"))
             tile_max = tl.max(z, axis=0)
             new_max = tl.maximum(running_max, tile_max)
@@ -76,10 +77,10 @@ def _cross_entropy_rows_kernel(
             exp_z = tl.exp(z - new_max)
             sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=0)
             if METRICS:
-                sum_exp_logits = sum_exp_logits * rescale + tl.sum(tl.where(mask, exp_z * z, 0.0), axis=0)
+                sum_exp_logits = sum_exp_logits * rescale + tl.sum(exp_z * finite_z, axis=0)
                 best = tl.where(tile_max > running_max, start + tl.argmax(z, axis=0).to(tl.int64), best)
             running_max = new_max
-            sum_logits += tl.sum(tl.where(mask, z, 0.0), axis=0)
+            sum_logits += tl.sum(finite_z, axis=0)
         lse = running_max + tl.log(sum_exp)
         loss = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
         tl.store(losses_ptr + row, loss)
