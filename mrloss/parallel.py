@@ -120,6 +120,8 @@ def sequence_parallel_linear_cross_entropy(
     backend: str = "auto",
     chunk_size: int | None = None,
     return_token_losses: bool = False,
+    memory: str = "fast",
+    z_loss_scale: float = 0.0,
 ):
     """Weighted mean cross-entropy of a sequence split over the ranks of ``group``.
 
@@ -131,6 +133,7 @@ def sequence_parallel_linear_cross_entropy(
     is used as given, without a host sync). Returns the fp32 0-dim loss Σ_group Σ w·l / normalizer (0 when
     the normalizer is <= 0), identical on every rank, with the gradient scale of ``grad_reduction`` (see the
     module docstring); with ``return_token_losses`` also this shard's detached unweighted per-token losses.
+    memory, z_loss_scale: as in `mrloss.linear_cross_entropy` (the z-loss is normalized like the loss).
     """
     if grad_reduction not in GRAD_REDUCTIONS:
         raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
@@ -156,6 +159,8 @@ def sequence_parallel_linear_cross_entropy(
         backend=backend,
         return_token_losses=return_token_losses,
         chunk_size=chunk_size,
+        memory=memory,
+        z_loss_scale=z_loss_scale,
     )
     local_sum, token_losses = out if return_token_losses else (out, None)
     local_weight_sum = valid_weight_sum(

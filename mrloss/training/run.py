@@ -91,6 +91,8 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         "chunk_size": config.loss.chunk_size,
         "label_smoothing": config.loss.label_smoothing,
         "softcap": config.loss.softcap,
+        "memory": config.loss.memory,
+        "z_loss_scale": config.loss.z_loss_scale,
     }
     trainer = MultiRegionTrainer(
         model,
