@@ -64,23 +64,24 @@ def _cross_entropy_rows_kernel(
         sum_exp = tl.zeros((), ACC)
         sum_logits = tl.zeros((), ACC)
         sum_exp_logits = tl.zeros((), ACC)  # sum_j exp(z_j - running_max) z_j (entropy)
-        best = tl.zeros((), tl.int64)  # first column of the maximum (accuracy)
+        best = tl.zeros((), tl.int32)  # first column of the maximum (accuracy)
         for start in range(0, num_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < num_cols
             z = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
-            finite_z = tl.where(mask, z, 0.0)
             z = tl.where(mask, z, float("-inf"))
             tile_max = tl.max(z, axis=0)
             new_max = tl.maximum(running_max, tile_max)
-            rescale = tl.exp(running_max - new_max)
-            exp_z = tl.exp(z - new_max)
-            sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=0)
             if METRICS:
-                sum_exp_logits = sum_exp_logits * rescale + tl.sum(exp_z * finite_z, axis=0)
-                best = tl.where(tile_max > running_max, start + tl.argmax(z, axis=0).to(tl.int64), best)
+                rescale = tl.exp(running_max - new_max)
+                exp_z = tl.exp(z - new_max)
+                sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=0)
+                sum_exp_logits = sum_exp_logits * rescale + tl.sum(exp_z * tl.where(mask, z, 0.0), axis=0)
+                best = tl.where(tile_max > running_max, start + tl.argmax(z, axis=0), best)
+            else:
+                sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
             running_max = new_max
-            sum_logits += tl.sum(finite_z, axis=0)
+            sum_logits += tl.sum(tl.where(mask, z, 0.0), axis=0)
         lse = running_max + tl.log(sum_exp)
         loss = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
         tl.store(losses_ptr + row, loss)
