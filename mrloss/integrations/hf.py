@@ -62,8 +62,9 @@ def apply_mrloss(model, **loss_options):
     """Patch ``model`` (a ``*ForCausalLM`` instance, or a PEFT model around one) in place; returns it.
 
     loss_options: any of `LOSS_OPTIONS` (``backend``, ``chunk_size``, ``label_smoothing``,
-    ``ignore_index``, ``softcap``), passed on to `mrloss.linear_cross_entropy`. Calling it again replaces
-    the options. Only the instance changes; other instances of the class keep the stock forward.
+    ``ignore_index``, ``softcap``, ``memory``, ``z_loss_scale``), passed on to `mrloss.linear_cross_entropy`.
+    Calling it again replaces the options. Only the instance changes; other instances of the class keep the
+    stock forward.
 
     The patched forward, with ``labels [B, T]`` (HF convention: -100 on padding and weight-0 tokens):
         ``token_weights [B, T] fp32`` aligned with ``input_ids`` (None: 1.0 on every valid label, i.e.
