@@ -121,12 +121,19 @@ def _trl(hidden, weight, targets, token_weights, softcap):
     return -(log_probs * token_weights[learned]).sum() / token_weights.sum()
 
 
-def _mrloss(backend: str):
+def _mrloss(backend: str, memory: str = "fast"):
     def loss_fn(hidden, weight, targets, token_weights, softcap):
         import mrloss
 
         return mrloss.linear_cross_entropy(
-            hidden, weight, targets, token_weights, softcap=softcap, ignore_index=IGNORE_INDEX, backend=backend
+            hidden,
+            weight,
+            targets,
+            token_weights,
+            softcap=softcap,
+            ignore_index=IGNORE_INDEX,
+            backend=backend,
+            memory=memory,
         )
 
     return loss_fn
@@ -269,6 +276,20 @@ IMPLS = {
             "mrloss-torch",
             _mrloss("torch"),
             "mrloss.linear_cross_entropy(backend='torch', token_weights=w)",
+            primary=True,
+        ),
+        Impl(
+            "mrloss-triton-low",
+            _mrloss("triton", "low"),
+            "mrloss.linear_cross_entropy(backend='triton', memory='low', token_weights=w): no float32 [V, H] buffer, "
+            "gradients by vocabulary slices in backward",
+            cpu="interpreted",
+            primary=True,
+        ),
+        Impl(
+            "mrloss-torch-low",
+            _mrloss("torch", "low"),
+            "mrloss.linear_cross_entropy(backend='torch', memory='low', token_weights=w)",
             primary=True,
         ),
     ]

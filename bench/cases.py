@@ -114,13 +114,26 @@ PRESETS = {
         description="mrloss torch backend vs plain PyTorch, F.linear_cross_entropy, torch.compile and TRL's fused "
         "LM head, N=4096 H=1024 V=32000 fp32 (CPU)",
     ),
+    **{
+        f"cpu-memory{suffix}": Preset(
+            ("h1024-v32k",),
+            (4096,),
+            (0.0, 0.5),
+            dtype,
+            2048,
+            impls=("plain", "mrloss-torch", "mrloss-torch-low"),
+            description=f'mrloss torch backend, memory="fast" vs "low", and plain PyTorch, N=4096 H=1024 V=32000 '
+            f"{dtype} (CPU)",
+        )
+        for suffix, dtype in (("", "float32"), ("-bf16", "bfloat16"))
+    },
     "gpu-goals": Preset(
         ("llama3-8b", "gemma2-2b"),
         (16384,),
         (0.0, 0.5, 0.9),
         "bfloat16",
         2048,
-        impls=("plain", "torch-chunked", "liger", "cce", "trl", "mrloss-triton"),
+        impls=("plain", "torch-chunked", "liger", "cce", "trl", "mrloss-triton", "mrloss-triton-low"),
         description="the deciding GPU cases: Llama-3-8B and Gemma-2-2B heads, N=16384 bf16, mrloss-triton vs plain "
         "PyTorch, F.linear_cross_entropy, Liger, CCE and TRL's fused LM head",
     ),

@@ -4,8 +4,8 @@ Public names only; heavy or optional imports (transformers, verl, matplotlib, ..
 functions that need them, so ``import mrloss`` stays light.
 """
 
-from mrloss.ops.api import LinearCrossEntropyLoss, linear_cross_entropy
+from mrloss.ops.api import LinearCrossEntropyLoss, TokenMetrics, linear_cross_entropy
 from mrloss.ops.normalization import IGNORE_INDEX
 
 __version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "IGNORE_INDEX", "__version__"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "TokenMetrics", "IGNORE_INDEX", "__version__"]

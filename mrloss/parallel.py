@@ -130,6 +130,8 @@ def sequence_parallel_linear_cross_entropy(
     vocab_group=None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
+    memory: str = "fast",
+    z_loss_scale: float = 0.0,
 ):
     """Weighted mean cross-entropy of a sequence split over the ranks of ``group``.
 
@@ -143,6 +145,7 @@ def sequence_parallel_linear_cross_entropy(
     module docstring); with ``return_token_losses`` also this shard's detached unweighted per-token losses.
     vocab_group / vocab_start / vocab_size: ``weight`` [V_r, H] (and ``bias``) is this rank's vocabulary shard
     (see `mrloss.parallel_vocab.vocab_parallel_linear_cross_entropy`); None: the whole head.
+    memory, z_loss_scale: as in `mrloss.linear_cross_entropy` (the z-loss is normalized like the loss).
     """
     if grad_reduction not in GRAD_REDUCTIONS:
         raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
@@ -173,6 +176,8 @@ def sequence_parallel_linear_cross_entropy(
         backend=backend,
         return_token_losses=return_token_losses,
         chunk_size=chunk_size,
+        memory=memory,
+        z_loss_scale=z_loss_scale,
     )
     local_sum, token_losses = out if return_token_losses else (out, None)
     local_weight_sum = valid_weight_sum(

@@ -18,8 +18,7 @@ V=128256, bf16: 0.19 MiB against 3.9 GiB; plus 128 MiB of hidden gradient at H=4
 The loss is the same on every rank; so are the hidden gradients (parameters replicated over the group get the
 single-process gradient on every rank, no averaging over the group). Only learned tokens (valid target, weight
 > 0) cost work; the row statistics run in PyTorch (the logits matmul is cuBLAS on a GPU; the Triton row kernel
-has no shard statistics). z-loss: once the row op takes ``z_loss_scale``, pass it on in `_row_op` (its
-logsumexp is the global one after the reduction).
+has no shard statistics). z-loss uses the row op's logsumexp, the global one after the reduction.
 """
 
 from __future__ import annotations
@@ -30,12 +29,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from mrloss.ops.api import _check_arguments, _check_values_and_count
-from mrloss.ops.backends.dtypes import accumulation_dtype
+from mrloss.ops.api import _check_arguments, _check_memory_options, autocast_inputs, learned_rows_loss
 from mrloss.ops.backends.torch import VocabShard, cross_entropy_rows
-from mrloss.ops.chunked import default_chunk_size
-from mrloss.ops.function import LinearCrossEntropyFunction, Plan
-from mrloss.ops.normalization import IGNORE_INDEX, learned_mask, shift_targets, weight_scales
+from mrloss.ops.normalization import IGNORE_INDEX
 
 VOCAB_PARALLEL_BACKENDS = ("auto", "torch")
 
@@ -98,6 +94,9 @@ def vocab_parallel_linear_cross_entropy(
     backend: str = "auto",
     return_token_losses: bool = False,
     chunk_size: int | None = None,
+    memory: str = "fast",
+    z_loss_scale: float = 0.0,
+    return_z_loss: bool = False,
 ):
     """`mrloss.linear_cross_entropy` over an LM head split by vocabulary rows across ``vocab_group``.
 
@@ -106,10 +105,13 @@ def vocab_parallel_linear_cross_entropy(
     [V, H] head (None for both: from the ranks' shard sizes in rank order); targets [...] global ids in [0, V)
     and token_weights [...] as in `linear_cross_entropy`, the same on every rank. Every option means what it
     means there (reduction, normalizer, softcap, label_smoothing with eps/V of the whole vocabulary, shift,
-    return_token_losses, chunk_size); backend "auto"/"torch" (see the module docstring). vocab_group None:
+    return_token_losses, chunk_size, z_loss_scale with the whole vocabulary's logsumexp, return_z_loss);
+    memory "fast" only (a shard's [V_r, H] buffer is 1/tp of the head's); no token metrics; backend
+    "auto"/"torch" (see the module docstring). vocab_group None:
     one rank holds the whole head. Returns the loss of the whole vocabulary, identical on every rank; the
     gradient of weight_shard / bias is this shard's exact part, hidden's gradient the full one on every rank.
     """
+    hidden, weight_shard, bias = autocast_inputs(hidden, weight_shard, bias)
     _check_arguments(
         hidden=hidden,
         weight=weight_shard,
@@ -124,66 +126,43 @@ def vocab_parallel_linear_cross_entropy(
         backend="auto",
         chunk_size=chunk_size,
     )
-    if backend not in VOCAB_PARALLEL_BACKENDS:
+    _check_memory_options(memory, z_loss_scale)
+    if backend not in VOCAB_PARALLEL_BACKENDS or memory != "fast":
         raise ValueError(
-            f"backend {backend!r}: the vocabulary-parallel loss runs its row statistics in PyTorch; "
-            f"expected one of {VOCAB_PARALLEL_BACKENDS}"
+            f"backend {backend!r}, memory {memory!r}: the vocabulary-parallel loss runs its row statistics in "
+            f'PyTorch with memory="fast"; expected a backend of {VOCAB_PARALLEL_BACKENDS}'
         )
     vocab_start, vocab_size = vocab_range(weight_shard, vocab_group, vocab_start, vocab_size)
-    hidden_size = hidden.shape[-1]
-    acc_dtype = accumulation_dtype(hidden.dtype)
-    if shift:
-        targets_used, weights_used = shift_targets(targets, token_weights, ignore_index=ignore_index)
-    else:
-        targets_used, weights_used = targets, token_weights
-    targets_used = targets_used.reshape(-1)
-    weights_used = None if weights_used is None else weights_used.reshape(-1)
-    learned = learned_mask(targets_used, weights_used, ignore_index)
-    num_learned = _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size, acc_dtype)
 
-    rows = torch.nonzero_static(learned, size=num_learned).squeeze(1)
-    learned_targets = targets_used.index_select(0, rows).long()
-    if weights_used is None:
-        learned_weights = torch.ones(num_learned, dtype=acc_dtype, device=hidden.device)
-    else:
-        learned_weights = weights_used.index_select(0, rows).to(acc_dtype)
-    output_positions = rows + 1 if shift else rows
+    def learned_hidden(hidden_2d, rows):  # the learned rows only: the all-reduce is M x H, not N x H
+        if vocab_group is None or not (torch.is_grad_enabled() and hidden_2d.requires_grad):
+            return hidden_2d, rows
+        learned_rows = _AllReduceGradient.apply(hidden_2d.index_select(0, rows), vocab_group)
+        return learned_rows, torch.arange(rows.numel(), device=rows.device)
 
-    hidden_2d = hidden.reshape(-1, hidden_size)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_size, weight_shard.shape[0])  # [C, V_r] logits
-    chunk_size = max(1, min(chunk_size, num_learned))
-    needs_grad = tuple(
-        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight_shard, bias)
-    )
-    row_op = _row_op(vocab_group, vocab_start, vocab_size)
-    plan = Plan(
-        row_op=row_op,
+    return learned_rows_loss(
+        hidden,
+        weight_shard,
+        targets,
+        token_weights,
+        bias=bias,
+        vocab_size=vocab_size,
+        row_op=_row_op(vocab_group, vocab_start, vocab_size),
         fused_losses=None,
+        slice_grad_op=None,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
         softcap=softcap,
-        label_smoothing=float(label_smoothing),
+        label_smoothing=label_smoothing,
+        shift=shift,
         chunk_size=chunk_size,
-        per_token=reduction == "none",
-        needs_grad=needs_grad,
+        z_loss_scale=z_loss_scale,
+        return_token_losses=return_token_losses,
+        return_z_loss=return_z_loss,
+        return_token_metrics=False,
+        learned_hidden=learned_hidden,
     )
-    scales = weight_scales(learned_weights, normalizer, reduction)
-    if vocab_group is not None and needs_grad[0]:  # the learned rows only: the all-reduce is M x H, not N x H
-        hidden_2d = _AllReduceGradient.apply(hidden_2d.index_select(0, rows), vocab_group)
-        rows = torch.arange(num_learned, device=rows.device)
-    learned_loss, learned_token_losses = LinearCrossEntropyFunction.apply(
-        hidden_2d, weight_shard, bias, rows, learned_targets, scales, plan
-    )
-
-    if reduction == "none":
-        loss = learned_loss.new_zeros(targets.numel()).index_copy(0, output_positions, learned_loss)
-        loss = loss.view(targets.shape)
-    else:
-        loss = learned_loss
-    if not return_token_losses:
-        return loss
-    token_losses = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
-    token_losses.index_copy_(0, output_positions, learned_token_losses.float())
-    return loss, token_losses.view(targets.shape)
 
 
 def _row_op(group, vocab_start: int, vocab_size: int):

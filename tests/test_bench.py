@@ -175,7 +175,11 @@ def test_gpu_goals_preset_holds_the_deciding_cases():
     assert [case.id for case in preset.cases()] == [
         f"{head}-N16384-z{zero_frac:g}-bfloat16" for head in ("llama3-8b", "gemma2-2b") for zero_frac in (0, 0.5, 0.9)
     ]
-    assert set(preset.impls) == {"plain", "torch-chunked", "liger", "cce", "trl", "mrloss-triton"} <= set(IMPLS)
+    assert (
+        set(preset.impls)
+        == {"plain", "torch-chunked", "liger", "cce", "trl", "mrloss-triton", "mrloss-triton-low"}
+        <= set(IMPLS)
+    )
 
 
 def test_encode_benchmark_measures_both_calls_on_the_same_samples(tokenizer):

@@ -164,6 +164,27 @@ def test_label_smoothing_and_softcap_options_reach_the_loss():
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_token_accuracy_and_entropy_match_the_model_logits(memory):
+    model = tiny_model("gemma2")  # softcapped logits: the metrics are those of the capped distribution
+    batch = random_batch(seed=4)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()[:, :-1]
+    targets = batch["labels"][:, 1:]
+    learned = targets != -100
+    hits = learned & (torch.arange(targets.shape[1]) % 2 == 0)  # labels only feed the loss: make these the argmax
+    targets[hits] = logits.argmax(-1)[hits]
+    log_probs = logits.log_softmax(-1)
+    zero = torch.zeros(2, 1, dtype=torch.float64)
+    accuracy = torch.cat([zero, ((logits.argmax(-1) == targets) & learned).double()], 1)
+    entropy = torch.cat([zero, torch.where(learned, -(log_probs.exp() * log_probs).sum(-1), 0.0)], 1)
+    apply_mrloss(model, memory=memory, z_loss_scale=1e-3)
+    out = model(**batch)
+    assert out.token_accuracy.shape == out.token_entropy.shape == batch["input_ids"].shape
+    torch.testing.assert_close(out.token_accuracy.double(), accuracy)
+    torch.testing.assert_close(out.token_entropy.double(), entropy, rtol=1e-5, atol=1e-5)
+    assert 0 < accuracy.sum() < learned.sum()
+
+
 def test_peft_lora_model_matches_and_trains_only_the_adapter():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(

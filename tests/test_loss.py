@@ -87,7 +87,10 @@ CASES = {
     "normalizer-shift-softcap": ((3, 13), False, dict(normalizer=17.5, shift=True, softcap=3.0)),
     "tensor-normalizer-sum": ((37,), True, dict(reduction="sum", normalizer=torch.tensor(9.25))),
     "mean-no-token-weights": ((37,), True, dict(token_weights=None)),
+    "mean-zloss-softcap-smoothing": ((37,), True, dict(z_loss_scale=0.01, softcap=4.0, label_smoothing=0.1)),
+    "none-zloss-shift": ((3, 13), False, dict(reduction="none", shift=True, z_loss_scale=0.05)),
 }
+MEMORY = ["fast", "low"]
 
 
 def case_inputs(case, dtype=torch.float32):
@@ -99,11 +102,12 @@ def case_inputs(case, dtype=torch.float32):
     return inputs, options
 
 
+@pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_float32_matches_float64_reference(backend, case):
+def test_float32_matches_float64_reference(backend, case, memory):
     inputs, options = case_inputs(case)
-    ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend=backend))
+    ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend=backend, memory=memory))
     expected = loss_and_grads(reference_linear_cross_entropy, inputs, options, compute=torch.float64)
     assert ours[0].dtype == torch.float32
     assert ours[1].dtype == ours[2].dtype == torch.float32
@@ -118,13 +122,15 @@ def test_float32_matches_float64_reference(backend, case):
         (torch.bfloat16, "none-shift"),
         (torch.bfloat16, "sum-softcap-smoothing"),
         (torch.float16, "normalizer-shift-softcap"),
+        (torch.bfloat16, "mean-zloss-softcap-smoothing"),
     ],
 )
-def test_half_precision_no_worse_than_plain_pytorch(backend, dtype, case):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_half_precision_no_worse_than_plain_pytorch(backend, dtype, case, memory):
     """Our error against float64 is at most that of plain PyTorch run in the same dtype (x1.25, plus a
     sixteenth of the dtype's epsilon for results where plain PyTorch happens to round luckily)."""
     inputs, options = case_inputs(case, dtype)
-    ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend=backend))
+    ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend=backend, memory=memory))
     plain = loss_and_grads(reference_linear_cross_entropy, inputs, dict(options, compute_dtype=None))
     exact = loss_and_grads(reference_linear_cross_entropy, inputs, options, compute=torch.float64)
     assert [g.dtype for g in ours[1:] if g is not None] == [dtype] * (3 if inputs["bias"] is not None else 2)

@@ -109,6 +109,9 @@ def test_weight_zero_region_gets_no_gradient_signal(tokenizer, tmp_path):
     assert max_difference(runs[1.0, TAILS[0]], runs[1.0, TAILS[1]]) > 1e-3
     logged = [entry for entry in trainer.state.log_history if "loss/answer" in entry]
     assert len(logged) == 3 and all("loss/tail" in entry for entry in logged)
+    for entry in logged:  # TRL's token metrics, overall and per region type
+        assert 0 <= entry["mean_token_accuracy"] <= 1 and 0 <= entry["mean_token_accuracy/answer"] <= 1
+        assert entry["entropy"] > 0 and entry["entropy/answer"] > 0 and "entropy/tail" in entry
 
 
 def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_path):

@@ -125,6 +125,8 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
         "chunk_size": 8,
         "softcap": None,
         "label_smoothing": 0.0,
+        "memory": "fast",
+        "z_loss_scale": 0.0,
         "monitor_dir": str((tmp_path / "out dir" / "monitor").resolve()),
         "weighting": {
             "dynamic_weights": None,

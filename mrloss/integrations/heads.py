@@ -31,7 +31,7 @@ from mrloss.parallel_vocab import local_head, vocab_parallel_linear_cross_entrop
 
 # Options of `mrloss.linear_cross_entropy` a user may set; everything else is decided by the model and the batch.
 # ``softcap`` overrides the model's own cap (None keeps the model's).
-LOSS_OPTIONS = ("backend", "chunk_size", "label_smoothing", "ignore_index", "softcap")
+LOSS_OPTIONS = ("backend", "chunk_size", "label_smoothing", "ignore_index", "softcap", "memory", "z_loss_scale")
 
 
 @dataclasses.dataclass(frozen=True)

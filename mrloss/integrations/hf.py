@@ -37,12 +37,13 @@ from mrloss.integrations.heads import (  # noqa: F401  (LOSS_OPTIONS, SUPPORTED_
     model_head,
     unwrap_causal_lm,
 )
-from mrloss.metrics import mean_region_losses
+from mrloss.metrics import mean_region_losses, region_loss_sums, region_statistics
 from mrloss.ops.api import linear_cross_entropy
 from mrloss.ops.normalization import IGNORE_INDEX, valid_weight_sum
 from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
 
 CHECKPOINT_STAGING = ".checkpoint-staging"  # inside the run directory; transformers never takes it for a checkpoint
+TOKEN_METRICS = {"mean_token_accuracy": "token_accuracy", "entropy": "token_entropy"}  # log name: output field
 
 
 @functools.cache
@@ -50,9 +51,12 @@ def _output_class():
     @dataclasses.dataclass
     class MultiRegionCausalLMOutput(transformers.modeling_outputs.CausalLMOutputWithPast):
         """`CausalLMOutputWithPast` plus ``token_losses [B, T] fp32``: the unweighted cross-entropy of
-        predicting ``labels[:, k]`` at index k (target-aligned; 0 at k=0, on ignored and weight-0 targets)."""
+        predicting ``labels[:, k]`` at index k (target-aligned; 0 at k=0, on ignored and weight-0 targets),
+        and, alike, ``token_accuracy`` (1.0 where the argmax is the label) and ``token_entropy`` (of the softmax)."""
 
         token_losses: torch.FloatTensor | None = None
+        token_accuracy: torch.FloatTensor | None = None
+        token_entropy: torch.FloatTensor | None = None
 
     return MultiRegionCausalLMOutput
 
@@ -61,8 +65,9 @@ def apply_mrloss(model, **loss_options):
     """Patch ``model`` (a ``*ForCausalLM`` instance, or a PEFT model around one) in place; returns it.
 
     loss_options: any of `LOSS_OPTIONS` (``backend``, ``chunk_size``, ``label_smoothing``,
-    ``ignore_index``, ``softcap``), passed on to `mrloss.linear_cross_entropy`. Calling it again replaces
-    the options. Only the instance changes; other instances of the class keep the stock forward.
+    ``ignore_index``, ``softcap``, ``memory``, ``z_loss_scale``), passed on to `mrloss.linear_cross_entropy`.
+    Calling it again replaces the options. Only the instance changes; other instances of the class keep the
+    stock forward.
 
     The patched forward, with ``labels [B, T]`` (HF convention: -100 on padding and weight-0 tokens):
         ``token_weights [B, T] fp32`` aligned with ``input_ids`` (None: 1.0 on every valid label, i.e.
@@ -72,7 +77,8 @@ def apply_mrloss(model, **loss_options):
         given, with a warning (once per model), since the loss then is not the weighted mean. Labels,
         weights and a tensor num_items_in_batch are moved to the device of the last hidden state.
         loss = Σ_k w_k CE(logits_{k-1}, labels_k) / normalizer, logits never materialized;
-        returns ``loss``, ``logits=None``, ``token_losses [B, T] fp32`` (target-aligned, detached).
+        returns ``loss``, ``logits=None``, ``token_losses``, ``token_accuracy``, ``token_entropy`` ``[B, T] fp32``
+        (target-aligned, detached; the metrics come from the loss's own row pass, no extra matmul).
     Without labels it is the model's own forward (logits as usual); ``token_weights`` then is an error.
     Raises TypeError for an architecture not in `mrloss.integrations.heads.SUPPORTED_ARCHITECTURES`.
     """
@@ -127,7 +133,7 @@ def apply_mrloss(model, **loss_options):
             _warn_if_token_count(causal_lm, num_items_in_batch)
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(hidden.device)
-        loss, token_losses = head_loss(
+        loss, token_losses, token_metrics = head_loss(
             causal_lm,
             head,
             hidden,
@@ -138,6 +144,7 @@ def apply_mrloss(model, **loss_options):
             shift=True,
             normalizer=num_items_in_batch,
             return_token_losses=True,
+            return_token_metrics=True,
             **options,
         )
         result = _output_class()(
@@ -147,6 +154,8 @@ def apply_mrloss(model, **loss_options):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             token_losses=token_losses,
+            token_accuracy=token_metrics.accuracy,
+            token_entropy=token_metrics.entropy,
         )
         return result.to_tuple() if return_dict is False else result
 
@@ -271,6 +280,10 @@ class MultiRegionTrainer(transformers.Trainer):
         self._log_type_stats = torch.zeros(2, len(self.region_types), dtype=torch.float64)
         self._log_tokens = 0
         self._log_time = time.perf_counter()
+        # TRL's names: per metric, rows Σ and count of learned tokens, per region type and (last column) overall
+        self._log_metric_stats = {
+            name: torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64) for name in TOKEN_METRICS
+        }
 
     def _default_data_collator(self, processing_class, **collator_options):
         """The collator when none is passed: `MultiRegionCollator` with the pad id of ``processing_class``
@@ -318,6 +331,7 @@ class MultiRegionTrainer(transformers.Trainer):
         )
         if model.training and "region_type_ids" in batch:
             self._record_region_losses(batch, outputs.token_losses)
+            self._record_token_metrics(batch, outputs)
         return (loss, outputs) if return_outputs else loss
 
     def _record_region_losses(self, batch, token_losses) -> None:
@@ -329,10 +343,28 @@ class MultiRegionTrainer(transformers.Trainer):
             int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         )
 
+    def _record_token_metrics(self, batch, outputs) -> None:
+        """Σ and count of token accuracy and entropy over the learned tokens of one training micro-batch, per
+        region type and overall (`mrloss.metrics.region_statistics`, the token metric in place of the loss)."""
+        for name, attribute in TOKEN_METRICS.items():
+            record = region_statistics(
+                batch["token_weights"],
+                batch["region_type_ids"],
+                self.region_types,
+                attention_mask=batch.get("attention_mask"),
+                labels=batch.get("labels"),
+                token_losses=getattr(outputs, attribute),
+                ignore_index=self.ignore_index,
+            )
+            total = record["total"]
+            overall = torch.tensor([[(total["mean_loss"] or 0.0) * total["learned_tokens"]], [total["learned_tokens"]]])
+            self._log_metric_stats[name] += torch.cat([region_loss_sums(record, self.region_types), overall], dim=1)
+
     # -- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs (those with ``loss``) also get ``loss/<type>`` (mean unweighted token loss of the
-        region type since the last log, all ranks), ``tokens_per_second`` and ``weight/<type>``."""
+        region type since the last log, all ranks), ``tokens_per_second``, ``weight/<type>``, and TRL's token
+        metrics over the learned tokens: ``mean_token_accuracy`` and ``entropy``, also per type (``entropy/<type>``)."""
         if "loss" in logs:
             tokens = torch.tensor([[float(self._log_tokens)]], dtype=torch.float64)
             stats = all_reduce_sum(
@@ -344,6 +376,13 @@ class MultiRegionTrainer(transformers.Trainer):
                 logs[f"loss/{region_type}"] = round(mean_loss, 4)
             if self.weighting is not None:
                 logs.update({f"weight/{t}": round(m, 4) for t, m in self.weighting.multipliers().items()})
+            for name, sums in self._log_metric_stats.items():
+                sums = all_reduce_sum(sums, device=self.args.device)
+                if sums[1, -1] > 0:
+                    logs[name] = round(float(sums[0, -1] / sums[1, -1]), 4)
+                for region_type, mean in mean_region_losses(sums[:, :-1], self.region_types).items():
+                    logs[f"{name}/{region_type}"] = round(mean, 4)
+                self._log_metric_stats[name].zero_()
             self._log_type_stats.zero_()
             self._log_tokens, self._log_time = 0, now
         super().log(logs, start_time)

@@ -13,6 +13,9 @@ For reduction "mean"/"sum" (and ``normalizer``) the upstream gradient is a scala
 computed during the forward pass (~6·N_learned·H·V FLOPs in all) and backward only scales them, in
 place (so one backward per forward: a second one through the same graph raises RuntimeError).
 For "none" the forward computes losses only and backward re-runs the chunks with per-token scales.
+``memory="low"`` never holds a float32 ``[V, H]`` buffer: the forward is a loss-only pass that keeps each
+row's logsumexp, and backward builds the gradients slice by slice of the vocabulary (``mrloss.ops.low_memory``,
+~8·N_learned·H·V FLOPs in all), the weight gradient accumulated in float32 and written once in its dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ import os
 import torch
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
-from mrloss.ops.chunked import FusedLosses, RowOp, chunked_linear_cross_entropy, default_chunk_size
+from mrloss.ops.chunked import (
+    FusedLosses,
+    RowOp,
+    RowStats,
+    SliceGradOp,
+    TokenMetrics,
+    chunked_linear_cross_entropy,
+    default_chunk_size,
+)
 from mrloss.ops.function import LinearCrossEntropyFunction, Plan
 from mrloss.ops.normalization import (  # noqa: F401  (check_normalizer, normalizer_tensor: public names here too)
     IGNORE_INDEX,
@@ -36,6 +47,7 @@ from mrloss.ops.normalization import (  # noqa: F401  (check_normalizer, normali
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
+MEMORY_MODES = ("fast", "low")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -55,6 +67,10 @@ def linear_cross_entropy(
     backend: str = "auto",
     return_token_losses: bool = False,
     chunk_size: int | None = None,
+    memory: str = "fast",
+    z_loss_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_metrics: bool = False,
 ):
     """Weighted cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, without
     ever materializing the ``[N, V]`` logits.
@@ -70,8 +86,16 @@ def linear_cross_entropy(
     with token_weights[..., k]; per-token outputs are target-aligned (index 0 of each sequence is 0).
     backend "auto": Triton on CUDA tensors, chunked PyTorch otherwise ("triton" on the CPU needs
     TRITON_INTERPRET=1). chunk_size: learned tokens per chunk (default: chunk logits ~ size of hidden).
-    Returns the loss (float32; float64 for float64 inputs) and, with return_token_losses, also the
-    detached unweighted per-token loss l (float32, shape of targets, 0 where skipped).
+    memory "fast": gradients built in the forward into a float32 [V, H] buffer (~6·N·H·V FLOPs); "low": no
+    [V, H] float32 buffer and no [N, V], the gradients built in backward by vocabulary slices (~8·N·H·V FLOPs;
+    extra memory a float32 [N_learned, H] and a few chunk-sized blocks); same results to rounding.
+    z_loss_scale zeta >= 0: each token's loss is l_i + zeta * lse_i^2 (lse_i = logsumexp(z_i), PaLM's z-loss,
+    Liger's lse_square_scale), under the same weights, reduction and normalizer, its gradient included.
+    Returns the loss (float32; float64 for float64 inputs) or, when any return_* flag is set, a tuple of the
+    loss and, in this order, the requested ones of: token_losses, the detached unweighted per-token loss l
+    without z-loss (float32, shape of targets, 0 where skipped); z_loss, the detached z-loss part of the loss
+    (same reduction; 0 when z_loss_scale is 0); token_metrics, a `TokenMetrics` (accuracy: 1.0 where the
+    argmax of z_i is the target, entropy: of softmax(z_i); detached float32, shape of targets, 0 where skipped).
     """
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     _check_arguments(
@@ -88,8 +112,61 @@ def linear_cross_entropy(
         backend,
         chunk_size,
     )
-    row_op, fused_losses = _backend_ops(backend, hidden)
-    hidden_size, vocab_size = hidden.shape[-1], weight.shape[0]
+    _check_memory_options(memory, z_loss_scale)
+    row_op, fused_losses, slice_grad_op = _backend_ops(backend, hidden)
+    return learned_rows_loss(
+        hidden,
+        weight,
+        targets,
+        token_weights,
+        bias=bias,
+        vocab_size=weight.shape[0],
+        row_op=row_op,
+        fused_losses=fused_losses,
+        slice_grad_op=slice_grad_op if memory == "low" else None,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
+        softcap=softcap,
+        label_smoothing=label_smoothing,
+        shift=shift,
+        chunk_size=chunk_size,
+        z_loss_scale=z_loss_scale,
+        return_token_losses=return_token_losses,
+        return_z_loss=return_z_loss,
+        return_token_metrics=return_token_metrics,
+    )
+
+
+def learned_rows_loss(
+    hidden,
+    weight,
+    targets,
+    token_weights,
+    *,
+    bias,
+    vocab_size: int,
+    row_op: RowOp,
+    fused_losses: FusedLosses | None,
+    slice_grad_op: SliceGradOp | None,
+    ignore_index: int,
+    reduction: str,
+    normalizer,
+    softcap,
+    label_smoothing: float,
+    shift: bool,
+    chunk_size: int | None,
+    z_loss_scale: float,
+    return_token_losses: bool,
+    return_z_loss: bool,
+    return_token_metrics: bool,
+    learned_hidden=None,
+):
+    """`linear_cross_entropy` after its checks, on given backend ops: align (shift), compact the learned rows,
+    run the autograd function and scatter the per-token outputs back. Shared with the vocabulary-parallel loss
+    (``mrloss.parallel_vocab``): ``weight`` may be a shard of a vocabulary of ``vocab_size`` rows (targets are
+    checked against ``vocab_size``, chunks are sized by ``weight``), and ``learned_hidden(hidden_2d, rows) ->
+    (hidden rows, their indices)`` may wrap the learned rows before the loss (its gradient all-reduce)."""
     acc_dtype = accumulation_dtype(hidden.dtype)
     if shift:  # flat hidden row j predicts flat target j + 1 (never past its sequence)
         targets_used, weights_used = shift_targets(targets, token_weights, ignore_index=ignore_index)
@@ -108,28 +185,46 @@ def linear_cross_entropy(
         learned_weights = weights_used.index_select(0, rows).to(acc_dtype)
     output_positions = rows + 1 if shift else rows
 
-    hidden_2d = hidden.reshape(-1, hidden_size)
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_size, vocab_size)
+        chunk_size = default_chunk_size(hidden_2d.shape[0], hidden.shape[-1], weight.shape[0])
     chunk_size = max(1, min(chunk_size, num_learned))
     needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    plan = Plan(row_op, fused_losses, softcap, float(label_smoothing), chunk_size, reduction == "none", needs_grad)
+    plan = Plan(
+        row_op,
+        fused_losses,
+        softcap,
+        float(label_smoothing),
+        chunk_size,
+        reduction == "none",
+        needs_grad,
+        z_loss_scale=float(z_loss_scale),
+        metrics=return_token_metrics,
+        slice_grad_op=slice_grad_op,
+    )
+    if learned_hidden is not None:
+        hidden_2d, rows = learned_hidden(hidden_2d, rows)
 
     scales = weight_scales(learned_weights, normalizer, reduction)
-    learned_loss, learned_token_losses = LinearCrossEntropyFunction.apply(
+    learned_loss, *stats = LinearCrossEntropyFunction.apply(
         hidden_2d, weight, bias, rows, learned_targets, scales, plan
     )
+    stats = RowStats(*stats)
 
-    if reduction == "none":
-        loss = learned_loss.new_zeros(targets.numel()).index_copy(0, output_positions, learned_loss)
-        loss = loss.view(targets.shape)
-    else:
-        loss = learned_loss
-    if not return_token_losses:
-        return loss
-    token_losses = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
-    token_losses.index_copy_(0, output_positions, learned_token_losses.float())
-    return loss, token_losses.view(targets.shape)
+    def scatter(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # learned rows -> shape of targets
+        full = torch.zeros(targets.numel(), dtype=dtype, device=hidden.device)
+        return full.index_copy_(0, output_positions, values.to(dtype)).view(targets.shape)
+
+    loss = scatter(learned_loss, learned_loss.dtype) if reduction == "none" else learned_loss
+    extras = []
+    if return_token_losses:
+        extras.append(scatter(stats.losses, torch.float32))
+    if return_z_loss:
+        z_loss = (z_loss_scale * stats.lse.square() * scales).to(learned_loss.dtype)
+        extras.append(scatter(z_loss, learned_loss.dtype) if reduction == "none" else z_loss.sum())
+    if return_token_metrics:
+        extras.append(TokenMetrics(scatter(stats.correct, torch.float32), scatter(stats.entropy, torch.float32)))
+    return (loss, *extras) if extras else loss
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -168,6 +263,10 @@ _OPTION_NAMES = {
     "backend",
     "return_token_losses",
     "chunk_size",
+    "memory",
+    "z_loss_scale",
+    "return_z_loss",
+    "return_token_metrics",
 }
 
 
@@ -282,17 +381,30 @@ def _check_arguments(
         raise ValueError("shift=True needs targets with a sequence dimension, got a 0-dim tensor")
 
 
-def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses | None]:
-    """The row op of the chosen backend and its fused loss-only forward, or None where there is none
-    (torch backend; float64, which the fused kernel leaves to the chunks). Contracts: ``mrloss.ops.chunked``.
+def _check_memory_options(memory, z_loss_scale) -> None:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"unknown memory {memory!r}; expected one of {MEMORY_MODES}")
+    if (
+        isinstance(z_loss_scale, bool)
+        or not isinstance(z_loss_scale, (int, float))
+        or not 0.0 <= z_loss_scale < math.inf
+    ):
+        raise ValueError(f"z_loss_scale must be a finite float >= 0, got {z_loss_scale!r}")
+
+
+def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses | None, SliceGradOp]:
+    """The row op of the chosen backend, its fused loss-only forward, or None where there is none
+    (torch backend; float64, which the fused kernel leaves to the chunks), and its vocabulary-slice gradient
+    op (memory="low"). Contracts: ``mrloss.ops.chunked``.
     "auto" on CUDA: the Triton ops, each falling back to the PyTorch backend (one warning) if it fails."""
     from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
+    from mrloss.ops.backends.torch import cross_entropy_slice_grad as torch_slice_grad
 
     auto = backend == "auto"
     if auto:
         backend = _auto_backend(hidden)
     if backend == "torch":
-        return torch_rows, None
+        return torch_rows, None, torch_slice_grad
     if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f'backend="triton" needs CUDA tensors (hidden is on {hidden.device}) or '
@@ -300,18 +412,19 @@ def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses
         )
     if not _triton_available():
         raise ImportError('backend="triton" needs the triton package (pip install triton)')
-    from mrloss.ops.backends.triton.cross_entropy_rows import cross_entropy_rows
+    from mrloss.ops.backends.triton.cross_entropy_rows import cross_entropy_rows, cross_entropy_slice_grad
     from mrloss.ops.backends.triton.linear_cross_entropy_forward import linear_cross_entropy_forward
 
     fused = None if hidden.dtype == torch.float64 else linear_cross_entropy_forward
     if not auto:
-        return cross_entropy_rows, fused
+        return cross_entropy_rows, fused, cross_entropy_slice_grad
     from mrloss.ops.triton_fallback import with_torch_fallback
 
     row_op = with_torch_fallback(cross_entropy_rows, torch_rows, "cross_entropy_rows")
+    slice_grad_op = with_torch_fallback(cross_entropy_slice_grad, torch_slice_grad, "cross_entropy_rows")
     if fused is not None:
         fused = with_torch_fallback(fused, _chunked_torch_losses, "linear_cross_entropy_forward")
-    return row_op, fused
+    return row_op, fused, slice_grad_op
 
 
 def _auto_backend(hidden: torch.Tensor) -> str:
@@ -319,7 +432,9 @@ def _auto_backend(hidden: torch.Tensor) -> str:
     return "triton" if hidden.is_cuda and _triton_available() else "torch"
 
 
-def _chunked_torch_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing) -> torch.Tensor:
+def _chunked_torch_losses(
+    hidden, weight, bias, rows, targets, *, softcap, label_smoothing, lse_out=None
+) -> torch.Tensor:
     """The fused loss-only forward's result from the PyTorch chunks (its fallback), float32."""
     from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
 
@@ -336,7 +451,9 @@ def _chunked_torch_losses(hidden, weight, bias, rows, targets, *, softcap, label
         label_smoothing=label_smoothing,
         chunk_size=chunk_size,
     )
-    return result.losses.float()
+    if lse_out is not None:
+        lse_out.copy_(result.rows.lse)
+    return result.rows.losses.float()
 
 
 def _triton_available() -> bool:

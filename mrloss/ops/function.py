@@ -1,8 +1,9 @@
 """The ``torch.autograd.Function`` of the fused linear cross-entropy and the plan it runs.
 
-`Plan` holds what one call decided (row op, fused loss-only forward, options, chunk size, which gradients);
-`LinearCrossEntropyFunction` runs it over the learned rows (chunk driver ``mrloss.ops.chunked``, or the fused
-loss-only forward) and builds the gradients in forward ("mean"/"sum") or in backward ("none").
+`Plan` holds what one call decided (row op, fused loss-only forward, options, chunk size, which gradients,
+memory mode); `LinearCrossEntropyFunction` runs it over the learned rows (chunk driver ``mrloss.ops.chunked``,
+or the fused loss-only forward) and builds the gradients in forward ("mean"/"sum" with memory="fast") or in
+backward ("none", and memory="low" through the vocabulary-sliced ``mrloss.ops.low_memory``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
-from mrloss.ops.chunked import ChunkedResult, FusedLosses, RowOp, chunked_linear_cross_entropy
+from mrloss.ops.chunked import ChunkedResult, FusedLosses, RowOp, RowStats, SliceGradOp, chunked_linear_cross_entropy
+from mrloss.ops.low_memory import low_memory_gradients
 
 
 def _without_autocast(run):
@@ -22,9 +24,9 @@ def _without_autocast(run):
     the chunks' matmuls and float32 math must keep the dtypes the plan was made for (also in backward)."""
 
     @functools.wraps(run)
-    def wrapper(self, hidden, *args):
+    def wrapper(self, hidden, *args, **kwargs):
         with torch.autocast(hidden.device.type, enabled=False):
-            return run(self, hidden, *args)
+            return run(self, hidden, *args, **kwargs)
 
     return wrapper
 
@@ -32,20 +34,33 @@ def _without_autocast(run):
 @dataclass(frozen=True)
 class Plan:
     row_op: RowOp
-    fused_losses: FusedLosses | None  # loss-only passes use it instead of the chunks when given
+    # loss-only passes use it instead of the chunks, except with token metrics and with memory="low" (whose
+    # backward needs the lse of the very logits it recomputes: the chunks' matmul, not the kernel's)
+    fused_losses: FusedLosses | None
     softcap: float | None
     label_smoothing: float
     chunk_size: int
     per_token: bool  # reduction "none": upstream gradient is per token, gradients built in backward
     needs_grad: tuple[bool, bool, bool]  # gradients wanted for (hidden, weight, bias)
+    z_loss_scale: float = 0.0
+    metrics: bool = False  # fill the token metrics (accuracy, entropy) in the forward pass
+    slice_grad_op: SliceGradOp | None = None  # memory="low": gradients by vocabulary slices, in backward
 
     @_without_autocast
-    def run(self, hidden, weight, bias, rows, targets, grad_scales):
-        if grad_scales is None and self.fused_losses is not None:
+    def run(self, hidden, weight, bias, rows, targets, grad_scales, *, metrics=False) -> ChunkedResult:
+        if grad_scales is None and self.fused_losses is not None and not metrics and self.slice_grad_op is None:
+            lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
             losses = self.fused_losses(
-                hidden, weight, bias, rows, targets, softcap=self.softcap, label_smoothing=self.label_smoothing
+                hidden,
+                weight,
+                bias,
+                rows,
+                targets,
+                softcap=self.softcap,
+                label_smoothing=self.label_smoothing,
+                lse_out=lse,
             )
-            return ChunkedResult(losses, None, None, None)
+            return ChunkedResult(RowStats(losses, lse), None, None, None)
         return chunked_linear_cross_entropy(
             hidden,
             weight,
@@ -58,39 +73,65 @@ class Plan:
             label_smoothing=self.label_smoothing,
             chunk_size=self.chunk_size,
             needs_grad=self.needs_grad,
+            z_loss_scale=self.z_loss_scale,
+            metrics=metrics,
+        )
+
+    @_without_autocast
+    def gradients(self, hidden, weight, bias, rows, targets, lse, grad_scales):
+        """(grad_hidden, grad_weight, grad_bias) of sum_i grad_scales_i (l_i + zeta lse_i^2), built in backward."""
+        if self.slice_grad_op is None:
+            return self.run(hidden, weight, bias, rows, targets, grad_scales)[1:]
+        return low_memory_gradients(
+            hidden,
+            weight,
+            bias,
+            rows,
+            targets,
+            lse,
+            grad_scales,
+            slice_grad_op=self.slice_grad_op,
+            softcap=self.softcap,
+            label_smoothing=self.label_smoothing,
+            z_loss_scale=self.z_loss_scale,
+            chunk_size=self.chunk_size,
+            needs_grad=self.needs_grad,
         )
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V]|None, rows [M], targets [M], scales [M], plan) ->
-    (loss, token_losses [M] unweighted, non-differentiable).
+    (loss, `RowStats` of the M rows: token_losses unweighted, lse, correct, entropy; non-differentiable).
 
-    Reduced (plan.per_token False): loss = sum_i scales_i l_i, gradients built in forward; backward
-    multiplies those buffers in place by the scalar upstream gradient (no copy, no host sync), so they
-    serve one backward only: a second one through the same graph raises. Per token: loss [M] =
-    scales_i l_i (scales are the token weights) and backward re-runs the chunks with grad scales
-    scales_i * upstream_i (any number of backward passes).
+    Per-row objective o_i = l_i + zeta lse_i^2 (zeta = plan.z_loss_scale). Reduced (plan.per_token False):
+    loss = sum_i scales_i o_i. With plan.slice_grad_op None (memory="fast") the gradients are built in
+    forward and backward multiplies those buffers in place by the scalar upstream gradient (no copy, no host
+    sync), so they serve one backward only: a second one through the same graph raises. Per token: loss [M] =
+    scales_i o_i (scales are the token weights). Per token or memory="low": backward builds the gradients
+    with grad scales scales_i * upstream_i (any number of backward passes).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, scales, plan):
         ctx.plan, ctx.dtypes = plan, (hidden.dtype, weight.dtype, weight.dtype)
-        build_grads = any(plan.needs_grad) and not plan.per_token
-        result = plan.run(hidden, weight, bias, rows, targets, scales if build_grads else None)
-        if plan.per_token:
-            ctx.save_for_backward(hidden, weight, bias, rows, targets, scales)
-            loss = result.losses * scales
+        ctx.in_backward = plan.per_token or plan.slice_grad_op is not None
+        build_grads = any(plan.needs_grad) and not ctx.in_backward
+        result = plan.run(hidden, weight, bias, rows, targets, scales if build_grads else None, metrics=plan.metrics)
+        stats = result.rows
+        if ctx.in_backward:
+            ctx.save_for_backward(hidden, weight, bias, rows, targets, scales, stats.lse)
         else:
             ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
-            loss = (result.losses * scales).sum()
-        ctx.mark_non_differentiable(result.losses)
-        return loss, result.losses
+        objective = stats.losses + plan.z_loss_scale * stats.lse.square() if plan.z_loss_scale else stats.losses
+        loss = objective * scales if plan.per_token else (objective * scales).sum()
+        ctx.mark_non_differentiable(*(t for t in stats if t is not None))
+        return loss, *stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_token_losses):
-        if ctx.plan.per_token:
-            hidden, weight, bias, rows, targets, scales = ctx.saved_tensors
-            grads = ctx.plan.run(hidden, weight, bias, rows, targets, scales * grad_loss.to(scales.dtype))[1:]
+    def backward(ctx, grad_loss, *_grad_stats):
+        if ctx.in_backward:
+            hidden, weight, bias, rows, targets, scales, lse = ctx.saved_tensors
+            grads = ctx.plan.gradients(hidden, weight, bias, rows, targets, lse, scales * grad_loss.to(scales.dtype))
         else:
             if getattr(ctx, "grads_consumed", False):
                 raise RuntimeError(

@@ -8,8 +8,9 @@ Math, for token i with hidden h_i, target t_i, weight w_i (valid when t_i != ign
     a_i = h_i W^T + b                      raw logits, [V]
     z_i = c * tanh(a_i / c)                when softcap c is set, else a_i
     l_i = logsumexp(z_i) - (1 - eps) z_i[t_i] - eps/V * sum_j z_i[j]     (label smoothing eps)
-    "sum"  = sum_i w_i l_i      "mean" = sum_i w_i l_i / sum_i w_i  (0 when the sum of weights is 0)
-    "none" = w_i l_i per token; normalizer n: sum_i w_i l_i / n
+    o_i = l_i + zeta * logsumexp(z_i)^2                                  (z-loss scale zeta; l_i when 0)
+    "sum"  = sum_i w_i o_i      "mean" = sum_i w_i l_i / sum_i w_i  (0 when the sum of weights is 0)
+    "none" = w_i o_i per token; normalizer n: sum_i w_i o_i / n   (the mean/sum formulas above with o_i too)
 With shift=True, the loss at position k is that of predicting targets[..., k] from hidden[..., k-1]
 (position 0 of every sequence has no prediction and gets 0).
 """
@@ -34,6 +35,7 @@ def reference_linear_cross_entropy(
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     shift: bool = False,
+    z_loss_scale: float = 0.0,
     compute_dtype: torch.dtype | None = torch.float64,
     return_token_losses: bool = False,
 ):
@@ -42,7 +44,7 @@ def reference_linear_cross_entropy(
     hidden [..., H], weight [V, H], targets [...] int64, token_weights [...] (None: all 1.0).
     compute_dtype: dtype of every operation (float64 for the oracle; None keeps the inputs' dtype,
     which is what "plain PyTorch" does). Returns the loss (0-dim, or shape of targets for "none") and,
-    when return_token_losses, also the detached unweighted per-token loss (0 where skipped).
+    when return_token_losses, also the detached unweighted per-token loss l_i, without z-loss (0 where skipped).
     """
     dtype = compute_dtype or hidden.dtype
     if token_weights is None:
@@ -67,7 +69,11 @@ def reference_linear_cross_entropy(
     ).view(targets_used.shape)
     w = torch.where(valid, weights_used.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
     token_loss = torch.where(w > 0, token_loss, torch.zeros((), dtype=dtype, device=logits.device))
-    weighted = w * token_loss
+    objective = token_loss
+    if z_loss_scale:
+        z_loss = z_loss_scale * torch.logsumexp(logits, dim=-1).square()
+        objective = token_loss + torch.where(w > 0, z_loss, torch.zeros((), dtype=dtype, device=logits.device))
+    weighted = w * objective
 
     if shift:  # back to target alignment: position 0 holds no prediction
         pad = torch.zeros(targets.shape[:-1] + (1,), dtype=dtype, device=logits.device)

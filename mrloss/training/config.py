@@ -6,7 +6,7 @@ A config has six sections; every key is optional except ``data.train_files``::
     model:     path (null: a tiny model built from a transformers config), arch, hidden_size, num_layers,
                num_heads, num_kv_heads, intermediate_size, vocab_size, dtype, attn_implementation,
                gradient_checkpointing
-    loss:      backend, chunk_size, softcap, label_smoothing
+    loss:      backend, chunk_size, softcap, label_smoothing, memory, z_loss_scale
     trainer:   output_dir, epochs, max_steps, learning_rate, per_device_batch_size,
                gradient_accumulation_steps, weight_decay, warmup_ratio, lr_scheduler, max_grad_norm,
                seed, logging_steps, save_steps, save_total_limit, eval_steps, resume_from_checkpoint,
@@ -90,6 +90,8 @@ class LossConfig:
     chunk_size: int | None = None
     softcap: float | None = None
     label_smoothing: float = 0.0
+    memory: Literal["fast", "low"] = "fast"  # low: no float32 [V, H] weight-gradient buffer (~1/3 more matmul work)
+    z_loss_scale: float = 0.0  # PaLM's z-loss: + scale * logsumexp^2 per token
 
 
 @dataclasses.dataclass

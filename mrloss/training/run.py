@@ -100,6 +100,8 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         "chunk_size": config.loss.chunk_size,
         "label_smoothing": config.loss.label_smoothing,
         "softcap": config.loss.softcap,
+        "memory": config.loss.memory,
+        "z_loss_scale": config.loss.z_loss_scale,
     }
     common = dict(processing_class=tokenizer, loss_options=loss_options, weighting=weighting, monitor=monitor)
     if config.trainer.backend == "trl":

@@ -118,6 +118,8 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "+mrloss.chunk_size": _hydra_value(loss.chunk_size),
         "+mrloss.softcap": _hydra_value(loss.softcap),
         "+mrloss.label_smoothing": str(loss.label_smoothing),
+        "+mrloss.memory": loss.memory,
+        "+mrloss.z_loss_scale": str(loss.z_loss_scale),
         "+mrloss.monitor_dir": _hydra_string(Path(config.monitor.output_dir or Path(save_path) / "monitor").resolve())
         if config.monitor.enabled
         else "null",

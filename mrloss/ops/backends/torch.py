@@ -1,10 +1,10 @@
-"""Row op of the chunked linear cross-entropy in plain PyTorch (runs anywhere).
+"""Row ops of the chunked linear cross-entropy in plain PyTorch (runs anywhere).
 
 The formula and the contract are documented once, in ``mrloss.ops.chunked``; the Triton kernel
 ``mrloss.ops.backends.triton.cross_entropy_rows`` computes the same thing. Math runs in float32 (float64 for
 float64 logits), in place on the chunk where the dtype allows (the softmax overwrites the logits), so
 the extra memory is at most two float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one
-more for the softcap factor) and none for float32 logits without softcap.
+more for the softcap factor or for the entropy) and none for float32 logits without softcap.
 """
 
 from __future__ import annotations
@@ -35,15 +35,22 @@ def cross_entropy_rows(
     *,
     softcap: float | None,
     label_smoothing: float,
+    z_loss_scale: float = 0.0,
+    lse_out: torch.Tensor | None = None,
+    correct_out: torch.Tensor | None = None,
+    entropy_out: torch.Tensor | None = None,
     vocab_shard: VocabShard | None = None,
 ) -> torch.Tensor:
     """Per-row loss of ``logits [C, V]`` against ``targets [C]``; with ``grad_scales [C]`` also
-    overwrites ``logits`` with dL/dlogits. See ``mrloss.ops.chunked`` for the formula.
+    overwrites ``logits`` with dL/dlogits; fills the given ``*_out`` rows. See ``mrloss.ops.chunked``.
 
     vocab_shard: ``logits [C, V_local]`` are one shard of the vocabulary (targets are global ids): the row
-    max, Σexp, target logit and (label smoothing) Σz are reduced over the shards, so losses are those of the
-    whole vocabulary and the gradient is that of this shard's columns."""
+    max, Σexp, target logit and (label smoothing) Σz are reduced over the shards, so losses and ``lse_out``
+    are those of the whole vocabulary and the gradient is that of this shard's columns (no token metrics)."""
+    if vocab_shard is not None and (correct_out is not None or entropy_out is not None):
+        raise ValueError("token metrics (accuracy, entropy) are not computed over a sharded vocabulary")
     vocab_size = logits.shape[1] if vocab_shard is None else vocab_shard.vocab_size
+    col_offset = 0 if vocab_shard is None else vocab_shard.start
     acc_dtype = accumulation_dtype(logits.dtype)
     z = logits if logits.dtype == acc_dtype else logits.to(acc_dtype)  # may alias logits (scratch)
     softcap_factor = None
@@ -52,12 +59,14 @@ def cross_entropy_rows(
         if grad_scales is not None:
             softcap_factor = 1 - z.square()  # d(c tanh(a/c))/da = 1 - tanh^2
         z = z.mul_(softcap)
-    targets, in_shard = _local_targets(targets, logits.shape[1], vocab_shard)
-    target_logits = z.gather(1, targets[:, None]).squeeze(1)
+    local = targets - col_offset
+    in_shard = (local >= 0) & (local < logits.shape[1])
+    target_logits = torch.where(in_shard, z.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1), 0)
     sum_z = z.sum(1) if label_smoothing else None
+    if correct_out is not None:
+        correct_out.copy_(z.argmax(1) == targets)
     row_max = z.amax(1)
     if vocab_shard is not None:
-        target_logits = torch.where(in_shard, target_logits, 0)
         row_max = vocab_shard.all_reduce_max(row_max)
     probs = z.sub_(row_max[:, None]).exp_()  # unnormalized softmax, in place: no [C, V] temporary
     sum_exp = probs.sum(1)
@@ -67,29 +76,63 @@ def cross_entropy_rows(
     losses = -(1 - label_smoothing) * target_logits
     if label_smoothing:
         losses = losses - label_smoothing / vocab_size * sum_z
-    losses = losses + row_max + sum_exp.log()  # + logsumexp (the whole vocabulary's, also for a shard)
+    log_sum_exp = sum_exp.log()
+    lse = row_max + log_sum_exp  # the whole vocabulary's, also for a shard
+    losses = losses + lse
+    if lse_out is not None:
+        lse_out.copy_(lse)
+    if entropy_out is not None:  # -sum p log p = log S - sum q log q / S, q = exp(z - max), S = sum q
+        entropy_out.copy_(log_sum_exp - torch.xlogy(probs, probs).sum(1) / sum_exp)
     if grad_scales is None:
         return losses
 
     grad = probs.div_(sum_exp[:, None])  # softmax
-    if label_smoothing:
-        grad.sub_(label_smoothing / vocab_size)
-    target_grad = grad.new_full((grad.shape[0], 1), label_smoothing - 1)
-    if in_shard is not None:  # the target column lives on another shard
-        target_grad = target_grad * in_shard[:, None]
-    grad.scatter_add_(1, targets[:, None], target_grad)
-    if softcap_factor is not None:
-        grad.mul_(softcap_factor)
-    grad.mul_(grad_scales.to(acc_dtype)[:, None])
-    if grad is not logits:
-        logits.copy_(grad)
+    _finish_grad(
+        grad, logits, targets, lse, grad_scales, softcap_factor, col_offset, vocab_size, label_smoothing, z_loss_scale
+    )
     return losses
 
 
-def _local_targets(targets: torch.Tensor, local_vocab: int, vocab_shard: VocabShard | None):
-    """(targets as column indices of this shard's logits [C] (0 where not in it), in_shard [C] bool or None)."""
-    if vocab_shard is None:
-        return targets, None
-    local = targets - vocab_shard.start
-    in_shard = (local >= 0) & (local < local_vocab)
-    return torch.where(in_shard, local, 0), in_shard
+def cross_entropy_slice_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scales: torch.Tensor,
+    *,
+    col_offset: int,
+    vocab_size: int,
+    softcap: float | None,
+    label_smoothing: float,
+    z_loss_scale: float = 0.0,
+) -> None:
+    """Overwrite a vocabulary slice ``logits [C, V_s]`` (columns ``col_offset ...`` of the full rows) with
+    dL/dlogits, given each row's ``lse [C]`` (logsumexp of the full softcapped row). See ``mrloss.ops.chunked``."""
+    acc_dtype = accumulation_dtype(logits.dtype)
+    z = logits if logits.dtype == acc_dtype else logits.to(acc_dtype)
+    softcap_factor = None
+    if softcap is not None:
+        z = z.div_(softcap).tanh_()
+        softcap_factor = 1 - z.square()
+        z = z.mul_(softcap)
+    grad = z.sub_(lse.to(acc_dtype)[:, None]).exp_()  # softmax of the slice's columns
+    _finish_grad(
+        grad, logits, targets, lse, grad_scales, softcap_factor, col_offset, vocab_size, label_smoothing, z_loss_scale
+    )
+
+
+def _finish_grad(grad, logits, targets, lse, grad_scales, softcap_factor, col_offset, vocab_size, eps, z_loss_scale):
+    """softmax ``grad [C, V_s]`` (in place) -> s_i ((1 + 2 zeta lse_i) p - (1 - eps) onehot - eps / V) (* softcap
+    factor), written into ``logits`` (its dtype). Targets outside the slice's columns get no onehot term."""
+    if z_loss_scale:
+        grad.mul_((1 + 2 * z_loss_scale * lse.to(grad.dtype))[:, None])
+    if eps:
+        grad.sub_(eps / vocab_size)
+    local = targets - col_offset
+    inside = (local >= 0) & (local < grad.shape[1])
+    onehot = inside.to(grad.dtype)[:, None] * (eps - 1)
+    grad.scatter_add_(1, local.clamp(0, grad.shape[1] - 1)[:, None], onehot)
+    if softcap_factor is not None:
+        grad.mul_(softcap_factor)
+    grad.mul_(grad_scales.to(grad.dtype)[:, None])
+    if grad is not logits:
+        logits.copy_(grad)

@@ -2,9 +2,11 @@
 
 Same contract and formula as ``mrloss.ops.backends.torch.cross_entropy_rows`` (documented once, in
 ``mrloss.ops.chunked``). One program per row, looping over the vocabulary in BLOCK_V tiles:
-pass 1 keeps an online max / sum-exp (logsumexp), the sum of logits (label smoothing) and reads the
-target logit; pass 2 (only when grad_scales is given) rewrites the row with the gradient in the logits'
-dtype. All math in float32 (float64 for float64 logits); no atomics, so results are deterministic.
+pass 1 keeps an online max / sum-exp (logsumexp), the sum of logits (label smoothing), with METRICS the
+first maximum's column and sum exp(z) z (entropy), and reads the target logit; pass 2 (only when grad_scales
+is given) rewrites the row with the gradient in the logits' dtype. With GIVEN_LSE (memory="low") pass 1 is
+skipped and the row is a vocabulary slice starting at col_offset. All math in float32 (float64 for float64
+logits); no atomics, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -34,47 +36,73 @@ def _cross_entropy_rows_kernel(
     targets_ptr,
     scales_ptr,
     losses_ptr,
+    lse_ptr,
+    correct_ptr,
+    entropy_ptr,
+    num_cols,
     vocab_size,
+    col_offset,
     softcap,
     label_smoothing,
+    z_loss_scale,
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    GIVEN_LSE: tl.constexpr,
+    METRICS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    target = tl.load(targets_ptr + row)
-    target_logit = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
+    target = tl.load(targets_ptr + row) - col_offset  # column of the target in this row's columns
 
-    running_max = tl.full((), float("-inf"), ACC)
-    sum_exp = tl.zeros((), ACC)
-    sum_logits = tl.zeros((), ACC)
-    for start in range(0, vocab_size, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < vocab_size
-        z = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
-        z = tl.where(mask, z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-        running_max = new_max
-        sum_logits += tl.sum(tl.where(mask, z, 0.0), axis=0)
-    lse = running_max + tl.log(sum_exp)
-    loss = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
-    tl.store(losses_ptr + row, loss)
+    if GIVEN_LSE:  # a vocabulary slice of the row (memory="low"): lse of the full row is given
+        lse = tl.load(lse_ptr + row).to(ACC)
+    else:
+        target_logit = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
+        running_max = tl.full((), float("-inf"), ACC)
+        sum_exp = tl.zeros((), ACC)
+        sum_logits = tl.zeros((), ACC)
+        sum_exp_logits = tl.zeros((), ACC)  # sum_j exp(z_j - running_max) z_j (entropy)
+        best = tl.zeros((), tl.int32)  # first column of the maximum (accuracy)
+        for start in range(0, num_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < num_cols
+            z = softcapped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP)
+            z = tl.where(mask, z, float("-inf"))
+            tile_max = tl.max(z, axis=0)
+            new_max = tl.maximum(running_max, tile_max)
+            if METRICS:
+                rescale = tl.exp(running_max - new_max)
+                exp_z = tl.exp(z - new_max)
+                sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=0)
+                sum_exp_logits = sum_exp_logits * rescale + tl.sum(exp_z * tl.where(mask, z, 0.0), axis=0)
+                best = tl.where(tile_max > running_max, start + tl.argmax(z, axis=0), best)
+            else:
+                sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            running_max = new_max
+            sum_logits += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        lse = running_max + tl.log(sum_exp)
+        loss = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
+        tl.store(losses_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+        if METRICS:
+            tl.store(correct_ptr + row, tl.where(best == target, 1.0, 0.0).to(ACC))
+            tl.store(entropy_ptr + row, lse - sum_exp_logits / sum_exp)
 
     if WRITE_GRAD:
         scale = tl.load(scales_ptr + row).to(ACC)
-        for start in range(0, vocab_size, BLOCK_V):
+        softmax_scale = 1.0 + 2.0 * z_loss_scale * lse  # z-loss: d(zeta lse^2)/dz = 2 zeta lse softmax
+        for start in range(0, num_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < vocab_size
+            mask = cols < num_cols
             a = tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC)
             if HAS_SOFTCAP:
                 th = tanh(a / softcap)
                 z = softcap * th
             else:
                 z = a
-            grad = tl.exp(z - lse) - label_smoothing / vocab_size
+            grad = softmax_scale * tl.exp(z - lse) - label_smoothing / vocab_size
             grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
             if HAS_SOFTCAP:
                 grad = grad * (1.0 - th * th)
@@ -82,16 +110,29 @@ def _cross_entropy_rows_kernel(
 
 
 def rows_launch_config(
-    vocab_size: int, logits_dtype: torch.dtype, *, has_softcap: bool, write_grad: bool, capability: Capability
+    vocab_size: int,
+    logits_dtype: torch.dtype,
+    *,
+    has_softcap: bool,
+    write_grad: bool,
+    capability: Capability,
+    given_lse: bool = False,
+    metrics: bool = False,
 ) -> LaunchConfig:
     """The row kernel's configuration for ``[*, vocab_size]`` logits of ``logits_dtype`` (same on sm_80
-    and sm_90: a memory-bound loop with no shared-memory tiles)."""
+    and sm_90: a memory-bound loop with no shared-memory tiles). vocab_size: the columns of the rows (of the
+    slice with given_lse). given_lse: gradient of a vocabulary slice from a given lse; metrics: token metrics."""
     del capability  # kept in the signature: every launch config is a function of the device too
     block_v = SMALL_BLOCK_V if vocab_size <= SMALL_BLOCK_V else MAX_BLOCK_V
     wide = accumulation_dtype(logits_dtype) == torch.float64
     return LaunchConfig(
         constexprs=dict(
-            HAS_SOFTCAP=has_softcap, WRITE_GRAD=write_grad, BLOCK_V=block_v, ACC=tl.float64 if wide else tl.float32
+            HAS_SOFTCAP=has_softcap,
+            WRITE_GRAD=write_grad,
+            GIVEN_LSE=given_lse,
+            METRICS=metrics,
+            BLOCK_V=block_v,
+            ACC=tl.float64 if wide else tl.float32,
         ),
         num_warps=16 if block_v == MAX_BLOCK_V else 8 if wide else 4,
         num_stages=1,
@@ -105,30 +146,78 @@ def cross_entropy_rows(
     *,
     softcap: float | None,
     label_smoothing: float,
+    z_loss_scale: float = 0.0,
+    lse_out: torch.Tensor | None = None,
+    correct_out: torch.Tensor | None = None,
+    entropy_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row loss of ``logits [C, V]`` (contiguous rows) against ``targets [C]`` int64 in [0, V);
-    with ``grad_scales [C]`` also overwrites ``logits`` with dL/dlogits. See ``mrloss.ops.chunked``."""
+    with ``grad_scales [C]`` also overwrites ``logits`` with dL/dlogits; fills the given ``*_out`` rows
+    (contiguous, accumulation dtype). See ``mrloss.ops.chunked``."""
     num_rows, vocab_size = logits.shape
     acc_dtype = accumulation_dtype(logits.dtype)
     losses = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
     if num_rows == 0:
         return losses
+    if lse_out is None:
+        lse_out = torch.empty_like(losses)
+    metrics = correct_out is not None or entropy_out is not None
+    if metrics:
+        correct_out = torch.empty_like(losses) if correct_out is None else correct_out
+        entropy_out = torch.empty_like(losses) if entropy_out is None else entropy_out
+    _launch(
+        logits, targets, grad_scales, losses, lse_out, correct_out, entropy_out, 0, vocab_size,
+        softcap=softcap, label_smoothing=label_smoothing, z_loss_scale=z_loss_scale, given_lse=False,
+    )  # fmt: skip
+    return losses
+
+
+def cross_entropy_slice_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scales: torch.Tensor,
+    *,
+    col_offset: int,
+    vocab_size: int,
+    softcap: float | None,
+    label_smoothing: float,
+    z_loss_scale: float = 0.0,
+) -> None:
+    """Overwrite the vocabulary slice ``logits [C, V_s]`` (unit column stride) with dL/dlogits given each row's
+    ``lse [C]``: the row kernel's gradient pass alone (GIVEN_LSE). See ``mrloss.ops.chunked``."""
+    if logits.shape[0] == 0:
+        return
+    lse = lse.to(accumulation_dtype(logits.dtype)).contiguous()
+    _launch(
+        logits, targets, grad_scales, lse, lse, None, None, col_offset, vocab_size,
+        softcap=softcap, label_smoothing=label_smoothing, z_loss_scale=z_loss_scale, given_lse=True,
+    )  # fmt: skip
+
+
+def _launch(logits, targets, grad_scales, losses, lse, correct, entropy, col_offset, vocab_size, **options):
+    """One program per row of ``logits [C, num_cols]``; losses/lse/correct/entropy [C] are written (read: lse
+    with given_lse), None ones not touched (a dummy pointer is passed)."""
+    num_rows, num_cols = logits.shape
     if logits.stride(1) != 1:
         raise ValueError(f"logits rows must be contiguous, got strides {logits.stride()}")
     if logits.dtype == torch.bfloat16 and grad_scales is not None and triton_interpreted():
         # The interpreter's float32 -> bfloat16 cast truncates where GPUs round to nearest even: run on
         # a float32 copy and let torch round it, so interpreted results equal GPU ones.
         scratch = logits.float()
-        losses = cross_entropy_rows(scratch, targets, grad_scales, softcap=softcap, label_smoothing=label_smoothing)
+        _launch(scratch, targets, grad_scales, losses, lse, correct, entropy, col_offset, vocab_size, **options)
         logits.copy_(scratch)
-        return losses
+        return
+    acc_dtype = accumulation_dtype(logits.dtype)
     scales = losses if grad_scales is None else grad_scales.to(acc_dtype).contiguous()  # dummy pointer
     config = rows_launch_config(
-        vocab_size,
+        num_cols,
         logits.dtype,
-        has_softcap=softcap is not None,
+        has_softcap=options["softcap"] is not None,
         write_grad=grad_scales is not None,
         capability=device_capability(logits.device),
+        given_lse=options["given_lse"],
+        metrics=correct is not None,
     )
     _cross_entropy_rows_kernel[(num_rows,)](
         logits,
@@ -136,13 +225,29 @@ def cross_entropy_rows(
         targets.contiguous(),
         scales,
         losses,
+        lse,
+        losses if correct is None else correct,
+        losses if entropy is None else entropy,
+        num_cols,
         vocab_size,
-        float(softcap or 1.0),
-        float(label_smoothing),
+        col_offset,
+        float(options["softcap"] or 1.0),
+        float(options["label_smoothing"]),
+        float(options["z_loss_scale"]),
         **config.constexprs,
         **config.options(),
     )
-    return losses
+
+
+# (write_grad, given_lse, metrics) the launchers use: loss only, loss + gradient, each with or without the
+# token metrics, and the gradient of a vocabulary slice from a given lse (memory="low")
+ROW_MODES = (
+    (False, False, False),
+    (True, False, False),
+    (False, False, True),
+    (True, False, True),
+    (True, True, False),
+)
 
 
 def compile_cases(capability: Capability):
@@ -151,11 +256,12 @@ def compile_cases(capability: Capability):
     for dtype in _SIGNATURE_DTYPE:
         for vocab_size in (1000, SMALL_BLOCK_V, SMALL_BLOCK_V + 1, 128256):
             for has_softcap in (False, True):
-                for write_grad in (False, True):
+                for write_grad, given_lse, metrics in ROW_MODES:
                     config = rows_launch_config(
-                        vocab_size, dtype, has_softcap=has_softcap, write_grad=write_grad, capability=capability
-                    )
-                    divisible = _POINTERS + (("stride_row", "vocab_size") if vocab_size % 16 == 0 else ())
+                        vocab_size, dtype, has_softcap=has_softcap, write_grad=write_grad, capability=capability,
+                        given_lse=given_lse, metrics=metrics,
+                    )  # fmt: skip
+                    divisible = _POINTERS + (("stride_row", "num_cols", "vocab_size") if vocab_size % 16 == 0 else ())
                     key = (dtype, divisible, config.describe())
                     if key not in seen:
                         seen.add(key)
@@ -170,7 +276,7 @@ def compile_cases(capability: Capability):
 
 
 _SIGNATURE_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-_POINTERS = ("logits_ptr", "targets_ptr", "scales_ptr", "losses_ptr")
+_POINTERS = ("logits_ptr", "targets_ptr", "scales_ptr", "losses_ptr", "lse_ptr", "correct_ptr", "entropy_ptr")
 
 
 def _signature(dtype: torch.dtype) -> dict[str, str]:
@@ -182,7 +288,13 @@ def _signature(dtype: torch.dtype) -> dict[str, str]:
         targets_ptr="*i64",
         scales_ptr=f"*{acc}",
         losses_ptr=f"*{acc}",
+        lse_ptr=f"*{acc}",
+        correct_ptr=f"*{acc}",
+        entropy_ptr=f"*{acc}",
+        num_cols="i32",
         vocab_size="i32",
+        col_offset="i32",
         softcap="fp32",
         label_smoothing="fp32",
+        z_loss_scale="fp32",
     )

@@ -9,7 +9,8 @@ Tiling: one program per BLOCK_N learned rows (gathered by index from ``hidden``,
 over the vocabulary in BLOCK_V tiles; for each tile the [BLOCK_N, BLOCK_V] logits are accumulated in
 float32 registers by ``tl.dot`` over H in BLOCK_H steps (+ bias, softcap), then folded into per-row
 running max / sum-exp (online logsumexp), the target logit (picked when the target falls in the tile)
-and the sum of logits (label smoothing). Only those four [BLOCK_N] vectors live across tiles. Each
+and the sum of logits (label smoothing). Only those four [BLOCK_N] vectors live across tiles. Each row's
+logsumexp is stored beside its loss (memory="low" and the z-loss use it). Each
 program reads all of ``weight`` once per BLOCK_N rows. No atomics: deterministic.
 """
 
@@ -47,6 +48,7 @@ def _linear_cross_entropy_forward_kernel(
     rows_ptr,
     targets_ptr,
     losses_ptr,
+    lse_ptr,
     num_rows,
     hidden_size,
     vocab_size,
@@ -100,6 +102,7 @@ def _linear_cross_entropy_forward_kernel(
     lse = running_max + tl.log(sum_exp)
     losses = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
     tl.store(losses_ptr + offsets, losses, mask=row_mask)
+    tl.store(lse_ptr + offsets, lse, mask=row_mask)
 
 
 def forward_launch_config(
@@ -132,8 +135,10 @@ def linear_cross_entropy_forward(
     softcap: float | None,
     label_smoothing: float,
     blocks: dict[str, int] | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row losses [M] float32 of the rows ``rows`` of ``hidden``, without materializing logits.
+    """Per-row losses [M] float32 of the rows ``rows`` of ``hidden``, without materializing logits; each row's
+    logsumexp goes into ``lse_out [M] fp32`` (contiguous) when given.
 
     hidden [N, H], weight [V, H], bias [V] or None: one dtype of fp16|bf16|fp32 (any strides: each is
     read through its own strides, never copied); rows [M] int64 indices into hidden and targets [M]
@@ -147,6 +152,7 @@ def linear_cross_entropy_forward(
     losses = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     if num_rows == 0:
         return losses
+    lse = torch.empty_like(losses) if lse_out is None else lse_out
     config = forward_launch_config(
         hidden.dtype,
         has_bias=bias is not None,
@@ -177,6 +183,7 @@ def linear_cross_entropy_forward(
         rows.contiguous(),
         targets.contiguous(),
         losses,
+        lse,
         num_rows,
         hidden_size,
         vocab_size,
@@ -198,6 +205,7 @@ def compile_cases(capability: Capability):
                     hidden_ptr=f"*{name}", stride_hidden_row="i32", stride_hidden_col="i32",
                     weight_ptr=f"*{name}", stride_weight_row="i32", stride_weight_col="i32",
                     bias_ptr=f"*{name}", stride_bias="i32", rows_ptr="*i64", targets_ptr="*i64", losses_ptr="*fp32",
+                    lse_ptr="*fp32",
                     num_rows="i32", hidden_size="i32", vocab_size="i32", softcap="fp32", label_smoothing="fp32",
                 )  # fmt: skip
                 # contiguous hidden and weight: column strides are 1 (a constexpr on a GPU launch)
@@ -207,7 +215,7 @@ def compile_cases(capability: Capability):
                     config.num_warps,
                     config.num_stages,
                 )
-                divisible = ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "targets_ptr", "losses_ptr",
+                divisible = ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "targets_ptr", "losses_ptr", "lse_ptr",
                              "stride_hidden_row", "stride_weight_row", "hidden_size", "vocab_size")  # fmt: skip
                 yield CompileCase("linear_cross_entropy_forward", name, _linear_cross_entropy_forward_kernel,
                                   signature, divisible, config)  # fmt: skip
