@@ -7,7 +7,7 @@ rank computes its logits shard ``[C, V_r]`` and the row op of ``mrloss.ops.backe
 ``mrloss.ops.chunked``) reduces only row statistics over the group:
 
     all_reduce MAX  of the row max                                  C floats
-    all_reduce SUM  of [Σexp, target logit (+ Σz with smoothing)]   2C (3C) floats
+    all_reduce SUM  of [Σexp, target logit (+ Σz: smoothing, + Σq·log q: entropy)]   2C to 4C floats
 
 so every rank has the loss of the whole vocabulary, and the gradient of its own weight (and bias) shard. The
 hidden-state gradient of the learned rows, a partial sum over the shards, is all-reduced once in backward
@@ -97,6 +97,7 @@ def vocab_parallel_linear_cross_entropy(
     memory: str = "fast",
     z_loss_scale: float = 0.0,
     return_z_loss: bool = False,
+    return_token_metrics: bool = False,
 ):
     """`mrloss.linear_cross_entropy` over an LM head split by vocabulary rows across ``vocab_group``.
 
@@ -105,8 +106,8 @@ def vocab_parallel_linear_cross_entropy(
     [V, H] head (None for both: from the ranks' shard sizes in rank order); targets [...] global ids in [0, V)
     and token_weights [...] as in `linear_cross_entropy`, the same on every rank. Every option means what it
     means there (reduction, normalizer, softcap, label_smoothing with eps/V of the whole vocabulary, shift,
-    return_token_losses, chunk_size, z_loss_scale with the whole vocabulary's logsumexp, return_z_loss);
-    memory "fast" only (a shard's [V_r, H] buffer is 1/tp of the head's); no token metrics; backend
+    return_token_losses, chunk_size, z_loss_scale with the whole vocabulary's logsumexp, return_z_loss,
+    return_token_metrics); memory "fast" only (a shard's [V_r, H] buffer is 1/tp of the head's); backend
     "auto"/"torch" (see the module docstring). vocab_group None:
     one rank holds the whole head. Returns the loss of the whole vocabulary, identical on every rank; the
     gradient of weight_shard / bias is this shard's exact part, hidden's gradient the full one on every rank.
@@ -160,7 +161,7 @@ def vocab_parallel_linear_cross_entropy(
         z_loss_scale=z_loss_scale,
         return_token_losses=return_token_losses,
         return_z_loss=return_z_loss,
-        return_token_metrics=False,
+        return_token_metrics=return_token_metrics,
         learned_hidden=learned_hidden,
     )
 

@@ -28,6 +28,7 @@ OPTION_CASES = {
     "sum, shift": dict(reduction="sum", shift=True),
     "normalizer": dict(normalizer=7.5, label_smoothing=0.2),
     "none": dict(reduction="none", softcap=2.0),
+    "z-loss": dict(z_loss_scale=0.05, label_smoothing=0.1),
 }
 
 
@@ -96,6 +97,16 @@ def check_vocab_parallel(inputs, group, sizes, options, gather_offsets):
     torch.testing.assert_close(shard_weight.grad, ref_weight.grad[start:stop], **F64)
     if use_bias:
         torch.testing.assert_close(shard_bias.grad, ref_bias.grad[start:stop], **F64)
+    with torch.no_grad():  # token metrics (accuracy, entropy) from the shards' reduced row statistics
+        full_bias = bias if use_bias else None
+        *_, expected = linear_cross_entropy(hidden, weight, targets, weights, bias=full_bias, **options,
+                                            backend="torch", return_token_metrics=True)  # fmt: skip
+        *_, metrics = vocab_parallel_linear_cross_entropy(
+            hidden, weight[start:stop], targets, weights, vocab_group=group, bias=shard_bias, chunk_size=5,
+            return_token_metrics=True, **where, **options,
+        )  # fmt: skip
+    assert torch.equal(metrics.accuracy, expected.accuracy)
+    torch.testing.assert_close(metrics.entropy, expected.entropy, atol=1e-6, rtol=1e-6)
 
 
 def check_tensor_parallel(group, tp):

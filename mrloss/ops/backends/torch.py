@@ -46,9 +46,8 @@ def cross_entropy_rows(
 
     vocab_shard: ``logits [C, V_local]`` are one shard of the vocabulary (targets are global ids): the row
     max, Σexp, target logit and (label smoothing) Σz are reduced over the shards, so losses and ``lse_out``
-    are those of the whole vocabulary and the gradient is that of this shard's columns (no token metrics)."""
-    if vocab_shard is not None and (correct_out is not None or entropy_out is not None):
-        raise ValueError("token metrics (accuracy, entropy) are not computed over a sharded vocabulary")
+    are those of the whole vocabulary and the gradient is that of this shard's columns; Σ q log q is reduced
+    too for the entropy, and a row is correct when its target logit is the global row max (ties count)."""
     vocab_size = logits.shape[1] if vocab_shard is None else vocab_shard.vocab_size
     col_offset = 0 if vocab_shard is None else vocab_shard.start
     acc_dtype = accumulation_dtype(logits.dtype)
@@ -63,16 +62,22 @@ def cross_entropy_rows(
     in_shard = (local >= 0) & (local < logits.shape[1])
     target_logits = torch.where(in_shard, z.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1), 0)
     sum_z = z.sum(1) if label_smoothing else None
-    if correct_out is not None:
+    if correct_out is not None and vocab_shard is None:
         correct_out.copy_(z.argmax(1) == targets)
     row_max = z.amax(1)
     if vocab_shard is not None:
         row_max = vocab_shard.all_reduce_max(row_max)
     probs = z.sub_(row_max[:, None]).exp_()  # unnormalized softmax, in place: no [C, V] temporary
     sum_exp = probs.sum(1)
-    if vocab_shard is not None:  # one collective for the [2 or 3, C] row statistics
-        stats = vocab_shard.all_reduce_sum(torch.stack([sum_exp, target_logits, *([sum_z] if label_smoothing else [])]))
-        sum_exp, target_logits, sum_z = stats[0], stats[1], stats[2] if label_smoothing else None
+    sum_q_log_q = torch.xlogy(probs, probs).sum(1) if entropy_out is not None else None
+    if vocab_shard is not None:  # one collective for the [2 to 4, C] row statistics
+        optional = [stat for stat in (sum_z, sum_q_log_q) if stat is not None]
+        stats = vocab_shard.all_reduce_sum(torch.stack([sum_exp, target_logits, *optional])).unbind(0)
+        sum_exp, target_logits, optional = stats[0], stats[1], list(stats[2:])
+        sum_z = optional.pop(0) if sum_z is not None else None
+        sum_q_log_q = optional.pop(0) if sum_q_log_q is not None else None
+        if correct_out is not None:
+            correct_out.copy_(target_logits >= row_max)
     losses = -(1 - label_smoothing) * target_logits
     if label_smoothing:
         losses = losses - label_smoothing / vocab_size * sum_z
@@ -82,7 +87,7 @@ def cross_entropy_rows(
     if lse_out is not None:
         lse_out.copy_(lse)
     if entropy_out is not None:  # -sum p log p = log S - sum q log q / S, q = exp(z - max), S = sum q
-        entropy_out.copy_(log_sum_exp - torch.xlogy(probs, probs).sum(1) / sum_exp)
+        entropy_out.copy_(log_sum_exp - sum_q_log_q / sum_exp)
     if grad_scales is None:
         return losses
 
