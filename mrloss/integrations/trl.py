@@ -17,10 +17,9 @@ What TRL 1.16 needed worked around (each where it is done):
   from its per-token log-probs (``Σ -log p / max(count, 1)``): the mrloss forward is put back after TRL's
   ``__init__``, a ``fused_lm_head=True`` call is an error, and ``compute_loss`` is the model's own loss
   (`_MRLossSFTTrainer`), so TRL's unweighted loss cannot run silently.
-- TRL's entropy and ``mean_token_accuracy`` came from that head: they are computed by TRL's own
-  ``ChunkedLogProbFunction`` from the last hidden state (caught by a forward hook on the decoder body), without
-  gradient, over the learned tokens: one extra no-grad pass of the LM head over them (``log_token_metrics=False``
-  skips it).
+- TRL's entropy and ``mean_token_accuracy`` came from that head: they come from the mrloss forward's own
+  token metrics (``token_entropy`` / ``token_accuracy``, computed in the loss's row pass: no extra LM-head
+  pass), over the learned tokens, logged through TRL's metric lists.
 - TRL truncates only ``input_ids`` / ``labels`` and keeps only those two when packing; its collator knows no
   other column: `_MRLossSFTTrainer._prepare_dataset` cuts and packs every per-token column (TRL's
   ``pack_dataset``), `TokenWeightCollator` lays them out like TRL's collator (padded or padding-free).
@@ -37,15 +36,13 @@ import datasets
 import torch
 import transformers
 import trl
-from torch.distributed.tensor import DTensor
 from trl.data_utils import get_dataset_column_names, pack_dataset
-from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, create_model_from_path, pad
+from trl.trainer.utils import create_model_from_path, pad
 
-from mrloss.integrations.heads import lm_head_of, model_head, unwrap_causal_lm
+from mrloss.integrations.heads import unwrap_causal_lm
 from mrloss.integrations.hf import MultiRegionTrainer, apply_mrloss
-from mrloss.ops.normalization import IGNORE_INDEX, learned_mask, shift_targets
+from mrloss.ops.normalization import IGNORE_INDEX, learned_mask
 
 # Per-token columns TRL does not know, and their padding values.
 TOKEN_COLUMNS = {"token_weights": 0.0, "region_type_ids": -1}
@@ -185,31 +182,12 @@ def sft_config(args=None, **sft_options) -> trl.SFTConfig:
 
 
 # -- the loss and TRL's token metrics -------------------------------------------------------------------------
-@torch.no_grad()
-def token_metrics(causal_lm, head, hidden, labels, token_weights=None, *, ignore_index: int = IGNORE_INDEX):
-    """TRL's ``entropy`` and ``mean_token_accuracy`` inputs over the learned tokens, by TRL's own
-    ``ChunkedLogProbFunction`` (no gradient): hidden [B, T, H] (last hidden state), labels [B, T] and
-    token_weights [B, T] target-aligned (HF convention). Returns float32 0-dim tensors (Σ entropy,
-    Σ [label is the top-1 token], learned-token count)."""
-    if token_weights is not None:
-        token_weights = token_weights.to(hidden.device)
-    targets, weights = shift_targets(labels.to(hidden.device), token_weights, ignore_index=ignore_index)
-    mask = learned_mask(targets, weights, ignore_index)
-    rows = hidden[mask]
-    count = torch.tensor(float(rows.shape[0]), device=hidden.device)
-    if rows.shape[0] == 0:
-        return count.clone(), count.clone(), count
-    if head.hidden_scale is not None:
-        rows = rows * head.hidden_scale
-    lm_head = lm_head_of(causal_lm, caller="MultiRegionSFTTrainer")
-    weight, bias = lm_head.weight, lm_head.bias
-    if isinstance(weight, DTensor):  # FSDP2 shards: the full head for this pass
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
-    _, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
-        rows, weight, bias, targets[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, head.softcap, 1.0, ("entropy", "is_top1")
-    )
-    return entropy.float().sum(), is_top1.float().sum(), count
+def token_metric_sums(outputs, labels, token_weights=None, *, ignore_index: int = IGNORE_INDEX):
+    """TRL's ``entropy`` and ``mean_token_accuracy`` inputs over the learned tokens, from the mrloss forward's
+    ``token_entropy`` / ``token_accuracy`` [B, T] (target-aligned, from the loss's row pass); labels and
+    token_weights [B, T] as in the batch. Returns float32 0-dim tensors (Σ entropy, Σ correct, count)."""
+    mask = learned_mask(labels, token_weights, ignore_index, target_aligned=True).to(outputs.token_entropy.device)
+    return outputs.token_entropy[mask].sum(), outputs.token_accuracy[mask].sum(), mask.sum().float()
 
 
 def _refuse_fused_lm_head(causal_lm) -> None:
@@ -267,29 +245,13 @@ class _MRLossSFTTrainer(trl.SFTTrainer):
         """The model's own loss (``transformers.Trainer.compute_loss``: the mrloss forward with the step's Σw),
         plus TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` logs."""
         mode = "train" if self.model.training else "eval"
-        self._capture, self._last_hidden = self._log_token_metrics, None
-        try:
-            loss, outputs = transformers.Trainer.compute_loss(
-                self, model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-        finally:
-            self._capture = False
-        if self._last_hidden is not None:
-            causal_lm = unwrap_causal_lm(self.accelerator.unwrap_model(self.model))
-            sums = token_metrics(
-                causal_lm,
-                self._metrics_head,
-                self._last_hidden,
-                inputs["labels"],
-                inputs.get("token_weights"),
-                ignore_index=self.ignore_index,
-            )
-            entropy_sum, num_correct, num_valid = (self.accelerator.gather_for_metrics(s).sum() for s in sums)
-            self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append(
-                (num_correct / num_valid).item() if num_valid > 0 else 0.0
-            )
-            self._last_hidden = None
+        loss, outputs = transformers.Trainer.compute_loss(
+            self, model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        sums = token_metric_sums(outputs, inputs["labels"], inputs.get("token_weights"), ignore_index=self.ignore_index)
+        entropy_sum, num_correct, num_valid = (self.accelerator.gather_for_metrics(s).sum() for s in sums)
+        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":  # TRL's token count: attention_mask, or the padding-free row's length
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
@@ -298,11 +260,6 @@ class _MRLossSFTTrainer(trl.SFTTrainer):
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
-
-    def _capture_last_hidden(self, module, args, output) -> None:
-        """Forward hook on the decoder body: its last hidden state [B, T, H], during `compute_loss` only."""
-        if self._capture:
-            self._last_hidden = output.last_hidden_state.detach()
 
 
 class MultiRegionSFTTrainer(MultiRegionTrainer, _MRLossSFTTrainer):
@@ -314,8 +271,7 @@ class MultiRegionSFTTrainer(MultiRegionTrainer, _MRLossSFTTrainer):
     ``padding_free``, ``max_length``, ``completion_only_loss``, ``assistant_only_loss`` work as in TRL.
     train_dataset / eval_dataset: anything `sft_dataset` takes (encoded with ``processing_class`` and
     ``dataset_options``). loss_options / region_types / weighting / monitor: as in `MultiRegionTrainer`
-    (region_types default: the training set's). log_token_metrics: TRL's ``entropy`` / ``mean_token_accuracy``
-    logs (one extra no-grad LM-head pass over the learned tokens). Other keywords go to ``trl.SFTTrainer``.
+    (region_types default: the training set's). Other keywords go to ``trl.SFTTrainer``.
 
     TRL's ``loss_type="dft"``, ``compute_loss_func`` and ``label_smoothing_factor`` are refused (use
     ``loss_options={"label_smoothing": ...}``).
@@ -334,7 +290,6 @@ class MultiRegionSFTTrainer(MultiRegionTrainer, _MRLossSFTTrainer):
         weighting=None,
         monitor=None,
         dataset_options: dict | None = None,
-        log_token_metrics: bool = True,
         **kwargs,
     ):
         args = sft_config(args)
@@ -370,9 +325,6 @@ class MultiRegionSFTTrainer(MultiRegionTrainer, _MRLossSFTTrainer):
         _refuse_fused_lm_head(causal_lm)
         if not isinstance(self.data_collator, TokenWeightCollator):
             self.data_collator = TokenWeightCollator(self.data_collator)
-        self._capture, self._last_hidden, self._log_token_metrics = False, None, log_token_metrics
-        self._metrics_head = model_head(causal_lm, (loss_options or {}).get("softcap"), caller="MultiRegionSFTTrainer")
-        causal_lm.base_model.register_forward_hook(self._capture_last_hidden)
 
     def _default_data_collator(self, processing_class, pack=False, max_length=None, pad_to_multiple_of=None):
         """None: TRL builds its collator (padded or padding-free), which __init__ wraps in `TokenWeightCollator`."""
