@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_models import tiny_causal_lm
 
 V, T, ROWS_PER_RANK = 37, 10, 2
 REPO = Path(__file__).resolve().parent.parent
@@ -26,20 +27,7 @@ F32 = dict(atol=2e-6, rtol=2e-5)
 
 
 def tiny_llama(tie: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).float()
+    return tiny_causal_lm(V, hidden_size=16, intermediate_size=24, tie_word_embeddings=tie, attn_implementation="eager")
 
 
 def global_batch(world: int, seed: int, zero_rank: int | None, all_zero: bool = False):

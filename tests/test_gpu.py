@@ -10,6 +10,7 @@ as in tests/test_loss.py. Memory: peak extra below half of the [N, V] bf16 logit
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 
 import mrloss
 from mrloss.ops.reference import reference_linear_cross_entropy
@@ -94,27 +95,20 @@ def test_triton_training_path_matches_float64_reference(dtype, reduction, softca
 def test_hf_patch_on_cuda_with_the_default_backend(monkeypatch):
     """A tiny Llama from a transformers config, patched by apply_mrloss (backend "auto": Triton on CUDA):
     loss and gradients match the model's own logits + a float64 weighted CE (rtol 1e-4: fp32, TF32 off)."""
-    transformers = pytest.importorskip("transformers")
     from mrloss.integrations.hf import apply_mrloss
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     vocab = 1031
-    config = transformers.AutoConfig.for_model(
-        "llama",
-        vocab_size=vocab,
+    model = tiny_causal_lm(
+        vocab,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=128,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().cuda()
+    ).cuda()
     generator = torch.Generator("cuda").manual_seed(2)
     input_ids = torch.randint(3, vocab, (3, 57), generator=generator, device="cuda")
     token_weights = torch.rand(3, 57, generator=generator, device="cuda") * 2

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,24 +26,17 @@ ARCHITECTURES = {
 
 
 def tiny_model(model_type, **extra):
-    config = transformers.AutoConfig.for_model(
+    return tiny_causal_lm(
+        VOCAB,
         model_type,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=64,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        attn_implementation="eager",
         **{**ARCHITECTURES.get(model_type, {}), **extra},
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).float()
 
 
 def random_batch(batch=2, length=13, seed=1):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_models import tiny_causal_lm
 
 from mrloss import linear_cross_entropy
 from mrloss.ops.reference import reference_linear_cross_entropy
@@ -193,20 +194,14 @@ def check_meshes():
 
 
 def tiny_llama(tie=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=V,
+    return tiny_causal_lm(
+        V,
         hidden_size=16,
         intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,  # transformers' tp_plan "auto" over 4 ranks splits the kv heads too
         tie_word_embeddings=tie,
         attn_implementation="eager",
     )
-    return LlamaForCausalLM(config).float()
 
 
 def check_hf_colwise_lm_head(tp_group_mesh):

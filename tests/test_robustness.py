@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 
 from mrloss import linear_cross_entropy
 from mrloss.formats import FormatError, parse
@@ -64,17 +65,7 @@ def test_hf_patch_under_bf16_autocast_matches_the_models_own_bf16_logits():
     is the weighted CE of the model's own (autocast) logits."""
     from mrloss.integrations.hf import apply_mrloss
 
-    config = transformers.LlamaConfig(
-        vocab_size=67,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_causal_lm(67, num_hidden_layers=1, max_position_embeddings=64)
     input_ids = torch.randint(0, 67, (2, 11))
     token_weights = torch.rand(2, 11) * 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -415,8 +406,8 @@ def test_near_miss_top_level_keys_are_errors_with_one_suggestion(sample, suggest
 
 
 def tiny_llama(vocab_size: int):
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
+    return tiny_causal_lm(
+        vocab_size,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
@@ -424,5 +415,3 @@ def tiny_llama(vocab_size: int):
         num_key_value_heads=1,
         max_position_embeddings=128,
     )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,20 +48,14 @@ def samples(tail_words=TAILS[0], tail_weight=0.0, count=8):
 
 def train_tiny(tokenizer, dataset, tmp_path, **arguments):
     """A tiny Llama trained by MultiRegionTrainer; returns (trainer, its parameters after training)."""
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
+    model = tiny_causal_lm(
+        len(tokenizer),
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -129,19 +124,12 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
         batch["labels"] = torch.where(ignored, -1, batch["labels"])  # weights stay > 0 on every 3rd token
         return batch
 
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
+    model = tiny_causal_lm(
+        len(tokenizer), intermediate_size=64, num_hidden_layers=1, pad_token_id=tokenizer.pad_token_id
     )
-    torch.manual_seed(0)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     trainer = MultiRegionTrainer(
-        transformers.LlamaForCausalLM(config),
+        model,
         args,
         dataset,
         data_collator=collator,

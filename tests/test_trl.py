@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
@@ -20,21 +21,14 @@ LENGTHS = (9, 13, 6, 11)
 
 
 def tiny_model(tokenizer):
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return tiny_causal_lm(
+        len(tokenizer),
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        attn_implementation="eager",
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
 
 
 def token_dataset(tokenizer, *, weights=True, mask_column=None, seed=3):

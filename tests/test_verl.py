@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_models import tiny_causal_lm
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("verl") is None, reason="needs verl (the verl extra)")
 
@@ -291,20 +292,7 @@ def tiny_model(vocab_size, context_free=False):
     """A tiny Llama; ``context_free``: attention output zeroed, so each token's loss depends on that token
     only (on CPU the eager attention of an SP shard sees only the shard: no Ulysses all-to-all without
     flash-attn, which verl's patch needs, so shard-local context differs from the HF path's)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    model = LlamaForCausalLM(config).float()
+    model = tiny_causal_lm(vocab_size, num_hidden_layers=1, tie_word_embeddings=False, attn_implementation="eager")
     if context_free:
         with torch.no_grad():
             model.model.layers[0].self_attn.o_proj.weight.zero_()
