@@ -24,9 +24,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from mrloss.formats.regions import OUTSIDE
 from mrloss.ops.normalization import IGNORE_INDEX, learned_mask
-
-OUTSIDE = "(outside)"  # label of tokens outside every region
 
 
 def region_statistics(

@@ -86,9 +86,12 @@ def test_trl_prompt_completion_learns_the_completion(qwen_tokenizer):
     assert [region_text.text[r.start : r.end] for r in region_text.regions] == ["4<|im_end|>"]
 
 
-def test_plain_text_samples_may_carry_prompt_or_tools_metadata():
+def test_plain_text_samples_carry_prompt_or_tools_only_as_allowed_metadata():
     assert detect_format({"text": "a", "prompt": "x"}) == "tag_based"
-    assert parse({"text": "a", "tools": []}).text == "a"
+    with pytest.raises(FormatError, match="unknown key 'tools'"):
+        parse({"text": "a", "tools": []})
+    assert parse({"text": "a", "tools": []}, extra_keys="keep").text == "a"
+    assert parse({"text": "a", "prompt": "x"}, extra_keys=["prompt"]).text == "a"
 
 
 def _error(sample, tokenizer, **options) -> FormatError:

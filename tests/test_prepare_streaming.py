@@ -168,6 +168,43 @@ def test_sigterm_in_the_middle_keeps_the_earlier_outputs(tmp_path, monkeypatch, 
     assert _files(out) == ["train.jsonl", "validation.jsonl"]
 
 
+KILLED_IN_A_UNIT = """
+import os, signal, sys
+from mrloss.data.outputs import REPLACED, OutputUnit
+unit = OutputUnit(sys.argv[1], [os.path.join(sys.argv[1], "train.jsonl")]).__enter__()
+unit.path(os.path.join(sys.argv[1], "train.jsonl")).write_text("half")
+if sys.argv[2] == "in-commit":
+    (unit.scratch / REPLACED).mkdir()
+    (unit.scratch / REPLACED / "train.jsonl").write_text("the old train file")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("killed", ["before-commit", "in-commit"])
+def test_the_scratch_of_a_killed_prepare_is_removed_by_the_next_one(tmp_path, killed):
+    """Before: a ``kill -9`` left a hidden ``.mrloss-tmp-*`` folder for good. Now the next prepare into the same
+    directory removes it (its process is gone), except old outputs a killed commit had moved aside: kept, named."""
+    import subprocess
+    import sys
+
+    from mrloss.data.outputs import REPLACED, SCRATCH_PREFIX
+
+    out = tmp_path / "out"
+    out.mkdir()
+    code = subprocess.run([sys.executable, "-c", KILLED_IN_A_UNIT, str(out), killed], check=False).returncode
+    assert code == -signal.SIGKILL
+    (left,) = out.glob(f"{SCRATCH_PREFIX}*")
+    raw = _jsonl(tmp_path / "raw.jsonl", _many(4))
+    if killed == "in-commit":
+        with pytest.warns(UserWarning, match="an interrupted commit left earlier outputs"):
+            assert main([str(raw), "--output-dir", str(out)]) == 0
+        assert (left / REPLACED / "train.jsonl").read_text() == "the old train file"
+    else:
+        assert main([str(raw), "--output-dir", str(out)]) == 0
+        assert not left.exists()
+    assert len(read_records(out / "train.jsonl")) == 4
+
+
 def test_a_failed_rename_puts_everything_back(tmp_path, monkeypatch):
     raw, out, before = _first_run(tmp_path)
     from mrloss.data import outputs
@@ -267,7 +304,8 @@ def test_parquet_with_mixed_metadata_types(tmp_path, monkeypatch, capsys):
         if i >= 4:
             sample["note"] = f"n{i}"  # absent in the first chunk: null, then string
     raw = _jsonl(tmp_path / "raw.jsonl", samples)
-    assert main([str(raw), "--output-dir", str(tmp_path / "ok"), "--file-type", "parquet"]) == 0
+    keep = ["--extra-keys", "score,note"]  # metadata beyond id / source / language / meta
+    assert main([str(raw), "--output-dir", str(tmp_path / "ok"), "--file-type", "parquet", *keep]) == 0
     written = [r.sample for r in read_records(tmp_path / "ok/train.parquet")]
     assert [s["id"] for s in written] == [s["id"] for s in samples] and written[5]["note"] == "n5"
     assert [s["score"] for s in written] == [float(s["score"]) for s in samples]
@@ -275,14 +313,14 @@ def test_parquet_with_mixed_metadata_types(tmp_path, monkeypatch, capsys):
     samples[7]["id"] = 7  # a string column elsewhere
     raw = _jsonl(tmp_path / "raw.jsonl", samples)
     capsys.readouterr()
-    assert main([str(raw), "--output-dir", str(tmp_path / "bad"), "--file-type", "parquet"]) == 1
+    assert main([str(raw), "--output-dir", str(tmp_path / "bad"), "--file-type", "parquet", *keep]) == 1
     err = capsys.readouterr().err
     assert f"sample {raw}:8, field 'id'" in err and "int64 here, string before" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
     for i in (6, 8):  # now chunk [6, 7, 8] is one type in itself, and conflicts with the chunks before it
         samples[i]["id"] = i
     raw = _jsonl(tmp_path / "raw.jsonl", samples)
-    assert main([str(raw), "--output-dir", str(tmp_path / "bad"), "--file-type", "parquet"]) == 1
+    assert main([str(raw), "--output-dir", str(tmp_path / "bad"), "--file-type", "parquet", *keep]) == 1
     err = capsys.readouterr().err
     assert f"sample {raw}:7, field 'id'" in err and "int64 here, string before" in err and "Traceback" not in err
 

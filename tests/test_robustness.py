@@ -232,11 +232,13 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     [
         ({"learning_rate": float("nan")}, "data", "config trainer.learning_rate: expected a finite number, got nan"),
         ({"per_device_batch_size": 0}, "data", "config trainer.per_device_batch_size: expected a value > 0, got 0"),
+        ({"warmup_ratio": 1.5}, "data", "config trainer.warmup_ratio: expected a value >= 0 and <= 1, got 1.5"),
         ({}, "missing", "config data: file(s) not found: missing.jsonl"),
         ({}, "empty", "no samples in empty.jsonl"),
         ({}, "bad", "sample bad.jsonl:1, field 'defualt_weight'"),
+        ({}, "extra", "sample extra.jsonl:1, field 'score': unknown key 'score'"),
     ],
-    ids=["lr-nan", "batch-size-0", "missing-file", "empty-file", "bad-sample"],
+    ids=["lr-nan", "batch-size-0", "warmup-1.5", "missing-file", "empty-file", "bad-sample", "unknown-key"],
 )
 def test_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch, trainer, files, message):
     """Before: raw tracebacks (even for our own ConfigError outside load_config)."""
@@ -244,10 +246,21 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch, trainer, fi
     Path("data.jsonl").write_text('{"text": "a <LEARN>b</LEARN>"}\n')
     Path("empty.jsonl").write_text("\n")
     Path("bad.jsonl").write_text('{"text": "a b c", "defualt_weight": 1}\n')
+    Path("extra.jsonl").write_text('{"text": "a <LEARN>b</LEARN>", "score": 1}\n')
     data = {"train_files": [f"{files}.jsonl"]}
     config = write_config(tmp_path / "c.yaml", data=data, trainer={"output_dir": "run", "device": "cpu", **trainer})
     code, err = run_cli(["train", "--config", str(config)], capsys)
     assert code == 2 and err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, 1.5])
+def test_label_smoothing_outside_0_1_is_a_config_error(label_smoothing):
+    """Before: accepted by the config, an error of the loss at the first step."""
+    from mrloss.training.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="config loss.label_smoothing: expected a value >= 0 and <= 1, got"):
+        config_from_dict({"loss": {"label_smoothing": label_smoothing}})
+    assert config_from_dict({"loss": {"label_smoothing": 1}}).loss.label_smoothing == 1.0
 
 
 def test_recursive_yaml_anchor_is_one_line(tmp_path, capsys):
@@ -403,6 +416,70 @@ def test_near_miss_top_level_keys_are_errors_with_one_suggestion(sample, suggest
         parse(sample, sample_id="s.jsonl:3")
     assert caught.value.field == typo and caught.value.sample_id == "s.jsonl:3"
     parse({"text": "ab", "id": 7, "language": "en", "source": "web"})  # metadata keys stay allowed
+    with pytest.raises(FormatError, match="did you mean"):
+        parse(sample, extra_keys="keep")  # a typo is never metadata
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        {"text": "ab <LEARN>c</LEARN>", "score": 0.5},
+        {"text": "ab", "learning_regions": [{"start_char": 0, "end_char": 1}], "notes": "x"},
+        {"segments": [{"content": "ab", "learn": True}], "text_length": 2},
+        {"text": "ab", "tools": []},  # a chat key next to plain text
+    ],
+)
+def test_every_other_unknown_top_level_key_is_an_error_unless_kept(sample):
+    """Before: any key that was not a near miss was silently ignored. Now: only METADATA_KEYS and the keys
+    ``extra_keys`` names are metadata."""
+    from mrloss.formats import METADATA_KEYS
+
+    unknown = list(sample)[-1]
+    with pytest.raises(FormatError, match=f"unknown key '{unknown}'.*extra_keys='keep'") as caught:
+        parse(sample, sample_id="s.jsonl:4")
+    assert caught.value.field == unknown and caught.value.sample_id == "s.jsonl:4"
+    expected = parse({key: value for key, value in sample.items() if key != unknown}).char_weights()
+    assert parse(sample, extra_keys="keep").char_weights() == expected
+    assert parse(sample, extra_keys=[unknown]).char_weights() == expected
+    with pytest.raises(FormatError, match=f"unknown key '{unknown}'"):
+        parse(sample, extra_keys=["other"])
+    assert parse({**sample, **dict.fromkeys(METADATA_KEYS, 1)}, extra_keys=[unknown]).char_weights() == expected
+    with pytest.raises(ValueError, match="extra_keys"):
+        parse(sample, extra_keys="sometimes")
+
+
+def test_extra_keys_reach_prepare_show_datasets_and_the_config(tmp_path, capsys):
+    from mrloss.cli import main as cli_main
+    from mrloss.data import MultiRegionDataset
+    from mrloss.data.tokenizer import train_bpe_tokenizer
+    from mrloss.training.config import ConfigError, config_from_dict
+
+    samples = [{"text": f"q{i} <LEARN>a{i}</LEARN>", "score": i} for i in range(4)]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(sample) + "\n" for sample in samples), encoding="utf-8")
+    out = tmp_path / "out"
+    assert cli_main(["prepare", str(raw), "--output-dir", str(out)]) == 1
+    assert f"sample {raw}:1, field 'score': unknown key 'score'" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli_main(["prepare", str(raw), "--output-dir", str(out), "--extra-keys", "keep", "--to", "structured"]) == 0
+    written = [json.loads(line) for line in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [sample["score"] for sample in written] == [0, 1, 2, 3] and "segments" in written[0]
+
+    assert cli_main(["show", str(raw), "--color", "never"]) == 1
+    assert "unknown key 'score'" in capsys.readouterr().err
+    assert cli_main(["show", str(raw), "--color", "never", "--extra-keys", "score"]) == 0
+
+    tokenizer = train_bpe_tokenizer([sample["text"] for sample in samples], vocab_size=300)
+    with pytest.raises(FormatError, match="unknown key 'score'"):
+        MultiRegionDataset(raw, tokenizer)
+    assert len(MultiRegionDataset(raw, tokenizer, extra_keys=["score"])) == 4
+
+    assert config_from_dict({"data": {"extra_keys": "keep"}}).data.extra_keys == "keep"
+    assert config_from_dict({"data": {"extra_keys": ["score"]}}).data.extra_keys == ["score"]
+    assert config_from_dict({}).data.extra_keys == "error"
+    assert config_from_dict({"data": {"extra_keys": "score"}}).data.extra_keys == ["score"]  # one name, as lists
+    with pytest.raises(ConfigError, match="data.extra_keys"):
+        config_from_dict({"data": {"extra_keys": 3}})
 
 
 def tiny_llama(vocab_size: int):

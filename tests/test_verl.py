@@ -177,6 +177,22 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     assert len(create_sft_dataset(files[0], config.data, model_tokenizer, None, max_samples=2)) == 2
     with pytest.raises(ValueError, match="no_padding"):
         MultiRegionSFTDataset(files[0], tokenizer(), {"pad_mode": "right"})
+    assert config.data.extra_keys == "error"
+
+
+def test_dataset_takes_verls_own_columns_as_metadata_and_extra_keys_from_the_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mrloss.formats import FormatError
+    from mrloss.integrations.verl.dataset import VERL_METADATA_KEYS, MultiRegionSFTDataset
+
+    sample = {"text": "q <LEARN>a</LEARN>", **dict.fromkeys(VERL_METADATA_KEYS, "x")}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(sample) + "\n" + json.dumps({**sample, "score": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(FormatError, match=f"sample {path}:2, field 'score': unknown key 'score'"):
+        MultiRegionSFTDataset(str(path), tokenizer(), {})
+    for extra_keys in ("keep", ["score"], OmegaConf.create({"k": ["score"]}).k):
+        assert len(MultiRegionSFTDataset(str(path), tokenizer(), {"extra_keys": extra_keys})) == 2
 
 
 def test_trainer_entry_runs_verl_hydra_main(monkeypatch, capsys):

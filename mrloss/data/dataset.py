@@ -11,6 +11,8 @@ from mrloss.data.encode import encode_batch
 from mrloss.data.records import Record, parse_records, read_records
 from mrloss.formats import FormatError
 
+RAW_DATA_OPTIONS = ("format", "overlap", "extra_keys")  # options of parsing raw samples (`mrloss.formats.parse`)
+
 
 class MultiRegionDataset(torch.utils.data.Dataset):
     """Every sample of ``paths`` (JSONL / JSON / Parquet, formats mixed freely; chat ``messages`` samples are
@@ -22,7 +24,9 @@ class MultiRegionDataset(torch.utils.data.Dataset):
     (index into ``self.region_types``, -1 outside every region).
 
     ``region_types``: the region-type vocabulary: the given list first (share ``train.region_types`` with
-    the validation set to keep ids equal), then the other types of the data, sorted.
+    the validation set to keep ids equal), then the other types of the data, sorted. ``format``, ``overlap`` and
+    ``extra_keys`` (top-level keys kept as metadata besides `mrloss.formats.METADATA_KEYS`) are those of
+    `mrloss.formats.parse`.
     A directory in ``paths`` is tokenized data of `mrloss prepare --tokenizer` (see `from_disk`).
     Also kept: ``sample_ids``, ``region_texts`` (None for tokenized data) and ``truncated`` (``(sample_id,
     [region index])`` of samples whose learned regions truncation cut; a warning counts them).
@@ -39,6 +43,7 @@ class MultiRegionDataset(torch.utils.data.Dataset):
         add_eos: bool = True,
         region_types: list[str] | None = None,
         overlap: str = "error",
+        extra_keys="error",
     ):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if any(Path(path).is_dir() for path in paths):
@@ -57,6 +62,7 @@ class MultiRegionDataset(torch.utils.data.Dataset):
             add_eos=add_eos,
             region_types=region_types,
             overlap=overlap,
+            extra_keys=extra_keys,
         )
 
     @classmethod
@@ -85,13 +91,13 @@ class MultiRegionDataset(torch.utils.data.Dataset):
     def from_disk(cls, paths, tokenizer, **options):
         """The dataset of directories written by `mrloss prepare --tokenizer` (`mrloss.data.tokenized`),
         memory-mapped: every rank maps the same Arrow files, nothing is tokenized or copied. Same options as
-        the constructor; ``format`` and ``overlap`` do not apply (the data is parsed already)."""
+        the constructor; ``format``, ``overlap`` and ``extra_keys`` do not apply (the data is parsed already)."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         not_tokenized = [str(path) for path in paths if not Path(path).is_dir()]
         if not_tokenized:
             raise ValueError(f"not a tokenized data directory: {', '.join(not_tokenized)}")
         dataset = cls.__new__(cls)
-        options = {key: value for key, value in options.items() if key not in ("format", "overlap")}
+        options = {key: value for key, value in options.items() if key not in RAW_DATA_OPTIONS}
         dataset._load(paths, tokenizer, **options)
         return dataset
 
@@ -112,8 +118,9 @@ class MultiRegionDataset(torch.utils.data.Dataset):
         add_eos=True,
         region_types=None,
         overlap="error",
+        extra_keys="error",
     ):
-        valid, region_texts, errors = parse_records(records, format, overlap, tokenizer)
+        valid, region_texts, errors = parse_records(records, format, overlap, tokenizer, extra_keys)
         sample_ids = [record.sample_id for record in valid]
         if errors:
             first = errors[0]

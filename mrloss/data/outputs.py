@@ -7,17 +7,21 @@ error or an interrupt before that (or a failed rename, which is rolled back) lea
 untouched and removes the scratch directory.
 A reader therefore never sees a new train file next to an old validation file: at worst (a kill during
 the renames themselves) a file is missing. A ``kill -9`` can leave the scratch directory behind; nothing
-reads it.
+reads it, and the next unit in the same directory removes it once its process (named in it: host and pid) is
+gone -- unless it holds old outputs a killed commit had moved aside, which are kept and named in a warning.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 SCRATCH_PREFIX = ".mrloss-tmp-"
+REPLACED = "replaced"  # the scratch subdirectory that holds old outputs while a commit renames
 
 
 class OutputUnit:
@@ -43,10 +47,11 @@ class OutputUnit:
             missing = missing.parent
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.scratch = Path(tempfile.mkdtemp(dir=self.directory, prefix=SCRATCH_PREFIX))
+            self.scratch = Path(tempfile.mkdtemp(dir=self.directory, prefix=_scratch_prefix(os.getpid())))
         except BaseException:
             self.abort()
             raise
+        remove_abandoned_scratch(self.directory)
         return self
 
     def __exit__(self, kind, error, trace) -> None:
@@ -64,7 +69,7 @@ class OutputUnit:
         rename puts every file back where it was."""
         for target in self.targets:
             _fsync_tree(self.path(target))
-        aside = self.scratch / "replaced"
+        aside = self.scratch / REPLACED
         aside.mkdir()
         moved, placed = [], []
         try:
@@ -97,6 +102,43 @@ class OutputUnit:
             except OSError:
                 break
         self._created = []
+
+
+def _scratch_prefix(pid: int) -> str:
+    """``.mrloss-tmp-<host>-<pid>-``: whose scratch directory it is (output directories may be shared)."""
+    return f"{SCRATCH_PREFIX}{socket.gethostname().replace('-', '_')}-{pid}-"
+
+
+def remove_abandoned_scratch(directory) -> list[Path]:
+    """Remove the scratch directories in ``directory`` of processes of this host that no longer run (a
+    ``kill -9``); one that holds old outputs (an interrupted commit) is kept and named in a warning. Returns
+    the removed paths."""
+    removed = []
+    host = socket.gethostname().replace("-", "_")
+    for scratch in Path(directory).glob(f"{SCRATCH_PREFIX}{host}-*-*"):
+        pid = scratch.name[len(f"{SCRATCH_PREFIX}{host}-") :].split("-", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if (scratch / REPLACED).exists():
+            warnings.warn(
+                f"{scratch}: an interrupted commit left earlier outputs in {scratch / REPLACED}; "
+                "move back what you need and delete the directory",
+                stacklevel=2,
+            )
+            continue
+        shutil.rmtree(scratch, ignore_errors=True)
+        removed.append(scratch)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_tree(path: Path) -> None:

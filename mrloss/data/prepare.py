@@ -36,7 +36,7 @@ from mrloss.data.records import FILE_TYPES, Record, decode_record, file_type, it
 from mrloss.data.stream import default_num_proc, ordered_map
 from mrloss.data.summary import PrepareSummary
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
-from mrloss.formats import FORMATS, INPUT_FORMATS, FormatError, convert, parse
+from mrloss.formats import FORMATS, INPUT_FORMATS, METADATA_KEYS, FormatError, convert, extra_keys_option, parse
 from mrloss.formats.terminal import escape_control
 
 SPLITS = ("train", "validation")
@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         choices=("error", "max"),
         help="overlapping position_based regions: an error, or the highest weight wins",
+    )
+    parser.add_argument(
+        "--extra-keys",
+        type=extra_keys_option,
+        default="error",
+        metavar="error|keep|KEY,KEY",
+        help=f"top-level keys besides the format's and {', '.join(METADATA_KEYS)}: an error (default), kept as "
+        "metadata, or these names kept",
     )
     parser.add_argument("--to", choices=FORMATS, help="convert every sample to this format in the outputs")
     parser.add_argument("--output-dir", type=Path, help="write train.<type> (and validation.<type>) here")
@@ -210,6 +218,7 @@ def _stream(args, unit: OutputUnit | None, targets: dict) -> int:
     options = _ChunkOptions(
         format=args.format,
         overlap=args.overlap,
+        extra_keys=args.extra_keys,
         to=args.to,
         max_length=args.max_length,
         truncation=args.truncation,
@@ -325,6 +334,7 @@ def _tokenizer(args):
 class _ChunkOptions:
     format: str
     overlap: str
+    extra_keys: str | tuple[str, ...]
     to: str | None
     max_length: int | None
     truncation: str
@@ -367,7 +377,14 @@ def _start_worker(tokenizer, options: _ChunkOptions) -> None:
 def _parse(sample: dict, options: _ChunkOptions, sample_id):
     """The one place prepare parses a sample (RegionText; FormatError naming the sample); the chat format
     ``messages`` renders with this process's tokenizer (its chat template: pass ``--tokenizer``)."""
-    return parse(sample, options.format, overlap=options.overlap, sample_id=sample_id, tokenizer=_WORKER["tokenizer"])
+    return parse(
+        sample,
+        options.format,
+        overlap=options.overlap,
+        extra_keys=options.extra_keys,
+        sample_id=sample_id,
+        tokenizer=_WORKER["tokenizer"],
+    )
 
 
 def in_validation(index: int, seed: int, val_fraction: float) -> bool:
@@ -390,7 +407,14 @@ def _prepare_chunk(chunk: list[tuple[int, Record]]) -> _ChunkResult:
             region_text = _parse(record.sample, options, sample_id)
             sample = record.sample
             if options.to and options.splits:
-                sample = convert(sample, options.to, options.format, overlap=options.overlap, sample_id=sample_id)
+                sample = convert(
+                    sample,
+                    options.to,
+                    options.format,
+                    overlap=options.overlap,
+                    extra_keys=options.extra_keys,
+                    sample_id=sample_id,
+                )
             kept.append((index, sample_id, sample, region_text))
         except FormatError as error:
             errors.append((index, error))

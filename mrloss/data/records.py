@@ -32,9 +32,11 @@ class Record:
     source: str | None = None  # the undecoded JSONL line (iter_records(decode=False))
 
 
-def parse_records(records: list[Record], format: str = "auto", overlap: str = "error", tokenizer=None):
-    """(valid records, their RegionTexts, every FormatError in file order) of ``records``; ``tokenizer``
-    renders chat (messages) samples with its chat template."""
+def parse_records(
+    records: list[Record], format: str = "auto", overlap: str = "error", tokenizer=None, extra_keys="error"
+):
+    """(valid records, their RegionTexts, every FormatError in file order) of ``records`` (`mrloss.formats.parse`'s
+    options); ``tokenizer`` renders chat (messages) samples with its chat template."""
     valid: list[Record] = []
     region_texts: list[RegionText] = []
     errors: list[FormatError] = []
@@ -43,7 +45,14 @@ def parse_records(records: list[Record], format: str = "auto", overlap: str = "e
             if record.error is not None:
                 raise record.error
             region_texts.append(
-                parse(record.sample, format, overlap=overlap, sample_id=record.sample_id, tokenizer=tokenizer)
+                parse(
+                    record.sample,
+                    format,
+                    overlap=overlap,
+                    extra_keys=extra_keys,
+                    sample_id=record.sample_id,
+                    tokenizer=tokenizer,
+                )
             )
             valid.append(record)
         except FormatError as error:
@@ -90,7 +99,7 @@ def iter_records(path, *, decode: bool = True) -> Iterator[Record]:
     index = 0
     for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=1024):
         for row in batch.to_pylist():
-            yield _checked(f"{path}[{index}]", index, _drop_nulls(row))
+            yield _checked(f"{path}[{index}]", index, drop_nulls(row))
             index += 1
 
 
@@ -179,11 +188,13 @@ def _lone_surrogate(value, field: str = ""):
     return None
 
 
-def _drop_nulls(value):
+def drop_nulls(value):
+    """A row of columnar data (Parquet, a ``datasets.Dataset``) without the keys it lacks: those columns hold
+    null (None) in every row that has no such key, at any depth (struct fields too)."""
     if isinstance(value, dict):
-        return {key: _drop_nulls(item) for key, item in value.items() if item is not None}
+        return {key: drop_nulls(item) for key, item in value.items() if item is not None}
     if isinstance(value, list):
-        return [_drop_nulls(item) for item in value]
+        return [drop_nulls(item) for item in value]
     return value
 
 

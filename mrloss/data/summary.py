@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-OUTSIDE = "(outside regions)"
+from mrloss.formats.regions import OUTSIDE
 
 
 class PrepareSummary:

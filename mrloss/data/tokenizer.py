@@ -8,6 +8,8 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # vocabulary of the BPE that `mrloss train` (model.vocab_size), `mrloss show` and `mrloss prepare` train
 DEFAULT_VOCAB_SIZE = 512
+# `mrloss train` (model.path null) saves the tokenizer it trains in <output_dir>/tokenizer; `mrloss show --run` reads it
+RUN_TOKENIZER_DIR = "tokenizer"
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_frequency: int = 2):
@@ -40,7 +42,8 @@ def train_bpe_tokenizer_for_files(paths, format: str = "auto", vocab_size: int =
     ``vocab_size``: the one recipe of `mrloss train` (``model.path: null``: its ``data.train_files``,
     ``data.format``, ``model.vocab_size``), ``mrloss show`` and ``mrloss prepare`` -- same files and vocabulary
     size, same tokenizer. A bad sample raises its FormatError, or is left out with ``skip_invalid``.
-    Overlapping position_based regions are no error here (the text does not depend on them).
+    Overlapping position_based regions and unknown top-level keys are no error here (the text does not depend on
+    them).
     """
     from mrloss.data.records import iter_records
     from mrloss.formats import FormatError, parse
@@ -53,7 +56,8 @@ def train_bpe_tokenizer_for_files(paths, format: str = "auto", vocab_size: int =
                 try:
                     if record.error is not None:
                         raise record.error
-                    yield parse(record.sample, format, overlap="max", sample_id=record.sample_id).text
+                    sample_id = record.sample_id
+                    yield parse(record.sample, format, overlap="max", extra_keys="keep", sample_id=sample_id).text
                 except FormatError as error:
                     errors.append(error)
 

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 from mrloss.data.encode import TRUNCATION_MODES
-from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
-from mrloss.formats import INPUT_FORMATS
-
-RUN_TOKENIZER_DIR = "tokenizer"  # `mrloss train` (model.path null) saves the tokenizer it trains here
+from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE, RUN_TOKENIZER_DIR
+from mrloss.formats import INPUT_FORMATS, METADATA_KEYS, extra_keys_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Tokenizer, first that applies:\n"
         "  --run DIR        the tokenizer of an `mrloss train` output directory: DIR/tokenizer (saved when\n"
         "                   the run starts, model.path null) or DIR itself (saved with the final model); the\n"
-        "                   run's config.yaml (written at its end) gives --max-length and --truncation\n"
+        "                   run's config.yaml (written at its end) gives --max-length, --truncation and\n"
+        "                   --extra-keys\n"
         "                   unless given here (the format of FILE is detected, or --format)\n"
         "  --tokenizer DIR  a local Hugging Face tokenizer directory\n"
         "  otherwise        a byte-level BPE of --vocab-size trained on FILE's texts, as `mrloss train`\n"
@@ -33,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", type=int, default=0, help="0-based index of the sample in FILE (default 0)")
     parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML view to OUT")
     parser.add_argument("--format", choices=("auto",) + INPUT_FORMATS, help="format of FILE (default: auto)")
+    parser.add_argument(
+        "--extra-keys",
+        type=extra_keys_option,
+        metavar="error|keep|KEY,KEY",
+        help=f"top-level keys besides the format's and {', '.join(METADATA_KEYS)}: an error (default), kept as "
+        "metadata, or these names kept",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", metavar="DIR", help="output directory of `mrloss train`: use its tokenizer")
     source.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer directory")
@@ -58,7 +64,7 @@ def main(argv: list[str]) -> int:
     from mrloss.formats import parse
 
     try:
-        data = _run_data_config(args.run) if args.run else dict(UNTRUNCATED)
+        data = _run_data_config(args.run) if args.run else dict(WITHOUT_RUN)
         records = read_records(args.file)
     except (OSError, ValueError) as error:
         print(f"mrloss show: {error}", file=sys.stderr)
@@ -66,6 +72,7 @@ def main(argv: list[str]) -> int:
     data_format = args.format or "auto"  # FILE's own format: the run's data.format describes its training files
     max_length = args.max_length if args.max_length is not None else data["max_length"]
     truncation = args.truncation or data["truncation"]
+    extra_keys = args.extra_keys or data["extra_keys"]
     if not 0 <= args.index < len(records):
         print(
             f"mrloss show: --index {args.index} is out of range: {args.file} has {len(records)} sample(s)",
@@ -77,7 +84,9 @@ def main(argv: list[str]) -> int:
         if record.error is not None:
             raise record.error
         tokenizer = _tokenizer(args, data_format)
-        region_text = parse(record.sample, data_format, sample_id=record.sample_id, tokenizer=tokenizer)
+        region_text = parse(
+            record.sample, data_format, extra_keys=extra_keys, sample_id=record.sample_id, tokenizer=tokenizer
+        )
         encoded = encode(
             region_text,
             tokenizer,
@@ -112,8 +121,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-# encode options of `mrloss show` without a run (no truncation): those of `mrloss train`'s data section otherwise
-UNTRUNCATED = {"max_length": None, "truncation": "right", "add_eos": True}
+# data options of `mrloss show` without a run (no truncation): those of `mrloss train`'s data section otherwise
+WITHOUT_RUN = {"max_length": None, "truncation": "right", "add_eos": True, "extra_keys": "error"}
 
 
 def _run_data_config(run_dir: str) -> dict:
@@ -124,9 +133,9 @@ def _run_data_config(run_dir: str) -> dict:
     if not Path(run_dir).is_dir():
         raise OSError(f"--run {run_dir}: not a directory")
     if not path.exists():
-        return dict(UNTRUNCATED)
+        return dict(WITHOUT_RUN)
     section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-    return {**UNTRUNCATED, "max_length": 512, **{key: section[key] for key in UNTRUNCATED if key in section}}
+    return {**WITHOUT_RUN, "max_length": 512, **{key: section[key] for key in WITHOUT_RUN if key in section}}
 
 
 def _tokenizer(args, data_format: str):

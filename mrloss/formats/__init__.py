@@ -1,11 +1,23 @@
 """Multi-region data formats -> RegionText (text + weighted character regions).
 
-``parse(sample, format="auto", *, overlap="error", sample_id=None, tokenizer=None) -> RegionText`` reads
-``INPUT_FORMATS`` (the chat format ``messages`` needs ``tokenizer``); ``to_format`` and ``convert`` write any
+``parse(sample, format="auto", *, overlap="error", extra_keys="error", sample_id=None, tokenizer=None) -> RegionText``
+reads ``INPUT_FORMATS`` (the chat format ``messages`` needs ``tokenizer``; top-level keys besides the format's and
+``METADATA_KEYS`` are errors unless ``extra_keys`` allows them); ``to_format`` and ``convert`` write any
 plain-text RegionText / sample back in one of ``FORMATS``. Bad data raises ``FormatError``.
 """
 
-from mrloss.formats.dispatch import CHAT_FORMAT, FORMATS, INPUT_FORMATS, convert, detect_format, parse, to_format
+from mrloss.formats.dispatch import (
+    CHAT_FORMAT,
+    EXTRA_KEYS,
+    FORMATS,
+    INPUT_FORMATS,
+    METADATA_KEYS,
+    convert,
+    detect_format,
+    extra_keys_option,
+    parse,
+    to_format,
+)
 from mrloss.formats.errors import FormatError
 from mrloss.formats.regions import Region, RegionText
 
@@ -17,6 +29,9 @@ __all__ = [
     "FORMATS",
     "INPUT_FORMATS",
     "CHAT_FORMAT",
+    "METADATA_KEYS",
+    "EXTRA_KEYS",
+    "extra_keys_option",
     "FormatError",
     "Region",
     "RegionText",

@@ -20,6 +20,11 @@ _KEYS = {
 # keys that mark a sample as one of that format when they appear next to another format's keys (a chat
 # sample's "prompt" or "tools" alone are ordinary metadata of a plain-text sample)
 _MARKING_KEYS = {**_KEYS, CHAT_FORMAT: ("messages",)}
+# top-level keys any sample may carry besides its format's keys: metadata, kept by `convert`, never read
+METADATA_KEYS = ("id", "source", "language", "meta", "metadata")
+# what to do with any other top-level key: "error" (a FormatError naming it), "keep" (metadata too), or a list of
+# more key names that are metadata (the rest are errors)
+EXTRA_KEYS = ("error", "keep")
 _WRITERS = {
     "position_based": position_based.to_position_based,
     "tag_based": tag_based.to_tag_based,
@@ -40,35 +45,33 @@ def detect_format(sample: dict) -> str:
     return "tag_based"
 
 
-def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_id=None, tokenizer=None) -> RegionText:
+def parse(
+    sample: dict,
+    format: str = "auto",
+    *,
+    overlap: str = "error",
+    extra_keys="error",
+    sample_id=None,
+    tokenizer=None,
+) -> RegionText:
     """RegionText of one raw sample in ``format`` (``"auto"``, or one of INPUT_FORMATS).
 
-    Extra top-level keys are metadata and ignored, except keys of another format (e.g. ``text`` next to
-    ``segments``) and near misses of a format's keys (``defualt_weight``, ``learning_region``, ``segment``),
-    which would otherwise be silently dropped: those raise, naming the key (and the key it is close to).
+    A sample holds its format's keys and, as metadata that is kept but never read, `METADATA_KEYS` (``id``,
+    ``source``, ``language``, ``meta``, ``metadata``). Any other top-level key would be silently dropped, so it
+    raises, naming the key (and, for a near miss such as ``defualt_weight``, the key it is close to), unless
+    ``extra_keys`` allows it: ``"keep"`` makes every other key metadata, a list of names makes those metadata.
+    Near misses of a format's keys and keys of another format (``text`` next to ``segments``) raise always.
     ``overlap`` ("error" | "max") applies to position_based regions. ``tokenizer``: a tokenizer with a chat
     template (any object with ``apply_chat_template``), needed by the messages format only. Raises FormatError
     naming ``sample_id``, the field and the character position.
     """
     if format not in ("auto",) + INPUT_FORMATS:
         raise ValueError(f"format must be 'auto' or one of {INPUT_FORMATS}, got {format!r}")
+    allowed_extra = _allowed_extra_keys(extra_keys)
     if not isinstance(sample, dict):
         raise FormatError(f"a sample must be an object, got {type(sample).__name__}", sample_id=sample_id)
-    _check_near_misses(sample, sample_id)
     chosen = detect_format(sample) if format == "auto" else format
-    foreign = [
-        key
-        for name, keys in _MARKING_KEYS.items()
-        if name != chosen
-        for key in keys
-        if key in sample and key not in _KEYS[chosen]
-    ]
-    if foreign:
-        raise FormatError(
-            f"key {foreign[0]!r} does not belong to a {chosen} sample (keys: {', '.join(_KEYS[chosen])})",
-            sample_id=sample_id,
-            field=foreign[0],
-        )
+    _check_keys(sample, chosen, allowed_extra, sample_id)
     if chosen == "position_based":
         region_text = position_based.parse_position_based(sample, overlap=overlap, sample_id=sample_id)
     elif chosen == "tag_based":
@@ -83,21 +86,51 @@ def parse(sample: dict, format: str = "auto", *, overlap: str = "error", sample_
     return region_text
 
 
+def _allowed_extra_keys(extra_keys) -> frozenset | None:
+    """The key names that `parse`'s ``extra_keys`` makes metadata besides METADATA_KEYS (None: every key)."""
+    if extra_keys == "keep":
+        return None
+    if extra_keys == "error":
+        return frozenset()
+    if isinstance(extra_keys, str) or not all(isinstance(key, str) for key in extra_keys):
+        raise ValueError(f"extra_keys must be one of {EXTRA_KEYS} or a list of key names, got {extra_keys!r}")
+    return frozenset(extra_keys)
+
+
+def extra_keys_option(text: str):
+    """`parse`'s ``extra_keys`` from a command-line value: ``error``, ``keep`` or comma-separated key names."""
+    return text if text in EXTRA_KEYS else tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 _ALL_KEYS = sorted({key for keys in _KEYS.values() for key in keys})
 NEAR_MISS_CUTOFF = 0.8  # difflib ratio: "defualt_weight" / "segment" are typos, "id" / "source" are metadata
 
 
-def _check_near_misses(sample: dict, sample_id) -> None:
-    """FormatError for a top-level key that is not a format key but close to one (a typo)."""
+def _check_keys(sample: dict, chosen: str, allowed_extra: frozenset | None, sample_id) -> None:
+    """FormatError for the first top-level key of ``sample`` that a ``chosen`` sample cannot carry: a near miss of
+    a format key (a typo), a key that marks another format, or (unless allowed) any other unknown key."""
+    own = _KEYS[chosen]
     for key in sample:
-        if not isinstance(key, str) or key in _ALL_KEYS:
+        if key in own or key in METADATA_KEYS:
             continue
-        close = difflib.get_close_matches(key, _ALL_KEYS, n=1, cutoff=NEAR_MISS_CUTOFF)
-        if close:
+        if key not in _ALL_KEYS:
+            close = difflib.get_close_matches(str(key), _ALL_KEYS, n=1, cutoff=NEAR_MISS_CUTOFF)
+            if close:
+                raise FormatError(f"unknown key {key!r}; did you mean {close[0]!r}?", sample_id=sample_id, field=key)
+        marks_another_format = any(key in keys for name, keys in _MARKING_KEYS.items() if name != chosen)
+        if marks_another_format:
             raise FormatError(
-                f"unknown key {key!r}; did you mean {close[0]!r}? (other top-level keys are metadata and ignored)",
+                f"key {key!r} does not belong to a {chosen} sample (keys: {', '.join(own)})",
                 sample_id=sample_id,
                 field=key,
+            )
+        if allowed_extra is not None and key not in allowed_extra:
+            raise FormatError(
+                f"unknown key {key!r} (a {chosen} sample has {', '.join(own)} and metadata {', '.join(METADATA_KEYS)}):"
+                " move it under 'meta', or keep unknown keys (extra_keys='keep'; --extra-keys keep; config "
+                "data.extra_keys: keep)",
+                sample_id=sample_id,
+                field=str(key),
             )
 
 
@@ -119,9 +152,11 @@ def to_format(region_text: RegionText, format: str, *, sample_id=None) -> dict:
         raise error.with_sample_id(sample_id) from None
 
 
-def convert(sample: dict, to: str, format: str = "auto", *, overlap: str = "error", sample_id=None) -> dict:
-    """``sample`` rewritten in format ``to``; its top-level metadata keys are kept."""
-    region_text = parse(sample, format, overlap=overlap, sample_id=sample_id)
+def convert(
+    sample: dict, to: str, format: str = "auto", *, overlap: str = "error", extra_keys="error", sample_id=None
+) -> dict:
+    """``sample`` rewritten in format ``to``; its top-level metadata keys are kept (`parse`'s options)."""
+    region_text = parse(sample, format, overlap=overlap, extra_keys=extra_keys, sample_id=sample_id)
     source = detect_format(sample) if format == "auto" else format
     metadata = {key: value for key, value in sample.items() if key not in _KEYS[source]}
     return {**to_format(region_text, to, sample_id=sample_id), **metadata}

@@ -11,6 +11,7 @@ from numbers import Integral, Real
 from mrloss.formats.errors import FormatError
 
 DEFAULT_TYPE = "default"
+OUTSIDE = "(outside)"  # the label of text (and tokens) outside every region, in statistics and views
 OVERLAP_MODES = ("error", "max")
 
 

@@ -9,9 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from mrloss.data.tokenizer import RUN_TOKENIZER_DIR
 from mrloss.training.config import Config, ConfigError, DataConfig, ModelConfig
-
-RUN_TOKENIZER_DIR = "tokenizer"  # <output_dir>/tokenizer: the tokenizer trained on the data (model.path null)
 
 
 def ensure_data_files(data: DataConfig) -> None:

@@ -2,7 +2,7 @@
 
 A config has six sections; every key is optional except ``data.train_files``::
 
-    data:      train_files, val_files, format, max_length, truncation, pack, add_eos, write_examples
+    data:      train_files, val_files, format, extra_keys, max_length, truncation, pack, add_eos, write_examples
     model:     path (null: a tiny model built from a transformers config), arch, hidden_size, num_layers,
                num_heads, num_kv_heads, intermediate_size, vocab_size, dtype, attn_implementation,
                gradient_checkpointing
@@ -54,6 +54,9 @@ class DataConfig:
     train_files: list[str] = dataclasses.field(default_factory=list)
     val_files: list[str] = dataclasses.field(default_factory=list)
     format: Literal["auto", "position_based", "tag_based", "structured"] = "auto"
+    # top-level sample keys besides the format's and mrloss.formats.METADATA_KEYS: error, keep (as metadata), or
+    # a list of key names kept
+    extra_keys: Literal["error", "keep"] | list[str] = "error"
     max_length: int | None = 512
     truncation: Literal["right", "left", "error"] = "right"
     pack: bool = False  # pack several samples per row (position_ids restart per sample)
@@ -233,32 +236,47 @@ def _check_acyclic(value, path: str, ancestors: set[int], checked: set[int]) -> 
     checked.add(id(value))
 
 
-# ranges the types cannot say: key path -> (lower bound, whether the bound itself is allowed); every float
-# must also be finite
+class ValueRange(typing.NamedTuple):
+    """``low < value`` (``low <= value`` when ``inclusive``) and, when ``high`` is set, ``value <= high``."""
+
+    low: float
+    inclusive: bool = False
+    high: float | None = None
+
+    def describe(self) -> str:
+        lower = f"{'>=' if self.inclusive else '>'} {self.low}"
+        return lower if self.high is None else f"{lower} and <= {self.high}"
+
+    def __contains__(self, value) -> bool:
+        above = value >= self.low if self.inclusive else value > self.low
+        return above and (self.high is None or value <= self.high)
+
+
+# ranges the types cannot say: key path -> ValueRange; every float must also be finite
 VALUE_RANGES = {
-    "data.max_length": (0, False),
-    "model.hidden_size": (0, False),
-    "model.num_layers": (0, False),
-    "model.num_heads": (0, False),
-    "model.num_kv_heads": (0, False),
-    "model.intermediate_size": (0, False),
-    "model.vocab_size": (0, False),
-    "loss.chunk_size": (0, False),
-    "loss.softcap": (0, False),
-    "loss.label_smoothing": (0, True),
-    "trainer.epochs": (0, False),
-    "trainer.max_steps": (0, False),
-    "trainer.learning_rate": (0, True),
-    "trainer.per_device_batch_size": (0, False),
-    "trainer.gradient_accumulation_steps": (0, False),
-    "trainer.weight_decay": (0, True),
-    "trainer.warmup_ratio": (0, True),
-    "trainer.max_grad_norm": (0, True),
-    "trainer.logging_steps": (0, False),
-    "trainer.save_steps": (0, False),
-    "trainer.save_total_limit": (0, False),
-    "trainer.eval_steps": (0, False),
-    "trainer.dataloader_num_workers": (0, True),
+    "data.max_length": ValueRange(0),
+    "model.hidden_size": ValueRange(0),
+    "model.num_layers": ValueRange(0),
+    "model.num_heads": ValueRange(0),
+    "model.num_kv_heads": ValueRange(0),
+    "model.intermediate_size": ValueRange(0),
+    "model.vocab_size": ValueRange(0),
+    "loss.chunk_size": ValueRange(0),
+    "loss.softcap": ValueRange(0),
+    "loss.label_smoothing": ValueRange(0, inclusive=True, high=1),
+    "trainer.epochs": ValueRange(0),
+    "trainer.max_steps": ValueRange(0),
+    "trainer.learning_rate": ValueRange(0, inclusive=True),
+    "trainer.per_device_batch_size": ValueRange(0),
+    "trainer.gradient_accumulation_steps": ValueRange(0),
+    "trainer.weight_decay": ValueRange(0, inclusive=True),
+    "trainer.warmup_ratio": ValueRange(0, inclusive=True, high=1),
+    "trainer.max_grad_norm": ValueRange(0, inclusive=True),
+    "trainer.logging_steps": ValueRange(0),
+    "trainer.save_steps": ValueRange(0),
+    "trainer.save_total_limit": ValueRange(0),
+    "trainer.eval_steps": ValueRange(0),
+    "trainer.dataloader_num_workers": ValueRange(0, inclusive=True),
 }
 
 
@@ -270,12 +288,8 @@ def check_ranges(config: Config) -> None:
             value = getattr(getattr(config, section.name), field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config {path}: expected a finite number, got {value}")
-            if path in VALUE_RANGES and value is not None:
-                bound, inclusive = VALUE_RANGES[path]
-                if value < bound or (value == bound and not inclusive):
-                    raise ConfigError(
-                        f"config {path}: expected a value {'>=' if inclusive else '>'} {bound}, got {value}"
-                    )
+            if path in VALUE_RANGES and value is not None and value not in VALUE_RANGES[path]:
+                raise ConfigError(f"config {path}: expected a value {VALUE_RANGES[path].describe()}, got {value}")
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -20,7 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from mrloss.training.build import RUN_TOKENIZER_DIR, build_model, build_tokenizer, ensure_data_files
+from mrloss.data.tokenizer import RUN_TOKENIZER_DIR
+from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
 from mrloss.training.config import Config, ConfigError, load_config
 
 
@@ -83,6 +84,7 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         tokenizer = build_tokenizer(config, resume, is_main=args.local_process_index == 0)
     data_options = dict(
         format=config.data.format,
+        extra_keys=config.data.extra_keys,
         max_length=config.data.max_length,
         truncation=config.data.truncation,
         add_eos=config.data.add_eos,

@@ -86,6 +86,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "data.max_length": _hydra_value(data.max_length),
         "data.truncation": data.truncation,
         "+data.format": data.format,
+        "+data.extra_keys": data.extra_keys if isinstance(data.extra_keys, str) else _hydra_list(data.extra_keys),
         "+data.add_eos": _hydra_value(data.add_eos),
         "data.use_dynamic_bsz": "false",
         "data.micro_batch_size_per_gpu": str(trainer.per_device_batch_size),

@@ -11,15 +11,19 @@ what keeps a packed sample from learning the next sample's first token.
 
 Data config keys read (verl's ``data`` section; ``+data.format=...`` adds the ones verl lacks):
 ``pad_mode`` (must be no_padding), ``max_length``, ``truncation`` (right | left | error), ``format``
-(auto | position_based | tag_based | structured | messages), ``add_eos``, ``shuffle`` and ``seed`` (for
-max_samples); for chat samples, as verl's MultiTurnSFTDataset reads them: ``messages_key`` (default
-messages), ``tools_key`` (tools), ``enable_thinking_key`` (enable_thinking), ``enable_thinking_default`` and
-``apply_chat_template_kwargs``.
+(auto | position_based | tag_based | structured | messages), ``extra_keys`` (error | keep | a list of key names,
+as `mrloss.formats.parse`; verl's own dataset columns `VERL_METADATA_KEYS` are metadata in any case), ``add_eos``,
+``shuffle`` and ``seed`` (for max_samples); for chat samples, as verl's MultiTurnSFTDataset reads them:
+``messages_key`` (default messages), ``tools_key`` (tools), ``enable_thinking_key`` (enable_thinking),
+``enable_thinking_default`` and ``apply_chat_template_kwargs``.
 """
 
 from __future__ import annotations
 
 import torch
+
+# the columns verl's data preprocessing scripts write next to the prompt or messages: metadata here
+VERL_METADATA_KEYS = ("data_source", "ability", "reward_model", "extra_info")
 
 
 class MultiRegionSFTDataset(torch.utils.data.Dataset):
@@ -54,6 +58,7 @@ class MultiRegionSFTDataset(torch.utils.data.Dataset):
             records,
             tokenizer,
             format=config.get("format", "auto"),
+            extra_keys=_extra_keys(config.get("extra_keys", None)),
             max_length=config.get("max_length", None),
             truncation=config.get("truncation", "right"),
             add_eos=config.get("add_eos", True),
@@ -80,6 +85,15 @@ class MultiRegionSFTDataset(torch.utils.data.Dataset):
             "loss_mask": item["token_weights"].float(),
             "region_type_ids": item["region_type_ids"].long(),
         }
+
+
+def _extra_keys(value):
+    """``data.extra_keys`` (null | error | keep | key names) as `mrloss.formats.parse` takes it, with
+    `VERL_METADATA_KEYS` allowed."""
+    if value == "keep":
+        return value
+    names = () if value is None or value == "error" else tuple(str(key) for key in value)
+    return VERL_METADATA_KEYS + names
 
 
 def chat_sample(sample: dict, config) -> dict:
