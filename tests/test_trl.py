@@ -3,6 +3,7 @@
 accumulation, completion-only loss, LoRA and ``mrloss train --trainer trl``."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -281,6 +282,24 @@ def test_raw_samples_in_any_format_become_weighted_token_data(tokenizer):
         assert any(w > 1.0 for row in dataset["token_weights"] for w in row)
     plain = datasets.Dataset.from_list([{"text": "no regions here"}])
     assert sft_dataset(plain, tokenizer) is plain  # plain TRL data: TRL tokenizes it
+
+
+def test_a_datasets_dataset_of_mixed_formats_and_extra_columns(tokenizer, tmp_path):
+    """Columnar rows hold null for the other formats' columns: not keys of the sample. Unknown columns need
+    ``extra_keys``, as everywhere."""
+    from mrloss.data.examples import EXAMPLES
+    from mrloss.formats import FORMATS, FormatError, convert
+
+    mixed = [convert(sample, FORMATS[i % 3]) for i, sample in enumerate(EXAMPLES)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({**s, "score": i}) + "\n" for i, s in enumerate(mixed)), encoding="utf-8")
+    rows = datasets.load_dataset("json", data_files=str(path), split="train")
+    assert {"text", "segments", "learning_regions", "score"} <= set(rows.column_names)
+    with pytest.raises(FormatError, match="sample 0, field 'score': unknown key 'score'"):
+        sft_dataset(rows, tokenizer)
+    dataset = sft_dataset(rows, tokenizer, extra_keys=["score"])
+    expected = sft_dataset(mixed, tokenizer)
+    assert dataset["input_ids"] == expected["input_ids"] and dataset["token_weights"] == expected["token_weights"]
 
 
 def test_mrloss_train_with_the_trl_backend(tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def sft_dataset(source, tokenizer=None, *, region_types: list[str] | None = None
     list of raw samples (dicts in any of mrloss's formats); a ``datasets.Dataset`` -- returned as is when it is
     tokenized (``input_ids``) or plain TRL data, encoded by mrloss when it holds raw multi-region samples
     (``segments`` / ``learning_regions`` columns, or ``<LEARN`` tags in ``text``). ``dataset_options`` go to
-    `MultiRegionDataset` (format, max_length, truncation, add_eos); ``region_types``: the vocabulary to use
+    `MultiRegionDataset` (format, extra_keys, max_length, truncation, add_eos); ``region_types``: the vocabulary to use
     (e.g. the training set's for an evaluation set). None stays None.
     """
     from mrloss.data import MultiRegionDataset
@@ -76,7 +76,9 @@ def sft_dataset(source, tokenizer=None, *, region_types: list[str] | None = None
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         if not _holds_raw_regions(source):
             return source
-        source = list(source)
+        from mrloss.data.records import drop_nulls
+
+        source = [drop_nulls(row) for row in source]  # a row lacks the columns of other formats: null
     if not isinstance(source, MultiRegionDataset):
         if tokenizer is None:
             raise ValueError("sft_dataset: multi-region data needs the tokenizer (processing_class) to encode it")
