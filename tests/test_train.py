@@ -158,6 +158,52 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
     assert got == pytest.approx({**expected, "weighted": weighted[0] / weighted[1]}, rel=1e-5)
 
 
+def test_trainer_evaluate_logs_region_losses_and_token_metrics(tokenizer, tmp_path):
+    """``trainer.evaluate()`` adds ``eval_loss/<type>`` (= evaluate_region_losses), ``eval_mean_token_accuracy``
+    and ``eval_entropy`` (overall and per type, over the learned tokens; from the model's own logits) and feeds
+    neither the weighting's step statistics nor the training log's."""
+    from mrloss.training.evaluate import evaluate_region_losses
+
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5, count=5), tokenizer)
+    model = tiny_causal_lm(
+        len(tokenizer), intermediate_size=64, num_hidden_layers=1, pad_token_id=tokenizer.pad_token_id
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=3
+    )
+    trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer, loss_options={"backend": "torch"})
+    metrics = trainer.evaluate(dataset)
+    assert not trainer.region_tracker.step_sums.any() and not trainer._train_log_stats.losses.any()
+    losses = evaluate_region_losses(trainer, dataset, batch_size=3)
+    assert {k: metrics[f"eval_loss/{k}"] for k in dataset.region_types} == pytest.approx(
+        {k: losses[k] for k in dataset.region_types}, abs=1e-4
+    )
+
+    correct, entropy, count = {}, {}, {}
+    for start in (0, 3):
+        batch = trainer.data_collator([dataset[i] for i in range(start, min(start + 3, len(dataset)))])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        log_p = torch.log_softmax(logits.double(), dim=-1)
+        learned = (batch["labels"][:, 1:] != -100) & (batch["token_weights"][:, 1:] > 0)
+        hits = logits.argmax(-1) == batch["input_ids"][:, 1:]
+        token_entropy = -(log_p.exp() * log_p).sum(-1)
+        types = batch["region_type_ids"][:, 1:]
+        for index, name in [(i, n) for i, n in enumerate(dataset.region_types)] + [(None, "all")]:
+            mask = learned if index is None else learned & (types == index)
+            correct[name] = correct.get(name, 0) + int(hits[mask].sum())
+            entropy[name] = entropy.get(name, 0.0) + float(token_entropy[mask].sum())
+            count[name] = count.get(name, 0) + int(mask.sum())
+    assert metrics["eval_mean_token_accuracy"] == pytest.approx(correct["all"] / count["all"], abs=1e-4)
+    assert metrics["eval_entropy"] == pytest.approx(entropy["all"] / count["all"], abs=1e-4)
+    for name in dataset.region_types:
+        assert metrics[f"eval_mean_token_accuracy/{name}"] == pytest.approx(correct[name] / count[name], abs=1e-4)
+        assert metrics[f"eval_entropy/{name}"] == pytest.approx(entropy[name] / count[name], abs=1e-4)
+    ours = [key for key in metrics if "/" in key or key in ("eval_mean_token_accuracy", "eval_entropy")]
+    again = trainer.evaluate(dataset)  # a second evaluation starts from zero
+    assert {key: again[key] for key in ours} == pytest.approx({key: metrics[key] for key in ours}, rel=1e-9)
+
+
 def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
     """model.path null: the run's tokenizer is `train_bpe_tokenizer_for_files` of data.train_files with
     model.vocab_size -- what `mrloss show` / `mrloss prepare` train by default on the same file."""

@@ -46,6 +46,57 @@ CHECKPOINT_STAGING = ".checkpoint-staging"  # inside the run directory; transfor
 TOKEN_METRICS = {"mean_token_accuracy": "token_accuracy", "entropy": "token_entropy"}  # log name: output field
 
 
+class RegionLogStats:
+    """What a log reports per region type, summed since it was last popped: row 0 the Σ and row 1 the count over
+    learned tokens of the token loss (``losses [2, types]``) and of each token metric (``metrics[name] [2, types
+    + 1]``, TRL's names `TOKEN_METRICS`; last column: every learned token). float64, CPU."""
+
+    def __init__(self, region_types, ignore_index: int = IGNORE_INDEX):
+        self.region_types, self.ignore_index = list(region_types), ignore_index
+        self.losses = torch.zeros(2, len(self.region_types), dtype=torch.float64)
+        self.metrics = {name: torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64) for name in TOKEN_METRICS}
+
+    def add(self, batch, outputs, loss_sums: torch.Tensor) -> None:
+        """Add one micro-batch: its per-type loss sums (`mrloss.metrics.region_loss_sums`) and the token metrics
+        of ``outputs`` (`mrloss.metrics.region_statistics`, the metric in place of the loss)."""
+        self.losses += loss_sums
+        for name, attribute in TOKEN_METRICS.items():
+            record = region_statistics(
+                batch["token_weights"],
+                batch["region_type_ids"],
+                self.region_types,
+                attention_mask=batch.get("attention_mask"),
+                labels=batch.get("labels"),
+                token_losses=getattr(outputs, attribute),
+                ignore_index=self.ignore_index,
+            )
+            total = record["total"]
+            overall = torch.tensor([[(total["mean_loss"] or 0.0) * total["learned_tokens"]], [total["learned_tokens"]]])
+            self.metrics[name] += torch.cat([region_loss_sums(record, self.region_types), overall], dim=1)
+
+    def pop_logs(self, prefix: str, device) -> dict[str, float]:
+        """``{prefix}loss/<type>``, ``{prefix}<metric>`` and ``{prefix}<metric>/<type>`` over all ranks (a
+        collective: every rank calls it); then zero. Types without learned tokens are left out."""
+        logs = {}
+        losses = all_reduce_sum(self.losses, device=device)
+        logs.update(
+            {f"{prefix}loss/{t}": round(m, 4) for t, m in mean_region_losses(losses, self.region_types).items()}
+        )
+        for name, sums in self.metrics.items():
+            sums = all_reduce_sum(sums, device=device)
+            if sums[1, -1] > 0:
+                logs[f"{prefix}{name}"] = round(float(sums[0, -1] / sums[1, -1]), 4)
+            for region_type, mean in mean_region_losses(sums[:, :-1], self.region_types).items():
+                logs[f"{prefix}{name}/{region_type}"] = round(mean, 4)
+        self.zero()
+        return logs
+
+    def zero(self) -> None:
+        self.losses.zero_()
+        for sums in self.metrics.values():
+            sums.zero_()
+
+
 @functools.cache
 def _output_class():
     @dataclasses.dataclass
@@ -276,14 +327,13 @@ class MultiRegionTrainer(transformers.Trainer):
         )
         if self.pop_callback(transformers.trainer_callback.ProgressCallback) is not None:
             self.add_callback(MultiRegionProgressCallback)
-        # rows: loss sum, token count per region type since the last log (the tracker holds the step's)
-        self._log_type_stats = torch.zeros(2, len(self.region_types), dtype=torch.float64)
+        # per-type losses and token metrics since the last training log (the tracker holds the step's), and of
+        # the evaluation running now (its own tracker: evaluation feeds no weighting and no monitor)
+        self._train_log_stats = RegionLogStats(self.region_types, self.ignore_index)
+        self._eval_log_stats = RegionLogStats(self.region_types, self.ignore_index)
+        self._eval_tracker = RegionStepTracker(self.region_types, ignore_index=self.ignore_index)
         self._log_tokens = 0
         self._log_time = time.perf_counter()
-        # TRL's names: per metric, rows Σ and count of learned tokens, per region type and (last column) overall
-        self._log_metric_stats = {
-            name: torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64) for name in TOKEN_METRICS
-        }
 
     def _default_data_collator(self, processing_class, **collator_options):
         """The collator when none is passed: `MultiRegionCollator` with the pad id of ``processing_class``
@@ -329,36 +379,34 @@ class MultiRegionTrainer(transformers.Trainer):
         loss, outputs = super().compute_loss(
             model, model_inputs(batch), return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        if model.training and "region_type_ids" in batch:
-            self._record_region_losses(batch, outputs.token_losses)
-            self._record_token_metrics(batch, outputs)
+        if "region_type_ids" in batch:
+            if model.training:
+                self._record_region_losses(batch, outputs)
+            else:
+                record = self._eval_tracker.statistics(batch, outputs.token_losses, self.state.global_step)
+                self._eval_log_stats.add(batch, outputs, self._eval_tracker.record(record))
         return (loss, outputs) if return_outputs else loss
 
-    def _record_region_losses(self, batch, token_losses) -> None:
+    def _record_region_losses(self, batch, outputs) -> None:
         """Per-type loss sums of one training micro-batch (`mrloss.metrics.region_statistics`, through the region
         tracker; on rank 0 also the monitor), fed to the weighting's and the log's statistics."""
-        record = self.region_tracker.statistics(batch, token_losses, self.state.global_step)
-        self._log_type_stats += self.region_tracker.record(record)
+        record = self.region_tracker.statistics(batch, outputs.token_losses, self.state.global_step)
+        self._train_log_stats.add(batch, outputs, self.region_tracker.record(record))
         self._log_tokens += (
             int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         )
 
-    def _record_token_metrics(self, batch, outputs) -> None:
-        """Σ and count of token accuracy and entropy over the learned tokens of one training micro-batch, per
-        region type and overall (`mrloss.metrics.region_statistics`, the token metric in place of the loss)."""
-        for name, attribute in TOKEN_METRICS.items():
-            record = region_statistics(
-                batch["token_weights"],
-                batch["region_type_ids"],
-                self.region_types,
-                attention_mask=batch.get("attention_mask"),
-                labels=batch.get("labels"),
-                token_losses=getattr(outputs, attribute),
-                ignore_index=self.ignore_index,
-            )
-            total = record["total"]
-            overall = torch.tensor([[(total["mean_loss"] or 0.0) * total["learned_tokens"]], [total["learned_tokens"]]])
-            self._log_metric_stats[name] += torch.cat([region_loss_sums(record, self.region_types), overall], dim=1)
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """`transformers.Trainer.evaluation_loop`, whose metrics also get ``<prefix>_loss/<type>`` and the token
+        metrics ``<prefix>_mean_token_accuracy``, ``<prefix>_entropy`` (also per type) over the learned tokens of
+        the whole evaluation set, all ranks (prefix: ``eval``, or ``eval_<name>`` for several sets)."""
+        self._eval_log_stats.zero()
+        self._eval_tracker.step_sums.zero_()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(self._eval_log_stats.pop_logs(f"{metric_key_prefix}_", self.args.device))
+        return output
 
     # -- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -366,24 +414,14 @@ class MultiRegionTrainer(transformers.Trainer):
         region type since the last log, all ranks), ``tokens_per_second``, ``weight/<type>``, and TRL's token
         metrics over the learned tokens: ``mean_token_accuracy`` and ``entropy``, also per type (``entropy/<type>``)."""
         if "loss" in logs:
-            tokens = torch.tensor([[float(self._log_tokens)]], dtype=torch.float64)
-            stats = all_reduce_sum(
-                torch.cat([self._log_type_stats, tokens.expand(2, 1)], dim=1), device=self.args.device
+            tokens = all_reduce_sum(
+                torch.tensor([float(self._log_tokens)], dtype=torch.float64), device=self.args.device
             )
             now = time.perf_counter()
-            logs["tokens_per_second"] = round(float(stats[0, -1]) / max(now - self._log_time, 1e-9), 1)
-            for region_type, mean_loss in mean_region_losses(stats[:, :-1], self.region_types).items():
-                logs[f"loss/{region_type}"] = round(mean_loss, 4)
+            logs["tokens_per_second"] = round(float(tokens[0]) / max(now - self._log_time, 1e-9), 1)
+            logs.update(self._train_log_stats.pop_logs("", self.args.device))
             if self.weighting is not None:
                 logs.update({f"weight/{t}": round(m, 4) for t, m in self.weighting.multipliers().items()})
-            for name, sums in self._log_metric_stats.items():
-                sums = all_reduce_sum(sums, device=self.args.device)
-                if sums[1, -1] > 0:
-                    logs[name] = round(float(sums[0, -1] / sums[1, -1]), 4)
-                for region_type, mean in mean_region_losses(sums[:, :-1], self.region_types).items():
-                    logs[f"{name}/{region_type}"] = round(mean, 4)
-                self._log_metric_stats[name].zero_()
-            self._log_type_stats.zero_()
             self._log_tokens, self._log_time = 0, now
         super().log(logs, start_time)
 
