@@ -212,3 +212,38 @@ def test_prepare_reads_chat_samples_with_the_tokenizers_template(qwen_tokenizer,
     dataset = MultiRegionDataset.from_disk([out / "train.tokenized"], qwen_tokenizer)
     weights = dataset[0]["token_weights"]
     assert weights.max().item() == 2.0 and (weights == 0).sum().item() > 0
+
+
+def test_mrloss_train_on_chat_data_with_a_local_chat_model(qwen_tokenizer, tmp_path, capsys):
+    """``data.format: messages`` with ``model.path`` a local chat model: trains, assistant turns learned (region
+    type = role). Without model.path (a BPE trained on the data has no chat template): one line naming it."""
+    import json
+
+    import yaml
+    from tiny_models import tiny_causal_lm
+
+    from mrloss.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_causal_lm(len(qwen_tokenizer), num_hidden_layers=1).save_pretrained(model_dir)
+    qwen_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(CHAT, ensure_ascii=False) + "\n" for _ in range(4)), encoding="utf-8")
+
+    def train(model: dict, run: str) -> tuple[int, str]:
+        config = {
+            "data": {"train_files": [str(data)], "format": "messages", "max_length": 96},
+            "model": model,
+            "trainer": {"output_dir": str(tmp_path / run), "device": "cpu", "max_steps": 2, "logging_steps": 1},
+        }
+        (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+        code = main(["train", "--config", str(tmp_path / f"{run}.yaml")])
+        return code, capsys.readouterr().err
+
+    code, err = train({"path": str(model_dir)}, "run")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["region_types"]) == {"assistant", "concept"} and metrics["region_losses"]["last"]["assistant"] > 0
+    code, err = train({"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 1}, "bpe")
+    assert code == 2 and "the messages format needs the tokenizer" in err and "model.path" in err, err
+    assert err.count("\n") == 1

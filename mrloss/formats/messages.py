@@ -38,14 +38,15 @@ def parse_messages(sample: dict, *, tokenizer=None, sample_id=None) -> RegionTex
     messages, learned_by_default = _messages(sample, sample_id)
     if tokenizer is None:
         raise FormatError(
-            "the messages format needs the tokenizer (parse(..., tokenizer=...)): its chat template renders the text",
+            "the messages format needs the tokenizer, whose chat template renders the text (parse(..., tokenizer=...); "
+            "mrloss show / prepare: --tokenizer DIR; mrloss train: model.path, a local chat model)",
             sample_id=sample_id,
             field="messages",
         )
     if not getattr(tokenizer, "chat_template", None):
         raise FormatError(
             f"the tokenizer ({type(tokenizer).__name__}) has no chat template: use a chat model's tokenizer "
-            "(`mrloss show` / `prepare`: --tokenizer DIR) or set tokenizer.chat_template",
+            "(`mrloss show` / `prepare`: --tokenizer DIR; `mrloss train`: model.path) or set tokenizer.chat_template",
             sample_id=sample_id,
             field="messages",
         )

@@ -53,7 +53,7 @@ class DataConfig:
     # model.path is null); required
     train_files: list[str] = dataclasses.field(default_factory=list)
     val_files: list[str] = dataclasses.field(default_factory=list)
-    format: Literal["auto", "position_based", "tag_based", "structured"] = "auto"
+    format: Literal["auto", "position_based", "tag_based", "structured", "messages"] = "auto"
     # top-level sample keys besides the format's and mrloss.formats.METADATA_KEYS: error, keep (as metadata), or
     # a list of key names kept
     extra_keys: Literal["error", "keep"] | list[str] = "error"
