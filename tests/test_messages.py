@@ -243,7 +243,9 @@ def test_mrloss_train_on_chat_data_with_a_local_chat_model(qwen_tokenizer, tmp_p
     code, err = train({"path": str(model_dir)}, "run")
     assert code == 0, err
     metrics = json.loads((tmp_path / "run/metrics.json").read_text(encoding="utf-8"))
-    assert set(metrics["region_types"]) == {"assistant", "concept"} and metrics["region_losses"]["last"]["assistant"] > 0
+    assert (
+        set(metrics["region_types"]) == {"assistant", "concept"} and metrics["region_losses"]["last"]["assistant"] > 0
+    )
     code, err = train({"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 1}, "bpe")
     assert code == 2 and "the messages format needs the tokenizer" in err and "model.path" in err, err
     assert err.count("\n") == 1

@@ -305,6 +305,57 @@ def test_run_script_two_processes(script, tmp_path):
     assert (tmp_path / "out/model.safetensors").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hf", "trl"])
+def test_mrloss_train_ddp_equals_one_process(backend, tmp_path):
+    """`mrloss train` under torchrun, 2 CPU processes (DDP over gloo, per-device batch 2) and one process (batch 4)
+    see the same samples per step: the global Σw normalizes both, so the same losses, per-type losses, gradient
+    norms and trained weights (fp32, the shipped tag_based config with dynamic weights, 3 AdamW steps)."""
+    from safetensors.torch import load_file
+
+    common = [
+        f"data.train_files=[{tmp_path / 'data/tag_based.jsonl'}]",
+        "data.write_examples=true",
+        "data.max_length=96",
+        "trainer.max_steps=3",
+        "trainer.save_steps=null",
+        "trainer.logging_steps=1",
+        "trainer.device=cpu",
+        "model.hidden_size=32",
+        "model.intermediate_size=48",
+        "model.num_layers=1",
+        "monitor.enabled=false",
+        "loss.backend=torch",
+        f"trainer.backend={backend}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = {
+        "ddp": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mrloss.cli"], 2),
+        "single": (["-m", "mrloss.cli"], 4),
+    }
+    for name, (launcher, batch) in runs.items():
+        command = [sys.executable, *launcher, "train", "--config", "tag_based", *common]
+        command += [f"trainer.output_dir={tmp_path / name}", f"trainer.per_device_batch_size={batch}"]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def logs(name):
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        keys = ("loss", "grad_norm", "loss/concept", "loss/definition", "loss/methodology")
+        steps = [entry for entry in metrics["log_history"] if "loss" in entry]
+        return metrics["world_size"], len(steps), [entry[key] for entry in steps for key in keys]
+
+    (ddp_world, ddp_steps, ddp_logs), (single_world, _, single_logs) = logs("ddp"), logs("single")
+    assert (ddp_world, single_world, ddp_steps) == (2, 1, 3)
+    assert ddp_logs == pytest.approx(single_logs, rel=1e-4)
+    ddp_weights, single_weights = (load_file(tmp_path / name / "model.safetensors") for name in runs)
+    assert ddp_weights.keys() == single_weights.keys()
+    for name, weight in ddp_weights.items():
+        torch.testing.assert_close(
+            weight, single_weights[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
 def test_run_script_usage_error():
     result = subprocess.run(
         ["bash", str(REPO / "examples/sft/multi_region/run_multi_region_tag.sh"), "2"],
