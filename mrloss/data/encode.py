@@ -27,6 +27,7 @@ import numpy as np
 from mrloss.formats import FormatError, RegionText
 
 TRUNCATION_MODES = ("right", "left", "error")
+DEFAULT_MAX_LENGTH = 512  # tokens per sample of `mrloss train` (data.max_length) unless configured
 
 
 def unlearn_first_token(token_weights):

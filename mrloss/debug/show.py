@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mrloss.data.encode import TRUNCATION_MODES
+from mrloss.data.encode import DEFAULT_MAX_LENGTH, TRUNCATION_MODES
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE, RUN_TOKENIZER_DIR
 from mrloss.formats import INPUT_FORMATS, METADATA_KEYS, extra_keys_option
 
@@ -135,7 +135,8 @@ def _run_data_config(run_dir: str) -> dict:
     if not path.exists():
         return dict(WITHOUT_RUN)
     section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-    return {**WITHOUT_RUN, "max_length": 512, **{key: section[key] for key in WITHOUT_RUN if key in section}}
+    written = {key: section[key] for key in WITHOUT_RUN if key in section}
+    return {**WITHOUT_RUN, "max_length": DEFAULT_MAX_LENGTH, **written}
 
 
 def _tokenizer(args, data_format: str):

@@ -38,6 +38,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from mrloss.configs import builtin_configs, resolve_config
+from mrloss.data.encode import DEFAULT_MAX_LENGTH
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
 
 
@@ -57,7 +58,7 @@ class DataConfig:
     # top-level sample keys besides the format's and mrloss.formats.METADATA_KEYS: error, keep (as metadata), or
     # a list of key names kept
     extra_keys: Literal["error", "keep"] | list[str] = "error"
-    max_length: int | None = 512
+    max_length: int | None = DEFAULT_MAX_LENGTH
     truncation: Literal["right", "left", "error"] = "right"
     pack: bool = False  # pack several samples per row (position_ids restart per sample)
     add_eos: bool = True
