@@ -118,6 +118,37 @@ def test_fused_forward_matches_float64_reference(dtype, bias, options):
     torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_fused_forward_token_metrics_match_float64_reference(dtype, softcap):
+    """Accuracy (first maximum = target) and entropy of the softcapped softmax, across 5 V tiles; the losses
+    and lse are those of the pass without metrics. Some targets are set to their row's argmax (accuracy 1)
+    and one row's maximum is tied in a later tile (the first maximum counts)."""
+    hidden, weight, bias_, rows, targets = fused_inputs(dtype, True)
+    logits = hidden[rows].double() @ weight.double().T + bias_.double()
+    z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    targets[2:9] = z[2:9].argmax(1)
+    weight = weight.clone()
+    first = int(z[9].argmax())
+    other = (first + 128) % weight.shape[0]  # two tiles away (BLOCK_V 64): the same logit
+    weight[other], bias_ = weight[first], bias_.clone()
+    bias_[other] = bias_[first]
+    targets[9] = max(first, other)  # a tie is not a hit: the first maximum is the smaller column
+    logits = hidden[rows].double() @ weight.double().T + bias_.double()
+    z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    options = dict(softcap=softcap, label_smoothing=0.1, blocks=dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16))
+    lse, correct, entropy = (torch.empty(len(rows)) for _ in range(3))
+    losses = fused_forward(
+        hidden, weight, bias_, rows, targets, lse_out=lse, correct_out=correct, entropy_out=entropy, **options
+    )
+    plain_lse = torch.empty(len(rows))
+    assert torch.equal(losses, fused_forward(hidden, weight, bias_, rows, targets, lse_out=plain_lse, **options))
+    assert torch.equal(lse, plain_lse)
+    log_p = torch.log_softmax(z, 1)
+    assert torch.equal(correct, (z.argmax(1) == targets).float()) and correct[2:9].all() and correct[9] == 0
+    torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(1), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_forward_default_blocks_and_edge_cases():
     hidden, weight, bias_, rows, targets = fused_inputs(torch.float32, True, vocab=1)  # V = 1: loss 0
     assert fused_forward(hidden, weight, bias_, rows, targets, softcap=None, label_smoothing=0.0).abs().max() == 0
@@ -138,6 +169,16 @@ def test_gpu_fused_forward_matches_float64_reference(dtype):
     losses = fused_forward(hidden, weight, bias_, rows, targets, **options)
     expected = float64_row_losses(hidden, weight, bias_, rows, targets, **options)
     torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-5)
+    correct, entropy = torch.empty_like(losses), torch.empty_like(losses)
+    with_metrics = fused_forward(
+        hidden, weight, bias_, rows, targets, correct_out=correct, entropy_out=entropy, **options
+    )
+    assert torch.equal(with_metrics, losses)
+    z = hidden[rows].double() @ weight.double().T + bias_.double()
+    log_p = torch.log_softmax(30.0 * torch.tanh(z / 30.0), 1)
+    near_tie = log_p.topk(2, dim=1).values.diff(dim=1).abs().squeeze(1) < 1e-4  # fp32 may order those either way
+    assert torch.equal(correct[~near_tie], (log_p.argmax(1) == targets)[~near_tie].float())
+    torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(1), rtol=1e-4, atol=1e-4)
 
 
 def test_fused_forward_reads_strided_views():

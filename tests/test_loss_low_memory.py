@@ -160,6 +160,34 @@ def test_token_metrics_match_plain_pytorch(backend, memory, options):
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # expected: the fused loss-only kernel (Triton)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_token_metrics_of_a_loss_only_pass_come_from_the_fused_kernel(monkeypatch, reduction):
+    """No gradient wanted (evaluation): the Triton backend's fused forward fills the metrics too (no logits
+    chunk, no row op), equal to the PyTorch chunks'."""
+    import mrloss.ops.backends.triton.cross_entropy_rows as rows_module
+    import mrloss.ops.backends.triton.linear_cross_entropy_forward as forward_module
+
+    inputs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in make_inputs((3, 13)).items()}
+    expected = linear_cross_entropy(**inputs, reduction=reduction, backend="torch", return_token_metrics=True)
+    fused_calls = []
+    fused = forward_module.linear_cross_entropy_forward
+
+    def spy(*args, **kwargs):
+        fused_calls.append(kwargs["correct_out"] is not None and kwargs["entropy_out"] is not None)
+        return fused(*args, **kwargs)
+
+    def no_row_op(*args, **kwargs):
+        raise AssertionError("the row op ran")
+
+    monkeypatch.setattr(forward_module, "linear_cross_entropy_forward", spy)
+    monkeypatch.setattr(rows_module, "cross_entropy_rows", no_row_op)
+    loss, metrics = linear_cross_entropy(**inputs, reduction=reduction, backend="triton", return_token_metrics=True)
+    assert fused_calls == [True]
+    torch.testing.assert_close(loss, expected[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(metrics.accuracy, expected[1].accuracy)
+    torch.testing.assert_close(metrics.entropy, expected[1].entropy, rtol=1e-5, atol=1e-5)
+
+
 class AllocationTracker(TorchDispatchMode):
     """Bytes of every new tensor storage an op creates (not the inputs' storages): the largest one, and the
     peak of the live ones (a storage stops counting when it is freed)."""

@@ -5,7 +5,7 @@ shift rule of ``mrloss.ops.normalization``), compacts the *learned* tokens (vali
 they cost matmul work), and runs one ``torch.autograd.Function`` (``mrloss.ops.function``) over the chunk driver
 ``mrloss.ops.chunked`` with a backend row op (``mrloss.ops.backends.torch`` or the Triton kernel
 ``mrloss.ops.backends.triton.cross_entropy_rows``). With the Triton backend, passes that need losses only (no
-gradient wanted, or the forward of reduction "none") run the fused kernel
+gradient wanted, or the forward of reduction "none"; token metrics included) run the fused kernel
 ``mrloss.ops.backends.triton.linear_cross_entropy_forward`` instead: no logits chunk, O(N) extra memory. The
 formula is the one of ``mrloss.ops.reference``.
 
@@ -433,7 +433,7 @@ def _auto_backend(hidden: torch.Tensor) -> str:
 
 
 def _chunked_torch_losses(
-    hidden, weight, bias, rows, targets, *, softcap, label_smoothing, lse_out=None
+    hidden, weight, bias, rows, targets, *, softcap, label_smoothing, lse_out=None, correct_out=None, entropy_out=None
 ) -> torch.Tensor:
     """The fused loss-only forward's result from the PyTorch chunks (its fallback), float32."""
     from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
@@ -450,9 +450,15 @@ def _chunked_torch_losses(
         softcap=softcap,
         label_smoothing=label_smoothing,
         chunk_size=chunk_size,
+        metrics=correct_out is not None or entropy_out is not None,
     )
-    if lse_out is not None:
-        lse_out.copy_(result.rows.lse)
+    for out, values in (
+        (lse_out, result.rows.lse),
+        (correct_out, result.rows.correct),
+        (entropy_out, result.rows.entropy),
+    ):
+        if out is not None:
+            out.copy_(values)
     return result.rows.losses.float()
 
 

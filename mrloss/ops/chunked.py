@@ -39,11 +39,13 @@ columns [start, start + V_local) of a vocabulary of V split over ranks, targets 
 (``mrloss.parallel_vocab`` passes collectives).
 
 A backend may also offer a fused loss-only forward (``mrloss.ops.backends.triton.linear_cross_entropy_forward``),
-the same losses l_i (and lse_i) without any logits in memory (a_i accumulated in float32); ``mrloss.ops.function``
-uses it for passes that need no gradient and no token metrics, with memory="fast":
+the same losses l_i (and lse_i, and the token metrics) without any logits in memory (a_i accumulated in float32);
+``mrloss.ops.function`` uses it for passes that need no gradient, with memory="fast":
 
-    fused_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing, lse_out=None) -> losses [M] fp32
-    (arguments as in ``chunked_linear_cross_entropy``; fp16|bf16|fp32 inputs; lse_out [M] fp32)
+    fused_losses(hidden, weight, bias, rows, targets, *, softcap, label_smoothing, lse_out=None, correct_out=None,
+                 entropy_out=None) -> losses [M] fp32
+    (arguments as in ``chunked_linear_cross_entropy``; fp16|bf16|fp32 inputs; the outputs [M] fp32, the metrics
+    filled when either is given)
 """
 
 from __future__ import annotations

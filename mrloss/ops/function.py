@@ -48,8 +48,11 @@ class Plan:
 
     @_without_autocast
     def run(self, hidden, weight, bias, rows, targets, grad_scales, *, metrics=False) -> ChunkedResult:
-        if grad_scales is None and self.fused_losses is not None and not metrics and self.slice_grad_op is None:
-            lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        if grad_scales is None and self.fused_losses is not None and self.slice_grad_op is None:
+            lse, correct, entropy = (
+                torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device) if wanted else None
+                for wanted in (True, metrics, metrics)
+            )
             losses = self.fused_losses(
                 hidden,
                 weight,
@@ -59,8 +62,10 @@ class Plan:
                 softcap=self.softcap,
                 label_smoothing=self.label_smoothing,
                 lse_out=lse,
+                correct_out=correct,
+                entropy_out=entropy,
             )
-            return ChunkedResult(RowStats(losses, lse), None, None, None)
+            return ChunkedResult(RowStats(losses, lse, correct, entropy), None, None, None)
         return chunked_linear_cross_entropy(
             hidden,
             weight,

@@ -10,11 +10,15 @@ over the vocabulary in BLOCK_V tiles; for each tile the [BLOCK_N, BLOCK_V] logit
 float32 registers by ``tl.dot`` over H in BLOCK_H steps (+ bias, softcap), then folded into per-row
 running max / sum-exp (online logsumexp), the target logit (picked when the target falls in the tile)
 and the sum of logits (label smoothing). Only those four [BLOCK_N] vectors live across tiles. Each row's
-logsumexp is stored beside its loss (memory="low" and the z-loss use it). Each
-program reads all of ``weight`` once per BLOCK_N rows. No atomics: deterministic.
+logsumexp is stored beside its loss (memory="low" and the z-loss use it). With METRICS (the token metrics of
+``mrloss.ops.chunked.TokenMetrics``) two more live across tiles, as in the row kernel: the first column of the
+running maximum (accuracy: it is the target) and sum_j exp(z_j - max) z_j (entropy = lse - that / sum-exp).
+Each program reads all of ``weight`` once per BLOCK_N rows. No atomics: deterministic.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -49,6 +53,8 @@ def _linear_cross_entropy_forward_kernel(
     targets_ptr,
     losses_ptr,
     lse_ptr,
+    correct_ptr,
+    entropy_ptr,
     num_rows,
     hidden_size,
     vocab_size,
@@ -56,6 +62,7 @@ def _linear_cross_entropy_forward_kernel(
     label_smoothing,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    METRICS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -71,6 +78,8 @@ def _linear_cross_entropy_forward_kernel(
     sum_exp = tl.zeros((BLOCK_N,), tl.float32)
     sum_logits = tl.zeros((BLOCK_N,), tl.float32)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp_logits = tl.zeros((BLOCK_N,), tl.float32)  # sum_j exp(z_j - running_max) z_j (entropy)
+    best = tl.zeros((BLOCK_N,), tl.int32)  # first column of the maximum (accuracy)
     for v_start in range(0, vocab_size, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
         col_mask = cols < vocab_size
@@ -94,8 +103,16 @@ def _linear_cross_entropy_forward_kernel(
             logits += bias.to(tl.float32)[None, :]
         z = softcapped(logits, softcap, HAS_SOFTCAP)
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        tile_max = tl.max(z, axis=1)
+        new_max = tl.maximum(running_max, tile_max)
+        if METRICS:
+            rescale = tl.exp(running_max - new_max)
+            exp_z = tl.exp(z - new_max[:, None])
+            sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=1)
+            sum_exp_logits = sum_exp_logits * rescale + tl.sum(exp_z * tl.where(col_mask[None, :], z, 0.0), axis=1)
+            best = tl.where(tile_max > running_max, v_start + tl.argmax(z, axis=1), best)
+        else:
+            sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         running_max = new_max
         sum_logits += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
@@ -103,10 +120,19 @@ def _linear_cross_entropy_forward_kernel(
     losses = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
     tl.store(losses_ptr + offsets, losses, mask=row_mask)
     tl.store(lse_ptr + offsets, lse, mask=row_mask)
+    if METRICS:
+        tl.store(correct_ptr + offsets, tl.where(best == targets, 1.0, 0.0), mask=row_mask)
+        tl.store(entropy_ptr + offsets, lse - sum_exp_logits / sum_exp, mask=row_mask)
 
 
 def forward_launch_config(
-    dtype: torch.dtype, *, has_bias: bool, has_softcap: bool, capability: Capability, blocks: dict | None = None
+    dtype: torch.dtype,
+    *,
+    has_bias: bool,
+    has_softcap: bool,
+    capability: Capability,
+    metrics: bool = False,
+    blocks: dict | None = None,
 ) -> LaunchConfig:
     """The fused forward's configuration for inputs of ``dtype`` on a GPU of ``capability``: 64 x 128
     float32 accumulator tiles over 64-wide H steps (32-wide for float32, whose IEEE products run on
@@ -117,6 +143,7 @@ def forward_launch_config(
         constexprs=dict(
             HAS_BIAS=has_bias,
             HAS_SOFTCAP=has_softcap,
+            METRICS=metrics,
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
             **dict(tiles, **(blocks or {})),
         ),
@@ -136,9 +163,13 @@ def linear_cross_entropy_forward(
     label_smoothing: float,
     blocks: dict[str, int] | None = None,
     lse_out: torch.Tensor | None = None,
+    correct_out: torch.Tensor | None = None,
+    entropy_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row losses [M] float32 of the rows ``rows`` of ``hidden``, without materializing logits; each row's
-    logsumexp goes into ``lse_out [M] fp32`` (contiguous) when given.
+    logsumexp goes into ``lse_out [M] fp32`` (contiguous) when given, and the token metrics into ``correct_out``
+    (1.0 where the first maximum of the softcapped logits is the target, else 0.0) and ``entropy_out`` (of their
+    softmax), [M] fp32 contiguous, when either is given.
 
     hidden [N, H], weight [V, H], bias [V] or None: one dtype of fp16|bf16|fp32 (any strides: each is
     read through its own strides, never copied); rows [M] int64 indices into hidden and targets [M]
@@ -153,11 +184,16 @@ def linear_cross_entropy_forward(
     if num_rows == 0:
         return losses
     lse = torch.empty_like(losses) if lse_out is None else lse_out
+    metrics = correct_out is not None or entropy_out is not None
+    if metrics:
+        correct_out = torch.empty_like(losses) if correct_out is None else correct_out
+        entropy_out = torch.empty_like(losses) if entropy_out is None else entropy_out
     config = forward_launch_config(
         hidden.dtype,
         has_bias=bias is not None,
         has_softcap=softcap is not None,
         capability=device_capability(hidden.device),
+        metrics=metrics,
         blocks=blocks,
     )
     options = config.options()
@@ -184,6 +220,8 @@ def linear_cross_entropy_forward(
         targets.contiguous(),
         losses,
         lse,
+        correct_out if metrics else losses,  # losses: dummy pointers, never written without METRICS
+        entropy_out if metrics else losses,
         num_rows,
         hidden_size,
         vocab_size,
@@ -197,25 +235,25 @@ def linear_cross_entropy_forward(
 
 def compile_cases(capability: Capability):
     """Every configuration the launcher can choose on a GPU of ``capability``, as ``CompileCase``s."""
-    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        for has_bias in (False, True):
-            for has_softcap in (False, True):
-                config = forward_launch_config(dtype, has_bias=has_bias, has_softcap=has_softcap, capability=capability)
-                signature = dict(
-                    hidden_ptr=f"*{name}", stride_hidden_row="i32", stride_hidden_col="i32",
-                    weight_ptr=f"*{name}", stride_weight_row="i32", stride_weight_col="i32",
-                    bias_ptr=f"*{name}", stride_bias="i32", rows_ptr="*i64", targets_ptr="*i64", losses_ptr="*fp32",
-                    lse_ptr="*fp32",
-                    num_rows="i32", hidden_size="i32", vocab_size="i32", softcap="fp32", label_smoothing="fp32",
-                )  # fmt: skip
-                # contiguous hidden and weight: column strides are 1 (a constexpr on a GPU launch)
-                signature.update(stride_hidden_col="constexpr", stride_weight_col="constexpr")
-                config = LaunchConfig(
-                    dict(config.constexprs, stride_hidden_col=1, stride_weight_col=1),
-                    config.num_warps,
-                    config.num_stages,
-                )
-                divisible = ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "targets_ptr", "losses_ptr", "lse_ptr",
-                             "stride_hidden_row", "stride_weight_row", "hidden_size", "vocab_size")  # fmt: skip
-                yield CompileCase("linear_cross_entropy_forward", name, _linear_cross_entropy_forward_kernel,
-                                  signature, divisible, config)  # fmt: skip
+    dtypes = ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32"))
+    for (dtype, name), has_bias, has_softcap, metrics in itertools.product(dtypes, *[(False, True)] * 3):
+        config = forward_launch_config(
+            dtype, has_bias=has_bias, has_softcap=has_softcap, capability=capability, metrics=metrics
+        )
+        signature = dict(
+            hidden_ptr=f"*{name}", stride_hidden_row="i32", stride_hidden_col="i32",
+            weight_ptr=f"*{name}", stride_weight_row="i32", stride_weight_col="i32",
+            bias_ptr=f"*{name}", stride_bias="i32", rows_ptr="*i64", targets_ptr="*i64", losses_ptr="*fp32",
+            lse_ptr="*fp32", correct_ptr="*fp32", entropy_ptr="*fp32",
+            num_rows="i32", hidden_size="i32", vocab_size="i32", softcap="fp32", label_smoothing="fp32",
+        )  # fmt: skip
+        # contiguous hidden and weight: column strides are 1 (a constexpr on a GPU launch)
+        signature.update(stride_hidden_col="constexpr", stride_weight_col="constexpr")
+        config = LaunchConfig(
+            dict(config.constexprs, stride_hidden_col=1, stride_weight_col=1), config.num_warps, config.num_stages
+        )
+        divisible = ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "targets_ptr", "losses_ptr", "lse_ptr",
+                     "correct_ptr", "entropy_ptr", "stride_hidden_row", "stride_weight_row", "hidden_size",
+                     "vocab_size")  # fmt: skip
+        yield CompileCase("linear_cross_entropy_forward", name, _linear_cross_entropy_forward_kernel,
+                          signature, divisible, config)  # fmt: skip
