@@ -417,7 +417,9 @@ def test_near_miss_top_level_keys_are_errors_with_one_suggestion(sample, suggest
     assert caught.value.field == typo and caught.value.sample_id == "s.jsonl:3"
     parse({"text": "ab", "id": 7, "language": "en", "source": "web"})  # metadata keys stay allowed
     with pytest.raises(FormatError, match="did you mean"):
-        parse(sample, extra_keys="keep")  # a typo is never metadata
+        parse(sample, extra_keys="keep")  # a typo is not kept by "keep" ...
+    if "text" in sample:
+        assert parse(sample, extra_keys=[typo]).text  # ... only when named
 
 
 @pytest.mark.parametrize(

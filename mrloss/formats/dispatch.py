@@ -17,8 +17,8 @@ _KEYS = {
     "structured": structured.KEYS,
     CHAT_FORMAT: messages.KEYS,
 }
-# keys that mark a sample as one of that format when they appear next to another format's keys (a chat
-# sample's "prompt" or "tools" alone are ordinary metadata of a plain-text sample)
+# keys that mark a sample as one of that format when they appear next to another format's keys: always an error
+# there (a chat sample's "prompt" or "tools" next to plain text are only unknown keys)
 _MARKING_KEYS = {**_KEYS, CHAT_FORMAT: ("messages",)}
 # top-level keys any sample may carry besides its format's keys: metadata, kept by `convert`, never read
 METADATA_KEYS = ("id", "source", "language", "meta", "metadata")
@@ -107,24 +107,26 @@ NEAR_MISS_CUTOFF = 0.8  # difflib ratio: "defualt_weight" / "segment" are typos,
 
 
 def _check_keys(sample: dict, chosen: str, allowed_extra: frozenset | None, sample_id) -> None:
-    """FormatError for the first top-level key of ``sample`` that a ``chosen`` sample cannot carry: a near miss of
-    a format key (a typo), a key that marks another format, or (unless allowed) any other unknown key."""
+    """FormatError for the first top-level key of ``sample`` that a ``chosen`` sample cannot carry: a key that marks
+    another format; unless named in ``allowed_extra``, a near miss of a format key (a typo, even with "keep");
+    unless allowed (``allowed_extra`` None: every key), any other unknown key."""
     own = _KEYS[chosen]
     for key in sample:
         if key in own or key in METADATA_KEYS:
             continue
-        if key not in _ALL_KEYS:
-            close = difflib.get_close_matches(str(key), _ALL_KEYS, n=1, cutoff=NEAR_MISS_CUTOFF)
-            if close:
-                raise FormatError(f"unknown key {key!r}; did you mean {close[0]!r}?", sample_id=sample_id, field=key)
-        marks_another_format = any(key in keys for name, keys in _MARKING_KEYS.items() if name != chosen)
-        if marks_another_format:
+        if any(key in keys for name, keys in _MARKING_KEYS.items() if name != chosen):
             raise FormatError(
                 f"key {key!r} does not belong to a {chosen} sample (keys: {', '.join(own)})",
                 sample_id=sample_id,
                 field=key,
             )
-        if allowed_extra is not None and key not in allowed_extra:
+        if allowed_extra is not None and key in allowed_extra:
+            continue  # named as metadata by the caller
+        if key not in _ALL_KEYS:
+            close = difflib.get_close_matches(str(key), _ALL_KEYS, n=1, cutoff=NEAR_MISS_CUTOFF)
+            if close:
+                raise FormatError(f"unknown key {key!r}; did you mean {close[0]!r}?", sample_id=sample_id, field=key)
+        if allowed_extra is not None:
             raise FormatError(
                 f"unknown key {key!r} (a {chosen} sample has {', '.join(own)} and metadata {', '.join(METADATA_KEYS)}):"
                 " move it under 'meta', or keep unknown keys (extra_keys='keep'; --extra-keys keep; config "
