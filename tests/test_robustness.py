@@ -472,6 +472,12 @@ def test_extra_keys_reach_prepare_show_datasets_and_the_config(tmp_path, capsys)
     assert cli_main(["show", str(raw), "--color", "never", "--extra-keys", "score"]) == 0
 
     tokenizer = train_bpe_tokenizer([sample["text"] for sample in samples], vocab_size=300)
+    run = tmp_path / "run"  # `mrloss show --run`: the run's data.extra_keys
+    tokenizer.save_pretrained(run / "tokenizer")
+    (run / "config.yaml").write_text("data:\n  extra_keys: [score]\n", encoding="utf-8")
+    assert cli_main(["show", str(raw), "--color", "never", "--run", str(run)]) == 0
+    assert cli_main(["show", str(raw), "--color", "never", "--run", str(run), "--extra-keys", "error"]) == 1
+    capsys.readouterr()
     with pytest.raises(FormatError, match="unknown key 'score'"):
         MultiRegionDataset(raw, tokenizer)
     assert len(MultiRegionDataset(raw, tokenizer, extra_keys=["score"])) == 4
