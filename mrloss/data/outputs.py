@@ -47,7 +47,7 @@ class OutputUnit:
             missing = missing.parent
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.scratch = Path(tempfile.mkdtemp(dir=self.directory, prefix=_scratch_prefix(os.getpid())))
+            self.scratch = Path(tempfile.mkdtemp(dir=self.directory, prefix=f"{_scratch_prefix()}{os.getpid()}-"))
         except BaseException:
             self.abort()
             raise
@@ -104,19 +104,19 @@ class OutputUnit:
         self._created = []
 
 
-def _scratch_prefix(pid: int) -> str:
-    """``.mrloss-tmp-<host>-<pid>-``: whose scratch directory it is (output directories may be shared)."""
-    return f"{SCRATCH_PREFIX}{socket.gethostname().replace('-', '_')}-{pid}-"
+def _scratch_prefix() -> str:
+    """``.mrloss-tmp-<host>-``, followed by ``<pid>-``: whose scratch directory it is (output directories may be
+    shared between hosts)."""
+    return f"{SCRATCH_PREFIX}{socket.gethostname().replace('-', '_')}-"
 
 
 def remove_abandoned_scratch(directory) -> list[Path]:
     """Remove the scratch directories in ``directory`` of processes of this host that no longer run (a
     ``kill -9``); one that holds old outputs (an interrupted commit) is kept and named in a warning. Returns
     the removed paths."""
-    removed = []
-    host = socket.gethostname().replace("-", "_")
-    for scratch in Path(directory).glob(f"{SCRATCH_PREFIX}{host}-*-*"):
-        pid = scratch.name[len(f"{SCRATCH_PREFIX}{host}-") :].split("-", 1)[0]
+    removed, prefix = [], _scratch_prefix()
+    for scratch in Path(directory).glob(f"{prefix}*-*"):
+        pid = scratch.name[len(prefix) :].split("-", 1)[0]
         if not pid.isdigit() or _running(int(pid)):
             continue
         if (scratch / REPLACED).exists():

@@ -36,7 +36,7 @@ from mrloss.data.records import FILE_TYPES, Record, decode_record, file_type, it
 from mrloss.data.stream import default_num_proc, ordered_map
 from mrloss.data.summary import PrepareSummary
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
-from mrloss.formats import FORMATS, INPUT_FORMATS, METADATA_KEYS, FormatError, convert, extra_keys_option, parse
+from mrloss.formats import FORMATS, INPUT_FORMATS, FormatError, add_extra_keys_argument, convert, parse
 from mrloss.formats.terminal import escape_control
 
 SPLITS = ("train", "validation")
@@ -58,14 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("error", "max"),
         help="overlapping position_based regions: an error, or the highest weight wins",
     )
-    parser.add_argument(
-        "--extra-keys",
-        type=extra_keys_option,
-        default="error",
-        metavar="error|keep|KEY,KEY",
-        help=f"top-level keys besides the format's and {', '.join(METADATA_KEYS)}: an error (default), kept as "
-        "metadata, or these names kept",
-    )
+    add_extra_keys_argument(parser, default="error")
     parser.add_argument("--to", choices=FORMATS, help="convert every sample to this format in the outputs")
     parser.add_argument("--output-dir", type=Path, help="write train.<type> (and validation.<type>) here")
     parser.add_argument("--file-type", default="jsonl", choices=[t.lstrip(".") for t in FILE_TYPES])
@@ -407,14 +400,7 @@ def _prepare_chunk(chunk: list[tuple[int, Record]]) -> _ChunkResult:
             region_text = _parse(record.sample, options, sample_id)
             sample = record.sample
             if options.to and options.splits:
-                sample = convert(
-                    sample,
-                    options.to,
-                    options.format,
-                    overlap=options.overlap,
-                    extra_keys=options.extra_keys,
-                    sample_id=sample_id,
-                )
+                sample = convert(sample, options.to, options.format, sample_id=sample_id, region_text=region_text)
             kept.append((index, sample_id, sample, region_text))
         except FormatError as error:
             errors.append((index, error))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mrloss.data.encode import DEFAULT_MAX_LENGTH, TRUNCATION_MODES
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE, RUN_TOKENIZER_DIR
-from mrloss.formats import INPUT_FORMATS, METADATA_KEYS, extra_keys_option
+from mrloss.formats import INPUT_FORMATS, add_extra_keys_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", type=int, default=0, help="0-based index of the sample in FILE (default 0)")
     parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML view to OUT")
     parser.add_argument("--format", choices=("auto",) + INPUT_FORMATS, help="format of FILE (default: auto)")
-    parser.add_argument(
-        "--extra-keys",
-        type=extra_keys_option,
-        metavar="error|keep|KEY,KEY",
-        help=f"top-level keys besides the format's and {', '.join(METADATA_KEYS)}: an error (default), kept as "
-        "metadata, or these names kept",
-    )
+    add_extra_keys_argument(parser, default=None)  # None: the run's data.extra_keys, else error
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", metavar="DIR", help="output directory of `mrloss train`: use its tokenizer")
     source.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer directory")

@@ -97,9 +97,21 @@ def _allowed_extra_keys(extra_keys) -> frozenset | None:
     return frozenset(extra_keys)
 
 
-def extra_keys_option(text: str):
-    """`parse`'s ``extra_keys`` from a command-line value: ``error``, ``keep`` or comma-separated key names."""
-    return text if text in EXTRA_KEYS else tuple(name.strip() for name in text.split(",") if name.strip())
+def add_extra_keys_argument(parser, default: str | None) -> None:
+    """``--extra-keys error|keep|KEY,KEY`` on an argparse ``parser`` (`mrloss prepare`, `mrloss show`): `parse`'s
+    ``extra_keys``, comma-separated names as a tuple; ``default`` None: the command picks it."""
+
+    def option(text: str):
+        return text if text in EXTRA_KEYS else tuple(name.strip() for name in text.split(",") if name.strip())
+
+    parser.add_argument(
+        "--extra-keys",
+        type=option,
+        default=default,
+        metavar="error|keep|KEY,KEY",
+        help=f"top-level keys besides the format's and {', '.join(METADATA_KEYS)}: an error (default), kept as "
+        "metadata, or these names kept",
+    )
 
 
 _ALL_KEYS = sorted({key for keys in _KEYS.values() for key in keys})
@@ -155,10 +167,19 @@ def to_format(region_text: RegionText, format: str, *, sample_id=None) -> dict:
 
 
 def convert(
-    sample: dict, to: str, format: str = "auto", *, overlap: str = "error", extra_keys="error", sample_id=None
+    sample: dict,
+    to: str,
+    format: str = "auto",
+    *,
+    overlap: str = "error",
+    extra_keys="error",
+    sample_id=None,
+    region_text: RegionText | None = None,
 ) -> dict:
-    """``sample`` rewritten in format ``to``; its top-level metadata keys are kept (`parse`'s options)."""
-    region_text = parse(sample, format, overlap=overlap, extra_keys=extra_keys, sample_id=sample_id)
+    """``sample`` rewritten in format ``to``; its top-level metadata keys are kept (`parse`'s options).
+    ``region_text``: the sample's `parse`, when the caller has it already (not parsed again)."""
+    if region_text is None:
+        region_text = parse(sample, format, overlap=overlap, extra_keys=extra_keys, sample_id=sample_id)
     source = detect_format(sample) if format == "auto" else format
     metadata = {key: value for key, value in sample.items() if key not in _KEYS[source]}
     return {**to_format(region_text, to, sample_id=sample_id), **metadata}

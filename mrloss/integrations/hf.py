@@ -56,34 +56,38 @@ class RegionLogStats:
         self.losses = torch.zeros(2, len(self.region_types), dtype=torch.float64)
         self.metrics = {name: torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64) for name in TOKEN_METRICS}
 
-    def add(self, batch, outputs, loss_sums: torch.Tensor) -> None:
-        """Add one micro-batch: its per-type loss sums (`mrloss.metrics.region_loss_sums`) and the token metrics
-        of ``outputs`` (`mrloss.metrics.region_statistics`, the metric in place of the loss)."""
+    def add(self, batch, outputs, loss_sums: torch.Tensor | None = None) -> None:
+        """Add one micro-batch: its per-type loss sums (`mrloss.metrics.region_loss_sums`; None: from
+        ``outputs.token_losses`` here) and the token metrics of ``outputs`` (`mrloss.metrics.region_statistics`, the
+        metric in place of the loss)."""
+        if loss_sums is None:
+            loss_sums = region_loss_sums(self._statistics(batch, outputs.token_losses), self.region_types)
         self.losses += loss_sums
         for name, attribute in TOKEN_METRICS.items():
-            record = region_statistics(
-                batch["token_weights"],
-                batch["region_type_ids"],
-                self.region_types,
-                attention_mask=batch.get("attention_mask"),
-                labels=batch.get("labels"),
-                token_losses=getattr(outputs, attribute),
-                ignore_index=self.ignore_index,
-            )
+            record = self._statistics(batch, getattr(outputs, attribute))
             total = record["total"]
             overall = torch.tensor([[(total["mean_loss"] or 0.0) * total["learned_tokens"]], [total["learned_tokens"]]])
             self.metrics[name] += torch.cat([region_loss_sums(record, self.region_types), overall], dim=1)
 
-    def pop_logs(self, prefix: str, device) -> dict[str, float]:
-        """``{prefix}loss/<type>``, ``{prefix}<metric>`` and ``{prefix}<metric>/<type>`` over all ranks (a
-        collective: every rank calls it); then zero. Types without learned tokens are left out."""
-        logs = {}
-        losses = all_reduce_sum(self.losses, device=device)
-        logs.update(
-            {f"{prefix}loss/{t}": round(m, 4) for t, m in mean_region_losses(losses, self.region_types).items()}
+    def _statistics(self, batch, token_values) -> dict:
+        return region_statistics(
+            batch["token_weights"],
+            batch["region_type_ids"],
+            self.region_types,
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
+            token_losses=token_values,
+            ignore_index=self.ignore_index,
         )
-        for name, sums in self.metrics.items():
-            sums = all_reduce_sum(sums, device=device)
+
+    def pop_logs(self, prefix: str, device) -> dict[str, float]:
+        """``{prefix}loss/<type>``, ``{prefix}<metric>`` and ``{prefix}<metric>/<type>`` over all ranks (one
+        collective: every rank calls it); then zero. Types without learned tokens are left out."""
+        parts = [self.losses, *self.metrics.values()]
+        summed = all_reduce_sum(torch.cat(parts, dim=1), device=device).split([p.shape[1] for p in parts], dim=1)
+        losses, metrics = summed[0], dict(zip(self.metrics, summed[1:]))
+        logs = {f"{prefix}loss/{t}": round(m, 4) for t, m in mean_region_losses(losses, self.region_types).items()}
+        for name, sums in metrics.items():
             if sums[1, -1] > 0:
                 logs[f"{prefix}{name}"] = round(float(sums[0, -1] / sums[1, -1]), 4)
             for region_type, mean in mean_region_losses(sums[:, :-1], self.region_types).items():
@@ -328,10 +332,9 @@ class MultiRegionTrainer(transformers.Trainer):
         if self.pop_callback(transformers.trainer_callback.ProgressCallback) is not None:
             self.add_callback(MultiRegionProgressCallback)
         # per-type losses and token metrics since the last training log (the tracker holds the step's), and of
-        # the evaluation running now (its own tracker: evaluation feeds no weighting and no monitor)
+        # the evaluation running now (not through the tracker: evaluation feeds no weighting and no monitor)
         self._train_log_stats = RegionLogStats(self.region_types, self.ignore_index)
         self._eval_log_stats = RegionLogStats(self.region_types, self.ignore_index)
-        self._eval_tracker = RegionStepTracker(self.region_types, ignore_index=self.ignore_index)
         self._log_tokens = 0
         self._log_time = time.perf_counter()
 
@@ -383,8 +386,7 @@ class MultiRegionTrainer(transformers.Trainer):
             if model.training:
                 self._record_region_losses(batch, outputs)
             else:
-                record = self._eval_tracker.statistics(batch, outputs.token_losses, self.state.global_step)
-                self._eval_log_stats.add(batch, outputs, self._eval_tracker.record(record))
+                self._eval_log_stats.add(batch, outputs)
         return (loss, outputs) if return_outputs else loss
 
     def _record_region_losses(self, batch, outputs) -> None:
@@ -403,7 +405,6 @@ class MultiRegionTrainer(transformers.Trainer):
         metrics ``<prefix>_mean_token_accuracy``, ``<prefix>_entropy`` (also per type) over the learned tokens of
         the whole evaluation set, all ranks (prefix: ``eval``, or ``eval_<name>`` for several sets)."""
         self._eval_log_stats.zero()
-        self._eval_tracker.step_sums.zero_()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(self._eval_log_stats.pop_logs(f"{metric_key_prefix}_", self.args.device))
         return output

@@ -72,14 +72,12 @@ def _cross_entropy_rows_kernel(
             z = tl.where(mask, z, float("-inf"))
             tile_max = tl.max(z, axis=0)
             new_max = tl.maximum(running_max, tile_max)
+            rescale = tl.exp(running_max - new_max)
+            exp_z = tl.exp(z - new_max)
+            sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=0)
             if METRICS:
-                rescale = tl.exp(running_max - new_max)
-                exp_z = tl.exp(z - new_max)
-                sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=0)
                 sum_exp_logits = sum_exp_logits * rescale + tl.sum(exp_z * tl.where(mask, z, 0.0), axis=0)
                 best = tl.where(tile_max > running_max, start + tl.argmax(z, axis=0), best)
-            else:
-                sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
             running_max = new_max
             sum_logits += tl.sum(tl.where(mask, z, 0.0), axis=0)
         lse = running_max + tl.log(sum_exp)

@@ -105,14 +105,12 @@ def _linear_cross_entropy_forward_kernel(
         z = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
         new_max = tl.maximum(running_max, tile_max)
+        rescale = tl.exp(running_max - new_max)
+        exp_z = tl.exp(z - new_max[:, None])
+        sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=1)
         if METRICS:
-            rescale = tl.exp(running_max - new_max)
-            exp_z = tl.exp(z - new_max[:, None])
-            sum_exp = sum_exp * rescale + tl.sum(exp_z, axis=1)
             sum_exp_logits = sum_exp_logits * rescale + tl.sum(exp_z * tl.where(col_mask[None, :], z, 0.0), axis=1)
             best = tl.where(tile_max > running_max, v_start + tl.argmax(z, axis=1), best)
-        else:
-            sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         running_max = new_max
         sum_logits += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
