@@ -281,6 +281,7 @@ def worker(rank, world_size, store_path, model_dir):
         mesh = init_device_mesh("cpu", (world_size,))
         check_hf_colwise_lm_head(mesh)
         check_hf_tp_plan(model_dir, mesh)
+        dist.barrier()  # no rank tears gloo down while a peer still talks (an abort at exit)
     finally:
         dist.destroy_process_group()
 

@@ -485,6 +485,7 @@ def engine_worker(rank, world_size, store_path, items, vocab_size, region_types,
                 )
             check_region_tools(rank, sp_size, local_items, vocab_size, region_types, f"{output_dir}/sp{sp_size}")
             check_fsdp2(sp_size, local_items, vocab_size, verl_losses, verl_grads, reshard_after_forward=sp_size == 2)
+        dist.barrier()  # no rank tears gloo down while a peer still talks (an abort at exit)
     finally:
         dist.destroy_process_group()
 
