@@ -106,6 +106,25 @@ def region_statistics(
     return {"regions": regions, "total": total}
 
 
+def batch_region_statistics(
+    batch: Mapping[str, torch.Tensor],
+    region_types: Sequence[str],
+    token_values: torch.Tensor | None,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict:
+    """`region_statistics` of a collator batch (``token_weights``, ``region_type_ids``, optionally
+    ``attention_mask`` and ``labels``) with ``token_values [B, T]`` (token losses, or a token metric) as the losses."""
+    return region_statistics(
+        batch["token_weights"],
+        batch["region_type_ids"],
+        region_types,
+        attention_mask=batch.get("attention_mask"),
+        labels=batch.get("labels"),
+        token_losses=token_values,
+        ignore_index=ignore_index,
+    )
+
+
 def region_loss_sums(record: Mapping, region_types: Sequence[str]) -> torch.Tensor:
     """``[2, len(region_types)]`` float64 (CPU) of a `region_statistics` record (with token losses): row 0 the
     Σ of the learned tokens' losses of each type, row 1 their count. Sums add up over batches and ranks."""

@@ -1,11 +1,15 @@
-"""How each supported causal-LM architecture turns its last hidden state into logits, and the loss options a
-user may set: the one table both integrations (`mrloss.integrations.hf`, `mrloss.integrations.verl.engine`)
-compute their fused loss from, and `head_loss`, the one hidden -> head -> loss step both call (PEFT check
-included). Imports neither transformers nor verl.
+"""How a causal LM turns its last hidden state into logits, and the loss options a user may set: the one head
+description both integrations (`mrloss.integrations.patch`, `mrloss.integrations.verl.engine`) compute their fused
+loss from, and `head_loss`, the one hidden -> head -> loss step both call (PEFT check included). Imports neither
+transformers nor verl.
 
-    logits = softcap(lm_head(hidden * hidden_scale))        (softcap: c * tanh(x / c); None: no cap)
+    logits = softcap(scale * (hidden @ W^T + b))        (softcap: c * tanh(x / c); None: no cap)
 
-Scaling the hidden state instead of the logits is exact because no supported head has a bias.
+``hidden`` is what the model's own forward hands its ``lm_head`` (W, b: lm_head's weight and bias); ``scale`` and the
+cap are read from the model's text config (`LOGIT_SCALES`, `SOFTCAP_KEYS`). The loss takes ``scale * hidden`` and
+``scale * b``. Supported are the models whose own forward computes exactly this: `describe_head` reads the
+description, `mrloss.integrations.head_input.check_head` checks it against the model's own code when a model is
+patched (no table of class names).
 
 Sharded heads: under FSDP2 (``fully_shard``) the weight is a DTensor sharded over the data-parallel mesh at rest,
 but the forward of the FSDP unit that holds ``lm_head`` all-gathers it, so the patched forward (the root's, when
@@ -21,7 +25,7 @@ split by vocabulary rows (``ColwiseParallel``, or transformers' ``tp_plan``) it 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -34,37 +38,19 @@ from mrloss.parallel_vocab import local_head, vocab_parallel_linear_cross_entrop
 LOSS_OPTIONS = ("backend", "chunk_size", "label_smoothing", "ignore_index", "softcap", "memory", "z_loss_scale")
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadSpec:
-    """One architecture's head beyond ``lm_head``; both read from the ``*ForCausalLM`` instance."""
-
-    hidden_scale: Callable[[Any], float | None] = lambda model: None
-    softcap: Callable[[Any], float | None] = lambda model: getattr(model.config, "final_logit_softcapping", None)
-
-
-_PLAIN = HeadSpec()
-# Keyed by class name; each entry is covered by tests/test_hf.py against the model's own forward.
-SUPPORTED_ARCHITECTURES: dict[str, HeadSpec] = {
-    "LlamaForCausalLM": _PLAIN,
-    "MistralForCausalLM": _PLAIN,
-    "Qwen2ForCausalLM": _PLAIN,
-    "Qwen3ForCausalLM": _PLAIN,
-    "GemmaForCausalLM": _PLAIN,
-    "Phi3ForCausalLM": _PLAIN,
-    "Gemma2ForCausalLM": _PLAIN,  # final_logit_softcapping from the config
-    "Gemma3ForCausalLM": _PLAIN,
-    # logits = lm_head(h) * logit_scale
-    "CohereForCausalLM": HeadSpec(hidden_scale=lambda model: model.logit_scale),
-    # logits = lm_head(h) / logits_scaling
-    "GraniteForCausalLM": HeadSpec(hidden_scale=lambda model: 1.0 / model.config.logits_scaling),
-}
+# Text-config keys that scale the logits: key -> exponent (1: logits * value, -1: logits / value). A key whose value
+# is None is left out; `check_head` rejects a model whose code uses a key differently.
+LOGIT_SCALES = {"logit_scale": 1, "logits_scaling": -1, "lm_head_multiplier": 1, "output_multiplier_scale": 1}
+# model_type -> the keys its code reads the other way (reviewed against the modeling code; `check_head` confirms)
+LOGIT_SCALE_EXCEPTIONS = {"hyperclovax": {"logits_scaling": 1}}  # MuP: logits * logits_scaling
+SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap")  # text-config keys of the cap c in c * tanh(x / c)
 
 
 @dataclasses.dataclass(frozen=True)
 class Head:
-    """The head of one model instance: ``logits = softcap(lm_head(hidden * hidden_scale))``."""
+    """The head of one model instance: ``logits = softcap(scale * (hidden @ W^T + b))`` (None: 1, no cap)."""
 
-    hidden_scale: float | None
+    scale: float | None
     softcap: float | None
 
 
@@ -75,23 +61,23 @@ def unwrap_causal_lm(model):
     return model
 
 
-def model_head(causal_lm, softcap_override: float | None = None, *, caller: str) -> Head:
-    """`Head` of a ``*ForCausalLM`` instance (``softcap_override`` replaces the model's cap when not None).
-    Raises TypeError, naming ``caller``, for an architecture not in `SUPPORTED_ARCHITECTURES`."""
-    name = type(causal_lm).__name__
-    # by class name, also through wrappers that subclass the model class (FSDP2's fully_shard: FSDPLlamaForCausalLM)
-    spec = next(
-        (SUPPORTED_ARCHITECTURES[c.__name__] for c in type(causal_lm).__mro__ if c.__name__ in SUPPORTED_ARCHITECTURES),
-        None,
-    )
-    if spec is None:
-        raise TypeError(
-            f"{caller}: cannot patch {name} (model_type "
-            f"{getattr(getattr(causal_lm, 'config', None), 'model_type', None)!r}): mrloss does not know how its head "
-            f"maps hidden states to logits; supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
-    softcap = softcap_override if softcap_override is not None else spec.softcap(causal_lm)
-    return Head(hidden_scale=spec.hidden_scale(causal_lm), softcap=softcap)
+def text_config(causal_lm):
+    """The config of the language part of a causal LM (the config itself for a text-only model)."""
+    config = causal_lm.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def describe_head(causal_lm) -> Head:
+    """`Head` of a causal LM as its text config describes it (`LOGIT_SCALES`, `SOFTCAP_KEYS`); unchecked."""
+    config = text_config(causal_lm)
+    exponents = {**LOGIT_SCALES, **LOGIT_SCALE_EXCEPTIONS.get(getattr(config, "model_type", None), {})}
+    scale = None
+    for key, exponent in exponents.items():
+        value = getattr(config, key, None)
+        if value is not None:
+            scale = (1.0 if scale is None else scale) * float(value) ** exponent
+    softcap = next((getattr(config, key) for key in SOFTCAP_KEYS if getattr(config, key, None) is not None), None)
+    return Head(scale=None if scale == 1.0 else scale, softcap=softcap)
 
 
 def check_loss_options(loss_options: Mapping | None, *, caller: str) -> dict:
@@ -124,19 +110,21 @@ def lm_head_of(causal_lm, *, caller: str) -> torch.nn.Module:
 
 
 def head_loss(causal_lm, head: Head, hidden: torch.Tensor, loss_fn: Callable, *args, caller: str, **kwargs):
-    """Hidden -> head -> loss: ``loss_fn(hidden * hidden_scale, lm_head.weight, *args, bias=lm_head.bias,
+    """Hidden -> head -> loss: ``loss_fn(hidden * scale, lm_head.weight, *args, bias=lm_head.bias * scale,
     softcap=head.softcap, **kwargs)``, the lm_head checked by `lm_head_of` (no PEFT adapter on it).
     ``loss_fn``: `mrloss.linear_cross_entropy` (HF) or `mrloss.parallel.sequence_parallel_linear_cross_entropy`
     (verl); the logits are never built. A head split by vocabulary rows (see the module docstring) goes to
     `mrloss.parallel_vocab.vocab_parallel_linear_cross_entropy` (HF) or gets ``vocab_group`` (verl); a head that
     is its own ``fully_shard`` unit runs the loss as a forward method of that unit."""
-    if head.hidden_scale is not None:
-        hidden = hidden * head.hidden_scale
+    if head.scale is not None:
+        hidden = hidden * head.scale
     lm_head = lm_head_of(causal_lm, caller=caller)
     vocab_size = causal_lm.config.get_text_config().vocab_size
 
     def compute(hidden):
         weight, bias, vocab_parallel = local_head(lm_head, vocab_size)  # read here: after an FSDP all-gather
+        if bias is not None and head.scale is not None:
+            bias = bias * head.scale
         fn = vocab_parallel_linear_cross_entropy if vocab_parallel and loss_fn is linear_cross_entropy else loss_fn
         return fn(hidden, weight, *args, bias=bias, softcap=head.softcap, **vocab_parallel, **kwargs)
 

@@ -1,10 +1,7 @@
-"""Hugging Face transformers integration: a model patch and a Trainer for multi-region weighted SFT.
+"""Hugging Face transformers integration: a Trainer for multi-region weighted SFT.
 
-- `apply_mrloss(model, **loss_options)` patches a loaded ``*ForCausalLM`` *instance* (also inside a PEFT
-  wrapper): with ``labels`` its forward takes ``token_weights`` and ``num_items_in_batch``, runs the
-  decoder body for the last hidden states and computes the loss with `mrloss.linear_cross_entropy`
-  straight from ``lm_head.weight`` -- the ``[B, T, V]`` logits are never built (``logits=None``).
-  Without labels the model's own forward runs and returns logits as usual.
+- `apply_mrloss(model, **loss_options)` (from `mrloss.integrations.patch`, importable here) patches a loaded causal
+  LM *instance*: the fused weighted loss from the hidden states, no logits.
 - `MultiRegionTrainer(transformers.Trainer)`: uses `mrloss.data.MultiRegionCollator`, makes
   ``num_items_in_batch`` the global sum of weights of the optimizer step (all micro-batches, all ranks),
   applies an optional region weighting (`mrloss.weighting`) per batch, feeds an optional monitor, and
@@ -17,225 +14,22 @@ does not import it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import itertools
 import os
 import shutil
 import time
-import warnings
 
 import torch
 import transformers
 
-from mrloss.integrations.heads import (  # noqa: F401  (LOSS_OPTIONS, SUPPORTED_ARCHITECTURES: public names here)
-    LOSS_OPTIONS,
-    SUPPORTED_ARCHITECTURES,
-    check_loss_options,
-    head_loss,
-    lm_head_of,
-    model_head,
-    unwrap_causal_lm,
-)
-from mrloss.metrics import mean_region_losses, region_loss_sums, region_statistics
-from mrloss.ops.api import linear_cross_entropy
+from mrloss.integrations.heads import LOSS_OPTIONS  # noqa: F401  (a public name here)
+from mrloss.integrations.patch import apply_mrloss, weight_sum
+from mrloss.integrations.region_logs import RegionLogStats
 from mrloss.ops.normalization import IGNORE_INDEX, valid_weight_sum
 from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
 
 CHECKPOINT_STAGING = ".checkpoint-staging"  # inside the run directory; transformers never takes it for a checkpoint
-TOKEN_METRICS = {"mean_token_accuracy": "token_accuracy", "entropy": "token_entropy"}  # log name: output field
-
-
-class RegionLogStats:
-    """What a log reports per region type, summed since it was last popped: row 0 the Σ and row 1 the count over
-    learned tokens of the token loss (``losses [2, types]``) and of each token metric (``metrics[name] [2, types
-    + 1]``, TRL's names `TOKEN_METRICS`; last column: every learned token). float64, CPU."""
-
-    def __init__(self, region_types, ignore_index: int = IGNORE_INDEX):
-        self.region_types, self.ignore_index = list(region_types), ignore_index
-        self.losses = torch.zeros(2, len(self.region_types), dtype=torch.float64)
-        self.metrics = {name: torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64) for name in TOKEN_METRICS}
-
-    def add(self, batch, outputs, loss_sums: torch.Tensor | None = None) -> None:
-        """Add one micro-batch: its per-type loss sums (`mrloss.metrics.region_loss_sums`; None: from
-        ``outputs.token_losses`` here) and the token metrics of ``outputs`` (`mrloss.metrics.region_statistics`, the
-        metric in place of the loss)."""
-        if loss_sums is None:
-            loss_sums = region_loss_sums(self._statistics(batch, outputs.token_losses), self.region_types)
-        self.losses += loss_sums
-        for name, attribute in TOKEN_METRICS.items():
-            record = self._statistics(batch, getattr(outputs, attribute))
-            total = record["total"]
-            overall = torch.tensor([[(total["mean_loss"] or 0.0) * total["learned_tokens"]], [total["learned_tokens"]]])
-            self.metrics[name] += torch.cat([region_loss_sums(record, self.region_types), overall], dim=1)
-
-    def _statistics(self, batch, token_values) -> dict:
-        return region_statistics(
-            batch["token_weights"],
-            batch["region_type_ids"],
-            self.region_types,
-            attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"),
-            token_losses=token_values,
-            ignore_index=self.ignore_index,
-        )
-
-    def pop_logs(self, prefix: str, device) -> dict[str, float]:
-        """``{prefix}loss/<type>``, ``{prefix}<metric>`` and ``{prefix}<metric>/<type>`` over all ranks (one
-        collective: every rank calls it); then zero. Types without learned tokens are left out."""
-        parts = [self.losses, *self.metrics.values()]
-        summed = all_reduce_sum(torch.cat(parts, dim=1), device=device).split([p.shape[1] for p in parts], dim=1)
-        losses, metrics = summed[0], dict(zip(self.metrics, summed[1:]))
-        logs = {f"{prefix}loss/{t}": round(m, 4) for t, m in mean_region_losses(losses, self.region_types).items()}
-        for name, sums in metrics.items():
-            if sums[1, -1] > 0:
-                logs[f"{prefix}{name}"] = round(float(sums[0, -1] / sums[1, -1]), 4)
-            for region_type, mean in mean_region_losses(sums[:, :-1], self.region_types).items():
-                logs[f"{prefix}{name}/{region_type}"] = round(mean, 4)
-        self.zero()
-        return logs
-
-    def zero(self) -> None:
-        self.losses.zero_()
-        for sums in self.metrics.values():
-            sums.zero_()
-
-
-@functools.cache
-def _output_class():
-    @dataclasses.dataclass
-    class MultiRegionCausalLMOutput(transformers.modeling_outputs.CausalLMOutputWithPast):
-        """`CausalLMOutputWithPast` plus ``token_losses [B, T] fp32``: the unweighted cross-entropy of
-        predicting ``labels[:, k]`` at index k (target-aligned; 0 at k=0, on ignored and weight-0 targets),
-        and, alike, ``token_accuracy`` (1.0 where the argmax is the label) and ``token_entropy`` (of the softmax)."""
-
-        token_losses: torch.FloatTensor | None = None
-        token_accuracy: torch.FloatTensor | None = None
-        token_entropy: torch.FloatTensor | None = None
-
-    return MultiRegionCausalLMOutput
-
-
-def apply_mrloss(model, **loss_options):
-    """Patch ``model`` (a ``*ForCausalLM`` instance, or a PEFT model around one) in place; returns it.
-
-    loss_options: any of `LOSS_OPTIONS` (``backend``, ``chunk_size``, ``label_smoothing``,
-    ``ignore_index``, ``softcap``, ``memory``, ``z_loss_scale``), passed on to `mrloss.linear_cross_entropy`.
-    Calling it again replaces the options. Only the instance changes; other instances of the class keep the
-    stock forward.
-
-    The patched forward, with ``labels [B, T]`` (HF convention: -100 on padding and weight-0 tokens):
-        ``token_weights [B, T] fp32`` aligned with ``input_ids`` (None: 1.0 on every valid label, i.e.
-        the stock HF loss); ``num_items_in_batch``: the normalizer, the global sum of valid weights of the
-        optimizer step (None: this batch's own sum, i.e. a weighted mean). An *integer* num_items_in_batch
-        next to token_weights is a token count (what a stock ``transformers.Trainer`` passes): it is used as
-        given, with a warning (once per model), since the loss then is not the weighted mean. Labels,
-        weights and a tensor num_items_in_batch are moved to the device of the last hidden state.
-        loss = Σ_k w_k CE(logits_{k-1}, labels_k) / normalizer, logits never materialized;
-        returns ``loss``, ``logits=None``, ``token_losses``, ``token_accuracy``, ``token_entropy`` ``[B, T] fp32``
-        (target-aligned, detached; the metrics come from the loss's own row pass, no extra matmul).
-    Without labels it is the model's own forward (logits as usual); ``token_weights`` then is an error.
-    Raises TypeError for an architecture not in `mrloss.integrations.heads.SUPPORTED_ARCHITECTURES`.
-    """
-    options = check_loss_options(loss_options, caller="apply_mrloss")
-    causal_lm = unwrap_causal_lm(model)
-    head = model_head(causal_lm, options.pop("softcap", None), caller="apply_mrloss")
-    lm_head_of(causal_lm, caller="apply_mrloss")  # fail now, not at the first training step
-    stock_forward = causal_lm.__dict__.get("_mrloss_stock_forward") or causal_lm.forward
-
-    def forward(
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        token_weights=None,
-        num_items_in_batch=None,
-        **kwargs,
-    ):
-        if labels is None:
-            if token_weights is not None:
-                raise ValueError("apply_mrloss: token_weights were given without labels")
-            return stock_forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
-        if "shift_labels" in kwargs:
-            raise ValueError("apply_mrloss: shift_labels is not supported; pass labels aligned with input_ids")
-        return_dict = kwargs.pop("return_dict", None)
-        use_cache = False if use_cache is None else use_cache  # a loss pass has no use for a KV cache
-        outputs = causal_lm.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden = outputs.last_hidden_state
-        if token_weights is not None:
-            token_weights = token_weights.to(hidden.device)
-            _warn_if_token_count(causal_lm, num_items_in_batch)
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(hidden.device)
-        loss, token_losses, token_metrics = head_loss(
-            causal_lm,
-            head,
-            hidden,
-            linear_cross_entropy,
-            labels.to(hidden.device),
-            token_weights,
-            caller="apply_mrloss",
-            shift=True,
-            normalizer=num_items_in_batch,
-            return_token_losses=True,
-            return_token_metrics=True,
-            **options,
-        )
-        result = _output_class()(
-            loss=loss,
-            logits=None,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            token_losses=token_losses,
-            token_accuracy=token_metrics.accuracy,
-            token_entropy=token_metrics.entropy,
-        )
-        return result.to_tuple() if return_dict is False else result
-
-    causal_lm._mrloss_stock_forward = stock_forward
-    causal_lm.forward = forward
-    causal_lm.accepts_loss_kwargs = True
-    return model
-
-
-def _warn_if_token_count(causal_lm, num_items_in_batch) -> None:
-    """Warn once per model when ``num_items_in_batch`` is an integer next to ``token_weights``: that is a token
-    count (a stock `transformers.Trainer` passes Σ(labels[..., 1:] != -100) of the optimizer step), so the
-    loss becomes Σw·l / count instead of the weighted mean Σw·l / Σw. `MultiRegionTrainer` passes a float Σw."""
-    integer = isinstance(num_items_in_batch, int) or (
-        isinstance(num_items_in_batch, torch.Tensor) and not num_items_in_batch.is_floating_point()
-    )
-    if integer and not causal_lm.__dict__.get("_mrloss_warned_token_count", False):
-        causal_lm._mrloss_warned_token_count = True
-        warnings.warn(
-            "apply_mrloss: num_items_in_batch is an integer (a token count, as a stock transformers.Trainer "
-            "computes it) while token_weights are given: the loss is Σ w·l / token count, not the weighted mean "
-            "Σ w·l / Σ w. Train with mrloss.integrations.hf.MultiRegionTrainer (it passes the step's Σ of "
-            "weights), or pass num_items_in_batch as a float Σ of the valid weights.",
-            stacklevel=3,
-        )
 
 
 def model_inputs(batch: dict) -> dict:
@@ -370,7 +164,7 @@ class MultiRegionTrainer(transformers.Trainer):
         total = total.to(device=device, dtype=torch.float32)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
-        return total
+        return weight_sum(total)
 
     def _update_weighting(self) -> None:
         """Feed the last optimizer step's per-type mean token losses (all ranks) to the weighting."""

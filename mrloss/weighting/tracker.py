@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from mrloss.metrics import mean_region_losses, region_loss_sums, region_statistics
+from mrloss.metrics import batch_region_statistics, mean_region_losses, region_loss_sums
 from mrloss.ops.normalization import IGNORE_INDEX
 
 STATE_FILE = "mrloss_weighting.pt"
@@ -61,15 +61,7 @@ class RegionStepTracker:
             return self.monitor.log_batch_stats(
                 batch, step, token_losses, multipliers=multipliers, ignore_index=self.ignore_index
             )
-        return region_statistics(
-            batch["token_weights"],
-            batch["region_type_ids"],
-            self.region_types,
-            attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"),
-            token_losses=token_losses,
-            ignore_index=self.ignore_index,
-        )
+        return batch_region_statistics(batch, self.region_types, token_losses, self.ignore_index)
 
     def record(self, record: Mapping) -> torch.Tensor:
         """Add a record's per-type loss sums to the step's; returns them (``[2, types]`` float64, CPU)."""

@@ -30,7 +30,8 @@ import types
 
 import torch
 
-from mrloss.integrations.heads import check_loss_options, head_loss, model_head, unwrap_causal_lm
+from mrloss.integrations.head_input import check_head, head_input
+from mrloss.integrations.heads import check_loss_options, head_loss, unwrap_causal_lm
 from mrloss.ops.normalization import IGNORE_INDEX
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shift_targets
 
@@ -83,27 +84,27 @@ def shard_micro_batch(micro_batch, pad_size: int, group, *, ignore_index: int = 
 
 def patch_causal_lm_forward(model, loss_options: dict | None = None):
     """Give ``model`` (an HF causal LM instance, or a PEFT model around one) a forward that, when called with
-    ``mrloss_shard=``, runs the decoder body and returns ``CausalLMOutputWithPast(loss=...)`` computed with
-    mrloss from the hidden states (no logits; the architecture's hidden scale and softcap from
-    `mrloss.integrations.heads`); without it, the original forward runs. Returns the model.
+    ``mrloss_shard=``, runs the model's own forward up to its head (`mrloss.integrations.head_input.head_input`: no
+    logits) and returns ``CausalLMOutputWithPast(loss=...)`` computed with mrloss from the hidden states (the
+    head's scale and softcap checked by `check_head`); without it, the original forward runs. Returns the model.
 
     loss_options: any of `mrloss.integrations.heads.LOSS_OPTIONS` (``ignore_index`` has no effect: the
     targets are built here from ``loss_mask``, with ``IGNORE_INDEX``).
-    Raises TypeError for an architecture not in ``SUPPORTED_ARCHITECTURES``."""
+    Raises TypeError for a model whose head `check_head` refuses."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     options = check_loss_options(loss_options, caller="mrloss verl engine")
     options.pop("ignore_index", None)
     causal_lm = unwrap_causal_lm(model)
-    head = model_head(causal_lm, options.pop("softcap", None), caller="mrloss verl engine")
     original_forward = model.forward
+    head = check_head(causal_lm, causal_lm.forward, options.pop("softcap", None), caller="mrloss verl engine")
 
     def forward(self, *args, mrloss_shard: ShardBatch | None = None, **kwargs):
         if mrloss_shard is None:
             return original_forward(*args, **kwargs)
         for unused in ("labels", "logits_to_keep", "return_dict", "temperature", "shift_labels"):
             kwargs.pop(unused, None)
-        hidden = causal_lm.get_decoder()(*args, **kwargs)[0]  # [1, n_local, H]
+        hidden = head_input(causal_lm, original_forward, *args, **kwargs)[1]  # [1, n_local, H]
         if hidden.shape[0] != 1 or hidden.shape[1] != mrloss_shard.targets.shape[0]:
             raise ValueError(
                 f"hidden states {tuple(hidden.shape)} do not match the mrloss shard of "
