@@ -6,11 +6,13 @@ from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
-from mrloss.integrations.hf import SUPPORTED_ARCHITECTURES, apply_mrloss, valid_weight_sum  # noqa: E402
+from mrloss.integrations.hf import apply_mrloss, valid_weight_sum  # noqa: E402
+from mrloss.integrations.patch import weight_sum  # noqa: E402
 from mrloss.ops.reference import reference_linear_cross_entropy  # noqa: E402
 
 VOCAB = 97
-# model_type -> config extras that make the architecture's head special enough to test it.
+# model_type -> config extras that make the architecture's head special enough to test it (every family of the
+# installed transformers: tests/test_patch.py; here also the gradients).
 ARCHITECTURES = {
     "llama": {},
     "mistral": {},
@@ -22,6 +24,8 @@ ARCHITECTURES = {
     "gemma3_text": {"final_logit_softcapping": 0.7},
     "cohere": {"logit_scale": 0.37},
     "granite": {"logits_scaling": 2.5},
+    "phi": {},  # lm_head with a bias
+    "hyperclovax": {"logits_scaling": 2.5},  # multiplies by logits_scaling (Granite divides)
 }
 
 
@@ -78,6 +82,7 @@ def test_patched_loss_and_grads_match_model_logits(model_type, with_normalizer):
     batch = random_batch()
     # num_items_in_batch: the global Σw of a bigger optimizer step (this micro-batch is part of it).
     normalizer = valid_weight_sum(batch["labels"], batch["token_weights"]) * 1.75 if with_normalizer else None
+    normalizer = None if normalizer is None else weight_sum(normalizer)
     params = trainable(model)
     expected, expected_token_losses = oracle(model, batch, normalizer)
     expected_grads = torch.autograd.grad(expected, [p for _, p in params])
@@ -95,11 +100,6 @@ def test_patched_loss_and_grads_match_model_logits(model_type, with_normalizer):
     for (name, _), grad, expected_grad in zip(params, grads, expected_grads):
         assert grad is not None, name
         torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_supported_architectures_are_all_tested():
-    tested = {type(tiny_model(model_type)).__name__ for model_type in ARCHITECTURES}
-    assert tested == set(SUPPORTED_ARCHITECTURES)
 
 
 def test_without_token_weights_equals_the_stock_hf_loss():
@@ -213,12 +213,61 @@ def test_lora_on_lm_head_is_a_clear_error():
         apply_mrloss(model)
 
 
-def test_unknown_architecture_and_options_are_clear_errors():
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
-    with pytest.raises(TypeError, match="cannot patch GPT2LMHeadModel.*supported architectures"):
-        apply_mrloss(gpt2)
+class DoubledLogitsLlama(transformers.LlamaForCausalLM):
+    """A head its config does not describe: logits * 2."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_a_head_the_description_does_not_cover_and_unknown_options_are_clear_errors():
+    model = DoubledLogitsLlama(tiny_model("llama").config)
+    with pytest.raises(TypeError, match="cannot patch DoubledLogitsLlama.*does not compute logits = softcap"):
+        apply_mrloss(model)
     with pytest.raises(TypeError, match="unknown loss option.*'reduction'"):
         apply_mrloss(tiny_model("llama"), reduction="sum")
+
+
+def test_the_head_check_runs_on_meta_weights():
+    """The patch-time check runs neither the decoder nor the real lm_head: a model on the meta device is checked."""
+    config = tiny_model("granite").config
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    apply_mrloss(model)
+    with torch.device("meta"):
+        doubled = DoubledLogitsLlama(tiny_model("llama").config)
+    with pytest.raises(TypeError, match="does not compute logits"):
+        apply_mrloss(doubled)
+
+
+def test_logits_to_keep_without_labels_gives_the_stock_logits():
+    model = tiny_model("llama")
+    batch = random_batch()
+    stock = model(input_ids=batch["input_ids"], logits_to_keep=1).logits
+    apply_mrloss(model)
+    patched = model(input_ids=batch["input_ids"], logits_to_keep=1).logits
+    assert patched.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(patched, stock)
+
+
+def test_shift_labels_are_used_unshifted():
+    """shift_labels (index k: the target of position k, what sequence-parallel loaders send) with token_weights
+    shifted alike give the loss of labels; token losses come back aligned with shift_labels."""
+    model = apply_mrloss(tiny_model("llama"))
+    batch = random_batch(seed=8)
+    expected = model(**batch)
+    shift_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    shift_weights = torch.nn.functional.pad(batch["token_weights"][:, 1:], (0, 1))
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        shift_labels=shift_labels,
+        token_weights=shift_weights,
+    )
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.token_losses[:, :-1], expected.token_losses[:, 1:])
 
 
 def test_packed_rows_give_the_padded_loss():
@@ -246,23 +295,26 @@ def test_packed_rows_give_the_padded_loss():
     torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
 
 
-def test_integer_num_items_in_batch_with_weights_warns_once_and_is_used_as_given():
-    """An integer num_items_in_batch next to token_weights is a token count (a stock Trainer's): used as the
-    normalizer, with one warning per model; a float one (MultiRegionTrainer's Σw) or no weights: no warning."""
+@pytest.mark.parametrize("count", [torch.tensor(23), torch.tensor(23.0), 23], ids=["int64", "float32", "int"])
+def test_a_token_count_with_weights_warns_once_and_is_used_as_given(count):
+    """A num_items_in_batch next to token_weights that is not a WeightSum is a token count (a stock Trainer's: int64
+    before transformers 5.11, float32 since): used as the normalizer, with one warning per model; a WeightSum
+    (MultiRegionTrainer's Σw) or no weights: no warning."""
     import warnings
 
     model = apply_mrloss(tiny_model("llama"))
     batch = random_batch(seed=4)
     expected = oracle(model, batch, normalizer=torch.tensor(23.0, dtype=torch.float64))[0]
-    with pytest.warns(UserWarning, match="integer .*token count.*MultiRegionTrainer"):
-        out = model(**batch, num_items_in_batch=torch.tensor(23))
+    with pytest.warns(UserWarning, match="token count.*MultiRegionTrainer"):
+        out = model(**batch, num_items_in_batch=count)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model(**batch, num_items_in_batch=23)  # warned once per model
-        apply_mrloss(tiny_model("llama"))(**batch, num_items_in_batch=torch.tensor(23.0))
+        model(**batch, num_items_in_batch=count)  # warned once per model
+        marked = apply_mrloss(tiny_model("llama"))(**batch, num_items_in_batch=weight_sum(torch.tensor(23.0)))
+        torch.testing.assert_close(marked.loss.double(), expected, rtol=1e-5, atol=1e-6)
         unweighted = {key: value for key, value in batch.items() if key != "token_weights"}
-        apply_mrloss(tiny_model("llama"))(**unweighted, num_items_in_batch=torch.tensor(23))
+        apply_mrloss(tiny_model("llama"))(**unweighted, num_items_in_batch=count)
 
 
 def test_stock_trainer_passes_a_token_count(tmp_path):
@@ -297,7 +349,7 @@ def test_stock_trainer_passes_a_token_count(tmp_path):
         train_dataset=items,
         data_collator=lambda batch: model_inputs(collator(batch)),
     )
-    with pytest.warns(UserWarning, match="integer .*token count"):
+    with pytest.warns(UserWarning, match="token count"):
         trainer.train()
 
 
@@ -307,7 +359,7 @@ def test_labels_weights_and_normalizer_follow_the_hidden_states_device():
     over devices, whose last hidden state is not where the batch is): same loss as all on the CPU."""
     model = tiny_model("llama")
     batch = random_batch(seed=6)
-    normalizer = valid_weight_sum(batch["labels"], batch["token_weights"]).float() * 1.5
+    normalizer = weight_sum(valid_weight_sum(batch["labels"], batch["token_weights"]).float() * 1.5)
     expected = apply_mrloss(model, backend="torch")(**batch, num_items_in_batch=normalizer).loss
     model.cuda()
     out = model(
@@ -320,11 +372,13 @@ def test_labels_weights_and_normalizer_follow_the_hidden_states_device():
     torch.testing.assert_close(out.loss.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_one_head_table_for_both_integrations():
-    """hf and verl read the same table and option list (mrloss.integrations.heads)."""
-    from mrloss.integrations import heads, hf
+def test_one_head_description_for_both_integrations():
+    """hf and verl read the same description and option list (mrloss.integrations.heads)."""
+    from mrloss.integrations import head_input, heads, hf
 
-    assert hf.SUPPORTED_ARCHITECTURES is heads.SUPPORTED_ARCHITECTURES and hf.LOSS_OPTIONS is heads.LOSS_OPTIONS
+    assert hf.LOSS_OPTIONS is heads.LOSS_OPTIONS
     granite = tiny_model("granite")
-    assert heads.model_head(granite, caller="t") == heads.Head(hidden_scale=1 / 2.5, softcap=None)
-    assert heads.model_head(tiny_model("gemma2"), 0.3, caller="t").softcap == 0.3
+    assert heads.describe_head(granite) == heads.Head(scale=1 / 2.5, softcap=None)
+    assert head_input.check_head(granite, granite.forward, caller="t") == heads.Head(scale=1 / 2.5, softcap=None)
+    gemma2 = tiny_model("gemma2")
+    assert head_input.check_head(gemma2, gemma2.forward, 0.3, caller="t").softcap == 0.3

@@ -1,6 +1,10 @@
 """The tests' one builder of tiny causal LMs: a transformers config (no download), seeded random weights.
 
-Importable from test modules and from the processes they spawn (pytest puts ``tests/`` on ``sys.path``)."""
+Importable from test modules and from the processes they spawn (pytest puts ``tests/`` on ``sys.path``).
+
+- `tiny_causal_lm(vocab_size, model_type, **config)`: a hand-sized model of one family (the tests of one feature).
+- `tiny_config(model_type)` / `build_tiny(model_type)`: any family of the installed transformers shrunk generically
+  (sizes, layer types, sub-configs, special token ids), for the test that runs every ``*ForCausalLM``."""
 
 import torch
 import transformers
@@ -17,3 +21,123 @@ def tiny_causal_lm(vocab_size: int, model_type: str = "llama", *, seed: int = 0,
     model_config = transformers.AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**TINY_SIZES, **config})
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(model_config).float()
+
+
+TINY_VOCAB = 100
+MAX_TINY_PARAMETERS = 2_000_000
+# Every family: config keys set when the config has them (the sizes of every shape, the MoE routers on, the head
+# scales away from 1 so that a model ignoring one shows).
+GENERIC_TINY = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    # encoder-decoder families' decoders, and other spellings of the sizes
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=2,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+    embedding_size=32,
+    input_embedding_size=32,
+    output_embedding_size=32,
+    rotary_dim=8,
+    # multi-head latent attention (DeepSeek and kin)
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    output_router_logits=True,
+    router_aux_loss_coef=0.37,
+    aux_loss_coef=0.37,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    sep_token_id=2,
+    decoder_start_token_id=1,
+    tie_word_embeddings=False,
+    final_logit_softcapping=3.0,
+    logit_scale=0.37,
+    logits_scaling=2.5,
+    lm_head_multiplier=0.7,
+)
+HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")  # set where not None
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id")
+
+
+def _has(config, key: str) -> bool:
+    return key in config.to_dict() or key in getattr(config, "attribute_map", {})
+
+
+def _layer_lists(config, layers: int) -> tuple[int, dict]:
+    """Per-layer lists of ``config`` (``layer_types``, ...) cut to one layer of each kind, in order; the new layer
+    count (at least ``layers``)."""
+    old = getattr(config, "num_hidden_layers", None)
+    types = getattr(config, "layer_types", None)
+    if not isinstance(types, (list, tuple)) or not types:
+        return layers, {}
+    keep = sorted({types.index(kind) for kind in types})
+    keep += [i for i in range(len(types)) if i not in keep][: max(0, layers - len(keep))]
+    keep.sort()
+    lists = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, (list, tuple)) and old is not None and len(value) == old and key != "architectures":
+            lists[key] = [value[i] for i in keep]
+    return len(keep), lists
+
+
+def tiny_kwargs(config) -> dict:
+    """Keyword arguments that shrink ``config`` (a built default config): `GENERIC_TINY` where it has the key,
+    per-layer lists cut, each sub-config shrunk the same way (as a dict)."""
+    kwargs = {key: value for key, value in GENERIC_TINY.items() if _has(config, key)}
+    kwargs = {key: value for key, value in kwargs.items() if key not in HEAD_KEYS or getattr(config, key) is not None}
+    layers, lists = _layer_lists(config, kwargs.get("num_hidden_layers", 2))
+    if lists:
+        kwargs.update(lists, num_hidden_layers=layers)
+    for key in TOKEN_ID_KEYS:  # a list of eos ids: one
+        if key in kwargs and isinstance(getattr(config, key, None), (list, tuple)):
+            kwargs[key] = [kwargs[key]]
+    for name in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            kwargs[name] = {**sub.to_dict(), **tiny_kwargs(sub)}
+    return kwargs
+
+
+def tiny_config(model_type: str, **overrides):
+    """A shrunk config of ``model_type`` (see `tiny_kwargs`), eager attention; ``overrides`` set last."""
+    default = transformers.AutoConfig.for_model(model_type)
+    config = transformers.AutoConfig.for_model(model_type, **{**tiny_kwargs(default), **overrides})
+    config._attn_implementation = "eager"
+    return config
+
+
+def build_tiny(model_type: str, *, seed: int = 0, auto_class=transformers.AutoModelForCausalLM, **overrides):
+    """A float32 model of ``model_type`` from `tiny_config` (weights after ``torch.manual_seed(seed)``), in eval
+    mode (no dropout). ValueError when it would have more than `MAX_TINY_PARAMETERS` (counted on the meta device
+    first: a config this function cannot shrink)."""
+    config = tiny_config(model_type, **overrides)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in auto_class.from_config(config).parameters())
+    if size > MAX_TINY_PARAMETERS:
+        raise ValueError(f"not tiny: {size} parameters")
+    torch.manual_seed(seed)
+    return auto_class.from_config(config).float().eval()

@@ -6,7 +6,8 @@ output before the head.
 
 - `head_input`: the model's own forward with ``lm_head`` swapped for a capture that returns ``[..., 1]`` zeros
   instead of ``[..., V]`` logits (so no logits are built); the model's own outputs come back with what the head got.
-- `check_head`: the model's own code against its `mrloss.integrations.heads.Head` description, when it is patched.
+- `check_head`: the model's own code (logits and loss) against its `mrloss.integrations.heads.Head` description,
+  when it is patched.
 - `router_aux_coefficient`: the factor the model's own forward puts on its ``aux_loss`` (MoE).
 Imports no transformers: it works on any ``torch.nn.Module`` with ``get_output_embeddings``.
 """
@@ -21,8 +22,9 @@ from typing import Callable
 import torch
 
 from mrloss.integrations.heads import Head, describe_head, text_config
+from mrloss.ops.normalization import IGNORE_INDEX
 
-CHECK_TOKENS, CHECK_ROWS = 4, 8  # the self-check's sequence length and fake vocabulary
+CHECK_TOKENS, CHECK_ROWS = 4, 8  # the self-check's sequence length and fake lm_head rows
 CHECK_RTOL, CHECK_ATOL = 1e-4, 1e-5  # float32 logits of the fake head, |logits| in [0.1, 30]
 # (owner, attribute) of the coefficient a MoE forward puts on its aux_loss, first found wins
 ROUTER_AUX_COEFFICIENTS = (
@@ -33,11 +35,20 @@ ROUTER_AUX_COEFFICIENTS = (
 
 
 class _HeadCapture(torch.nn.Module):
-    """Stands in for ``lm_head``: records each input [..., H], returns ``head(input)``."""
+    """Stands in for ``lm_head``: records each input [..., H], returns ``head(input)``; ``weight`` and ``bias`` read
+    as given (some forwards cast the hidden state to ``lm_head.weight.dtype``), not registered as parameters."""
 
-    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.head, self.inputs = head, []
+        self.head, self.inputs, self._tensors = head, [], (weight, bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._tensors[0]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._tensors[1]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         self.inputs.append(hidden)
@@ -70,7 +81,8 @@ def head_input(causal_lm, forward: Callable, *args, **kwargs):
     (every position: pass no ``logits_to_keep``), ``outputs`` the model's output (its logits ``[..., T, 1]`` zeros;
     its ``aux_loss`` and every other field as the model computes them). Pass no labels: the model would compute
     its loss from those zeros."""
-    capture = _HeadCapture(_no_logits)
+    lm_head = causal_lm.get_output_embeddings()
+    capture = _HeadCapture(_no_logits, lm_head.weight, getattr(lm_head, "bias", None))
     with _lm_head_replaced(causal_lm, capture):
         outputs = forward(*args, **kwargs)
     if len(capture.inputs) != 1:
@@ -115,45 +127,84 @@ def _forward_replaced(module: torch.nn.Module, forward: Callable):
             del module.forward
 
 
+class _HeadProbe:
+    """What `check_head` runs the model's own forward with: random decoder output ``[1, CHECK_TOKENS, hidden]``, a
+    float32 fake lm_head (``CHECK_ROWS`` random rows, bias when lm_head has one, |logits| from 0.1 to 30 so that a
+    scale or a cap shows, repeated over the real vocabulary width so that the model's own loss code runs) and
+    random labels (one ignored)."""
+
+    def __init__(self, causal_lm):
+        lm_head = causal_lm.get_output_embeddings()
+        vocab, in_features = lm_head.weight.shape
+        config = text_config(causal_lm)
+        generator = torch.Generator().manual_seed(0)
+        hidden_size = getattr(config, "hidden_size", None) or in_features
+        self.decoder_hidden = torch.randn(1, CHECK_TOKENS, hidden_size, generator=generator)
+        magnitudes = torch.logspace(-1, math.log10(30.0), CHECK_ROWS)
+        self.weight = torch.randn(CHECK_ROWS, in_features, generator=generator) / in_features**0.5 * magnitudes[:, None]
+        self.bias = None if getattr(lm_head, "bias", None) is None else torch.randn(CHECK_ROWS, generator=generator)
+        self.columns = torch.arange(vocab) % CHECK_ROWS
+        labels_vocab = min(vocab, getattr(config, "vocab_size", None) or vocab)
+        self.labels = torch.randint(0, labels_vocab, (1, CHECK_TOKENS), generator=generator)
+        self.labels[0, 1] = IGNORE_INDEX
+        self.capture = _HeadCapture(self.head, self.weight, self.bias)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(x.float(), self.weight.to(x.device), _to(self.bias, x.device))
+        return logits[..., self.columns.to(x.device)]
+
+    def run(self, causal_lm, forward: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's own (logits, loss) on the probe (float32, CPU)."""
+        device = _input_device(causal_lm)
+        inputs = {"input_ids": torch.zeros_like(self.labels, device=device), "labels": self.labels.to(device)}
+        if getattr(text_config(causal_lm), "output_router_logits", None) is not None:
+            inputs["output_router_logits"] = False
+        stub = _DecoderStubOutput(last_hidden_state=self.decoder_hidden.to(device))
+        with torch.no_grad(), _lm_head_replaced(causal_lm, self.capture):
+            with _forward_replaced(decoder_of(causal_lm), lambda *args, **kwargs: stub):
+                outputs = forward(**inputs)
+        if len(self.capture.inputs) != 1:
+            raise RuntimeError(f"its forward called lm_head {len(self.capture.inputs)} times (expected once)")
+        loss = None if outputs.loss is None else outputs.loss.float().cpu()
+        return outputs.logits.float().cpu(), loss
+
+    def expected(self, head: Head) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss) as the description says: the mean cross-entropy of the shifted labels."""
+        logits = _apply_head(head, self.head(self.capture.inputs[0].float().cpu()))
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], self.labels[0, 1:], ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+
 def check_head(causal_lm, forward: Callable, softcap_override: float | None = None, *, caller: str) -> Head:
     """`describe_head` of ``causal_lm``, checked (``softcap_override``, when not None, then replaces its cap):
-    ``forward`` (the model's own) runs on ``CHECK_TOKENS`` tokens with the decoder returning random hidden states
-    (`decoder_of`: not run) and ``lm_head`` replaced by a float32 linear layer of ``CHECK_ROWS`` rows (bias when
-    lm_head has one), whose logits span 0.1 to 30 so that a scale or a cap shows; the model's logits must be
-    ``softcap(scale * (x @ W^T + b))`` of what that layer got (float32, `CHECK_RTOL`). Independent of the real
-    weights' values, dtype, device (meta too) and sharding.
+    ``forward`` (the model's own) runs on a `_HeadProbe` (the decoder, `decoder_of`, is not run; lm_head is a fake)
+    and must give the logits ``softcap(scale * (x @ W^T + b))`` of what the fake head got and, as its loss of the
+    labels, their mean cross-entropy shifted by one (float32, `CHECK_RTOL`). Independent of the real weights'
+    values, dtype, device (meta too) and sharding.
     Raises TypeError, naming ``caller``, when the model's code computes something else or cannot be run this way."""
     head = describe_head(causal_lm)
-    lm_head = causal_lm.get_output_embeddings()
-    hidden_size = lm_head.weight.shape[-1]
-    generator = torch.Generator().manual_seed(0)
-    decoder_hidden = torch.randn(1, CHECK_TOKENS, hidden_size, generator=generator)
-    magnitudes = torch.logspace(-1, math.log10(30.0), CHECK_ROWS)
-    weight = torch.randn(CHECK_ROWS, hidden_size, generator=generator) / hidden_size**0.5 * magnitudes[:, None]
-    bias = None if getattr(lm_head, "bias", None) is None else torch.randn(CHECK_ROWS, generator=generator)
-    fake = _HeadCapture(lambda x: torch.nn.functional.linear(x.float(), weight.to(x.device), _to(bias, x.device)))
-    decoder = decoder_of(causal_lm)
-    inputs = {"input_ids": torch.zeros(1, CHECK_TOKENS, dtype=torch.long, device=_input_device(causal_lm))}
-    if getattr(text_config(causal_lm), "output_router_logits", None) is not None:
-        inputs["output_router_logits"] = False
+    probe = _HeadProbe(causal_lm)
     try:
-        with torch.no_grad(), _lm_head_replaced(causal_lm, fake):
-            with _forward_replaced(decoder, lambda *a, **k: _DecoderStubOutput(last_hidden_state=decoder_hidden)):
-                logits = forward(**inputs).logits
-        if len(fake.inputs) != 1:
-            raise RuntimeError(f"its forward called lm_head {len(fake.inputs)} times (expected once)")
-        expected = _apply_head(head, torch.nn.functional.linear(fake.inputs[0].float(), weight, bias).cpu())
-        logits = logits.float().cpu()
+        logits, loss = probe.run(causal_lm, forward)
+        expected_logits, expected_loss = probe.expected(head)
     except Exception as error:  # noqa: BLE001 (any failure means: not checked, so not supported)
         raise TypeError(f"{_cannot_patch(causal_lm, caller)}: its head could not be checked: {error!r}") from error
-    if logits.shape != expected.shape or not torch.allclose(logits, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL):
-        difference = (logits - expected).abs().max().item() if logits.shape == expected.shape else "shape"
+    if not _close(logits, expected_logits):
         raise TypeError(
             f"{_cannot_patch(causal_lm, caller)}: its forward does not compute logits = softcap(scale * (hidden @ "
-            f"W^T + b)) with scale={head.scale} and softcap={head.softcap} as read from its config (largest "
-            f"difference {difference}); mrloss would compute a different loss than the model's own"
+            f"W^T + b)) with scale={head.scale} and softcap={head.softcap} as read from its config; mrloss would "
+            "compute a different loss than the model's own"
+        )
+    if loss is None or not _close(loss, expected_loss):
+        raise TypeError(
+            f"{_cannot_patch(causal_lm, caller)}: its own loss of labels is not the mean cross-entropy of the labels "
+            f"shifted by one (got {loss}, expected {float(expected_loss):.6g}); mrloss would compute another loss"
         )
     return head if softcap_override is None else dataclasses.replace(head, softcap=softcap_override)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    return actual.shape == expected.shape and torch.allclose(actual, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL)
 
 
 def _to(tensor, device):
