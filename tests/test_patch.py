@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import TINY_VOCAB, build_tiny
+from tiny_models import TINY_VOCAB, VISION_END, build_tiny, tiny_vision_language_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,3 +101,28 @@ def test_patched_loss_is_the_models_own(model_type):
 def test_unbuildable_families_are_known():
     unbuildable = {model_type: run for model_type in MODEL_TYPES if isinstance(run := own_run(model_type), str)}
     assert set(unbuildable) == set(UNBUILDABLE), unbuildable
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
+def test_vision_language_model_loss_is_the_models_own(model_type, with_image):
+    """The language head of a VLM *ForConditionalGeneration: the batch's pixel_values (and the family's extras)
+    reach the model's own forward; the loss equals the model's own, weighted the same way as a text model's."""
+    model, inputs = tiny_vision_language_model(model_type)
+    if not with_image:
+        inputs = {
+            "input_ids": inputs["input_ids"].clamp(max=VISION_END - 1),
+            "attention_mask": inputs["attention_mask"],
+        }
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] >= VISION_END, IGNORE_INDEX)
+    token_weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        own = model(**inputs, labels=labels)
+    apply_mrloss(model)
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+        weighted = model(**inputs, labels=labels, token_weights=token_weights)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, own.loss, rtol=2e-5, atol=2e-6)
+    expected = weighted_ce(own.logits, labels, token_weights)
+    torch.testing.assert_close(weighted.loss.double(), expected, rtol=2e-5, atol=2e-6)

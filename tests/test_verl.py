@@ -583,7 +583,7 @@ def test_mrloss_engine_matches_verl_sft_loss(tmp_path):
 )
 def test_patched_forward_applies_the_architecture_head(model_type, extra):
     """verl's patched forward (one shard, no SP) gives the loss of the model's own logits -- Granite's
-    logits_scaling, Cohere's logit_scale, Gemma2's softcap -- from the same table as the HF patch."""
+    logits_scaling, Cohere's logit_scale, Gemma2's softcap -- from the same head description as the HF patch."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mrloss.integrations.verl.engine import ShardBatch, patch_causal_lm_forward
@@ -629,11 +629,12 @@ def test_patched_forward_applies_the_architecture_head(model_type, extra):
 
 
 def test_patched_forward_rejects_unknown_heads_and_options():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import TrOCRConfig, TrOCRForCausalLM
 
     from mrloss.integrations.verl.engine import patch_causal_lm_forward
 
-    with pytest.raises(TypeError, match="cannot patch GPT2LMHeadModel.*supported architectures"):
-        patch_causal_lm_forward(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)))
+    trocr = TrOCRForCausalLM(TrOCRConfig(vocab_size=50, d_model=16, decoder_layers=1, decoder_attention_heads=2))
+    with pytest.raises(TypeError, match="cannot patch TrOCRForCausalLM.*not the mean cross-entropy of the labels"):
+        patch_causal_lm_forward(trocr)  # its own loss does not shift the labels
     with pytest.raises(TypeError, match="unknown loss option.*'reduction'"):
         patch_causal_lm_forward(tiny_model(50), {"reduction": "sum"})

@@ -50,6 +50,19 @@ GENERIC_TINY = dict(
     input_embedding_size=32,
     output_embedding_size=32,
     rotary_dim=8,
+    # state-space layers (Mamba, Bamba, Falcon-H1, Jamba, Zamba, ...): d_ssm = heads * head dim = expand * hidden
+    mamba_d_ssm=64,
+    mamba_n_heads=8,
+    mamba_d_head=8,
+    mamba_d_state=8,
+    mamba_chunk_size=8,
+    mamba_expand=2,
+    mamba_n_groups=1,
+    state_size=8,
+    ssm_state_size=8,
+    chunk_size=8,
+    n_groups=1,
+    time_step_rank=8,
     # multi-head latent attention (DeepSeek and kin)
     kv_lora_rank=16,
     q_lora_rank=16,
@@ -132,12 +145,51 @@ def tiny_config(model_type: str, **overrides):
 
 def build_tiny(model_type: str, *, seed: int = 0, auto_class=transformers.AutoModelForCausalLM, **overrides):
     """A float32 model of ``model_type`` from `tiny_config` (weights after ``torch.manual_seed(seed)``), in eval
-    mode (no dropout). ValueError when it would have more than `MAX_TINY_PARAMETERS` (counted on the meta device
-    first: a config this function cannot shrink)."""
+    mode (no dropout). ValueError when it would have more than `MAX_TINY_PARAMETERS` parameters and buffers
+    (counted on the meta device first: a config this function cannot shrink)."""
     config = tiny_config(model_type, **overrides)
     with torch.device("meta"):
-        size = sum(p.numel() for p in auto_class.from_config(config).parameters())
+        meta = auto_class.from_config(config)
+    size = sum(t.numel() for t in [*meta.parameters(), *meta.buffers()])
     if size > MAX_TINY_PARAMETERS:
         raise ValueError(f"not tiny: {size} parameters")
     torch.manual_seed(seed)
     return auto_class.from_config(config).float().eval()
+
+
+IMAGE_TOKEN, VISION_START, VISION_END = 97, 96, 95  # token ids of the tiny vision-language models
+
+
+def tiny_vision_language_model(model_type: str, *, seed: int = 0):
+    """``(model, image_inputs)``: a float32 ``*ForConditionalGeneration`` of ``model_type`` ("qwen2_5_vl" or "gemma3",
+    vocabulary `TINY_VOCAB`, eval mode) and the model inputs of one row of 12 tokens with one image (4 image tokens
+    at 3..6 between VISION_START and VISION_END): ``input_ids``, ``attention_mask``, ``pixel_values`` and the
+    family's own extras (``image_grid_thw``; ``token_type_ids``)."""
+    text = dict(vocab_size=TINY_VOCAB, **TINY_SIZES, max_position_embeddings=128, pad_token_id=0, bos_token_id=1)
+    input_ids = torch.randint(3, VISION_END - 5, (1, 12), generator=torch.Generator().manual_seed(seed))
+    input_ids[0, 2], input_ids[0, 3:7], input_ids[0, 7] = VISION_START, IMAGE_TOKEN, VISION_END
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if model_type == "qwen2_5_vl":
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+        vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=4)
+        vision.update(spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[0])
+        ids = dict(image_token_id=IMAGE_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+        config = dict(text_config={**text, "rope_parameters": rope}, vision_config=vision, video_token_id=98, **ids)
+        # 4 x 4 patches of 4 x 4 pixels (2 frames), merged 2 x 2: 4 image tokens
+        inputs.update(pixel_values=torch.randn(16, 3 * 2 * 4 * 4), image_grid_thw=torch.tensor([[1, 4, 4]]))
+    elif model_type == "gemma3":
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, patch_size=4)
+        ids = dict(image_token_index=IMAGE_TOKEN, boi_token_index=VISION_START, eoi_token_index=VISION_END)
+        config = dict(
+            text_config={**text, "head_dim": 8},
+            vision_config={**vision, "image_size": 16},
+            mm_tokens_per_image=4,
+            **ids,
+        )
+        inputs.update(pixel_values=torch.randn(1, 3, 16, 16), token_type_ids=(input_ids == IMAGE_TOKEN).long())
+    else:
+        raise ValueError(f"no tiny vision-language model of {model_type!r}")
+    model_config = transformers.AutoConfig.for_model(model_type, **config)
+    model_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return transformers.AutoModelForImageTextToText.from_config(model_config).float().eval(), inputs
