@@ -24,7 +24,7 @@ def tiny_causal_lm(vocab_size: int, model_type: str = "llama", *, seed: int = 0,
 
 
 TINY_VOCAB = 100
-MAX_TINY_PARAMETERS = 2_000_000
+MAX_TINY_PARAMETERS = 4_000_000
 # Every family: config keys set when the config has them (the sizes of every shape, the MoE routers on, the head
 # scales away from 1 so that a model ignoring one shows).
 GENERIC_TINY = dict(
@@ -63,6 +63,24 @@ GENERIC_TINY = dict(
     chunk_size=8,
     n_groups=1,
     time_step_rank=8,
+    mamba_num_heads=8,
+    mamba_head_dim=8,
+    # hybrid layer patterns (Jamba, Bamba): layer 0 state-space, layer 1 attention (+ experts)
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    expert_layer_period=2,
+    expert_layer_offset=1,
+    attn_layer_indices=[1],
+    # per-layer inputs (Gemma-3n, Gemma-4)
+    vocab_size_per_layer_input=TINY_VOCAB,
+    hidden_size_per_layer_input=8,
+    num_kv_shared_layers=0,
+    laurel_rank=8,
+    # gated linear attention (Qwen3-Next, Qwen3.5)
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
     # multi-head latent attention (DeepSeek and kin)
     kv_lora_rank=16,
     q_lora_rank=16,
@@ -122,6 +140,10 @@ def tiny_kwargs(config) -> dict:
     per-layer lists cut, each sub-config shrunk the same way (as a dict)."""
     kwargs = {key: value for key, value in GENERIC_TINY.items() if _has(config, key)}
     kwargs = {key: value for key, value in kwargs.items() if key not in HEAD_KEYS or getattr(config, key) is not None}
+    if "kv_lora_rank" in kwargs:  # multi-head latent attention: as many key-value heads as heads
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)
+    if isinstance(getattr(config, "block_types", None), (list, tuple)):  # a repeating pattern (RecurrentGemma)
+        kwargs["num_hidden_layers"] = max(kwargs.get("num_hidden_layers", 2), len(config.block_types))
     layers, lists = _layer_lists(config, kwargs.get("num_hidden_layers", 2))
     if lists:
         kwargs.update(lists, num_hidden_layers=layers)

@@ -17,6 +17,7 @@ import torch
 
 from mrloss.metrics import (  # noqa: F401  (region_statistics & co.: also importable from here)
     OUTSIDE,
+    batch_region_statistics,
     mean_region_losses,
     region_loss_sums,
     region_statistics,
@@ -78,15 +79,7 @@ class MultiRegionTrainingMonitor:
             region_types = [f"type{i}" for i in range(largest + 1)]
         record = {
             "step": int(step),
-            **region_statistics(
-                batch["token_weights"],
-                batch["region_type_ids"],
-                region_types,
-                attention_mask=batch.get("attention_mask"),
-                labels=batch.get("labels"),
-                token_losses=token_losses,
-                ignore_index=ignore_index,
-            ),
+            **batch_region_statistics(batch, region_types, token_losses, ignore_index),
         }
         if multipliers is not None:
             record["multipliers"] = {str(k): float(v) for k, v in multipliers.items()}
