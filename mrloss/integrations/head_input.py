@@ -36,11 +36,13 @@ ROUTER_AUX_COEFFICIENTS = (
 
 class _HeadCapture(torch.nn.Module):
     """Stands in for ``lm_head``: records each input [..., H], returns ``head(input)``; ``weight`` and ``bias`` read
-    as given (some forwards cast the hidden state to ``lm_head.weight.dtype``), not registered as parameters."""
+    as given (some forwards cast the hidden state to ``lm_head.weight.dtype``), not registered as parameters;
+    ``out_features``: the width of the logits the model expects (some forwards pass it to their loss)."""
 
-    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, head: Callable, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int):
         super().__init__()
         self.head, self.inputs, self._tensors = head, [], (weight, bias)
+        self.in_features, self.out_features = weight.shape[-1], out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -82,7 +84,7 @@ def head_input(causal_lm, forward: Callable, *args, **kwargs):
     its ``aux_loss`` and every other field as the model computes them). Pass no labels: the model would compute
     its loss from those zeros."""
     lm_head = causal_lm.get_output_embeddings()
-    capture = _HeadCapture(_no_logits, lm_head.weight, getattr(lm_head, "bias", None))
+    capture = _HeadCapture(_no_logits, lm_head.weight, getattr(lm_head, "bias", None), lm_head.weight.shape[0])
     with _lm_head_replaced(causal_lm, capture):
         outputs = forward(*args, **kwargs)
     if len(capture.inputs) != 1:
@@ -147,7 +149,7 @@ class _HeadProbe:
         labels_vocab = min(vocab, getattr(config, "vocab_size", None) or vocab)
         self.labels = torch.randint(0, labels_vocab, (1, CHECK_TOKENS), generator=generator)
         self.labels[0, 1] = IGNORE_INDEX
-        self.capture = _HeadCapture(self.head, self.weight, self.bias)
+        self.capture = _HeadCapture(self.head, self.weight, self.bias, vocab)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(x.float(), self.weight.to(x.device), _to(self.bias, x.device))

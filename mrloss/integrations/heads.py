@@ -38,11 +38,15 @@ from mrloss.parallel_vocab import local_head, vocab_parallel_linear_cross_entrop
 LOSS_OPTIONS = ("backend", "chunk_size", "label_smoothing", "ignore_index", "softcap", "memory", "z_loss_scale")
 
 
-# Text-config keys that scale the logits: key -> exponent (1: logits * value, -1: logits / value). A key whose value
-# is None is left out; `check_head` rejects a model whose code uses a key differently.
+# Text-config keys that scale the logits: key -> exponent (1: logits * value, -1: logits / value, 0: applied to the
+# hidden state before lm_head, so already in what the head gets). A key whose value is None is left out;
+# `check_head` rejects a model whose code uses a key differently.
 LOGIT_SCALES = {"logit_scale": 1, "logits_scaling": -1, "lm_head_multiplier": 1, "output_multiplier_scale": 1}
 # model_type -> the keys its code reads the other way (reviewed against the modeling code; `check_head` confirms)
-LOGIT_SCALE_EXCEPTIONS = {"hyperclovax": {"logits_scaling": 1}}  # MuP: logits * logits_scaling
+LOGIT_SCALE_EXCEPTIONS = {
+    "hyperclovax": {"logits_scaling": 1},  # MuP: logits * logits_scaling
+    "minicpm3": {"logits_scaling": 0},  # lm_head(hidden / logits_scaling)
+}
 SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap")  # text-config keys of the cap c in c * tanh(x / c)
 
 
@@ -74,7 +78,7 @@ def describe_head(causal_lm) -> Head:
     scale = None
     for key, exponent in exponents.items():
         value = getattr(config, key, None)
-        if value is not None:
+        if value is not None and exponent != 0:
             scale = (1.0 if scale is None else scale) * float(value) ** exponent
     softcap = next((getattr(config, key) for key in SOFTCAP_KEYS if getattr(config, key, None) is not None), None)
     return Head(scale=None if scale == 1.0 else scale, softcap=softcap)
