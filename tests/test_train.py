@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,21 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     resumed = json.loads((output_dir / "metrics.json").read_text())
     assert [e["step"] for e in resumed["log_history"] if "loss" in e][-1] == 16
     assert resumed["log_history"][0] == metrics["log_history"][0]  # the history continues from checkpoint-12
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_model_gradient_checkpointing_reaches_training_arguments_without_a_deprecation(enabled, tmp_path):
+    """``model.gradient_checkpointing`` is TrainingArguments' activation checkpointing under the name the installed
+    transformers has: no "`gradient_checkpointing` is deprecated" warning where ``activation_checkpointing`` exists."""
+    from mrloss.training.config import load_config
+    from mrloss.training.run import training_arguments
+
+    overrides = [f"model.gradient_checkpointing={enabled}", "trainer.device=cpu", f"trainer.output_dir={tmp_path}"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.* deprecated")
+        arguments = training_arguments(load_config(str(REPO / "mrloss/configs/multi_region_tag_based.yaml"), overrides))
+    assert arguments.gradient_checkpointing is enabled
+    assert getattr(arguments, "activation_checkpointing", enabled) is enabled
 
 
 def test_mrloss_train_reports_config_errors(tmp_path, capsys):

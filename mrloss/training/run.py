@@ -197,11 +197,21 @@ def training_arguments(config: Config):
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=t.dataloader_num_workers,
-        gradient_checkpointing=config.model.gradient_checkpointing,
+        **checkpointing_arguments(config.model.gradient_checkpointing),
         report_to=t.report_to or "none",
         remove_unused_columns=False,
         **fsdp_arguments(config),
     )
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """The activation checkpointing switch of `transformers.TrainingArguments` under the name the installed release
+    has: ``activation_checkpointing`` where it exists (``gradient_checkpointing`` is its deprecated alias there,
+    warning on every run), else ``gradient_checkpointing``."""
+    import transformers
+
+    names = {field.name for field in dataclasses.fields(transformers.TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def fsdp_arguments(config: Config) -> dict:
