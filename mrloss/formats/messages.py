@@ -27,7 +27,6 @@ from mrloss.formats.regions import Region, RegionText, check_list, check_mapping
 from mrloss.formats.spec import FormatSpec
 from mrloss.formats.tag_based import parse_tag_based
 
-KEYS = ("messages", "prompt", "completion", "tools", "chat_template_kwargs")
 ROLES = ("system", "user", "assistant", "tool")
 # our keys, then those chat templates read (tool calls, reasoning), passed to the template unchanged
 MESSAGE_KEYS = ("role", "content", "weight", "type", "name", "tool_calls", "tool_call_id", "reasoning_content")
@@ -284,7 +283,7 @@ def _end_of_turn(tokenizer, text: str, start: int, limit: int) -> int:
 
 FORMAT = FormatSpec(
     name="messages",
-    keys=KEYS,
+    keys=("messages", "prompt", "completion", "tools", "chat_template_kwargs"),
     parse=parse_messages,
     detect=is_chat_sample,
     detect_first=True,  # plain-text samples may carry TRL's prompt / completion as metadata: chat is tried first

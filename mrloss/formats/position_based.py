@@ -17,7 +17,6 @@ from mrloss.formats.regions import (
 )
 from mrloss.formats.spec import FormatSpec
 
-KEYS = ("text", "learning_regions", "default_weight")
 REGION_KEYS = ("start_char", "end_char", "weight", "region_type")
 
 
@@ -97,7 +96,7 @@ def to_position_based(region_text: RegionText) -> dict:
 
 FORMAT = FormatSpec(
     name="position_based",
-    keys=KEYS,
+    keys=("text", "learning_regions", "default_weight"),
     parse=parse_position_based,
     write=to_position_based,
     identifying_keys=("learning_regions",),

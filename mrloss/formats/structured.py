@@ -11,7 +11,6 @@ from mrloss.formats.errors import FormatError
 from mrloss.formats.regions import DEFAULT_TYPE, Region, RegionText, check_list, check_mapping, check_str, check_weight
 from mrloss.formats.spec import FormatSpec
 
-KEYS = ("segments", "separator")
 SEGMENT_KEYS = ("content", "learn", "weight", "segment_type")
 
 
@@ -117,7 +116,7 @@ def to_structured(region_text: RegionText) -> dict:
 
 FORMAT = FormatSpec(
     name="structured",
-    keys=KEYS,
+    keys=("segments", "separator"),
     parse=parse_structured,
     write=to_structured,
     identifying_keys=("segments",),

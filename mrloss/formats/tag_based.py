@@ -12,7 +12,6 @@ from mrloss.formats.errors import FormatError
 from mrloss.formats.regions import DEFAULT_TYPE, Region, RegionText, check_str, check_weight
 from mrloss.formats.spec import FormatSpec
 
-KEYS = ("text", "default_weight")
 TAG_NAME = "LEARN"
 ATTRIBUTES = ("weight", "type")
 
@@ -156,4 +155,4 @@ def to_tag_based(region_text: RegionText) -> dict:
 
 
 # tag_based is the fallback of detection: a sample that no other format claims (plain ``text``)
-FORMAT = FormatSpec(name="tag_based", keys=KEYS, parse=parse_tag_based, write=to_tag_based)
+FORMAT = FormatSpec(name="tag_based", keys=("text", "default_weight"), parse=parse_tag_based, write=to_tag_based)
