@@ -1,4 +1,4 @@
-"""mrloss.formats: the three formats, every error, and round trips between them (hypothesis)."""
+"""mrloss.formats: the three formats, every error, round trips between them (hypothesis), the format registry."""
 
 import math
 
