@@ -127,8 +127,7 @@ def check_int(value, field: str, sample_id=None) -> int:
     """An integer checked (bools are not integers).
 
     Args:
-        value: as read from the sample.
-        field, sample_id: named in the FormatError.
+        value: a character offset as read from the sample; ``field`` and ``sample_id`` name it in the FormatError.
 
     Returns:
         ``value`` as an int.
@@ -194,11 +193,11 @@ def check_list(value, field: str, sample_id=None) -> list:
     """A list checked (a list or a tuple).
 
     Args:
-        value: as read from the sample.
+        value: the regions, segments or messages as read from the sample.
         field, sample_id: named in the FormatError.
 
     Returns:
-        ``value`` as a list.
+        ``list(value)`` (a copy).
     """
     if not isinstance(value, (list, tuple)):
         raise FormatError(f"must be a list, got {type(value).__name__}", sample_id=sample_id, field=field)
