@@ -204,6 +204,62 @@ def test_trainer_evaluate_logs_region_losses_and_token_metrics(tokenizer, tmp_pa
     assert {key: again[key] for key in ours} == pytest.approx({key: metrics[key] for key in ours}, rel=1e-9)
 
 
+def test_eval_loss_is_the_weighted_mean_of_the_whole_set_for_any_batch_size(tokenizer, tmp_path):
+    """``eval_loss`` = Σw·l/Σw over the whole evaluation set (the model's logits, float64), the same for eval batches
+    of 1, 4 and all 7 samples (whose Σw differ). Before: the mean of batch means (0.8737 at batch 1, 0.9168 at 26)."""
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5, count=7), tokenizer)
+    model = tiny_causal_lm(
+        len(tokenizer), intermediate_size=64, num_hidden_layers=1, pad_token_id=tokenizer.pad_token_id
+    )
+    eval_losses = []
+    for batch_size in (1, 4, len(dataset)):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=batch_size
+        )
+        trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
+        eval_losses.append(trainer.evaluate(dataset)["eval_loss"])
+
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2).double(), batch["input_ids"][:, 1:], reduction="none"
+    )
+    weights = torch.where(batch["labels"][:, 1:] != -100, batch["token_weights"][:, 1:].double(), 0.0)
+    expected = float((weights * losses).sum() / weights.sum())
+    assert eval_losses == pytest.approx([expected] * 3, abs=1e-6)
+
+
+def test_any_positive_scale_of_all_weights_trains_the_same(tokenizer, tmp_path):
+    """Valid weights of 1e37 (the step's Σw is past float32's range) train exactly as weights of 1: the same logged
+    losses, gradient norms and parameters. Before: loss 0 and gradient norm 0 (Σw overflowed in float32)."""
+
+    class Scaled(torch.utils.data.Dataset):
+        def __init__(self, dataset, scale):
+            self.dataset, self.scale, self.region_types = dataset, scale, dataset.region_types
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, index):
+            item = dict(self.dataset[index])
+            item["token_weights"] = item["token_weights"] * self.scale
+            return item
+
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5), tokenizer)
+    runs = {}
+    for scale in (1.0, 1e37):
+        trainer, parameters = train_tiny(tokenizer, Scaled(dataset, scale), tmp_path / str(scale), max_steps=2)
+        logs = [
+            entry[key] for entry in trainer.state.log_history if "grad_norm" in entry for key in ("loss", "grad_norm")
+        ]
+        runs[scale] = parameters, logs
+    (unit, unit_logs), (scaled, scaled_logs) = runs[1.0], runs[1e37]
+    assert len(unit_logs) == 4 and all(value > 1 for value in unit_logs)  # 2 steps: loss, grad_norm
+    assert scaled_logs == pytest.approx(unit_logs, rel=1e-5)
+    assert max_difference(unit, scaled) < 1e-6
+
+
 def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
     """model.path null: the run's tokenizer is `train_bpe_tokenizer_for_files` of data.train_files with
     model.vocab_size -- what `mrloss show` / `mrloss prepare` train by default on the same file."""

@@ -49,12 +49,17 @@ TOKEN_METRICS = {"mean_token_accuracy": "token_accuracy", "entropy": "token_entr
 class RegionLogStats:
     """What a log reports per region type, summed since it was last popped: row 0 the Σ and row 1 the count over
     learned tokens of the token loss (``losses [2, types]``) and of each token metric (``metrics[name] [2, types
-    + 1]``, TRL's names `TOKEN_METRICS`; last column: every learned token). float64, CPU."""
+    + 1]``, TRL's names `TOKEN_METRICS`; last column: every learned token). float64, CPU.
 
-    def __init__(self, region_types, ignore_index: int = IGNORE_INDEX):
-        self.region_types, self.ignore_index = list(region_types), ignore_index
+    ``overall_loss`` (evaluation): also the weighted mean loss Σw·l/Σw of everything added (``weighted [2, 1]``:
+    Σ of each batch's loss times its Σw -- the normalizer `valid_weight_sum` the model divided by -- and Σ of those
+    Σw), the same for any batch size; 0 when nothing is learned (the loss's own rule)."""
+
+    def __init__(self, region_types, ignore_index: int = IGNORE_INDEX, *, overall_loss: bool = False):
+        self.region_types, self.ignore_index, self.overall_loss = list(region_types), ignore_index, overall_loss
         self.losses = torch.zeros(2, len(self.region_types), dtype=torch.float64)
         self.metrics = {name: torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64) for name in TOKEN_METRICS}
+        self.weighted = torch.zeros(2, 1, dtype=torch.float64)
 
     def add(self, batch, outputs, loss_sums: torch.Tensor | None = None) -> None:
         """Add one micro-batch: its per-type loss sums (`mrloss.metrics.region_loss_sums`; None: from
@@ -63,6 +68,9 @@ class RegionLogStats:
         if loss_sums is None:
             loss_sums = region_loss_sums(self._statistics(batch, outputs.token_losses), self.region_types)
         self.losses += loss_sums
+        if self.overall_loss:
+            weight_sum = valid_weight_sum(batch["labels"], batch["token_weights"], self.ignore_index).cpu()
+            self.weighted += torch.stack([outputs.loss.detach().double().cpu() * weight_sum, weight_sum])[:, None]
         for name, attribute in TOKEN_METRICS.items():
             record = self._statistics(batch, getattr(outputs, attribute))
             total = record["total"]
@@ -81,12 +89,16 @@ class RegionLogStats:
         )
 
     def pop_logs(self, prefix: str, device) -> dict[str, float]:
-        """``{prefix}loss/<type>``, ``{prefix}<metric>`` and ``{prefix}<metric>/<type>`` over all ranks (one
-        collective: every rank calls it); then zero. Types without learned tokens are left out."""
-        parts = [self.losses, *self.metrics.values()]
+        """``{prefix}loss`` (with ``overall_loss``), ``{prefix}loss/<type>``, ``{prefix}<metric>`` and
+        ``{prefix}<metric>/<type>`` over all ranks (one collective: every rank calls it); then zero. Types without
+        learned tokens are left out."""
+        parts = [self.losses, self.weighted, *self.metrics.values()]
         summed = all_reduce_sum(torch.cat(parts, dim=1), device=device).split([p.shape[1] for p in parts], dim=1)
-        losses, metrics = summed[0], dict(zip(self.metrics, summed[1:]))
-        logs = {f"{prefix}loss/{t}": round(m, 4) for t, m in mean_region_losses(losses, self.region_types).items()}
+        losses, weighted, metrics = summed[0], summed[1], dict(zip(self.metrics, summed[2:]))
+        logs = {}
+        if self.overall_loss:
+            logs[f"{prefix}loss"] = float(weighted[0, 0] / weighted[1, 0]) if weighted[1, 0] > 0 else 0.0
+        logs |= {f"{prefix}loss/{t}": round(m, 4) for t, m in mean_region_losses(losses, self.region_types).items()}
         for name, sums in metrics.items():
             if sums[1, -1] > 0:
                 logs[f"{prefix}{name}"] = round(float(sums[0, -1] / sums[1, -1]), 4)
@@ -97,6 +109,7 @@ class RegionLogStats:
 
     def zero(self) -> None:
         self.losses.zero_()
+        self.weighted.zero_()
         for sums in self.metrics.values():
             sums.zero_()
 
@@ -334,7 +347,7 @@ class MultiRegionTrainer(transformers.Trainer):
         # per-type losses and token metrics since the last training log (the tracker holds the step's), and of
         # the evaluation running now (not through the tracker: evaluation feeds no weighting and no monitor)
         self._train_log_stats = RegionLogStats(self.region_types, self.ignore_index)
-        self._eval_log_stats = RegionLogStats(self.region_types, self.ignore_index)
+        self._eval_log_stats = RegionLogStats(self.region_types, self.ignore_index, overall_loss=True)
         self._log_tokens = 0
         self._log_time = time.perf_counter()
 
@@ -363,11 +376,13 @@ class MultiRegionTrainer(transformers.Trainer):
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Σ of valid shifted weights over ``batch_samples`` and all ranks (float32 on ``device``)."""
+        """Σ of valid shifted weights over ``batch_samples`` and all ranks (float64 on ``device``: valid weights of
+        1e37 sum past float32's range; the loss divides by it in float64, `mrloss.ops.normalization.weight_scales`).
+        """
         if not batch_samples or "token_weights" not in batch_samples[0]:
             return None
         total = sum(valid_weight_sum(b["labels"], b["token_weights"], self.ignore_index) for b in batch_samples)
-        total = total.to(device=device, dtype=torch.float32)
+        total = total.to(device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)  # MPS: no fp64
         if self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
         return total
@@ -403,7 +418,9 @@ class MultiRegionTrainer(transformers.Trainer):
     ):
         """`transformers.Trainer.evaluation_loop`, whose metrics also get ``<prefix>_loss/<type>`` and the token
         metrics ``<prefix>_mean_token_accuracy``, ``<prefix>_entropy`` (also per type) over the learned tokens of
-        the whole evaluation set, all ranks (prefix: ``eval``, or ``eval_<name>`` for several sets)."""
+        the whole evaluation set, all ranks (prefix: ``eval``, or ``eval_<name>`` for several sets), and whose
+        ``<prefix>_loss`` is the weighted mean Σw·l/Σw of the whole set (the Trainer's is a mean of batch means,
+        which moves with the evaluation batch size)."""
         self._eval_log_stats.zero()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(self._eval_log_stats.pop_logs(f"{metric_key_prefix}_", self.args.device))
