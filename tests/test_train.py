@@ -327,6 +327,51 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     assert resumed["log_history"][0] == metrics["log_history"][0]  # the history continues from checkpoint-12
 
 
+def test_resumed_run_reports_the_train_loss_of_all_steps_and_a_complete_run_trains_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    """Resumed from checkpoint-3 of 7 steps (logs every 2, so checkpoint-3 holds an unlogged step), metrics.json's
+    train_loss is the mean step loss of all 7 steps, as in the uninterrupted run (before: this session's loss sum /
+    7, 1.79 against 5.69). Resuming the finished run again says it is complete, exits 0 and trains nothing (before:
+    a step past max_steps, and checkpoint-8)."""
+    monkeypatch.chdir(tmp_path)
+    output_dir = tmp_path / "run"
+    arguments = [
+        "--config",
+        "tag_based",
+        "data.train_files=data/tag_based.jsonl",
+        "data.max_length=128",
+        f"trainer.output_dir={output_dir}",
+        "trainer.max_steps=7",
+        "trainer.save_steps=3",
+        "trainer.save_total_limit=null",
+        "trainer.logging_steps=2",
+        "trainer.device=cpu",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
+    ]
+    run_train(arguments)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    step_losses = [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
+    assert metrics["train"]["train_loss"] > 1 and len(step_losses) == 4  # logged at steps 1, 2, 4, 6
+    for name in ("checkpoint-6", "checkpoint-7", "metrics.json"):
+        path = output_dir / name
+        subprocess.run(["rm", "-r", str(path)], check=True)
+    run_train([*arguments, "trainer.resume_from_checkpoint=true"])  # from checkpoint-3
+    resumed = json.loads((output_dir / "metrics.json").read_text())
+    assert resumed["train"]["train_loss"] == pytest.approx(metrics["train"]["train_loss"], rel=1e-5)
+
+    capsys.readouterr()
+    run_train([*arguments, "trainer.resume_from_checkpoint=true"])  # from checkpoint-7: complete
+    out = capsys.readouterr().out.strip().splitlines()
+    assert (
+        out[-1].startswith("mrloss train: ")
+        and "checkpoint-7 holds step 7 of 7: the run is already complete" in out[-1]
+    )
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-7"]
+    assert json.loads((output_dir / "metrics.json").read_text()) == resumed
+
+
 def test_mrloss_train_reports_config_errors(tmp_path, capsys):
     from mrloss.training.run import main
 

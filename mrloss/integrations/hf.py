@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import json
 import os
 import shutil
 import time
@@ -43,6 +44,14 @@ from mrloss.ops.normalization import IGNORE_INDEX, valid_weight_sum
 from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
 
 CHECKPOINT_STAGING = ".checkpoint-staging"  # inside the run directory; transformers never takes it for a checkpoint
+TRAIN_LOSS_FILE = "mrloss_train_loss.json"  # in each checkpoint: Σ of the step losses so far (train_loss on resume)
+
+
+class RunAlreadyComplete(ValueError):
+    """``train(resume_from_checkpoint=...)`` from a checkpoint at (or past) the run's last step: nothing to train.
+    (transformers would train one step past ``max_steps`` and save ``checkpoint-<max_steps + 1>``.)"""
+
+
 TOKEN_METRICS = {"mean_token_accuracy": "token_accuracy", "entropy": "token_entropy"}  # log name: output field
 
 
@@ -462,8 +471,12 @@ class MultiRegionTrainer(transformers.Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir, self.args.save_total_limit = None, save_total_limit
+        loss_sum = self._step_loss_sum()  # every rank: a collective
         if self.is_world_process_zero():
             self.region_tracker.save_state(staged)
+            if loss_sum is not None:
+                with open(os.path.join(staged, TRAIN_LOSS_FILE), "w", encoding="utf-8") as file:
+                    json.dump({"global_step": self.state.global_step, "step_loss_sum": loss_sum}, file)
         self.accelerator.wait_for_everyone()  # every rank's files are in
         if self.args.should_save:
             if os.path.exists(final):
@@ -492,10 +505,64 @@ class MultiRegionTrainer(transformers.Trainer):
             resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+        self._resumed_loss_sum, self._resumed_step = 0.0, 0  # Σ step losses before the resume (None: unknown)
         if resume_from_checkpoint:
+            state_file = os.path.join(resume_from_checkpoint, transformers.trainer.TRAINER_STATE_NAME)
+            self._resumed_step = transformers.TrainerState.load_from_json(state_file).global_step
+            self._check_not_complete(resume_from_checkpoint)
+            self._resumed_loss_sum = _read_step_loss_sum(resume_from_checkpoint)
             self.region_tracker.load_state(resume_from_checkpoint)
             if self.monitor is not None and self.is_world_process_zero() and hasattr(self.monitor, "rewind"):
-                state_file = os.path.join(resume_from_checkpoint, transformers.trainer.TRAINER_STATE_NAME)
-                self.monitor.rewind(transformers.TrainerState.load_from_json(state_file).global_step)
+                self.monitor.rewind(self._resumed_step)
         self._log_time = time.perf_counter()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_not_complete(self, checkpoint: str) -> None:
+        """`RunAlreadyComplete` when ``checkpoint`` holds the run's last step already (``max_steps``, or the steps of
+        ``num_train_epochs``)."""
+        max_steps = self.args.max_steps
+        if max_steps <= 0:
+            max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        if self._resumed_step >= max_steps:
+            raise RunAlreadyComplete(
+                f"{checkpoint} holds step {self._resumed_step} of {max_steps}: the run is already complete, nothing "
+                "to train (raise max_steps to train further)"
+            )
+
+    # -- train_loss over the whole run --------------------------------------------------------------
+    def _step_loss_sum(self) -> float | None:
+        """Σ of the step losses of the whole run so far, resumed steps included (None when those are unknown): what
+        the Trainer's ``train_loss`` divides by the step count. Every rank calls it (the losses since the last log
+        are averaged over the ranks, as a log does)."""
+        unlogged = self.accelerator.gather(self._tr_loss.detach().reshape(1)).mean().item()
+        if self._resumed_loss_sum is None:
+            return None
+        return self._resumed_loss_sum + self._total_loss_scalar + unlogged
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        """`transformers.Trainer._finalize_training`, its ``train_loss`` (Σ step losses / global step) over every
+        step of the run: the transformers one counts the steps before a resume in the divisor only. A checkpoint
+        without `TRAIN_LOSS_FILE` (not written by this trainer): the mean over the steps since the resume, with a
+        warning."""
+        if self._resumed_loss_sum is not None:
+            self._total_loss_scalar += self._resumed_loss_sum
+        else:
+            warnings.warn(
+                f"train_loss is the mean over steps {self._resumed_step + 1}-{self.state.global_step} only: the "
+                f"checkpoint resumed from has no {TRAIN_LOSS_FILE}",
+                stacklevel=2,
+            )
+            session_steps = max(self.state.global_step - self._resumed_step, 1)
+            session_sum = self._total_loss_scalar + self._tr_loss.item()
+            self._tr_loss.zero_()
+            self._total_loss_scalar = session_sum * self.state.global_step / session_steps  # / global_step follows
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
+
+def _read_step_loss_sum(checkpoint: str) -> float | None:
+    """The Σ of step losses `MultiRegionTrainer` saved in ``checkpoint`` (`TRAIN_LOSS_FILE`), None without one."""
+    path = os.path.join(checkpoint, TRAIN_LOSS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return float(json.load(file)["step_loss_sum"])
