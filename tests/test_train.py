@@ -332,8 +332,13 @@ def test_resumed_run_reports_the_train_loss_of_all_steps_and_a_complete_run_trai
 ):
     """Resumed from checkpoint-3 of 7 steps (logs every 2, so checkpoint-3 holds an unlogged step), metrics.json's
     train_loss is the mean step loss of all 7 steps, as in the uninterrupted run (before: this session's loss sum /
-    7, 1.79 against 5.69). Resuming the finished run again says it is complete, exits 0 and trains nothing (before:
-    a step past max_steps, and checkpoint-8)."""
+    7, 1.79 against 5.69); from a checkpoint without the run's loss sum (not written by MultiRegionTrainer) it is
+    the mean over the steps since the resume, with a warning. Resuming the finished run again says it is complete,
+    exits 0 and trains nothing (before: a step past max_steps, and checkpoint-8)."""
+    import shutil
+
+    from mrloss.integrations.hf import TRAIN_LOSS_FILE
+
     monkeypatch.chdir(tmp_path)
     output_dir = tmp_path / "run"
     arguments = [
@@ -354,12 +359,22 @@ def test_resumed_run_reports_the_train_loss_of_all_steps_and_a_complete_run_trai
     metrics = json.loads((output_dir / "metrics.json").read_text())
     step_losses = [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
     assert metrics["train"]["train_loss"] > 1 and len(step_losses) == 4  # logged at steps 1, 2, 4, 6
-    for name in ("checkpoint-6", "checkpoint-7", "metrics.json"):
-        path = output_dir / name
-        subprocess.run(["rm", "-r", str(path)], check=True)
-    run_train([*arguments, "trainer.resume_from_checkpoint=true"])  # from checkpoint-3
+
+    def resume_from_checkpoint_3():
+        for name in ("checkpoint-6", "checkpoint-7"):
+            shutil.rmtree(output_dir / name)
+        (output_dir / "metrics.json").unlink()
+        run_train([*arguments, "trainer.resume_from_checkpoint=true"])
+        return json.loads((output_dir / "metrics.json").read_text())["train"]["train_loss"]
+
+    assert resume_from_checkpoint_3() == pytest.approx(metrics["train"]["train_loss"], rel=1e-5)
+    loss_file = output_dir / "checkpoint-3" / TRAIN_LOSS_FILE
+    first_3_steps = json.loads(loss_file.read_text())["step_loss_sum"]
+    loss_file.unlink()
+    with pytest.warns(UserWarning, match="train_loss is the mean over steps 4-7 only"):
+        session_mean = resume_from_checkpoint_3()
+    assert session_mean == pytest.approx((7 * metrics["train"]["train_loss"] - first_3_steps) / 4, rel=1e-5)
     resumed = json.loads((output_dir / "metrics.json").read_text())
-    assert resumed["train"]["train_loss"] == pytest.approx(metrics["train"]["train_loss"], rel=1e-5)
 
     capsys.readouterr()
     run_train([*arguments, "trainer.resume_from_checkpoint=true"])  # from checkpoint-7: complete
