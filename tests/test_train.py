@@ -387,6 +387,32 @@ def test_resumed_run_reports_the_train_loss_of_all_steps_and_a_complete_run_trai
     assert json.loads((output_dir / "metrics.json").read_text()) == resumed
 
 
+def test_resuming_a_complete_epoch_based_run_raises(tokenizer, tmp_path):
+    """num_train_epochs=1 of 8 samples in batches of 4: checkpoint-2 is the run's last step, so resuming from it
+    raises RunAlreadyComplete and trains nothing (transformers would train a step 3 and save checkpoint-3)."""
+    from mrloss.integrations.hf import RunAlreadyComplete
+
+    dataset = MultiRegionDataset.from_samples(samples(), tokenizer)
+    for resume in (None, True):
+        model = tiny_causal_lm(len(tokenizer), intermediate_size=64, pad_token_id=tokenizer.pad_token_id)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to="none",
+            num_train_epochs=1,
+            per_device_train_batch_size=4,
+            save_steps=2,
+            disable_tqdm=True,
+        )
+        trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
+        if resume is None:
+            trainer.train()
+            continue
+        with pytest.raises(RunAlreadyComplete, match="checkpoint-2 holds step 2 of 2: the run is already complete"):
+            trainer.train(resume_from_checkpoint=True)
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_mrloss_train_reports_config_errors(tmp_path, capsys):
     from mrloss.training.run import main
 

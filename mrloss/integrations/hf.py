@@ -500,7 +500,8 @@ class MultiRegionTrainer(transformers.Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """As `transformers.Trainer.train`; a resumed run also restores the region tracker's state (weighting and
-        pending step sums) and rewinds the monitor's record to the checkpoint's step (no step recorded twice)."""
+        pending step sums), rewinds the monitor's record to the checkpoint's step (no step recorded twice) and
+        reports ``train_loss`` over every step of the run. `RunAlreadyComplete` from a checkpoint at the last step."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -508,9 +509,11 @@ class MultiRegionTrainer(transformers.Trainer):
         self._resumed_loss_sum, self._resumed_step = 0.0, 0  # Σ step losses before the resume (None: unknown)
         if resume_from_checkpoint:
             state_file = os.path.join(resume_from_checkpoint, transformers.trainer.TRAINER_STATE_NAME)
-            self._resumed_step = transformers.TrainerState.load_from_json(state_file).global_step
-            self._check_not_complete(resume_from_checkpoint)
-            self._resumed_loss_sum = _read_step_loss_sum(resume_from_checkpoint)
+            if os.path.isfile(state_file):  # else transformers starts at step 0 (weights only)
+                self._resumed_step = transformers.TrainerState.load_from_json(state_file).global_step
+            if self._resumed_step:
+                self._check_not_complete(resume_from_checkpoint)
+                self._resumed_loss_sum = _read_step_loss_sum(resume_from_checkpoint)
             self.region_tracker.load_state(resume_from_checkpoint)
             if self.monitor is not None and self.is_world_process_zero() and hasattr(self.monitor, "rewind"):
                 self.monitor.rewind(self._resumed_step)
