@@ -471,11 +471,12 @@ class MultiRegionTrainer(transformers.Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir, self.args.save_total_limit = None, save_total_limit
-        loss_sum = self._step_loss_sum()  # every rank: a collective
+        session_sum = self._session_loss_sum()  # every rank: a collective
         if self.is_world_process_zero():
             self.region_tracker.save_state(staged)
-            if loss_sum is not None:
+            if self._resumed_loss_sum is not None:  # the Σ of every step so far (unknown: no file)
                 with open(os.path.join(staged, TRAIN_LOSS_FILE), "w", encoding="utf-8") as file:
+                    loss_sum = self._resumed_loss_sum + session_sum
                     json.dump({"global_step": self.state.global_step, "step_loss_sum": loss_sum}, file)
         self.accelerator.wait_for_everyone()  # every rank's files are in
         if self.args.should_save:
@@ -533,22 +534,20 @@ class MultiRegionTrainer(transformers.Trainer):
             )
 
     # -- train_loss over the whole run --------------------------------------------------------------
-    def _step_loss_sum(self) -> float | None:
-        """Σ of the step losses of the whole run so far, resumed steps included (None when those are unknown): what
-        the Trainer's ``train_loss`` divides by the step count. Every rank calls it (the losses since the last log
-        are averaged over the ranks, as a log does)."""
-        unlogged = self.accelerator.gather(self._tr_loss.detach().reshape(1)).mean().item()
-        if self._resumed_loss_sum is None:
-            return None
-        return self._resumed_loss_sum + self._total_loss_scalar + unlogged
+    def _session_loss_sum(self) -> float:
+        """Σ of the step losses since this ``train`` call began, those since the last log averaged over the ranks as
+        a log does (transformers' ``train_loss`` takes each rank's own). Every rank calls it (a collective)."""
+        return self._total_loss_scalar + self.accelerator.gather(self._tr_loss.detach().reshape(1)).mean().item()
 
     def _finalize_training(self, trial, num_train_samples, start_time):
-        """`transformers.Trainer._finalize_training`, its ``train_loss`` (Σ step losses / global step) over every
-        step of the run: the transformers one counts the steps before a resume in the divisor only. A checkpoint
-        without `TRAIN_LOSS_FILE` (not written by this trainer): the mean over the steps since the resume, with a
-        warning."""
+        """`transformers.Trainer._finalize_training` with ``train_loss`` (Σ step losses / global step) over every
+        step of the run: the Σ before a resume comes from the checkpoint (transformers counts those steps in the
+        divisor only). A checkpoint without `TRAIN_LOSS_FILE` (not written by this trainer): the mean over the
+        steps since the resume, with a warning."""
+        session_sum = self._session_loss_sum()
+        self._tr_loss.zero_()  # in session_sum already
         if self._resumed_loss_sum is not None:
-            self._total_loss_scalar += self._resumed_loss_sum
+            self._total_loss_scalar = self._resumed_loss_sum + session_sum
         else:
             warnings.warn(
                 f"train_loss is the mean over steps {self._resumed_step + 1}-{self.state.global_step} only: the "
@@ -556,8 +555,6 @@ class MultiRegionTrainer(transformers.Trainer):
                 stacklevel=2,
             )
             session_steps = max(self.state.global_step - self._resumed_step, 1)
-            session_sum = self._total_loss_scalar + self._tr_loss.item()
-            self._tr_loss.zero_()
             self._total_loss_scalar = session_sum * self.state.global_step / session_steps  # / global_step follows
         return super()._finalize_training(trial, num_train_samples, start_time)
 
