@@ -69,7 +69,7 @@ def single_process(input_ids, weights, cu_seqlens, embedding, head):
     hidden.retain_grad()
     total, weight_sum, token_losses = 0.0, 0.0, []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        sample_sum, sample_token_losses = reference_linear_cross_entropy(
+        sample = reference_linear_cross_entropy(
             hidden[start:end],
             head,
             input_ids[start:end],
@@ -78,9 +78,9 @@ def single_process(input_ids, weights, cu_seqlens, embedding, head):
             shift=True,
             return_token_losses=True,
         )
-        total = total + sample_sum
+        total = total + sample.loss
         weight_sum += weights[start + 1 : end].double().sum().item()
-        token_losses.append(sample_token_losses)  # target-aligned: index 0 of each sample is 0
+        token_losses.append(sample.token_losses)  # target-aligned: index 0 of each sample is 0
     loss = total / weight_sum if weight_sum > 0 else total * 0.0
     loss.backward()
     token_losses = torch.roll(torch.cat(token_losses), -1)  # -> prediction-aligned
@@ -102,7 +102,7 @@ def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reducti
     embedding, head = embedding.clone().requires_grad_(), head.clone().requires_grad_()
     hidden_shard = embedding[ids_shard[0]]
     hidden_shard.retain_grad()
-    loss, token_losses = sequence_parallel_linear_cross_entropy(
+    output = sequence_parallel_linear_cross_entropy(
         hidden_shard,
         head,
         targets_shard,
@@ -112,8 +112,8 @@ def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reducti
         grad_reduction=grad_reduction,
         return_token_losses=True,
     )
-    loss.backward()
-    return loss.detach(), hidden_shard.grad, embedding.grad, head.grad, token_losses, pad
+    output.loss.backward()
+    return output.loss.detach(), hidden_shard.grad, embedding.grad, head.grad, output.token_losses, pad
 
 
 def reduce_grad(grad, op, group):
@@ -240,7 +240,8 @@ def test_single_process_reference_matches_the_fused_loss():
     ref_loss, ref_hidden_grad, _, ref_head_grad, ref_token_losses = single_process(*case)
     targets, shifted = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
     hidden, head = embedding[input_ids].requires_grad_(), head.requires_grad_()
-    loss, token_losses = linear_cross_entropy(hidden, head, targets, shifted, return_token_losses=True)
+    output = linear_cross_entropy(hidden, head, targets, shifted, return_token_losses=True)
+    loss, token_losses = output.loss, output.token_losses
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(token_losses, ref_token_losses, atol=ATOL, rtol=RTOL)

@@ -38,11 +38,12 @@ def _hydra_list(values) -> str:
 
 
 def _hydra_value(value) -> str:
+    """None, a bool, a number or a string as a hydra override value."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return _hydra_string(value) if isinstance(value, str) else str(value)
 
 
 def initial_model_path(config, save_path: str) -> Path:
@@ -115,12 +116,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "trainer.n_gpus_per_node": str(nproc),
         "trainer.resume_mode": "disable" if not resume else ("auto" if resume is True else "resume_path"),
         "+mrloss.loss": "mrloss",
-        "+mrloss.backend": loss.backend,
-        "+mrloss.chunk_size": _hydra_value(loss.chunk_size),
-        "+mrloss.softcap": _hydra_value(loss.softcap),
-        "+mrloss.label_smoothing": str(loss.label_smoothing),
-        "+mrloss.memory": loss.memory,
-        "+mrloss.z_loss_scale": str(loss.z_loss_scale),
+        **{f"+mrloss.{name}": _hydra_value(value) for name, value in dataclasses.asdict(loss).items()},
         "+mrloss.monitor_dir": _hydra_string(Path(config.monitor.output_dir or Path(save_path) / "monitor").resolve())
         if config.monitor.enabled
         else "null",
