@@ -232,6 +232,27 @@ def test_sequence_parallel_loss_single_process_equals_mean():
         sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, normalizer=-2.0)
 
 
+def test_sequence_parallel_loss_output_without_a_group_equals_the_fused_loss():
+    """Every LossOutput field of the SP loss (z-loss normalized like the loss, per-token fields of the shard)
+    equals the fused loss's with reduction "mean"; reduction and shift are the SP rule's own, not options."""
+    input_ids, weights, cu_seqlens, embedding, head = make_case(9, [10, 7])
+    targets, shifted = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
+    hidden = embedding[input_ids]
+    flags = dict(return_token_losses=True, return_z_loss=True, return_token_metrics=True)
+    expected = linear_cross_entropy(hidden, head, targets, shifted, z_loss_scale=0.02, **flags)
+    got = sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, z_loss_scale=0.02, **flags)
+    for name in ("loss", "z_loss", "token_losses"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name).float(), atol=ATOL, rtol=RTOL)
+    assert torch.equal(got.token_metrics.accuracy, expected.token_metrics.accuracy) and got.z_loss > 0
+    plain = sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, return_z_loss=False)
+    assert isinstance(plain, torch.Tensor)
+    for options in (dict(reduction="sum"), dict(shift=True)):
+        with pytest.raises(ValueError, match="shards shifted before sharding"):
+            sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, **options)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['vocab_group'\]"):
+        sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, vocab_group=None)
+
+
 def test_single_process_reference_matches_the_fused_loss():
     """The independent reference of the SP tests equals the fused loss on mrloss's shift rule, also where
     samples' first tokens carry weight (no sample may predict the next one's first token)."""
