@@ -114,8 +114,7 @@ def vocab_parallel_linear_cross_entropy(
     Args:
         hidden: [..., H] fp16|bf16|fp32|fp64, the same on every rank of the group.
         weight_shard: [V_r, H] (V_r >= 1), hidden's dtype: this rank's rows of the [V, H] head.
-        targets, token_weights: [...] global ids in [0, V) and weights as in `linear_cross_entropy`, the same on
-            every rank.
+        targets, token_weights: [...] global ids in [0, V) and weights, the same on every rank.
         vocab_parallel: the shard (`VocabParallelOptions`; None: one rank holds the whole head).
         bias: [V_r], this rank's bias shard, or None. normalizer: as in `linear_cross_entropy`.
         options, keywords: a `mrloss.ops.options.LossOptions` and/or its fields as keywords (keywords win); each
@@ -128,7 +127,6 @@ def vocab_parallel_linear_cross_entropy(
         weight_shard / bias is this shard's exact part, hidden's gradient the full one on every rank.
     """
     options = loss_options(keywords, caller="vocab_parallel_linear_cross_entropy", base=options)
-    shard = vocab_parallel or VocabParallelOptions()
     hidden, weight_shard, bias = autocast_inputs(hidden, weight_shard, bias)
     check_inputs(hidden, weight_shard, targets, token_weights, bias, normalizer, options)
     if options.backend not in VOCAB_PARALLEL_BACKENDS or options.memory != "fast":
@@ -136,15 +134,9 @@ def vocab_parallel_linear_cross_entropy(
             f"backend {options.backend!r}, memory {options.memory!r}: the vocabulary-parallel loss runs its row "
             f'statistics in PyTorch with memory="fast"; expected a backend of {VOCAB_PARALLEL_BACKENDS}'
         )
+    shard = vocab_parallel or VocabParallelOptions()
     vocab_start, vocab_size = vocab_range(weight_shard, shard)
     group = shard.vocab_group
-
-    def learned_hidden(hidden_2d, rows):  # the learned rows only: the all-reduce is M x H, not N x H
-        if group is None or not (torch.is_grad_enabled() and hidden_2d.requires_grad):
-            return hidden_2d, rows
-        learned_rows = _AllReduceGradient.apply(hidden_2d.index_select(0, rows), group)
-        return learned_rows, torch.arange(rows.numel(), device=rows.device)
-
     return learned_rows_loss(
         hidden,
         weight_shard,
@@ -157,8 +149,17 @@ def vocab_parallel_linear_cross_entropy(
         row_op=_row_op(group, vocab_start, vocab_size),
         fused_losses=None,
         slice_grad_op=None,
-        learned_hidden=learned_hidden,
+        learned_hidden=None if group is None else functools.partial(_learned_rows_all_reduced, group=group),
     )
+
+
+def _learned_rows_all_reduced(hidden_2d: torch.Tensor, rows: torch.Tensor, *, group):
+    """(hidden rows, their indices) for `learned_rows_loss`: with a gradient wanted, the learned rows only,
+    their gradient all-reduced over ``group`` (M x H values, not N x H); else hidden_2d and rows unchanged."""
+    if not (torch.is_grad_enabled() and hidden_2d.requires_grad):
+        return hidden_2d, rows
+    learned_rows = _AllReduceGradient.apply(hidden_2d.index_select(0, rows), group)
+    return learned_rows, torch.arange(rows.numel(), device=rows.device)
 
 
 def _row_op(group, vocab_start: int, vocab_size: int):

@@ -40,7 +40,7 @@ from mrloss.ops.chunked import (
 )
 from mrloss.ops.function import LinearCrossEntropyFunction, Plan
 from mrloss.ops.normalization import check_normalizer, learned_mask, shift_targets, weight_scales
-from mrloss.ops.options import IGNORE_INDEX, LossOptions, loss_options
+from mrloss.ops.options import IGNORE_INDEX, Backend, LossOptions, Memory, Reduction, loss_options
 from mrloss.ops.output import LossOutput
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,24 +54,22 @@ def linear_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     normalizer: float | torch.Tensor | None = None,
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     shift: bool = False,
-    backend: str = "auto",
+    backend: Backend = "auto",
     return_token_losses: bool = False,
     chunk_size: int | None = None,
-    memory: str = "fast",
+    memory: Memory = "fast",
     z_loss_scale: float = 0.0,
     return_z_loss: bool = False,
     return_token_metrics: bool = False,
 ) -> torch.Tensor | LossOutput:
-    """Weighted cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, without
-    ever materializing the ``[N, V]`` logits.
-
-    l_i = logsumexp(z_i) - (1 - eps) z_i[t_i] - eps/V sum_j z_i[j], z_i = softcap(h_i W^T + b); each token's
-    loss is l_i + zeta * lse_i^2 with ``z_loss_scale`` zeta (PaLM's z-loss, Liger's lse_square_scale).
+    """Weighted cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, without ever
+    materializing the ``[N, V]`` logits: l_i = lse_i - (1 - eps) z_i[t_i] - eps/V sum_j z_i[j] (+ zeta lse_i^2),
+    z_i = softcap(h_i W^T + b), lse_i = logsumexp(z_i); "mean" is sum(w l) / sum(w) over the valid tokens.
 
     Args:
         hidden: [..., H] fp16|bf16|fp32|fp64.
@@ -82,18 +80,13 @@ def linear_cross_entropy(
             (on hidden's device or the CPU; used as given, detached, without a host sync); 0, with zero
             gradients, when normalizer <= 0.
         ignore_index, reduction, softcap, label_smoothing, shift, backend, chunk_size, memory, z_loss_scale,
-        return_token_losses, return_z_loss, return_token_metrics: the fields of `mrloss.ops.options.LossOptions`
-            (their meaning and ranges are documented there). reduction "mean": sum(w l) / sum(w) over valid
-            tokens (0, with zero gradients, when that sum is 0); "sum": sum(w l); "none": w l per token. shift:
-            position k-1 predicts targets[..., k] with token_weights[..., k]; per-token outputs are
-            target-aligned (index 0 of each sequence is 0). memory "fast": gradients built in the forward into a
-            float32 [V, H] buffer (~6·N·H·V FLOPs); "low": no [V, H] float32 buffer, the gradients built in
-            backward by vocabulary slices (~8·N·H·V FLOPs); same results to rounding.
+        return_token_losses, return_z_loss, return_token_metrics: the fields of `mrloss.LossOptions`, which
+            documents each one's meaning and range.
 
     Returns:
-        The loss (float32; float64 for float64 inputs; 0-dim, or targets' shape for "none") when no return_*
-        flag is set; otherwise a `mrloss.ops.output.LossOutput` with the loss and the fields asked for
-        (token_losses, z_loss, token_metrics; None where not asked).
+        The loss (float32; float64 for float64 inputs; 0-dim, or targets' shape for "none", target-aligned
+        with ``shift``) when no return_* option is set; otherwise a `mrloss.LossOutput` with the loss and the
+        fields asked for (token_losses, z_loss, token_metrics; None where not asked).
 
     Raises:
         TypeError / ValueError naming the argument, its shape or dtype, or the first bad target / weight.

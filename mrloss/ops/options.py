@@ -41,11 +41,16 @@ class LossOptions:
         reduction: "mean" (Σ w·l / Σ w over valid tokens), "sum" (Σ w·l), "none" (w·l per token).
         softcap: c for logits c·tanh(z / c), a finite float > 0, or None (no cap).
         label_smoothing: eps in [0, 1]: l = lse - (1 - eps) z[t] - eps/V Σ_j z[j].
-        shift: position k-1 predicts target k (a bool; per-token outputs stay target-aligned).
-        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "triton" or "torch".
+        shift: a bool: position k-1 predicts targets[..., k] with token_weights[..., k]; per-token outputs stay
+            target-aligned (index 0 of each sequence is 0).
+        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "triton" (on the CPU: TRITON_INTERPRET=1)
+            or "torch".
         chunk_size: learned tokens per chunk, an int >= 1, or None (chunk logits about the size of hidden).
-        memory: "fast" (gradients in the forward, a float32 [V, H] buffer) or "low" (no [V, H] buffer).
-        z_loss_scale: zeta >= 0, finite: each token's loss is l + zeta·lse² (PaLM's z-loss).
+        memory: "fast": gradients built in the forward into a float32 [V, H] buffer (~6·N·H·V FLOPs); "low": no
+            [V, H] float32 buffer and no [N, V], the gradients built in backward by vocabulary slices
+            (~8·N·H·V FLOPs); same results to rounding.
+        z_loss_scale: zeta >= 0, finite: each token's loss is l + zeta·lse² (PaLM's z-loss, Liger's
+            lse_square_scale), under the same weights, reduction and normalizer, its gradient included.
         return_token_losses, return_z_loss, return_token_metrics: what `LossOutput` carries besides the loss.
 
     Raises ValueError (TypeError for a non-bool flag) naming the option when a value is out of its range.

@@ -20,7 +20,7 @@ class LossOutput:
         token_losses: ``return_token_losses``: the detached unweighted per-token loss l (without z-loss),
             float32, shape of targets, target-aligned, 0 where a token is not learned.
         z_loss: ``return_z_loss``: the detached z-loss part of ``loss`` (same weights, reduction and normalizer;
-            0 when z_loss_scale is 0), loss's dtype and shape.
+            0 without a z-loss), the dtype and shape of loss.
         token_metrics: ``return_token_metrics``: `TokenMetrics` (accuracy: 1.0 where the first argmax of the
             logits is the target; entropy of their softmax), detached float32, shape of targets, 0 where skipped.
     """

@@ -71,23 +71,27 @@ def reference_linear_cross_entropy(
     token = _per_token(logits, torch.where(valid, targets_used, 0), options, learned=w > 0)
     if options.shift:  # back to target alignment: position 0 holds no prediction
         w, token = _pad_front(w), {name: _pad_front(values) for name, values in token.items()}
-
-    def reduce(weighted: torch.Tensor) -> torch.Tensor:
-        if options.reduction == "none":
-            return weighted
-        if normalizer is not None:
-            return safe_divide(weighted.sum(), torch.as_tensor(normalizer, dtype=dtype, device=logits.device))
-        return safe_divide(weighted.sum(), w.sum()) if options.reduction == "mean" else weighted.sum()
-
-    loss = reduce(w * (token["losses"] + token["z_loss"]) if options.z_loss_scale else w * token["losses"])
+    objective = token["losses"] + token["z_loss"] if options.z_loss_scale else token["losses"]
+    loss = _reduce(w * objective, w, normalizer, options.reduction)
     if not options.returns_output:
         return loss
     return LossOutput(
         loss,
         token_losses=token["losses"].detach() if options.return_token_losses else None,
-        z_loss=reduce(w * token["z_loss"]).detach() if options.return_z_loss else None,
+        z_loss=_reduce(w * token["z_loss"], w, normalizer, options.reduction).detach()
+        if options.return_z_loss
+        else None,
         token_metrics=TokenMetrics(token["accuracy"], token["entropy"]) if options.return_token_metrics else None,
     )
+
+
+def _reduce(weighted: torch.Tensor, weights: torch.Tensor, normalizer, reduction: str) -> torch.Tensor:
+    """weighted per token -> "none": itself; normalizer: sum / normalizer; "mean": sum / sum(weights); "sum"."""
+    if reduction == "none":
+        return weighted
+    if normalizer is not None:
+        return safe_divide(weighted.sum(), torch.as_tensor(normalizer, dtype=weighted.dtype, device=weighted.device))
+    return safe_divide(weighted.sum(), weights.sum()) if reduction == "mean" else weighted.sum()
 
 
 def _per_token(logits: torch.Tensor, targets: torch.Tensor, options: LossOptions, learned: torch.Tensor) -> dict:
