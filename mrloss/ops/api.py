@@ -20,7 +20,6 @@ row's logsumexp, and backward builds the gradients slice by slice of the vocabul
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import typing
@@ -137,7 +136,8 @@ def fused_linear_cross_entropy(
     )
 
 
-LearnedHidden = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+# (hidden_2d [N, H], rows [M]) -> (the hidden rows the loss reads, their row indices)
+LearnedHidden = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def learned_rows_loss(
@@ -218,16 +218,14 @@ def _loss_output(learned_loss, stats, scales, output_positions, shape, options: 
     loss = scatter(learned_loss, learned_loss.dtype) if per_token else learned_loss
     if not options.returns_output:
         return loss
-    output = LossOutput(loss)
-    if options.return_token_losses:
-        output = dataclasses.replace(output, token_losses=scatter(stats.losses, torch.float32))
-    if options.return_z_loss:
-        z_loss = (options.z_loss_scale * stats.lse.square() * scales).to(learned_loss.dtype)
-        output = dataclasses.replace(output, z_loss=scatter(z_loss, z_loss.dtype) if per_token else z_loss.sum())
+    token_losses = scatter(stats.losses, torch.float32) if options.return_token_losses else None
+    z_loss = metrics = None
+    if options.return_z_loss:  # the z-loss part of the loss: same scales (weights, normalizer), same reduction
+        weighted = (options.z_loss_scale * stats.lse.square() * scales).to(learned_loss.dtype)
+        z_loss = scatter(weighted, weighted.dtype) if per_token else weighted.sum()
     if options.return_token_metrics:
         metrics = TokenMetrics(scatter(stats.correct, torch.float32), scatter(stats.entropy, torch.float32))
-        output = dataclasses.replace(output, token_metrics=metrics)
-    return output
+    return LossOutput(loss, token_losses, z_loss, metrics)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
