@@ -71,19 +71,7 @@ class Plan:
             )
             return ChunkedResult(RowStats(losses, lse, correct, entropy), None, None, None)
         return chunked_linear_cross_entropy(
-            hidden,
-            weight,
-            bias,
-            rows,
-            targets,
-            grad_scales,
-            row_op=self.row_op,
-            softcap=self.options.softcap,
-            label_smoothing=self.options.label_smoothing,
-            chunk_size=self.chunk_size,
-            needs_grad=self.needs_grad,
-            z_loss_scale=self.options.z_loss_scale,
-            metrics=metrics,
+            hidden, weight, bias, rows, targets, grad_scales, row_op=self.row_op, metrics=metrics, **self._chunking()
         )
 
     @_without_autocast
@@ -92,14 +80,13 @@ class Plan:
         if self.slice_grad_op is None:
             return self.run(hidden, weight, bias, rows, targets, grad_scales)[1:]
         return low_memory_gradients(
-            hidden,
-            weight,
-            bias,
-            rows,
-            targets,
-            lse,
-            grad_scales,
-            slice_grad_op=self.slice_grad_op,
+            hidden, weight, bias, rows, targets, lse, grad_scales, slice_grad_op=self.slice_grad_op, **self._chunking()
+        )
+
+    def _chunking(self) -> dict:
+        """The keywords the chunk driver and the low-memory gradients share: the row formula's options (softcap,
+        label smoothing, z-loss scale), the chunk size and the gradients wanted."""
+        return dict(
             softcap=self.options.softcap,
             label_smoothing=self.options.label_smoothing,
             z_loss_scale=self.options.z_loss_scale,
