@@ -117,7 +117,15 @@ def fused_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor | LossOutput:
-    """`linear_cross_entropy` with its options as one `LossOptions` (what the sequence-parallel loss calls)."""
+    """`linear_cross_entropy` with its options as one `LossOptions` (what the sequence-parallel loss calls).
+
+    Args:
+        hidden, weight, targets, token_weights, bias, normalizer: as in `linear_cross_entropy`.
+        options: every other option, checked already (`LossOptions.__post_init__`).
+
+    Returns:
+        What `linear_cross_entropy` returns: the loss tensor, or a `LossOutput` when a return_* option is set.
+    """
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_inputs(hidden, weight, targets, token_weights, bias, normalizer, options)
     row_op, fused_losses, slice_grad_op = _backend_ops(options.backend, hidden)
@@ -270,8 +278,17 @@ def autocast_inputs(hidden, weight, bias):
 
 
 def check_inputs(hidden, weight, targets, token_weights, bias, normalizer, options: LossOptions) -> None:
-    """The checks of the tensors (types, shapes, dtypes, devices) and of the normalizer against ``options``; no
-    device sync (the values of targets and weights are checked where they are counted)."""
+    """The checks of a loss call that need its tensors; no device sync (the values of targets and weights are
+    checked where they are counted, `learned_rows_loss`).
+
+    Args:
+        hidden [..., H] float, weight [V, H], targets [...] signed int, token_weights [...] float or None,
+        bias [V] or None, normalizer (float, 0-dim tensor or None): as in `linear_cross_entropy`.
+        options: the call's `LossOptions` (normalizer with reduction "none", shift of 0-dim targets).
+
+    Raises:
+        TypeError for a wrong type or dtype, ValueError for a wrong shape, device or normalizer, naming it.
+    """
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
