@@ -60,7 +60,9 @@ def _output_class(base: type) -> type:
 def apply_mrloss(model, **loss_options):
     """Patch ``model`` (a causal LM instance, or a PEFT model around one) in place; returns it.
 
-    loss_options: any of `mrloss.integrations.heads.LOSS_OPTIONS`, passed on to `mrloss.linear_cross_entropy`.
+    loss_options: any of `mrloss.integrations.heads.LOSS_OPTIONS` (the fields of `mrloss.LossOptions` a user sets:
+    backend, chunk_size, label_smoothing, ignore_index, softcap, memory, ...), passed on to
+    `mrloss.linear_cross_entropy`.
     Calling it again replaces the options. Only the instance changes; other instances of the class keep the
     stock forward.
 
@@ -112,7 +114,7 @@ def mrloss_forward(
         _warn_if_not_weight_sum(causal_lm, num_items_in_batch)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(hidden.device).as_subclass(torch.Tensor)
-    loss, token_losses, token_metrics = head_loss(
+    output = head_loss(
         causal_lm,
         patch.head,
         hidden,
@@ -126,15 +128,16 @@ def mrloss_forward(
         return_token_metrics=True,
         **patch.options,
     )
+    loss = output.loss
     if getattr(outputs, "aux_loss", None) is not None:
         loss = loss + router_aux_coefficient(causal_lm, caller=CALLER) * outputs.aux_loss.to(loss.device)
     fields = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
     result = _output_class(type(outputs))(
         loss=loss,
         **fields,
-        token_losses=token_losses,
-        token_accuracy=token_metrics.accuracy,
-        token_entropy=token_metrics.entropy,
+        token_losses=output.token_losses,
+        token_accuracy=output.token_metrics.accuracy,
+        token_entropy=output.token_metrics.entropy,
     )
     return result.to_tuple() if return_dict is False else result
 
