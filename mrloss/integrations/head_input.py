@@ -84,7 +84,7 @@ def head_input(causal_lm, forward: Callable, *args, **kwargs):
     its ``aux_loss`` and every other field as the model computes them). Pass no labels: the model would compute
     its loss from those zeros."""
     lm_head = causal_lm.get_output_embeddings()
-    capture = _HeadCapture(_no_logits, lm_head.weight, getattr(lm_head, "bias", None), lm_head.weight.shape[0])
+    capture = _HeadCapture(_no_logits, lm_head.weight, getattr(lm_head, "bias", None), _logits_width(causal_lm))
     with _lm_head_replaced(causal_lm, capture):
         outputs = forward(*args, **kwargs)
     if len(capture.inputs) != 1:
@@ -137,7 +137,7 @@ class _HeadProbe:
 
     def __init__(self, causal_lm):
         lm_head = causal_lm.get_output_embeddings()
-        vocab, in_features = lm_head.weight.shape
+        vocab, in_features = _logits_width(causal_lm), lm_head.weight.shape[-1]
         config = text_config(causal_lm)
         generator = torch.Generator().manual_seed(0)
         hidden_size = getattr(config, "hidden_size", None) or in_features
@@ -146,8 +146,7 @@ class _HeadProbe:
         self.weight = torch.randn(CHECK_ROWS, in_features, generator=generator) / in_features**0.5 * magnitudes[:, None]
         self.bias = None if getattr(lm_head, "bias", None) is None else torch.randn(CHECK_ROWS, generator=generator)
         self.columns = torch.arange(vocab) % CHECK_ROWS
-        labels_vocab = min(vocab, getattr(config, "vocab_size", None) or vocab)
-        self.labels = torch.randint(0, labels_vocab, (1, CHECK_TOKENS), generator=generator)
+        self.labels = torch.randint(0, vocab, (1, CHECK_TOKENS), generator=generator)
         self.labels[0, 1] = IGNORE_INDEX
         self.capture = _HeadCapture(self.head, self.weight, self.bias, vocab)
 
@@ -207,6 +206,12 @@ def check_head(causal_lm, forward: Callable, softcap_override: float | None = No
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return actual.shape == expected.shape and torch.allclose(actual, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL)
+
+
+def _logits_width(causal_lm) -> int:
+    """The vocabulary width of the model's logits: its text config's ``vocab_size`` (an lm_head sharded by
+    transformers' ``tp_plan`` holds a slice of the rows), else lm_head's rows."""
+    return getattr(text_config(causal_lm), "vocab_size", None) or causal_lm.get_output_embeddings().weight.shape[0]
 
 
 def _to(tensor, device):
