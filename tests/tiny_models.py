@@ -157,9 +157,15 @@ def tiny_kwargs(config) -> dict:
     return kwargs
 
 
+# model_type -> config keys the generic shrinking cannot derive
+FAMILY_OVERRIDES = {"granitemoehybrid": {"layer_types": ["mamba", "attention"]}}  # its default has no attention layer
+
+
 def tiny_config(model_type: str, **overrides):
-    """A shrunk config of ``model_type`` (see `tiny_kwargs`), eager attention; ``overrides`` set last."""
+    """A shrunk config of ``model_type`` (see `tiny_kwargs`, `FAMILY_OVERRIDES`), eager attention; ``overrides`` set
+    last."""
     default = transformers.AutoConfig.for_model(model_type)
+    overrides = {**FAMILY_OVERRIDES.get(model_type, {}), **overrides}
     config = transformers.AutoConfig.for_model(model_type, **{**tiny_kwargs(default), **overrides})
     config._attn_implementation = "eager"
     return config
