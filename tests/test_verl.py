@@ -584,30 +584,15 @@ def test_mrloss_engine_matches_verl_sft_loss(tmp_path):
 def test_patched_forward_applies_the_architecture_head(model_type, extra):
     """verl's patched forward (one shard, no SP) gives the loss of the model's own logits -- Granite's
     logits_scaling, Cohere's logit_scale, Gemma2's softcap -- from the same head description as the HF patch."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from mrloss.integrations.verl.engine import ShardBatch, patch_causal_lm_forward
     from mrloss.ops.reference import reference_linear_cross_entropy
     from mrloss.parallel import shift_targets
 
     vocab = 61
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **extra,
+    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = tiny_causal_lm(
+        vocab, model_type, num_hidden_layers=1, head_dim=8, attn_implementation="eager", **special, **extra
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float()
     g = torch.Generator().manual_seed(3)
     input_ids = torch.randint(3, vocab, (17,), generator=g)
     weights = torch.rand(17, generator=g) * 2
