@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -191,3 +192,16 @@ def test_default_tokenizer_is_the_one_mrloss_train_trains(tmp_path, capsys):
     tokenizer = train_bpe_tokenizer_for_files([path], "auto", ModelConfig().vocab_size)
     tokens = sum(len(encode(parse(record.sample), tokenizer)["input_ids"]) for record in read_records(path))
     assert f"vocabulary {len(tokenizer)};" in out and f"tokens: {tokens} (" in out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Before: sample files were written 0600 whatever the umask (a temporary file renamed into place)."""
+    from mrloss.data.records import write_samples
+
+    previous = os.umask(umask)
+    try:
+        path = write_samples(tmp_path / "out.jsonl", [{"text": "a"}])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

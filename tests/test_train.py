@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli, write_config
 from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
@@ -382,3 +383,98 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "loss mask of sample" in out and "⟦" in out  # the mask, plain-text form (NO_COLOR)
     assert "start" in out and "end" in out and "concept" in out and "weighted" in out
     assert (tmp_path / "demo/run/model.safetensors").exists() and (tmp_path / "demo/data/tag_based.jsonl").exists()
+
+
+def test_train_refuses_a_non_empty_run_directory(tmp_path, capsys):
+    """Before: `mrloss train` into an existing run directory silently deleted its checkpoints and logs."""
+    from mrloss.training.config import TrainerConfig
+    from mrloss.training.run import check_output_dir
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint-40").mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    config = write_config(tmp_path / "c.yaml", data={"train_files": ["x.jsonl"]}, trainer={"output_dir": str(run_dir)})
+    code, err = run_cli(["train", "--config", str(config)], capsys)
+    assert code == 2 and "is not empty" in err and "overwrite_output_dir" in err
+    assert (run_dir / "checkpoint-40").is_dir() and (run_dir / "notes.txt").read_text() == "mine"
+    check_output_dir(TrainerConfig(output_dir=str(run_dir), resume_from_checkpoint=True))  # resuming is fine
+    check_output_dir(TrainerConfig(output_dir=str(run_dir), overwrite_output_dir=True))  # so is the explicit key
+    assert not (run_dir / "checkpoint-40").exists() and (run_dir / "notes.txt").exists()  # no old run to resume
+
+
+def test_plain_sft_data_without_region_types_trains_and_writes_metrics(tmp_path, capsys):
+    """Before: trained, then IndexError in finish_run, without config.yaml or metrics.json."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"question {i}? answer {i}.", "default_weight": 1.0}) + "\n" for i in range(6))
+    )
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "c.yaml",
+        data={"train_files": [str(data)], "max_length": 32},
+        model={"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "vocab_size": 300},
+        trainer={"output_dir": str(run_dir), "device": "cpu", "max_steps": 2, "logging_steps": 1},
+    )
+    code, err = run_cli(["train", "--config", str(config)], capsys)
+    assert code == 0, err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["region_types"] == [] and metrics["region_losses"] == {} and (run_dir / "config.yaml").exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def train_tag_based(output_dir: Path, *overrides, stop_at: int | None = None) -> dict:
+    """`mrloss train` with the built-in tag_based config (dynamic_weights) on a tiny model, 6 steps, a
+    checkpoint every 3; ``stop_at``: interrupted at the end of that step (before its save)."""
+    from mrloss.training.config import load_config
+    from mrloss.training.run import finish_run, prepare_run
+
+    class StopAt(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_at:
+                raise Interrupted
+
+    config = load_config(
+        REPO / "mrloss/configs/multi_region_tag_based.yaml",
+        [
+            "data.train_files=data/tag_based.jsonl",
+            "data.val_files=[]",
+            "data.max_length=64",
+            f"trainer.output_dir={output_dir}",
+            "trainer.max_steps=6",
+            "trainer.save_steps=3",
+            "trainer.logging_steps=1",
+            "trainer.device=cpu",
+            "model.hidden_size=16",
+            "model.intermediate_size=32",
+            "model.num_layers=1",
+            *overrides,
+        ],
+    )
+    assert config.weighting.dynamic_weights is not None
+    return finish_run(prepare_run(config, callbacks=(StopAt(),) if stop_at else ()))
+
+
+def test_resume_with_dynamic_weights_is_bit_identical_and_records_each_step_once(tmp_path, monkeypatch):
+    """Before: after an interrupt + resume the loss diverged (the per-type sums waiting for the next weighting
+    update were not checkpointed) and the monitor log held the steps after the checkpoint twice."""
+    monkeypatch.chdir(tmp_path)
+    straight = train_tag_based(tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        train_tag_based(tmp_path / "resumed", stop_at=5)
+    resumed = train_tag_based(tmp_path / "resumed", "trainer.resume_from_checkpoint=true")
+
+    def step_losses(metrics):
+        return [(e["step"], e["loss"], e["grad_norm"]) for e in metrics["log_history"] if "loss" in e]
+
+    assert step_losses(resumed) == step_losses(straight)  # bit-identical floats, steps 1-6
+    assert (tmp_path / "resumed/checkpoint-6").is_dir() and not (tmp_path / "resumed/.checkpoint-staging").exists()
+
+    def batch_records(run):
+        lines = (tmp_path / run / "monitor/region_stats.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        return [r for r in records if "trainer" not in r], [r["step"] for r in records if "trainer" in r]
+
+    assert batch_records("resumed") == batch_records("straight")

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
+from helpers import run_cli
 
 from mrloss.data import encode, train_bpe_tokenizer, write_examples
 from mrloss.debug import LossMaskVisualizer
@@ -336,3 +337,30 @@ def test_qwen_chat_sample_in_the_terminal_and_html(qwen_tokenizer):
     parser = Spans()
     parser.feed(visualizer.to_html(enc["input_ids"], enc["token_weights"], enc, region_text=region_text))
     assert "".join(text for _, text in parser.spans).replace("↵\n", "\n") == region_text.text
+
+
+def test_plain_text_view_of_a_long_sample_is_linear():
+    """Before: the plain-text view joined each run's text by repeated concatenation: quadratic (> 400 s on one
+    10 MB sample through `mrloss show`)."""
+    from mrloss.debug.visualizer import MaskAnalysis, TokenView, render_terminal
+
+    tokens = [TokenView(k, 7, "word ", 1.0, 0, "answer") for k in range(400_000)]
+    text = render_terminal(MaskAnalysis(tokens, [], 400_000.0, 400_000), color=False)
+    assert f"⟦1 answer│{'word ' * 400_000}⟧" in text
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b]52;c;ZXZpbA==\x07\x1b[2J"
+
+
+@pytest.mark.parametrize("color", [False, True], ids=["plain", "colour"])
+def test_show_escapes_control_characters_from_data(tmp_path, capsys, color):
+    """Before: ESC sequences in a sample's text or region type reached the terminal through `mrloss show`
+    (window title, OSC 52 clipboard write, screen clear)."""
+    sample = {"text": f'hello <LEARN type="t{HOSTILE}">world {HOSTILE} again</LEARN> and <LEARN>more</LEARN>'}
+    path = tmp_path / "hostile.jsonl"
+    path.write_text(json.dumps(sample) + "\n")
+    code, err = run_cli(["show", str(path), "--vocab-size", "260", "--color", "always" if color else "never"], capsys)
+    assert code == 0, err
+    printed = run_cli.out
+    assert "\\x1b]0;pwned\\x07" in printed and "\x07" not in printed and "\x1b]" not in printed
+    assert "\x1b[2J" not in printed and ("\x1b" in printed) == color  # only the view's own colours
