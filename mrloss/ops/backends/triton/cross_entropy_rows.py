@@ -17,6 +17,7 @@ import triton.language as tl
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
 from mrloss.ops.backends.triton.launch import (
+    TYPE_NAMES,
     Capability,
     CompileCase,
     LaunchConfig,
@@ -40,11 +41,11 @@ def _cross_entropy_rows_kernel(
     correct_ptr,
     entropy_ptr,
     num_cols,
-    vocab_size,
     col_offset,
-    softcap,
-    label_smoothing,
-    z_loss_scale,
+    softcap: tl.float64,  # the float options arrive in float64 (exact for float64 rows), used in ACC
+    label_smoothing: tl.float64,
+    smoothing_per_class: tl.float64,  # label_smoothing / V, divided on the host: no division in the kernel
+    z_loss_scale: tl.float64,
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     GIVEN_LSE: tl.constexpr,
@@ -52,6 +53,10 @@ def _cross_entropy_rows_kernel(
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    softcap = tl.full((), softcap, ACC)
+    label_smoothing = tl.full((), label_smoothing, ACC)
+    z_loss_scale = tl.full((), z_loss_scale, ACC)
+    smoothing_per_class = tl.full((), smoothing_per_class, ACC)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row) - col_offset  # column of the target in this row's columns
@@ -81,7 +86,7 @@ def _cross_entropy_rows_kernel(
             running_max = new_max
             sum_logits += tl.sum(tl.where(mask, z, 0.0), axis=0)
         lse = running_max + tl.log(sum_exp)
-        loss = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
+        loss = lse - (1.0 - label_smoothing) * target_logit - smoothing_per_class * sum_logits
         tl.store(losses_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
         if METRICS:
@@ -100,7 +105,7 @@ def _cross_entropy_rows_kernel(
                 z = softcap * th
             else:
                 z = a
-            grad = softmax_scale * tl.exp(z - lse) - label_smoothing / vocab_size
+            grad = softmax_scale * tl.exp(z - lse) - smoothing_per_class
             grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
             if HAS_SOFTCAP:
                 grad = grad * (1.0 - th * th)
@@ -117,9 +122,20 @@ def rows_launch_config(
     given_lse: bool = False,
     metrics: bool = False,
 ) -> LaunchConfig:
-    """The row kernel's configuration for ``[*, vocab_size]`` logits of ``logits_dtype`` (same on sm_80
-    and sm_90: a memory-bound loop with no shared-memory tiles). vocab_size: the columns of the rows (of the
-    slice with given_lse). given_lse: gradient of a vocabulary slice from a given lse; metrics: token metrics."""
+    """The row kernel's configuration (the same on sm_80 and sm_90: a memory-bound loop, no shared-memory tiles).
+
+    Args:
+        vocab_size: the columns of the rows (of the slice with ``given_lse``).
+        logits_dtype: fp16|bf16|fp32|fp64 logits; fp64 rows accumulate in float64, the others in float32.
+        has_softcap, write_grad: a softcap; the gradient pass (``grad_scales`` given).
+        capability: (major, minor) of the GPU, (0, 0) interpreted.
+        given_lse: the gradient of a vocabulary slice from a given lse (memory="low").
+        metrics: the token metrics (accuracy, entropy) in the first pass.
+
+    Returns:
+        The ``LaunchConfig``: one tile of 1024 columns with 4 warps (8 for fp64) up to 1024 columns, else
+        4096-column tiles with 16 warps.
+    """
     del capability  # kept in the signature: every launch config is a function of the device too
     block_v = SMALL_BLOCK_V if vocab_size <= SMALL_BLOCK_V else MAX_BLOCK_V
     wide = accumulation_dtype(logits_dtype) == torch.float64
@@ -149,9 +165,19 @@ def cross_entropy_rows(
     correct_out: torch.Tensor | None = None,
     entropy_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row loss of ``logits [C, V]`` (contiguous rows) against ``targets [C]`` int64 in [0, V);
-    with ``grad_scales [C]`` also overwrites ``logits`` with dL/dlogits; fills the given ``*_out`` rows
-    (contiguous, accumulation dtype). See ``mrloss.ops.chunked``."""
+    """The row op of ``mrloss.ops.chunked`` (its contract has the formula), one program per row.
+
+    Args:
+        logits: [C, V] fp16|bf16|fp32|fp64, unit column stride; with ``grad_scales`` overwritten in place with
+            dL/dlogits in its own dtype.
+        targets: [C] int64 in [0, V).
+        grad_scales: [C] float (each row's factor s_i), or None: loss only.
+        softcap, label_smoothing, z_loss_scale: the loss options (Python floats, used in the accumulation dtype).
+        lse_out, correct_out, entropy_out: [C] contiguous, accumulation dtype; filled when given.
+
+    Returns:
+        losses [C] fp32 (fp64 for fp64 logits), without the z-loss.
+    """
     num_rows, vocab_size = logits.shape
     acc_dtype = accumulation_dtype(logits.dtype)
     losses = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
@@ -182,8 +208,20 @@ def cross_entropy_slice_grad(
     label_smoothing: float,
     z_loss_scale: float = 0.0,
 ) -> None:
-    """Overwrite the vocabulary slice ``logits [C, V_s]`` (unit column stride) with dL/dlogits given each row's
-    ``lse [C]``: the row kernel's gradient pass alone (GIVEN_LSE). See ``mrloss.ops.chunked``."""
+    """The slice gradient op of ``mrloss.ops.chunked`` (memory="low"): the row kernel's gradient pass alone.
+
+    Args:
+        logits: [C, V_s] columns ``col_offset ... col_offset + V_s - 1`` of the rows (any row stride, unit column
+            stride), fp16|bf16|fp32|fp64; overwritten in place with those columns of dL/dlogits.
+        targets: [C] int64 global column ids in [0, vocab_size).
+        lse: [C] float, each full row's logsumexp (of the softcapped logits).
+        grad_scales: [C] float, each row's factor s_i.
+        col_offset, vocab_size: where the slice starts; the full row's width V.
+        softcap, label_smoothing, z_loss_scale: the loss options.
+
+    Returns:
+        None (the result is in ``logits``).
+    """
     if logits.shape[0] == 0:
         return
     lse = lse.to(accumulation_dtype(logits.dtype)).contiguous()
@@ -227,10 +265,10 @@ def _launch(logits, targets, grad_scales, losses, lse, correct, entropy, col_off
         losses if correct is None else correct,
         losses if entropy is None else entropy,
         num_cols,
-        vocab_size,
         col_offset,
         float(options["softcap"] or 1.0),
         float(options["label_smoothing"]),
+        float(options["label_smoothing"]) / vocab_size,
         float(options["z_loss_scale"]),
         **config.constexprs,
         **config.options(),
@@ -249,9 +287,16 @@ ROW_MODES = (
 
 
 def compile_cases(capability: Capability):
-    """Every configuration the launcher can choose on a GPU of ``capability``, as ``CompileCase``s."""
+    """Every configuration the launcher can choose on a GPU of ``capability``.
+
+    Args:
+        capability: (major, minor) of the target GPU.
+
+    Returns:
+        An iterator of ``CompileCase``s, each configuration once (for fp16|bf16|fp32|fp64 logits).
+    """
     seen = set()
-    for dtype in _SIGNATURE_DTYPE:
+    for dtype in TYPE_NAMES:
         for vocab_size in (1000, SMALL_BLOCK_V, SMALL_BLOCK_V + 1, 128256):
             for has_softcap in (False, True):
                 for write_grad, given_lse, metrics in ROW_MODES:
@@ -259,40 +304,19 @@ def compile_cases(capability: Capability):
                         vocab_size, dtype, has_softcap=has_softcap, write_grad=write_grad, capability=capability,
                         given_lse=given_lse, metrics=metrics,
                     )  # fmt: skip
-                    divisible = _POINTERS + (("stride_row", "num_cols", "vocab_size") if vocab_size % 16 == 0 else ())
-                    key = (dtype, divisible, config.describe())
+                    divisible_ints = ("stride_row", "num_cols") if vocab_size % 16 == 0 else ()
+                    key = (dtype, divisible_ints, config.describe())
                     if key not in seen:
                         seen.add(key)
-                        yield CompileCase(
-                            "cross_entropy_rows",
-                            _SIGNATURE_DTYPE[dtype],
-                            _cross_entropy_rows_kernel,
-                            _signature(dtype),
-                            divisible,
-                            config,
-                        )
+                        yield CompileCase.of(
+                            "cross_entropy_rows", TYPE_NAMES[dtype], _cross_entropy_rows_kernel,
+                            _pointer_types(dtype), config, divisible_ints,
+                        )  # fmt: skip
 
 
-_SIGNATURE_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-_POINTERS = ("logits_ptr", "targets_ptr", "scales_ptr", "losses_ptr", "lse_ptr", "correct_ptr", "entropy_ptr")
-
-
-def _signature(dtype: torch.dtype) -> dict[str, str]:
-    """Argument types as the JIT sees them on a GPU launch (Python ints below 2**31 are i32)."""
-    acc = _SIGNATURE_DTYPE[accumulation_dtype(dtype)]
-    return dict(
-        logits_ptr=f"*{_SIGNATURE_DTYPE[dtype]}",
-        stride_row="i32",
-        targets_ptr="*i64",
-        scales_ptr=f"*{acc}",
-        losses_ptr=f"*{acc}",
-        lse_ptr=f"*{acc}",
-        correct_ptr=f"*{acc}",
-        entropy_ptr=f"*{acc}",
-        num_cols="i32",
-        vocab_size="i32",
-        col_offset="i32",
-        softcap="fp32",
-        label_smoothing="fp32",
-        z_loss_scale="fp32",
-    )
+def _pointer_types(dtype: torch.dtype) -> dict[str, str]:
+    """The row kernel's pointer types for ``dtype`` logits: int64 targets, every per-row vector in the
+    accumulation dtype (the other arguments' types come from the kernel: ``kernel_signature``)."""
+    per_row = f"*{TYPE_NAMES[accumulation_dtype(dtype)]}"
+    vectors = ("scales_ptr", "losses_ptr", "lse_ptr", "correct_ptr", "entropy_ptr")
+    return dict(logits_ptr=f"*{TYPE_NAMES[dtype]}", targets_ptr="*i64", **dict.fromkeys(vectors, per_row))
