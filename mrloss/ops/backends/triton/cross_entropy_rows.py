@@ -26,8 +26,15 @@ from mrloss.ops.backends.triton.launch import (
 )
 from mrloss.ops.backends.triton.tl_math import softcapped, tanh
 
-SMALL_BLOCK_V = 1024  # vocabularies up to this size: one tile, 4 warps (8 for float64)
-MAX_BLOCK_V = 4096  # larger vocabularies: 4096-wide tiles, 16 warps (8 values per thread; 8 warps spill)
+SMALL_BLOCK_V = 1024  # vocabularies up to this size: one tile
+MAX_BLOCK_V = 4096  # larger vocabularies: 4096-wide tiles
+# Warps per program: each thread holds one 16-byte vector of a tile, at least 4 values (8 bf16/fp16, 4 fp32 or
+# fp64 values), with at most 32 warps (a block's maximum of 1024 threads), 16 for fp64 (1024 threads leave 64
+# registers a thread, too few for float64 values). More values per thread made ptxas spill (8 fp32 values on sm_80
+# with triton 3.6; 8 bf16 values do not); so did 2 fp64 values (16 warps), around float64 division's calls.
+VECTOR_BYTES = 16
+MIN_VALUES_PER_THREAD = 4
+MAX_WARPS = 32
 
 
 @triton.jit
@@ -64,7 +71,6 @@ def _cross_entropy_rows_kernel(
     if GIVEN_LSE:  # a vocabulary slice of the row (memory="low"): lse of the full row is given
         lse = tl.load(lse_ptr + row).to(ACC)
     else:
-        target_logit = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
         running_max = tl.full((), float("-inf"), ACC)
         sum_exp = tl.zeros((), ACC)
         sum_logits = tl.zeros((), ACC)
@@ -86,6 +92,8 @@ def _cross_entropy_rows_kernel(
             running_max = new_max
             sum_logits += tl.sum(tl.where(mask, z, 0.0), axis=0)
         lse = running_max + tl.log(sum_exp)
+        # read after the loop, not held through it (on sm_80 ptxas spilled it at 4 warps)
+        target_logit = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
         loss = lse - (1.0 - label_smoothing) * target_logit - smoothing_per_class * sum_logits
         tl.store(losses_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
@@ -133,12 +141,16 @@ def rows_launch_config(
         metrics: the token metrics (accuracy, entropy) in the first pass.
 
     Returns:
-        The ``LaunchConfig``: one tile of 1024 columns with 4 warps (8 for fp64) up to 1024 columns, else
-        4096-column tiles with 16 warps.
+        The ``LaunchConfig``: tiles of 1024 columns up to 1024 columns, else of 4096, with the warps that give each
+        thread one 16-byte vector of a tile, at least 4 values: 4 | 16 warps for bf16/fp16, 8 | 32 for fp32, 8 | 16
+        for fp64.
     """
     del capability  # kept in the signature: every launch config is a function of the device too
     block_v = SMALL_BLOCK_V if vocab_size <= SMALL_BLOCK_V else MAX_BLOCK_V
     wide = accumulation_dtype(logits_dtype) == torch.float64
+    values_per_thread = max(MIN_VALUES_PER_THREAD, VECTOR_BYTES // logits_dtype.itemsize)
+    max_warps = MAX_WARPS if logits_dtype.itemsize <= 4 else MAX_WARPS // 2
+    num_warps = min(max_warps, block_v // (32 * values_per_thread))
     return LaunchConfig(
         constexprs=dict(
             HAS_SOFTCAP=has_softcap,
@@ -148,7 +160,7 @@ def rows_launch_config(
             BLOCK_V=block_v,
             ACC=tl.float64 if wide else tl.float32,
         ),
-        num_warps=16 if block_v == MAX_BLOCK_V else 8 if wide else 4,
+        num_warps=num_warps,
         num_stages=1,
     )
 
