@@ -6,6 +6,7 @@ One spawned group of 4 ranks runs every case (process start-up dominates on a sm
 shard reduction reorders float64 sums only); float32 cases (mesh, HF model) atol 2e-6 / rtol 2e-5.
 """
 
+import inspect
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from tiny_models import tiny_causal_lm
 from mrloss import linear_cross_entropy
 from mrloss.ops.reference import reference_linear_cross_entropy
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shard_targets
-from mrloss.parallel_vocab import vocab_parallel_linear_cross_entropy
+from mrloss.parallel_vocab import local_head, vocab_parallel_linear_cross_entropy
 
 V, H = 29, 12
 F64 = dict(atol=1e-10, rtol=1e-9)
@@ -233,12 +234,27 @@ def check_hf_colwise_lm_head(tp_group_mesh):
         torch.testing.assert_close(grad, ref_param.grad, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+def load_tensor_parallel(model_class, model_dir, mesh):
+    """``model_class`` from ``model_dir`` split over ``mesh`` (the whole world) by transformers' own tensor
+    parallelism, the way the installed release loads it: ``distributed_config=DistributedConfig(tp_size=...)``
+    where that config has ``tp_size`` (the model's plan, lm_head "colwise_gather_output" included; parameters are
+    DTensors), else ``tp_plan=...`` with ``device_mesh`` (5.10: plain local tensors; its "auto" leaves lm_head
+    whole, so the plan is passed with lm_head's rule)."""
+    from transformers.distributed import DistributedConfig
+
+    if "tp_size" in inspect.signature(DistributedConfig).parameters:
+        return model_class.from_pretrained(model_dir, distributed_config=DistributedConfig(tp_size=mesh.size()))
+    base_plan = model_class.config_class.base_model_tp_plan
+    plan = {**{f"model.{key}": style for key, style in base_plan.items()}, "lm_head": "colwise_gather_output"}
+    return model_class.from_pretrained(model_dir, tp_plan=plan, device_mesh=mesh)
+
+
 def check_hf_tp_plan(model_dir, mesh):
-    """transformers' own tensor parallelism, ``from_pretrained(tp_plan=...)`` with the model's plan (attention and
-    MLP col/rowwise) and its ForCausalLM plan for lm_head ("colwise_gather_output"), all plain local tensors cut
-    at ceil(size / tp) (lm_head: 8/8/8/5 rows).
-    apply_mrloss routes the head to the vocabulary-parallel loss; the loss and every parameter's local gradient
-    equal the unsharded model's (sliced the same way)."""
+    """transformers' own tensor parallelism (`load_tensor_parallel`) with the model's plan (attention and MLP
+    col/rowwise) and its ForCausalLM plan for lm_head ("colwise_gather_output"), cut at ceil(size / tp) (lm_head:
+    8/8/8/5 rows). apply_mrloss routes the head to the vocabulary-parallel loss; the loss and every parameter's
+    local gradient equal the unsharded model's (sliced the same way)."""
+    from torch.distributed.tensor import DTensor
     from transformers import LlamaForCausalLM
 
     from mrloss.integrations.hf import apply_mrloss
@@ -249,22 +265,23 @@ def check_hf_tp_plan(model_dir, mesh):
     reference = apply_mrloss(LlamaForCausalLM.from_pretrained(model_dir), backend="torch")
     ref_loss = reference(input_ids=input_ids, labels=input_ids, token_weights=token_weights).loss
     ref_loss.backward()
-    base_plan = LlamaForCausalLM.config_class.base_model_tp_plan  # "auto" of transformers 5.10 leaves lm_head whole
-    plan = {**{f"model.{key}": style for key, style in base_plan.items()}, "lm_head": "colwise_gather_output"}
-    model = LlamaForCausalLM.from_pretrained(model_dir, tp_plan=plan, device_mesh=mesh)
+    model = load_tensor_parallel(LlamaForCausalLM, model_dir, mesh)
     tp, rank = mesh.size(), mesh.get_local_rank()
-    assert model.lm_head._hf_tp_plan == "colwise_gather_output"
-    assert model.lm_head.weight.shape[0] == (-(-V // tp) if rank < tp - 1 else V - (tp - 1) * -(-V // tp))
+    rows = -(-V // tp)
+    weight, _, vocab_parallel = local_head(model.lm_head, V)
+    assert vocab_parallel["vocab_start"] == rank * rows and vocab_parallel["vocab_size"] == V
+    assert weight.shape[0] == (rows if rank < tp - 1 else V - (tp - 1) * rows)
     apply_mrloss(model, chunk_size=4)
     loss = model(input_ids=input_ids, labels=input_ids, token_weights=token_weights).loss
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, **F32)
     for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
         expected = ref_param.grad
-        for dim in range(param.dim()):  # the rank's slice of a sharded dimension
-            if param.shape[dim] != expected.shape[dim]:
-                expected = expected.narrow(dim, rank * -(-expected.shape[dim] // tp), param.shape[dim])
-        torch.testing.assert_close(param.grad, expected, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
+        for dim in range(grad.dim()):  # the rank's slice of a sharded dimension
+            if grad.shape[dim] != expected.shape[dim]:
+                expected = expected.narrow(dim, rank * -(-expected.shape[dim] // tp), grad.shape[dim])
+        torch.testing.assert_close(grad, expected, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def worker(rank, world_size, store_path, model_dir):

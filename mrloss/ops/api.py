@@ -182,7 +182,7 @@ def learned_rows_loss(
     if weights_used is None:
         learned_weights = torch.ones(num_learned, dtype=acc_dtype, device=hidden.device)
     else:
-        learned_weights = weights_used.index_select(0, rows).to(acc_dtype)
+        learned_weights = weights_used.index_select(0, rows)  # scaled before the cast: weight_scales
     output_positions = rows + 1 if shift else rows
 
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
@@ -205,7 +205,7 @@ def learned_rows_loss(
     if learned_hidden is not None:
         hidden_2d, rows = learned_hidden(hidden_2d, rows)
 
-    scales = weight_scales(learned_weights, normalizer, reduction)
+    scales = weight_scales(learned_weights, normalizer, reduction, dtype=acc_dtype)
     learned_loss, *stats = LinearCrossEntropyFunction.apply(
         hidden_2d, weight, bias, rows, learned_targets, scales, plan
     )
@@ -377,6 +377,8 @@ def _check_arguments(
         raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(shift, bool):  # not CCE's int shift: shift=2 is no "shift by 2"
+        raise TypeError(f"shift must be a bool (True: position k-1 predicts targets[..., k]), got {shift!r}")
     if shift and targets.dim() == 0:
         raise ValueError("shift=True needs targets with a sequence dimension, got a 0-dim tensor")
 

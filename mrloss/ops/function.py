@@ -134,7 +134,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_stats):
-        if ctx.in_backward:
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+            grads = _differentiable_gradients(ctx, grad_loss)
+        elif ctx.in_backward:
             hidden, weight, bias, rows, targets, scales, lse = ctx.saved_tensors
             grads = ctx.plan.gradients(hidden, weight, bias, rows, targets, lse, scales * grad_loss.to(scales.dtype))
         else:
@@ -156,6 +158,46 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _differentiable_gradients(ctx, grad_loss: torch.Tensor) -> tuple:
+    """(grad_hidden, grad_weight, grad_bias) as differentiable functions of the saved inputs and ``grad_loss``, for a
+    backward with ``create_graph=True`` (a gradient penalty, a Hessian-vector product): the objective of the learned
+    rows recomputed with plain PyTorch ops, in the accumulation dtype, with their [M, V] logits in memory.
+
+    Only where backward has the inputs (reduction "none", memory="low") and the whole vocabulary (no vocabulary
+    shard); elsewhere a RuntimeError, never gradients that are silently constants."""
+    plan = ctx.plan
+    vocab_sharded = "vocab_shard" in getattr(plan.row_op, "keywords", {})
+    if not ctx.in_backward or vocab_sharded:
+        raise RuntimeError(
+            "linear_cross_entropy: double backward (create_graph=True, e.g. a gradient penalty) is not supported "
+            + (
+                "by the vocabulary-parallel loss. "
+                if vocab_sharded
+                else 'with memory="fast" and reduction "mean"/"sum" (the gradients are made in the forward pass and '
+                'are not differentiable): pass memory="low" or reduction="none", whose backward recomputes them '
+                "differentiably, "
+            )
+            + "or compute that loss with F.linear + F.cross_entropy."
+        )
+    hidden, weight, bias, rows, targets, scales, _lse = ctx.saved_tensors
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    inputs = [tensor for tensor, wanted in zip((hidden, weight, bias), plan.needs_grad) if wanted]
+    with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.index_select(0, rows).to(acc_dtype) @ weight.to(acc_dtype).T
+        if bias is not None:
+            logits = logits + bias.to(acc_dtype)
+        if plan.softcap is not None:
+            logits = plan.softcap * torch.tanh(logits / plan.softcap)
+        objective = torch.nn.functional.cross_entropy(
+            logits, targets, reduction="none", label_smoothing=plan.label_smoothing
+        )
+        if plan.z_loss_scale:
+            objective = objective + plan.z_loss_scale * torch.logsumexp(logits, dim=-1).square()
+        total = (objective * scales * grad_loss.to(acc_dtype)).sum()
+        grads = iter(torch.autograd.grad(total, inputs, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if wanted else None for wanted in plan.needs_grad)
 
 
 SCALE_BLOCK_ELEMENTS = 1 << 24  # float32 temporary of the half-precision scaling: at most 64 MiB
