@@ -14,8 +14,10 @@ import json
 import platform
 from pathlib import Path
 
+from mrloss.ops.backends.triton.compile_check import SPILLS_ALLOWED
+
 REGENERATE = """\
-# the GPU image's triton (3.6.0) in its own venv (torch: a CPU wheel does), the newest in the project's venv;
+# the GPU image's triton (3.6.0) in a venv of its own (torch 2.13.0: the CPU wheel), the newest in the project's;
 # TRITON_INTERPRET unset, from the repository root
 python3 -m venv /tmp/triton36 && /tmp/triton36/bin/pip install torch==2.13.0 triton==3.6.0
 PYTHONPATH=. /tmp/triton36/bin/python -m mrloss.ops.backends.triton.compile_check --jobs 2 --json /tmp/compile-3.6.json
@@ -31,23 +33,27 @@ def _cell(record: dict) -> str:
     return cell + (" !" if record["problems"] else "")
 
 
+def _arch(record: dict) -> str:
+    return "sm_{}{}".format(*record["capability"])
+
+
 def table(runs: list[list[dict]]) -> str:
     """Markdown: the header, one row per configuration (in the first run's order), the problems listed below."""
-    columns = sorted({(record["arch"], record["triton"]) for run in runs for record in run})
+    columns = sorted({(_arch(record), record["triton"]) for run in runs for record in run})
     cells: dict[str, dict] = {}
     for run in runs:
         for record in run:
             configuration = record["id"].split("-", 1)[1]  # the id without its "sm_XX-" prefix
-            cells.setdefault(configuration, {"record": record})[(record["arch"], record["triton"])] = record
+            cells.setdefault(configuration, {"record": record})[(_arch(record), record["triton"])] = record
     header = "| kernel | dtype | config | ints % 16 | " + " | ".join(f"{arch} triton {v}" for arch, v in columns)
     lines = [header + " |", "|---" * (4 + len(columns)) + "|"]
-    for configuration, row in cells.items():
+    for row in cells.values():
         first = row["record"]
-        ints = "yes" if "-ints16-" in f"-{configuration}-" else "no"
+        ints = "yes" if first["ints16"] else "no"
         values = " | ".join(_cell(row[column]) if column in row else "" for column in columns)
         lines.append(f"| {first['kernel']} | {first['dtype']} | {first['config']} | {ints} | {values} |")
     problems = [
-        f"- {record['arch']} triton {record['triton']}: {record['id']}: {'; '.join(record['problems'])}"
+        f"- {_arch(record)} triton {record['triton']}: {record['id']}: {'; '.join(record['problems'])}"
         for run in runs
         for record in run
         if record["problems"]
@@ -69,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(`mrloss.ops.backends.triton.compile_check`). Regenerate with:\n\n```\n{REGENERATE}```\n"
     )
     print(table(runs), end="")
+    print("\nSpills allowed (`compile_check.SPILLS_ALLOWED`):")
+    for (kernel, dtype), reason in SPILLS_ALLOWED.items():
+        print(f"- {kernel} {dtype}: {reason}")
     return 0
 
 
