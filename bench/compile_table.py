@@ -22,7 +22,7 @@ REGENERATE = """\
 python3 -m venv /tmp/triton36 && /tmp/triton36/bin/pip install torch==2.13.0 triton==3.6.0
 PYTHONPATH=. /tmp/triton36/bin/python -m mrloss.ops.backends.triton.compile_check --jobs 2 --json /tmp/compile-3.6.json
 python -m mrloss.ops.backends.triton.compile_check --jobs 2 --json /tmp/compile-newest.json
-python bench/compile_table.py /tmp/compile-3.6.json /tmp/compile-newest.json > bench/results/cpu-compile-check.md
+python -m bench.compile_table /tmp/compile-3.6.json /tmp/compile-newest.json > bench/results/cpu-compile-check.md
 """
 
 

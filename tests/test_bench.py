@@ -190,3 +190,22 @@ def test_encode_benchmark_measures_both_calls_on_the_same_samples(tokenizer):
     result = measure(region_texts, tokenizer, repeats=1)
     assert result["tokens"] == sum(len(ids) for ids in tokenizer([rt.text for rt in region_texts])["input_ids"])
     assert result["ratio"] == result["encode_s"] / result["tokenizer_s"] > 0
+
+
+def test_compile_table_has_a_column_per_target_and_triton_version():
+    """bench/compile_table.py: one row per configuration, a cell per (target, triton version), `!` on unfit ones."""
+    from bench.compile_table import table
+
+    def record(capability, triton, spills, problems=()):
+        return dict(
+            id=f"sm_{capability[0]}{capability[1]}-rows-bf16-ints-BLOCK_V=1024", kernel="rows", dtype="bf16",
+            config="BLOCK_V=1024", capability=list(capability), ints16=False, triton=triton, registers=40,
+            spill_bytes=spills, shared_bytes=16, error=None, problems=list(problems),
+        )  # fmt: skip
+
+    old = [record((8, 0), "3.6.0", 4, ["4 bytes of register spills"]), record((9, 0), "3.6.0", 0)]
+    new = [record((8, 0), "3.9.0", 0), record((9, 0), "3.9.0", 0)]
+    lines = table([old, new]).splitlines()
+    assert lines[0].endswith("| sm_80 triton 3.6.0 | sm_80 triton 3.9.0 | sm_90 triton 3.6.0 | sm_90 triton 3.9.0 |")
+    assert lines[2] == "| rows | bf16 | BLOCK_V=1024 | no | 40 / 4 / 16 ! | 40 / 0 / 16 | 40 / 0 / 16 | 40 / 0 / 16 |"
+    assert "Unfit configurations: 1" in lines and len(lines) == 6
