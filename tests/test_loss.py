@@ -13,7 +13,7 @@ import torch
 from helpers import BACKENDS, GRADIENT_NAMES, assert_matches, cast_by_hand, loss_and_grads, make_inputs, relative_error
 
 import mrloss.ops.backends.torch
-from mrloss import LinearCrossEntropyLoss, linear_cross_entropy
+from mrloss import LinearCrossEntropyLoss, LossOutput, linear_cross_entropy
 from mrloss.ops.normalization import shift_targets, valid_weight_sum
 from mrloss.ops.reference import reference_linear_cross_entropy
 
@@ -456,6 +456,48 @@ def test_module_matches_function():
     )
     with pytest.raises(TypeError, match="unknown option"):
         LinearCrossEntropyLoss(reduce="sum")
+
+
+def test_loss_output_has_the_fields_asked_for_and_a_plain_tensor_otherwise():
+    inputs = make_inputs((3, 13))
+    options = dict(shift=True, backend="torch", z_loss_scale=0.01)
+    plain = linear_cross_entropy(**inputs, **options)
+    assert isinstance(plain, torch.Tensor) and plain.dim() == 0
+    flags = ("return_token_losses", "return_z_loss", "return_token_metrics")
+    for asked in [(flag,) for flag in flags] + [flags]:
+        output = linear_cross_entropy(**inputs, **options, **dict.fromkeys(asked, True))
+        assert isinstance(output, LossOutput), asked
+        assert torch.equal(output.loss, plain), asked
+        assert (output.token_losses is not None) == ("return_token_losses" in asked)
+        assert (output.z_loss is not None) == ("return_z_loss" in asked)
+        assert (output.token_metrics is not None) == ("return_token_metrics" in asked)
+    assert output.token_losses.shape == output.token_metrics.accuracy.shape == inputs["targets"].shape
+    assert output.z_loss.dim() == 0 and 0 < output.z_loss < output.loss
+    with pytest.raises(TypeError, match="cannot unpack"):  # fields by name, not by position
+        loss, token_losses = output
+    module = LinearCrossEntropyLoss(shift=True, return_token_losses=True)
+    assert isinstance(
+        module(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["token_weights"]), LossOutput
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_every_loss_output_field_matches_the_reference(backend, reduction):
+    """The float64 reference computes every LossOutput field too (token losses, z-loss, accuracy, entropy)."""
+    inputs = make_inputs((3, 13), torch.float64, vocab=7)  # a small vocabulary: some argmaxes are the target
+    options = dict(reduction=reduction, shift=True, softcap=4.0, z_loss_scale=0.05,
+                   return_token_losses=True, return_z_loss=True, return_token_metrics=True)  # fmt: skip
+    ours = linear_cross_entropy(**inputs, **options, backend=backend)
+    expected = reference_linear_cross_entropy(**inputs, **options)
+    torch.testing.assert_close(ours.loss, expected.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.z_loss, expected.z_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.token_losses.double(), expected.token_losses, rtol=1e-6, atol=1e-6)  # fp32 out
+    assert torch.equal(ours.token_metrics.accuracy.double(), expected.token_metrics.accuracy)
+    torch.testing.assert_close(
+        ours.token_metrics.entropy.double(), expected.token_metrics.entropy, rtol=1e-6, atol=1e-6
+    )
+    assert expected.token_metrics.accuracy.sum() > 0 and (expected.z_loss > 0).any()
 
 
 def test_auto_backend_on_cpu_is_torch_and_triton_needs_interpreter(monkeypatch):

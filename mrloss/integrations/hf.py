@@ -141,8 +141,8 @@ def _output_class():
 def apply_mrloss(model, **loss_options):
     """Patch ``model`` (a ``*ForCausalLM`` instance, or a PEFT model around one) in place; returns it.
 
-    loss_options: any of `LOSS_OPTIONS` (``backend``, ``chunk_size``, ``label_smoothing``,
-    ``ignore_index``, ``softcap``, ``memory``, ``z_loss_scale``), passed on to `mrloss.linear_cross_entropy`.
+    loss_options: any of `LOSS_OPTIONS` (the fields of `mrloss.LossOptions` a user sets: backend, chunk_size,
+    label_smoothing, ignore_index, softcap, memory, ...), passed on to `mrloss.linear_cross_entropy`.
     Calling it again replaces the options. Only the instance changes; other instances of the class keep the
     stock forward.
 
@@ -210,7 +210,7 @@ def apply_mrloss(model, **loss_options):
             _warn_if_token_count(causal_lm, num_items_in_batch)
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(hidden.device)
-        loss, token_losses, token_metrics = head_loss(
+        output = head_loss(
             causal_lm,
             head,
             hidden,
@@ -225,14 +225,14 @@ def apply_mrloss(model, **loss_options):
             **options,
         )
         result = _output_class()(
-            loss=loss,
+            loss=output.loss,
             logits=None,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            token_losses=token_losses,
-            token_accuracy=token_metrics.accuracy,
-            token_entropy=token_metrics.entropy,
+            token_losses=output.token_losses,
+            token_accuracy=output.token_metrics.accuracy,
+            token_entropy=output.token_metrics.entropy,
         )
         return result.to_tuple() if return_dict is False else result
 

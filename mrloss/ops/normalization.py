@@ -1,7 +1,7 @@
 """Normalization and the learned-token rule: the one place for each rule the loss, parallel, metrics, HF and
 verl share.
 
-- ``IGNORE_INDEX``: the target that is no target (-100, the HF convention).
+- ``IGNORE_INDEX``: the target that is no target (-100, the HF convention; defined in ``mrloss.ops.options``).
 - Learned token (`learned_mask`): a valid target (not ``ignore_index``) with weight > 0. Only learned tokens
   cost matmul work in the fused loss and count in the region statistics.
 - Normalizer (`valid_weight_sum`, `check_normalizer`, `normalizer_tensor`, `weight_scales`): the loss is
@@ -24,7 +24,7 @@ import math
 
 import torch
 
-IGNORE_INDEX = -100
+from mrloss.ops.options import IGNORE_INDEX
 
 
 def shift_targets(

@@ -107,14 +107,7 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         )
     model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
     weighting, monitor, callbacks = _tools(config, train_dataset.region_types, args.process_index == 0, callbacks)
-    loss_options = {
-        "backend": config.loss.backend,
-        "chunk_size": config.loss.chunk_size,
-        "label_smoothing": config.loss.label_smoothing,
-        "softcap": config.loss.softcap,
-        "memory": config.loss.memory,
-        "z_loss_scale": config.loss.z_loss_scale,
-    }
+    loss_options = dataclasses.asdict(config.loss)
     common = dict(processing_class=tokenizer, loss_options=loss_options, weighting=weighting, monitor=monitor)
     if config.trainer.backend == "trl":
         from mrloss.integrations.trl import MultiRegionSFTTrainer, sft_config
