@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 from mrloss.data.tokenizer import RUN_TOKENIZER_DIR
@@ -14,23 +15,70 @@ from mrloss.training.config import Config, ConfigError, DataConfig, ModelConfig
 
 
 def ensure_data_files(data: DataConfig) -> None:
-    """With ``data.write_examples``, write the example data set into the directory of every missing file
-    (atomically: ranks and concurrent runs never see a half-written file). Then every file must exist."""
+    """Every train/val file must exist. With ``data.write_examples`` a missing file that is one of the shipped
+    example paths (`mrloss.data.examples.example_path`, where the built-in configs read) is first written from the
+    example data set (atomically: ranks and concurrent runs never see a half-written file); any other missing file
+    is an error before anything is written (a typo'd path never fills the user's folder with example files)."""
+    from mrloss.data.examples import EXAMPLE_DIRECTORY, is_example_path
+
     missing = [Path(f) for f in [*data.train_files, *data.val_files] if not Path(f).exists()]
-    if missing and data.write_examples:
+    writable = [path for path in missing if data.write_examples and is_example_path(path)]
+    not_found = [path for path in missing if path not in writable]
+    if not_found:
+        hint = (
+            f" (data.write_examples writes the example data set only to {EXAMPLE_DIRECTORY}/<format>.jsonl)"
+            if data.write_examples
+            else ""
+        )
+        raise ConfigError(f"config data: file(s) not found: {', '.join(map(str, not_found))}{hint}")
+    if writable:
         from mrloss.data import write_examples
 
-        for directory in sorted({path.parent for path in missing}):
+        for directory in sorted({path.parent for path in writable}):
             directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=directory, prefix=".examples-") as scratch:
                 for path in write_examples(scratch).values():
                     target = directory / Path(path).name
                     if not target.exists():
                         os.replace(path, target)
-        missing = [path for path in missing if not path.exists()]
-    if missing:
-        hint = "" if data.write_examples else " (data.write_examples=true writes the example data set there)"
-        raise ConfigError(f"config data: file(s) not found: {', '.join(map(str, missing))}{hint}")
+
+
+def check_learned_tokens(dataset, data: DataConfig) -> None:
+    """ConfigError when no training sample has a learned token (weight > 0): the run would train nothing and log
+    losses of 0 (most often a ``data.format`` that does not match the files); a warning naming how many samples
+    have none otherwise. ``dataset``: a `MultiRegionDataset` of ``data.train_files``."""
+    learned = [bool((item["token_weights"] > 0).any()) for item in dataset]
+    count, without = len(learned), learned.count(False)
+    if without == count:
+        raise ConfigError(
+            f"config data.train_files: 0 of {count} samples in {', '.join(data.train_files)} have a learned token "
+            f"(weight > 0), so nothing would be trained: {_format_hint(data)}"
+        )
+    if without:
+        example = dataset.sample_ids[learned.index(False)]
+        warnings.warn(
+            f"{without} of {count} training samples have no learned token (weight > 0) and train nothing, "
+            f"e.g. {example}",
+            stacklevel=2,
+        )
+
+
+def _format_hint(data: DataConfig) -> str:
+    """The likely cause of a data set without learned tokens: the format the first sample looks like when it is not
+    ``data.format``, else regions of weight 0 and default_weight 0."""
+    from mrloss.data.records import iter_records
+    from mrloss.formats import detect_format
+
+    if data.format != "auto":
+        raw = next((path for path in data.train_files if not Path(path).is_dir()), None)
+        first = next(iter_records(raw), None) if raw is not None else None
+        sample = first.sample if first is not None else None
+        if isinstance(sample, dict):
+            looks = detect_format(sample)
+            tags = looks != "tag_based" or "<LEARN" in str(sample.get("text", ""))
+            if looks != data.format and tags:
+                return f"data.format is {data.format} but the samples look {looks} (set data.format={looks} or auto)"
+    return "every region has weight 0 and so has the text outside them (default_weight); check data.format"
 
 
 def build_tokenizer(config: Config, checkpoint: str | None, *, is_main: bool):

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from mrloss.data.tokenizer import RUN_TOKENIZER_DIR
-from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
+from mrloss.training.build import build_model, build_tokenizer, check_learned_tokens, ensure_data_files
 from mrloss.training.config import Config, ConfigError, load_config
 
 
@@ -76,6 +76,7 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
     from mrloss.integrations.hf import MultiRegionTrainer
 
     check_output_dir(config.trainer)
+    check_monitor_dir(config)
     args = training_arguments(config)
     resume = resolve_checkpoint(config.trainer.resume_from_checkpoint, config.trainer.output_dir)
     with args.main_process_first(desc="write the example data"):
@@ -90,6 +91,7 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         add_eos=config.data.add_eos,
     )
     train_dataset = MultiRegionDataset(config.data.train_files, tokenizer, **data_options)
+    check_learned_tokens(train_dataset, config.data)
     eval_dataset = None
     if config.data.val_files:
         eval_dataset = MultiRegionDataset(
@@ -238,6 +240,24 @@ def check_output_dir(trainer_config) -> None:
         for checkpoint in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
             if checkpoint.is_dir():
                 shutil.rmtree(checkpoint)
+
+
+def check_monitor_dir(config: Config) -> None:
+    """ConfigError when ``monitor.output_dir`` (set apart from the run directory) already holds another run's
+    ``region_stats.jsonl`` and the run neither resumes nor may overwrite (``trainer.overwrite_output_dir``, as for
+    the run directory itself): a fresh run would replace that record. Inside ``trainer.output_dir`` the record is
+    covered by `check_output_dir`."""
+    from mrloss.debug.monitor import STATS_FILE
+
+    monitor, trainer = config.monitor, config.trainer
+    if not monitor.enabled or monitor.output_dir is None or trainer.resume_from_checkpoint:
+        return
+    stats = Path(monitor.output_dir) / STATS_FILE
+    if stats.exists() and not trainer.overwrite_output_dir:
+        raise ConfigError(
+            f"config monitor.output_dir: {stats} holds the record of another run; replace it "
+            "(trainer.overwrite_output_dir=true) or choose another directory"
+        )
 
 
 def resolve_checkpoint(resume, output_dir: str) -> str | None:
