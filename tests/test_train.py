@@ -231,7 +231,6 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative data paths resolve in the working directory
     output_dir = tmp_path / "run"
     overrides = [
-        "data.train_files=data/tag_based.jsonl",
         "data.max_length=128",
         f"trainer.output_dir={output_dir}",
         "trainer.max_steps=12",
@@ -243,7 +242,7 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
         "model.intermediate_size=64",
     ]
     run_train(["--config", "tag_based", *overrides])
-    assert (tmp_path / "data/structured.jsonl").exists()  # write_examples: true created the example data
+    assert (tmp_path / "examples/sft/multi_region/data/structured.jsonl").exists()  # write_examples: true
     metrics = json.loads((output_dir / "metrics.json").read_text())
     first, last = metrics["region_losses"]["first"], metrics["region_losses"]["last"]
     assert first["step"] == 1 and last["step"] == 12
@@ -276,6 +275,76 @@ def test_mrloss_train_reports_config_errors(tmp_path, capsys):
 
     assert main(["--config", "tag_based", "trainer.epoch=2"]) == 2
     assert "config trainer.epoch: unknown key" in capsys.readouterr().err
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``mrloss <argv>`` in this process."""
+    from mrloss.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_a_training_set_without_a_learned_token_is_refused_naming_the_format(tmp_path, capsys):
+    """Before (#23 item 1): a wrong data.format parsed every tag_based sample as position_based without regions,
+    trained on nothing (every weight 0, losses 0.0) and exited 0."""
+    from mrloss.data import write_examples
+
+    data = write_examples(tmp_path / "data")["tag_based"]
+    argv = ["train", "--config", "position_based", f"data.train_files=[{data}]", f"trainer.output_dir={tmp_path / 'run'}"]
+    code, err = run_cli([*argv, "trainer.device=cpu"], capsys)
+    assert (code, err.count("\n")) == (2, 1), err
+    assert err == (
+        f"mrloss train: config data.train_files: 0 of {len(EXAMPLES)} samples in {data} have a learned token "
+        "(weight > 0), so nothing would be trained: data.format is position_based but the samples look tag_based "
+        "(set data.format=tag_based or auto)\n"
+    )
+    assert not (tmp_path / "run/model.safetensors").exists()
+
+
+def test_samples_without_a_learned_token_are_counted_in_a_warning():
+    from mrloss.training.build import check_learned_tokens
+    from mrloss.training.config import DataConfig
+
+    tokenizer = train_bpe_tokenizer(["plain words and a learned answer"] * 8, vocab_size=300)
+    samples = [{"text": "plain words"}, {"text": "a <LEARN>learned answer</LEARN>"}, {"text": "more words"}]
+    dataset = MultiRegionDataset.from_samples(samples, tokenizer, sample_ids=["a:1", "a:2", "a:3"])
+    with pytest.warns(UserWarning, match=r"^2 of 3 training samples have no learned token .* e\.g\. a:1$"):
+        check_learned_tokens(dataset, DataConfig(train_files=["a"]))
+
+
+def test_examples_are_written_only_at_the_shipped_example_paths(tmp_path, capsys, monkeypatch):
+    """Before (#23 item 11): a typo'd data.train_files=[mydata/corpus_v2.jsonl] filled mydata/ with the example
+    files before "not found", and newproj/tag_based.jsonl trained on the shipped examples with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    for path in ("mydata/corpus_v2.jsonl", "newproj/tag_based.jsonl"):
+        code, err = run_cli(["train", "--config", "tag_based", f"data.train_files=[{path}]"], capsys)
+        assert code == 2 and err == (
+            f"mrloss train: config data: file(s) not found: {path} (data.write_examples writes the example data set "
+            "only to examples/sft/multi_region/data/<format>.jsonl)\n"
+        )
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written: no data folder, no run directory
+
+
+def test_a_shared_monitor_dir_keeps_the_other_runs_record(tmp_path, capsys):
+    """Before (#23 item 11): a second run with the same monitor.output_dir deleted the first's region_stats.jsonl.
+    Now it is refused, as a non-empty trainer.output_dir is, unless trainer.overwrite_output_dir."""
+    from mrloss.training.config import load_config
+    from mrloss.training.run import check_monitor_dir
+
+    monitor = tmp_path / "monitor"
+    monitor.mkdir()
+    (monitor / "region_stats.jsonl").write_text('{"step": 1}\n')
+    argv = ["train", "--config", "tag_based", f"monitor.output_dir={monitor}", f"trainer.output_dir={tmp_path / 'b'}"]
+    code, err = run_cli(argv, capsys)
+    assert (code, err) == (
+        2,
+        f"mrloss train: config monitor.output_dir: {monitor / 'region_stats.jsonl'} holds the record of another "
+        "run; replace it (trainer.overwrite_output_dir=true) or choose another directory\n",
+    )
+    assert (monitor / "region_stats.jsonl").read_text() == '{"step": 1}\n'
+    for allowed in ("trainer.overwrite_output_dir=true", "trainer.resume_from_checkpoint=true"):
+        check_monitor_dir(load_config("tag_based", [f"monitor.output_dir={monitor}", allowed]))
 
 
 @pytest.mark.slow
@@ -313,9 +382,10 @@ def test_mrloss_train_ddp_equals_one_process(backend, tmp_path):
     norms and trained weights (fp32, the shipped tag_based config with dynamic weights, 3 AdamW steps)."""
     from safetensors.torch import load_file
 
+    from mrloss.data import write_examples
+
     common = [
-        f"data.train_files=[{tmp_path / 'data/tag_based.jsonl'}]",
-        "data.write_examples=true",
+        f"data.train_files=[{write_examples(tmp_path / 'data')['tag_based']}]",
         "data.max_length=96",
         "trainer.max_steps=3",
         "trainer.save_steps=null",

@@ -43,11 +43,16 @@ def ensure_data_files(data: DataConfig) -> None:
                         os.replace(path, target)
 
 
-def check_learned_tokens(dataset, data: DataConfig) -> None:
+def check_learned_tokens(dataset, data: DataConfig) -> bool:
     """ConfigError when no training sample has a learned token (weight > 0): the run would train nothing and log
     losses of 0 (most often a ``data.format`` that does not match the files); a warning naming how many samples
-    have none otherwise. ``dataset``: a `MultiRegionDataset` of ``data.train_files``."""
-    learned = [bool((item["token_weights"] > 0).any()) for item in dataset]
+    have none otherwise. ``dataset``: a `MultiRegionDataset` of ``data.train_files``. Returns whether a learned
+    token lies outside every region (``default_weight > 0``: what a multiplier shared by all types acts against)."""
+    learned, weighted_outside = [], False
+    for item in dataset:
+        weighted = item["token_weights"] > 0
+        learned.append(bool(weighted.any()))
+        weighted_outside = weighted_outside or bool((weighted & (item["region_type_ids"] < 0)).any())
     count, without = len(learned), learned.count(False)
     if without == count:
         raise ConfigError(
@@ -61,6 +66,7 @@ def check_learned_tokens(dataset, data: DataConfig) -> None:
             f"e.g. {example}",
             stacklevel=2,
         )
+    return weighted_outside
 
 
 def _format_hint(data: DataConfig) -> str:

@@ -298,7 +298,21 @@ def config_from_dict(raw: dict) -> Config:
     ConfigError)."""
     config = _build(Config, raw, "")
     check_ranges(config)
+    build_weighting(config.weighting)
     return config
+
+
+def build_weighting(section: WeightingConfig):
+    """`mrloss.weighting.RegionWeighting` of the ``weighting`` section (None when both tools are off); its checks
+    (unknown keys, values out of range, dependency cycles) as ConfigError ``config weighting.<key>: ...``."""
+    if section.dynamic_weights is None and section.region_dependencies is None:
+        return None
+    from mrloss.weighting import RegionWeighting
+
+    try:
+        return RegionWeighting.from_config(dataclasses.asdict(section))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config weighting.{error}") from None
 
 
 def _deep_copy(value):

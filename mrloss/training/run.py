@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mrloss.data.tokenizer import RUN_TOKENIZER_DIR
 from mrloss.training.build import build_model, build_tokenizer, check_learned_tokens, ensure_data_files
-from mrloss.training.config import Config, ConfigError, load_config
+from mrloss.training.config import Config, ConfigError, build_weighting, load_config
 
 
 @dataclasses.dataclass
@@ -91,14 +91,14 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         add_eos=config.data.add_eos,
     )
     train_dataset = MultiRegionDataset(config.data.train_files, tokenizer, **data_options)
-    check_learned_tokens(train_dataset, config.data)
+    weighted_outside = check_learned_tokens(train_dataset, config.data)
     eval_dataset = None
     if config.data.val_files:
         eval_dataset = MultiRegionDataset(
             config.data.val_files, tokenizer, region_types=train_dataset.region_types, **data_options
         )
     model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
-    weighting, monitor, callbacks = _tools(config, train_dataset.region_types, args.process_index == 0, callbacks)
+    weighting, monitor, callbacks = _tools(config, train_dataset, weighted_outside, args.process_index == 0, callbacks)
     loss_options = {
         "backend": config.loss.backend,
         "chunk_size": config.loss.chunk_size,
@@ -276,13 +276,16 @@ def resolve_checkpoint(resume, output_dir: str) -> str | None:
     return resume
 
 
-def _tools(config: Config, region_types: list[str], is_main: bool, callbacks: tuple):
-    """The configured region weighting and monitor (and the monitor's Trainer callback)."""
-    weighting = None
-    if config.weighting.dynamic_weights is not None or config.weighting.region_dependencies is not None:
-        from mrloss.weighting import RegionWeighting
-
-        weighting = RegionWeighting.from_config(dataclasses.asdict(config.weighting))
+def _tools(config: Config, train_dataset, weighted_outside: bool, is_main: bool, callbacks: tuple):
+    """The configured region weighting (refused when its epoch weights cannot act on the training data) and
+    monitor (and the monitor's Trainer callback)."""
+    region_types = train_dataset.region_types
+    weighting = build_weighting(config.weighting)
+    if weighting is not None and weighting.dynamic_weights is not None:
+        try:
+            weighting.dynamic_weights.check_epoch_weights_act(region_types, weighted_outside=weighted_outside)
+        except ValueError as error:
+            raise ConfigError(f"config weighting.{error}") from None
     monitor = None
     if config.monitor.enabled:
         from mrloss.debug import MultiRegionTrainingMonitor
