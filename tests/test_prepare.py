@@ -149,7 +149,9 @@ def test_an_input_that_would_be_overwritten_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main([str(train), "--output-dir", str(out), "--force", "--drop-invalid"]) == 2
     err = capsys.readouterr().err
-    assert err == f"mrloss prepare: input {train} would be replaced by this run's outputs; write to another --output-dir\n"
+    assert (
+        err == f"mrloss prepare: input {train} would be replaced by this run's outputs; write to another --output-dir\n"
+    )
     assert train.read_bytes() == before
 
 
@@ -163,9 +165,7 @@ def test_one_prepare_at_a_time_per_directory(tmp_path, capsys):
 
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_LOCK, str(out / LOCK)], stdout=subprocess.PIPE, text=True
-    )
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(out / LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES[:6])

@@ -291,7 +291,13 @@ def test_a_training_set_without_a_learned_token_is_refused_naming_the_format(tmp
     from mrloss.data import write_examples
 
     data = write_examples(tmp_path / "data")["tag_based"]
-    argv = ["train", "--config", "position_based", f"data.train_files=[{data}]", f"trainer.output_dir={tmp_path / 'run'}"]
+    argv = [
+        "train",
+        "--config",
+        "position_based",
+        f"data.train_files=[{data}]",
+        f"trainer.output_dir={tmp_path / 'run'}",
+    ]
     code, err = run_cli([*argv, "trainer.device=cpu"], capsys)
     assert (code, err.count("\n")) == (2, 1), err
     assert err == (

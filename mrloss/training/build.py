@@ -122,7 +122,8 @@ def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None,
     dtype = getattr(torch, model_config.dtype)
     options = {"attn_implementation": model_config.attn_implementation} if model_config.attn_implementation else {}
     if model_config.path is not None:
-        return transformers.AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype, **options)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype, **options)
+        return check_architecture(model, "model.path")
     head_dim = model_config.hidden_size // model_config.num_heads
     try:
         model_config_hf = transformers.AutoConfig.for_model(
@@ -144,4 +145,18 @@ def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None,
             f"config model.arch: {model_config.arch!r} is not a transformers model type ({error})"
         ) from None
     transformers.set_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(model_config_hf, dtype=dtype, **options)
+    return check_architecture(
+        transformers.AutoModelForCausalLM.from_config(model_config_hf, dtype=dtype, **options), "model.arch"
+    )
+
+
+def check_architecture(model, key: str):
+    """``model`` when mrloss knows its head (`mrloss.integrations.heads`), else ConfigError naming the config
+    ``key`` it came from and the supported architectures."""
+    from mrloss.integrations.heads import model_head
+
+    try:
+        model_head(model, caller=f"config {key}")
+    except TypeError as error:
+        raise ConfigError(str(error)) from None
+    return model

@@ -278,6 +278,7 @@ VALUE_RANGES = {
     "trainer.save_total_limit": ValueRange(0),
     "trainer.eval_steps": ValueRange(0),
     "trainer.dataloader_num_workers": ValueRange(0, inclusive=True),
+    "trainer.seed": ValueRange(0, inclusive=True, high=2**32 - 1),  # numpy's seed range
 }
 
 
@@ -298,8 +299,26 @@ def config_from_dict(raw: dict) -> Config:
     ConfigError)."""
     config = _build(Config, raw, "")
     check_ranges(config)
+    check_model_sizes(config.model)
     build_weighting(config.weighting)
     return config
+
+
+def check_model_sizes(model: ModelConfig) -> None:
+    """ConfigError for sizes of the tiny model (``model.path`` null) that attention cannot split: ``hidden_size``
+    into ``num_heads`` heads, ``num_heads`` into ``num_kv_heads`` groups."""
+    if model.path is not None:
+        return
+    if model.hidden_size % model.num_heads:
+        raise ConfigError(
+            f"config model.num_heads: model.hidden_size {model.hidden_size} is not a multiple of "
+            f"{model.num_heads} heads"
+        )
+    if model.num_heads % model.num_kv_heads:
+        raise ConfigError(
+            f"config model.num_kv_heads: model.num_heads {model.num_heads} is not a multiple of {model.num_kv_heads} "
+            "key/value heads"
+        )
 
 
 def build_weighting(section: WeightingConfig):

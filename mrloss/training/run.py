@@ -160,7 +160,6 @@ def finish_run(run: TrainingRun) -> dict:
 def training_arguments(config: Config):
     """`transformers.TrainingArguments` of the ``trainer`` section (device, DDP backend, schedule, saving)."""
     import torch
-    import transformers
 
     t = config.trainer
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -168,12 +167,41 @@ def training_arguments(config: Config):
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"config trainer.warmup_ratio: expected a fraction in [0, 1), got {t.warmup_ratio}")
     use_cpu = t.device == "cpu" or not torch.cuda.is_available()
+    _check_trainer_names(t)
+    if config.loss.backend == "triton" and use_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            "config loss.backend: 'triton' runs on a CUDA device and this run is on the CPU; use auto or torch"
+        )
     if config.fsdp.enabled and use_cpu:
         raise ConfigError(
             "config fsdp.enabled: transformers / accelerate shard with FSDP on CUDA devices only (on the CPU they "
             "would silently run DDP instead); set fsdp.enabled=false or train on GPUs"
         )
     evaluate = "no" if not config.data.val_files else ("steps" if t.eval_steps else "epoch")
+    try:
+        return _training_arguments(config, use_cpu, evaluate)
+    except ValueError as error:  # transformers' own checks of the values above
+        raise ConfigError(f"config trainer: {error}") from None
+
+
+def _check_trainer_names(t) -> None:
+    """ConfigError for a ``trainer.lr_scheduler`` or ``trainer.report_to`` name transformers does not know."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [kind.value for kind in SchedulerType]
+    if t.lr_scheduler not in schedulers:
+        raise ConfigError(f"config trainer.lr_scheduler: expected one of {schedulers}, got {t.lr_scheduler!r}")
+    reporters = ["all", "none", *INTEGRATION_TO_CALLBACK]
+    unknown = [name for name in t.report_to if name not in reporters]
+    if unknown:
+        raise ConfigError(f"config trainer.report_to: unknown {unknown[0]!r}; expected names among {reporters}")
+
+
+def _training_arguments(config: Config, use_cpu: bool, evaluate: str):
+    import transformers
+
+    t = config.trainer
     return transformers.TrainingArguments(
         output_dir=t.output_dir,
         num_train_epochs=t.epochs,
@@ -189,6 +217,7 @@ def training_arguments(config: Config):
         seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        disable_tqdm=not sys.stderr.isatty(),  # a log file gets one line per log step, not a bar's carriage returns
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,

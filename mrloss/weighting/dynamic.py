@@ -69,7 +69,7 @@ class DynamicWeightAdjuster(LossTrackingTool):
         every region (``weighted_outside`` False) for it to act against."""
         if not self.epoch_weights or weighted_outside or not region_types:
             return
-        for key, entry in self.epoch_weights:
+        for key, _ in self.epoch_weights:
             if len({self.epoch_multiplier(key, name) for name in region_types}) > 1:
                 return
         raise ValueError(
@@ -100,7 +100,8 @@ def _parse_epoch_weights(epoch_weights) -> list[tuple[int, float | dict[str, flo
     """``[(epoch, multiplier or {region type: multiplier})]`` sorted by epoch, every value checked > 0 and finite."""
     if not isinstance(epoch_weights, Mapping):
         raise TypeError(
-            f"dynamic_weights.epoch_weights: expected a mapping epoch -> {{region type: multiplier}}, got {epoch_weights!r}"
+            "dynamic_weights.epoch_weights: expected a mapping epoch -> {region type: multiplier}, got "
+            f"{epoch_weights!r}"
         )
     parsed = {}
     for key, value in epoch_weights.items():
