@@ -458,3 +458,27 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "loss mask of sample" in out and "⟦" in out  # the mask, plain-text form (NO_COLOR)
     assert "start" in out and "end" in out and "concept" in out and "weighted" in out
     assert (tmp_path / "demo/run/model.safetensors").exists() and (tmp_path / "demo/data/tag_based.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.lr_scheduler=cosin"], "config trainer.lr_scheduler: expected one of ['linear', 'cosine', "),
+        (["trainer.report_to=[tensorbord]"], "config trainer.report_to: unknown 'tensorbord'; expected names among"),
+        (["loss.backend=triton"], "config loss.backend: 'triton' runs on a CUDA device and this run is on the CPU"),
+        (["model.arch=gpt2"], "config model.arch: cannot patch GPT2LMHeadModel (model_type 'gpt2'): mrloss does not"),
+        (["model.attn_implementation=eagr"], "config model.attn_implementation: 'eagr': Specified `attn_implementation"),
+    ],
+    ids=["lr-scheduler", "report-to", "triton-on-cpu", "arch-gpt2", "attn-implementation"],
+)
+def test_run_mistakes_are_one_line(overrides, message, tmp_path, capsys, monkeypatch):
+    """Before (#23 tracebacks): a traceback each from transformers, apply_mrloss or the first loss call."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a plain CPU machine
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    run = tmp_path / "run"
+    small = ["data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16", "model.num_layers=1"]
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={run}"]
+    code, err = run_cli([*argv, "trainer.device=cpu", *small, *overrides], capsys)
+    assert code == 2 and err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err
+    assert not (run / "model.safetensors").exists()

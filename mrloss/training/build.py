@@ -5,6 +5,7 @@ Shared by `mrloss train` (`mrloss.training.run`) and ``python -m mrloss.integrat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -115,14 +116,16 @@ def _tokenizer_of_tokenized_data(paths) -> str | None:
 
 
 def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None, seed: int):
-    """``model.path`` loaded with transformers, or a tiny randomly initialized ``model.arch``."""
+    """``model.path`` loaded with transformers, or a tiny randomly initialized ``model.arch``; ConfigError for an
+    architecture mrloss cannot patch or an attention implementation transformers cannot use here."""
     import torch
     import transformers
 
     dtype = getattr(torch, model_config.dtype)
     options = {"attn_implementation": model_config.attn_implementation} if model_config.attn_implementation else {}
     if model_config.path is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype, **options)
+        with _attention_errors(model_config):
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype, **options)
         return check_architecture(model, "model.path")
     head_dim = model_config.hidden_size // model_config.num_heads
     try:
@@ -145,9 +148,24 @@ def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None,
             f"config model.arch: {model_config.arch!r} is not a transformers model type ({error})"
         ) from None
     transformers.set_seed(seed)
-    return check_architecture(
-        transformers.AutoModelForCausalLM.from_config(model_config_hf, dtype=dtype, **options), "model.arch"
-    )
+    with _attention_errors(model_config):
+        model = transformers.AutoModelForCausalLM.from_config(model_config_hf, dtype=dtype, **options)
+    return check_architecture(model, "model.arch")
+
+
+@contextlib.contextmanager
+def _attention_errors(model_config: ModelConfig):
+    """transformers' refusal of ``model.attn_implementation`` (not installed, unknown, unsupported by the model) as a
+    ConfigError; other errors pass."""
+    try:
+        yield
+    except (ImportError, ValueError) as error:
+        if model_config.attn_implementation is None:
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"config model.attn_implementation: {model_config.attn_implementation!r}: {first_line}"
+        ) from None
 
 
 def check_architecture(model, key: str):
