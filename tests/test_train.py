@@ -467,7 +467,10 @@ def test_demo_runs_end_to_end(tmp_path):
         (["trainer.report_to=[tensorbord]"], "config trainer.report_to: unknown 'tensorbord'; expected names among"),
         (["loss.backend=triton"], "config loss.backend: 'triton' runs on a CUDA device and this run is on the CPU"),
         (["model.arch=gpt2"], "config model.arch: cannot patch GPT2LMHeadModel (model_type 'gpt2'): mrloss does not"),
-        (["model.attn_implementation=eagr"], "config model.attn_implementation: 'eagr': Specified `attn_implementation"),
+        (
+            ["model.attn_implementation=eagr"],
+            "config model.attn_implementation: 'eagr': Specified `attn_implementation",
+        ),
     ],
     ids=["lr-scheduler", "report-to", "triton-on-cpu", "arch-gpt2", "attn-implementation"],
 )
@@ -482,3 +485,65 @@ def test_run_mistakes_are_one_line(overrides, message, tmp_path, capsys, monkeyp
     code, err = run_cli([*argv, "trainer.device=cpu", *small, *overrides], capsys)
     assert code == 2 and err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err
     assert not (run / "model.safetensors").exists()
+
+
+def test_resume_onto_another_model_shape_is_one_line(tmp_path, capsys):
+    """Before (#23 tracebacks): resuming with other model sizes ended in a state_dict size-mismatch traceback."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    run = tmp_path / "run"
+    common = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={run}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.intermediate_size=16", "model.num_layers=1"]
+    first = [*common, *small, "model.hidden_size=16", "trainer.max_steps=1", "trainer.save_steps=1"]
+    code, err = run_cli([*first, "weighting.dynamic_weights=null", "monitor.enabled=false"], capsys)
+    assert code == 0, err
+    resumed = [*common, *small, "model.hidden_size=32", "trainer.max_steps=2", "trainer.resume_from_checkpoint=true"]
+    code, err = run_cli([*resumed, "weighting.dynamic_weights=null", "monitor.enabled=false"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"mrloss train: config trainer.resume_from_checkpoint: {run / 'checkpoint-1'} holds a model with hidden_size "
+        "16, the config builds 32 (model.hidden_size)"
+    )
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """Before (#23 tracebacks): a traceback. Exit code 1: a file problem (`mrloss.cli._user_error_code`)."""
+    import errno
+
+    def disk_full(self, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", disk_full)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={tmp_path / 'run'}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16"]
+    code, err = run_cli(
+        [*argv, *small, "trainer.max_steps=2", "trainer.save_steps=1", "weighting.dynamic_weights=null"], capsys
+    )
+    assert (code, err) == (
+        1,
+        "mrloss train: [Errno 28] training stopped at step 1: No space left on device; checkpoints written before "
+        "are complete (resume: trainer.resume_from_checkpoint=true)\n",
+    )
+
+
+def test_logs_are_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys):
+    """Before (#23 rough edges): tqdm's carriage returns flooded log files. Without a terminal (capsys here) the
+    Trainer prints one line per log step and transformers' own bars are off."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={tmp_path / 'run'}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16"]
+    steps = [
+        "trainer.max_steps=2",
+        "trainer.logging_steps=1",
+        "trainer.save_steps=null",
+        "weighting.dynamic_weights=null",
+    ]
+    from mrloss.cli import main
+
+    assert main([*argv, *small, *steps]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    assert sum(line.startswith("{'loss': ") for line in captured.out.splitlines()) == 2, captured.out

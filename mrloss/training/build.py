@@ -178,3 +178,32 @@ def check_architecture(model, key: str):
     except TypeError as error:
         raise ConfigError(str(error)) from None
     return model
+
+
+# transformers config key -> the mrloss config key that sets it (model.path null)
+_MODEL_SHAPE_KEYS = {
+    "model_type": "model.arch",
+    "hidden_size": "model.hidden_size",
+    "num_hidden_layers": "model.num_layers",
+    "num_attention_heads": "model.num_heads",
+    "num_key_value_heads": "model.num_kv_heads",
+    "intermediate_size": "model.intermediate_size",
+    "vocab_size": "model.vocab_size",
+}
+
+
+def check_resume_model(model, checkpoint: str) -> None:
+    """ConfigError when the checkpoint to resume from holds a model of another shape than the one the config builds
+    (its ``config.json``: architecture, sizes), naming the first key that differs; before any weight is loaded."""
+    import json
+
+    path = Path(checkpoint) / "config.json"
+    if not path.exists():
+        return  # not a transformers checkpoint: transformers reports it
+    saved, built = json.loads(path.read_text(encoding="utf-8")), model.config.to_dict()
+    for key, config_key in _MODEL_SHAPE_KEYS.items():
+        if key in saved and key in built and saved[key] != built[key]:
+            raise ConfigError(
+                f"config trainer.resume_from_checkpoint: {checkpoint} holds a model with {key} {saved[key]!r}, the "
+                f"config builds {built[key]!r} ({config_key}); resume with the run's model settings or start a new run"
+            )

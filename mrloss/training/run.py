@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 
 from mrloss.data.tokenizer import RUN_TOKENIZER_DIR
-from mrloss.training.build import build_model, build_tokenizer, check_learned_tokens, ensure_data_files
+from mrloss.training.build import (
+    build_model,
+    build_tokenizer,
+    check_learned_tokens,
+    check_resume_model,
+    ensure_data_files,
+)
 from mrloss.training.config import Config, ConfigError, build_weighting, load_config
 
 
@@ -98,6 +104,8 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
             config.data.val_files, tokenizer, region_types=train_dataset.region_types, **data_options
         )
     model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
+    if resume is not None:
+        check_resume_model(model, resume)
     weighting, monitor, callbacks = _tools(config, train_dataset, weighted_outside, args.process_index == 0, callbacks)
     loss_options = {
         "backend": config.loss.backend,
@@ -133,7 +141,15 @@ def finish_run(run: TrainingRun) -> dict:
     import yaml
 
     trainer = run.trainer
-    result = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
+    except OSError as error:  # e.g. a full disk while a checkpoint is written: one line (exit 1), not a traceback
+        raise OSError(
+            error.errno,
+            f"training stopped at step {trainer.state.global_step}: {error.strerror or error}"
+            f"{f' ({error.filename})' if error.filename else ''}; checkpoints written before are complete "
+            f"(resume: trainer.resume_from_checkpoint=true)",
+        ) from None
     trainer.save_model(run.config.trainer.output_dir)
     history = trainer.state.log_history
     region_logs = [entry for entry in history if any(key.startswith("loss/") for key in entry)]
@@ -202,6 +218,9 @@ def _training_arguments(config: Config, use_cpu: bool, evaluate: str):
     import transformers
 
     t = config.trainer
+    progress_bars = sys.stderr.isatty()  # a log file gets one line per log step, not a bar's carriage returns
+    if not progress_bars:
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards", "Loading weights"
     return transformers.TrainingArguments(
         output_dir=t.output_dir,
         num_train_epochs=t.epochs,
@@ -217,7 +236,7 @@ def _training_arguments(config: Config, use_cpu: bool, evaluate: str):
         seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        disable_tqdm=not sys.stderr.isatty(),  # a log file gets one line per log step, not a bar's carriage returns
+        disable_tqdm=not progress_bars,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
