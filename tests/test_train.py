@@ -471,8 +471,16 @@ def test_demo_runs_end_to_end(tmp_path):
             ["model.attn_implementation=eagr"],
             "config model.attn_implementation: 'eagr': Specified `attn_implementation",
         ),
+        (
+            ["weighting.region_dependencies={region_dependencies: {x: {requires: [y]}}}"],
+            "config weighting.region_dependencies names region type(s) ['x', 'y'] that are not in the data's region",
+        ),
+        (
+            ["data.max_length=1"],
+            "config data.train_files: 0 of 4 samples in ",  # ... have a learned token ...: data.max_length 1 (right
+        ),
     ],
-    ids=["lr-scheduler", "report-to", "triton-on-cpu", "arch-gpt2", "attn-implementation"],
+    ids=["lr-scheduler", "report-to", "triton-on-cpu", "arch-gpt2", "attn-implementation", "unknown-type", "truncated"],
 )
 def test_run_mistakes_are_one_line(overrides, message, tmp_path, capsys, monkeypatch):
     """Before (#23 tracebacks): a traceback each from transformers, apply_mrloss or the first loss call."""
@@ -485,6 +493,8 @@ def test_run_mistakes_are_one_line(overrides, message, tmp_path, capsys, monkeyp
     code, err = run_cli([*argv, "trainer.device=cpu", *small, *overrides], capsys)
     assert code == 2 and err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err
     assert not (run / "model.safetensors").exists()
+    if "data.max_length=1" in overrides:
+        assert err.endswith(": data.max_length 1 (right truncation) cut the learned regions of 4 samples\n")
 
 
 def test_resume_onto_another_model_shape_is_one_line(tmp_path, capsys):

@@ -58,7 +58,7 @@ def check_learned_tokens(dataset, data: DataConfig) -> bool:
     if without == count:
         raise ConfigError(
             f"config data.train_files: 0 of {count} samples in {', '.join(data.train_files)} have a learned token "
-            f"(weight > 0), so nothing would be trained: {_format_hint(data)}"
+            f"(weight > 0), so nothing would be trained: {_likely_cause(dataset, data)}"
         )
     if without:
         example = dataset.sample_ids[learned.index(False)]
@@ -70,9 +70,14 @@ def check_learned_tokens(dataset, data: DataConfig) -> bool:
     return weighted_outside
 
 
-def _format_hint(data: DataConfig) -> str:
-    """The likely cause of a data set without learned tokens: the format the first sample looks like when it is not
-    ``data.format``, else regions of weight 0 and default_weight 0."""
+def _likely_cause(dataset, data: DataConfig) -> str:
+    """The likely cause of a data set without learned tokens: truncation that cut the learned regions, the format the
+    first sample looks like when it is not ``data.format``, else regions of weight 0 and default_weight 0."""
+    if dataset.truncated:
+        return (
+            f"data.max_length {data.max_length} ({data.truncation} truncation) cut the learned regions of "
+            f"{len(dataset.truncated)} samples"
+        )
     from mrloss.data.records import iter_records
     from mrloss.formats import detect_format
 

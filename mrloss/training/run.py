@@ -329,11 +329,13 @@ def _tools(config: Config, train_dataset, weighted_outside: bool, is_main: bool,
     monitor (and the monitor's Trainer callback)."""
     region_types = train_dataset.region_types
     weighting = build_weighting(config.weighting)
-    if weighting is not None and weighting.dynamic_weights is not None:
-        try:
+    try:
+        if weighting is not None:
+            weighting.type_multipliers(region_types, 1)  # the types the tools name must be the data's
+        if weighting is not None and weighting.dynamic_weights is not None:
             weighting.dynamic_weights.check_epoch_weights_act(region_types, weighted_outside=weighted_outside)
-        except ValueError as error:
-            raise ConfigError(f"config weighting.{error}") from None
+    except ValueError as error:
+        raise ConfigError(f"config weighting.{error}") from None
     monitor = None
     if config.monitor.enabled:
         from mrloss.debug import MultiRegionTrainingMonitor

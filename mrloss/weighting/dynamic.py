@@ -66,7 +66,14 @@ class DynamicWeightAdjuster(LossTrackingTool):
     def check_epoch_weights_act(self, region_types: list[str], *, weighted_outside: bool) -> None:
         """ValueError when ``epoch_weights`` cannot change any weighted mean on data with these ``region_types``:
         every entry scales all of them alike (the factor cancels in Σw·l/Σw) and no weighted token lies outside
-        every region (``weighted_outside`` False) for it to act against."""
+        every region (``weighted_outside`` False) for it to act against; or an entry names a type the data lacks."""
+        named = {name for _, entry in self.epoch_weights if isinstance(entry, dict) for name in entry}
+        missing = sorted(named - set(region_types))
+        if missing:
+            raise ValueError(
+                f"dynamic_weights.epoch_weights: names region type(s) {missing} that are not in the data's region "
+                f"types {list(region_types)}"
+            )
         if not self.epoch_weights or weighted_outside or not region_types:
             return
         for key, _ in self.epoch_weights:
