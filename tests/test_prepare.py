@@ -260,3 +260,22 @@ def test_default_tokenizer_is_the_one_mrloss_train_trains(tmp_path, capsys):
     tokenizer = train_bpe_tokenizer_for_files([path], "auto", ModelConfig().vocab_size)
     tokens = sum(len(encode(parse(record.sample), tokenizer)["input_ids"]) for record in read_records(path))
     assert f"vocabulary {len(tokenizer)};" in out and f"tokens: {tokens} (" in out
+
+
+def test_summary_token_counts_add_up(tmp_path, capsys):
+    """Before (#23 rough edges): the weight histogram left out every sample's first token, so its counts did not
+    add up to the tokens of the row (``(outside) 1967 tokens``, histogram ``0×1941`` for 26 samples)."""
+    import re
+
+    raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES)
+    assert main([str(raw)]) == 0
+    out = capsys.readouterr().out
+    total, learned = map(int, re.search(r"^tokens: (\d+) \((\d+) learned", out, re.M).groups())
+    rows = re.findall(r"^(\S+(?: \S+)?)\s+(\d+)\s+(\d+)\s+(\d+)  (.*)$", out, re.M)
+    assert {name for name, *_ in rows} == {"concept", "definition", "methodology", "(outside)"}
+    for _, _, tokens, learned_here, histogram in rows:
+        counts = {float(w): int(c) for w, c in re.findall(r"([\d.]+)×(\d+)", histogram)}
+        assert sum(counts.values()) == int(tokens), histogram
+        assert sum(c for w, c in counts.items() if w > 0) == int(learned_here)
+    assert sum(int(tokens) for _, _, tokens, _, _ in rows) == total
+    assert sum(int(n) for _, _, _, n, _ in rows) == learned
