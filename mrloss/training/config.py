@@ -40,6 +40,9 @@ import yaml
 from mrloss.configs import builtin_configs, resolve_config
 from mrloss.data.encode import DEFAULT_MAX_LENGTH
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
+from mrloss.formats import INPUT_FORMATS
+
+DataFormat = Literal[("auto", *INPUT_FORMATS)]  # data.format: "auto" or a format of mrloss.formats' registry
 
 
 class ConfigError(ValueError):
@@ -54,7 +57,7 @@ class DataConfig:
     # model.path is null); required
     train_files: list[str] = dataclasses.field(default_factory=list)
     val_files: list[str] = dataclasses.field(default_factory=list)
-    format: Literal["auto", "position_based", "tag_based", "structured", "messages"] = "auto"
+    format: DataFormat = "auto"
     # top-level sample keys besides the format's and mrloss.formats.METADATA_KEYS: error, keep (as metadata), or
     # a list of key names kept
     extra_keys: Literal["error", "keep"] | list[str] = "error"
