@@ -114,8 +114,11 @@ def test_per_type_epoch_weights_act_and_a_shared_factor_is_refused():
         shared.check_epoch_weights_act(TYPES, weighted_outside=False)
     shared.check_epoch_weights_act(TYPES, weighted_outside=True)  # acts against weighted text outside the regions
     per_type.check_epoch_weights_act(TYPES, weighted_outside=False)
-    with pytest.raises(ValueError, match="alike"):  # names only a type the data does not have
-        per_type.check_epoch_weights_act(["concept", "definition"], weighted_outside=False)
+    with pytest.raises(ValueError, match=r"names region type\(s\) \['methodology'\] that are not in the data's"):
+        per_type.check_epoch_weights_act(["concept", "definition"], weighted_outside=False)  # a typo, or other data
+    both = DynamicWeightAdjuster({"epoch_weights": {"2": {"concept": 1.5, "definition": 1.5}}})
+    with pytest.raises(ValueError, match="alike"):  # every type of this data scaled by the same factor
+        both.check_epoch_weights_act(["concept", "definition"], weighted_outside=False)
 
 
 def test_adjust_validates_tensors():
