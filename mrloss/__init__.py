@@ -12,8 +12,10 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "linear_cross_entropy": "mrloss.ops.api",
     "LinearCrossEntropyLoss": "mrloss.ops.api",
+    "LossOptions": "mrloss.ops.options",
+    "LossOutput": "mrloss.ops.output",
     "TokenMetrics": "mrloss.ops.api",
-    "IGNORE_INDEX": "mrloss.ops.normalization",
+    "IGNORE_INDEX": "mrloss.ops.options",
 }
 __all__ = [*_PUBLIC, "__version__"]
 
