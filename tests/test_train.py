@@ -358,8 +358,7 @@ def test_resumed_run_reports_the_train_loss_of_all_steps_and_a_complete_run_trai
     output_dir = tmp_path / "run"
     arguments = [
         "--config",
-        "tag_based",
-        "data.train_files=data/tag_based.jsonl",
+        "tag_based",  # its example data, written to examples/sft/multi_region/data/
         "data.max_length=128",
         f"trainer.output_dir={output_dir}",
         "trainer.max_steps=7",
