@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_help_and_version_import_no_torch():
     """Before (#23 rough edges): ``mrloss --help`` took ~4 s, importing torch through ``mrloss/__init__``.
-    Measured on the loaded 2-core machine, same minute: 20.5 s before, 0.3 s after (wall); 2.4 s / 0.04 s user."""
+    Measured on the shared 2-core machine, same minute: 3.59 s before, 0.06 s after (wall, load 3.5)."""
     probe = (
         "import sys; from mrloss.cli import main; main(['--help']); main(['--version']); "
         "print(sorted(m for m in ('torch', 'transformers', 'yaml', 'numpy') if m in sys.modules))"
