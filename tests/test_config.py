@@ -145,3 +145,29 @@ def test_recursive_yaml_anchor_is_one_line(tmp_path, capsys):
     config.write_text("data: &loop\n  train_files: [a.jsonl]\n  val_files: *loop\n")
     code, err = run_cli(["train", "--config", str(config)], capsys)
     assert code == 2 and "data.val_files: a YAML alias refers to its own anchor" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "weighting.dynamic_weights.difficulty_scalling=true",
+            "config weighting.dynamic_weights: unknown key(s) ['difficulty_scalling']; allowed keys are",
+        ),
+        (
+            "weighting.region_dependencies={region_dependencies: {a: {requires: [a]}}}",
+            "config weighting.region_dependencies: dependency cycle a -> a",
+        ),
+        ("trainer.seed=-1", "config trainer.seed: expected a value >= 0 and <= 4294967295, got -1"),
+        ("model.num_heads=3", "config model.num_heads: model.hidden_size 64 is not a multiple of 3 heads"),
+        ("model.num_kv_heads=3", "config model.num_kv_heads: model.num_heads 4 is not a multiple of 3 key/value heads"),
+    ],
+    ids=["weighting-key", "dependency-cycle", "seed", "num-heads", "num-kv-heads"],
+)
+def test_config_mistakes_are_one_line(override, message, tmp_path, capsys):
+    """Before (#23 tracebacks): a traceback each (num_kv_heads only at the first training step)."""
+    from mrloss.cli import main
+
+    assert main(["train", "--config", "tag_based", f"trainer.output_dir={tmp_path}/run", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err

@@ -431,3 +431,19 @@ def test_hf_patch_on_cuda_with_the_default_backend(monkeypatch):
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     for grad, expected_grad in zip(torch.autograd.grad(out.loss, params), expected_grads):
         torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_readme_hf_code_block_runs_as_written(tmp_path, monkeypatch):
+    """Before (#23 rough edges): README's Hugging Face block used names it never defined. Run it as written (in a
+    scratch directory: it writes data/ and out/)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Training with Hugging Face transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md (Training with Hugging Face transformers)", "exec"), namespace)
+    assert namespace["out"].logits is None and torch.isfinite(namespace["out"].loss)
+    assert namespace["trainer"].state.global_step == 2
