@@ -44,6 +44,9 @@ from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
 
 CHECKPOINT_STAGING = ".checkpoint-staging"  # inside the run directory; transformers never takes it for a checkpoint
 TOKEN_METRICS = {"mean_token_accuracy": "token_accuracy", "entropy": "token_entropy"}  # log name: output field
+# attribute of the patched *ForCausalLM: False makes its forward skip the token metrics (None in the output);
+# MultiRegionTrainer sets it per step (only steps that log, and evaluation, compute them)
+TOKEN_METRICS_FLAG = "_mrloss_token_metrics"
 
 
 class RegionLogStats:
@@ -64,6 +67,8 @@ class RegionLogStats:
             loss_sums = region_loss_sums(self._statistics(batch, outputs.token_losses), self.region_types)
         self.losses += loss_sums
         for name, attribute in TOKEN_METRICS.items():
+            if getattr(outputs, attribute) is None:  # a step that does not log: not computed
+                continue
             record = self._statistics(batch, getattr(outputs, attribute))
             total = record["total"]
             overall = torch.tensor([[(total["mean_loss"] or 0.0) * total["learned_tokens"]], [total["learned_tokens"]]])
@@ -188,7 +193,8 @@ def apply_mrloss(model, **loss_options):
             _warn_if_token_count(causal_lm, num_items_in_batch)
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(hidden.device)
-        loss, token_losses, token_metrics = head_loss(
+        metrics = causal_lm.__dict__.get(TOKEN_METRICS_FLAG, True)
+        loss, token_losses, *token_metrics = head_loss(
             causal_lm,
             head,
             hidden,
@@ -199,9 +205,10 @@ def apply_mrloss(model, **loss_options):
             shift=True,
             normalizer=num_items_in_batch,
             return_token_losses=True,
-            return_token_metrics=True,
+            return_token_metrics=metrics,
             **options,
         )
+        accuracy, entropy = token_metrics[0] if metrics else (None, None)
         result = _output_class()(
             loss=loss,
             logits=None,
@@ -209,8 +216,8 @@ def apply_mrloss(model, **loss_options):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             token_losses=token_losses,
-            token_accuracy=token_metrics.accuracy,
-            token_entropy=token_metrics.entropy,
+            token_accuracy=accuracy,
+            token_entropy=entropy,
         )
         return result.to_tuple() if return_dict is False else result
 
@@ -379,6 +386,7 @@ class MultiRegionTrainer(transformers.Trainer):
     # -- loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = dict(inputs)
+        setattr(unwrap_causal_lm(self.model), TOKEN_METRICS_FLAG, not model.training or self._logs_this_step())
         loss, outputs = super().compute_loss(
             model, model_inputs(batch), return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -388,6 +396,14 @@ class MultiRegionTrainer(transformers.Trainer):
             else:
                 self._eval_log_stats.add(batch, outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step being computed ends in a training log (transformers' DefaultFlowCallback rule
+        for logging_strategy "steps"; any other strategy: every step): only then are the token metrics computed."""
+        step = self.state.global_step + 1
+        if self.args.logging_strategy != transformers.trainer_utils.IntervalStrategy.STEPS:
+            return True
+        return (step == 1 and self.args.logging_first_step) or step % max(1, self.state.logging_steps or 1) == 0
 
     def _record_region_losses(self, batch, outputs) -> None:
         """Per-type loss sums of one training micro-batch (`mrloss.metrics.region_statistics`, through the region

@@ -96,7 +96,8 @@ class ChunkedResult(NamedTuple):
 MIN_CHUNK_SIZE = 256
 # Learned rows per chunk that the weight-gradient product [V, C] x [C, H] -> float32 [V, H] needs to be bound by
 # its FLOPs rather than by the float32 buffer's traffic: it moves ~8 V H bytes for 2 C V H FLOPs, C / 4 FLOP per
-# byte, against ~255 (H100: ~790 TFLOP/s bf16 over ~3.1 TB/s) or ~185 (H200, ~4.3 TB/s); 2048 leaves 2x margin.
+# byte, against ~265 (lent H100: 798 TFLOP/s bf16 over ~3.0 TB/s) or ~185 (H200, ~4.3 TB/s): 2048 leaves ~2x margin
+# (bench/roofline.py predicts the step; the GPU pass also times the old rule's size and 4096).
 WEIGHT_GRAD_CHUNK_SIZE = 2048
 
 

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# CPU rehearsal of bench/gpu_pass.sh on the GPU machine's image (issue #24), on a machine without a GPU:
+#
+#   bash bench/rehearse_gpu_pass.sh [--drop WHEEL_NAME] [WORK_DIR]      (default WORK_DIR: /tmp/mrloss-rehearsal)
+#
+# 1. A fresh virtual environment with the image's versions where this machine has them (bench/image_packages.txt):
+#    triton 3.6.0, transformers 5.17.0, accelerate 1.15.0, tokenizers, huggingface-hub, safetensors, tiktoken as
+#    pinned there; torch 2.13.0 CPU stands in for 2.11 (CUDA) and this Python (3.11) for 3.12; the other image
+#    packages the pass imports at the registry's versions. Anything of the carried set that those pulled in is
+#    uninstalled: the carried wheels are the only source of what the image lacks, as on the machine.
+# 2. The carried set (python -m bench.wheel_list) built for this Python by bench/make_wheels.sh (PY_VERSION), then
+#    installed the way the pass installs it (the closure is read from the development environment, `python` on
+#    PATH, where the carried packages are installed): pip install --no-index --no-deps --target SITE, SITE on PYTHONPATH, mrloss
+#    from the tree. --drop NAME deletes that wheel first (e.g. --drop dill): the rehearsal must then fail.
+# 3. What the pass runs that a CPU can: the import check, gpu_pass.sh --dry-run, the collection of every test with
+#    -m gpu (all skip here; a module that does not import is an error), and the CPU tests of the code the GPU tests
+#    exercise (Triton kernels through TRITON_INTERPRET=1, the chunked loss, the HF metrics, the pass's own tools).
+# Exit status 0 only when every step passed. The GPU stages themselves need the device (bench/README.md).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+drop=""
+work=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --drop) drop="$2"; shift 2 ;;
+    -h|--help) sed -n '4p' "$0" | sed 's/^#  *//'; exit 0 ;;
+    *) work="$1"; shift ;;
+  esac
+done
+work="${work:-${TMPDIR:-/tmp}/mrloss-rehearsal}"
+PYTHON_HOST="${PYTHON_HOST:-python3}"
+started=$(date +%s)
+step() { echo "== [$(( $(date +%s) - started )) s] $*"; }
+
+rm -rf "$work" && mkdir -p "$work"
+step "venv: the image's versions where this machine has them ($work/venv)"
+"$PYTHON_HOST" -m venv "$work/venv"
+py="$work/venv/bin/python"
+py_version="$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+pinned=()
+for name in triton transformers accelerate tokenizers huggingface-hub safetensors tiktoken; do
+  pinned+=("$(grep -E "^$name==" "$REPO/bench/image_packages.txt")")
+done
+# the image's other packages that the pass imports (bench.wheel_list.PASS_IMPORTS), at the registry's versions
+unpinned=(numpy pyarrow pandas matplotlib pytest pytest-benchmark hypothesis peft pyyaml tqdm packaging)
+"$py" -m pip install -q --upgrade pip
+"$py" -m pip install -q "torch==2.13.0"
+"$py" -m pip install -q "torch==2.13.0" "${pinned[@]}" "${unpinned[@]}"
+
+step "carried wheels for CPython $py_version (bench/make_wheels.sh, with the development environment's python)"
+PY_VERSION="$py_version" PYTHONPATH="$REPO" bash "$REPO/bench/make_wheels.sh" "$work/wheels"
+carried=$(sed 's/==.*//' "$work/wheels/requirements.txt" | tr '\n' ' ')
+# shellcheck disable=SC2086
+"$py" -m pip uninstall -q -y $carried 2>/dev/null || true
+if [ -n "$drop" ]; then
+  step "dropping the wheel of $drop (the rehearsal must fail)"
+  compgen -G "$work/wheels/${drop//-/_}-*.whl" >/dev/null || { echo "no wheel of $drop in $work/wheels" >&2; exit 2; }
+  rm -f "$work/wheels/${drop//-/_}"-*.whl
+fi
+site="$work/site"
+"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$work/wheels"/*.whl
+export PYTHONPATH="$REPO:$site"
+export TRITON_INTERPRET=1
+cd "$REPO"
+"$py" -c "import torch, triton, transformers, accelerate; print('rehearsal: python', __import__('sys').version.split()[0], \
+'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
+'accelerate', accelerate.__version__)"
+
+step "what the pass imports"
+"$py" -m bench.wheel_list --check-imports
+step "gpu_pass.sh --dry-run"
+PYTHON="$py" bash bench/gpu_pass.sh --dry-run "$work/pass" | tail -1
+step "pytest -m gpu: every test module collects (the GPU tests skip on a CPU)"
+"$py" -m pytest -q -p no:cacheprovider -m gpu tests
+step "the CPU tests of what the GPU tests exercise"
+"$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_loss.py tests/test_bench.py tests/test_hf.py \
+  -k "metrics or chunk or dry_run or wheel_list or roofline or gpu_summary or token_accuracy or matches_float64"
+step "rehearsal passed"
