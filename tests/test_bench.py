@@ -281,3 +281,17 @@ def test_encode_benchmark_measures_both_calls_on_the_same_samples(tokenizer):
     result = measure(region_texts, tokenizer, repeats=1)
     assert result["tokens"] == sum(len(ids) for ids in tokenizer([rt.text for rt in region_texts])["input_ids"])
     assert result["ratio"] == result["encode_s"] / result["tokenizer_s"] > 0
+
+
+def test_hf_step_pairs_each_variant_with_the_stock_step_next_to_it(tmp_path):
+    """bench.hf_step on a tiny size: a row per variant, the stock one at ratio 1, ratios from adjacent steps."""
+    from bench import hf_step
+
+    assert hf_step.paired_ratios({"stock": [10.0, 20.0, 40.0], "x": [5.0, 20.0, 10.0]}) == {"stock": 1.0, "x": 0.5}
+    out = tmp_path / "step.md"
+    assert hf_step.main(["--steps", "1", "--layers", "1", "--tokens", "128", "--out", str(out)]) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| this checkout")]
+    assert [row[1] for row in rows] == list(hf_step.VARIANTS) and rows[0][2] == "1.000"
+    assert all(float(row[2]) > 0 for row in rows)
+    times = json.loads(out.with_suffix(".json").read_text())["times"]["this checkout"]
+    assert all(len(values) == 1 for values in times.values())
