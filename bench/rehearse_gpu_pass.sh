@@ -3,10 +3,11 @@
 #
 #   bash bench/rehearse_gpu_pass.sh [--drop WHEEL_NAME] [WORK_DIR]      (default WORK_DIR: /tmp/mrloss-rehearsal)
 #
-# 1. A fresh virtual environment with the image's versions where this machine has them (bench/image_packages.txt):
-#    triton 3.6.0, transformers 5.17.0, accelerate 1.15.0, tokenizers, huggingface-hub, safetensors, tiktoken as
-#    pinned there; torch 2.13.0 CPU stands in for 2.11 (CUDA) and this Python (3.11) for 3.12; the other image
-#    packages the pass imports at the registry's versions. Anything of the carried set that those pulled in is
+# 1. A fresh virtual environment with the image's packages that the pass needs (python -m bench.wheel_list
+#    --from-image, read in the development environment: `python` on PATH), at the image's versions where
+#    bench/image_packages.txt knows them and this machine has them (triton 3.6.0, transformers 5.17.0, accelerate
+#    1.15.0, tokenizers 0.23.2, huggingface-hub 1.33.0); torch 2.13.0 CPU stands in for 2.11 (CUDA) and this Python
+#    (3.11) for 3.12; the others at the registry's versions. Anything of the carried set that those pulled in is
 #    uninstalled: the carried wheels are the only source of what the image lacks, as on the machine.
 # 2. The carried set (python -m bench.wheel_list) built for this Python by bench/make_wheels.sh (PY_VERSION), then
 #    installed the way the pass installs it (the closure is read from the development environment, `python` on
@@ -37,15 +38,16 @@ step "venv: the image's versions where this machine has them ($work/venv)"
 "$PYTHON_HOST" -m venv "$work/venv"
 py="$work/venv/bin/python"
 py_version="$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-pinned=()
-for name in triton transformers accelerate tokenizers huggingface-hub safetensors tiktoken; do
-  pinned+=("$(grep -E "^$name==" "$REPO/bench/image_packages.txt")")
-done
-# the image's other packages that the pass imports (bench.wheel_list.PASS_IMPORTS), at the registry's versions
-unpinned=(numpy pyarrow pandas matplotlib pytest pytest-benchmark hypothesis peft pyyaml tqdm packaging)
+# the image's packages the pass needs (python -m bench.wheel_list --from-image: its roots on the image and what the
+# carried set requires from it), at the image's versions where known; torch 2.13.0 CPU stands in for 2.11, and
+# numpy 2.5.2 has no build for this Python here (the registry's newest instead)
+mapfile -t from_image < <(cd "$REPO" && python -m bench.wheel_list --from-image \
+  | sed -e 's/^torch==.*/torch==2.13.0/' -e 's/^numpy==.*/numpy/')
+[ "${#from_image[@]}" -gt 0 ] || { echo "bench.wheel_list --from-image printed nothing" >&2; exit 1; }
+echo "from the image: ${from_image[*]}"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q "torch==2.13.0"
-"$py" -m pip install -q "torch==2.13.0" "${pinned[@]}" "${unpinned[@]}"
+"$py" -m pip install -q "${from_image[@]}"
 
 step "carried wheels for CPython $py_version (bench/make_wheels.sh, with the development environment's python)"
 PY_VERSION="$py_version" PYTHONPATH="$REPO" bash "$REPO/bench/make_wheels.sh" "$work/wheels"

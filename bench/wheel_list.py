@@ -9,8 +9,11 @@ their wheels; the pass installs them with ``pip install --no-index --no-deps --t
 PYTHONPATH). A carried package whose requirement excludes an image package's known version is reported on stderr
 and makes the exit status 1.
 
-``--check-imports`` (run by the pass after the install, and by bench/rehearse_gpu_pass.sh) imports every module of
-`PASS_IMPORTS`, prints its version and location, and exits 1 naming each one that does not import.
+``--from-image`` prints the image's packages the pass needs (its roots on the image, and every requirement of the
+carried set that the image holds), pinned where the image's version is known: what bench/rehearse_gpu_pass.sh
+installs to stand in for the image. ``--check-imports`` (run by the pass after the install, and by
+bench/rehearse_gpu_pass.sh) imports every module of `PASS_IMPORTS`, prints its version and location, and exits 1
+naming each one that does not import.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import importlib
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -80,18 +84,26 @@ def _marker_environment(python_version: str) -> dict[str, str]:
     }
 
 
-def closure(
-    roots=ROOTS, image: dict[str, Version | None] | None = None, python_version: str = IMAGE_PYTHON
-) -> tuple[dict[str, str], list[str]]:
-    """({canonical name: version installed here} of the carried set, [conflicts with the image's known versions])."""
+class Closure(NamedTuple):
+    carried: dict[str, str]  # canonical name -> version installed here: the wheels that travel
+    from_image: list[str]  # the image's packages the pass needs: roots, and requirements of the carried set
+    conflicts: list[str]  # a carried package's requirement that excludes an image package's known version
+
+
+def closure(roots=ROOTS, image: dict[str, Version | None] | None = None, python_version: str = IMAGE_PYTHON) -> Closure:
+    """The carried set of ``roots`` against ``image`` (markers evaluated for ``python_version`` on Linux)."""
     image = image_packages() if image is None else image
     environment = _marker_environment(python_version)
     carried: dict[str, str] = {}
+    from_image: set[str] = set()
     conflicts: list[str] = []
     pending = [canonicalize_name(root) for root in roots]
     while pending:
         name = pending.pop()
-        if name in carried or name in image:
+        if name in image:
+            from_image.add(name)
+            continue
+        if name in carried:
             continue
         distribution = metadata.distribution(name)
         carried[name] = distribution.version
@@ -104,7 +116,7 @@ def closure(
             if needed in image and known is not None and not requirement.specifier.contains(known, prereleases=True):
                 conflicts.append(f"{name} {distribution.version} requires {requirement}; the image has {known}")
             pending.append(needed)
-    return dict(sorted(carried.items())), conflicts
+    return Closure(dict(sorted(carried.items())), sorted(from_image), conflicts)
 
 
 def check_imports() -> list[str]:
@@ -125,14 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check-imports", action="store_true", help="import what the pass imports; 1 if any fails")
     parser.add_argument("--python-version", default=IMAGE_PYTHON, help="evaluate markers for this Python")
+    parser.add_argument(
+        "--from-image",
+        action="store_true",
+        help="print the image's packages the pass needs instead (NAME or NAME==VERSION where the image's is known)",
+    )
     options = parser.parse_args(argv)
     if options.check_imports:
         failed = check_imports()
         for line in failed:
             print(f"MISSING {line}", file=sys.stderr)
         return 1 if failed else 0
-    carried, conflicts = closure(python_version=options.python_version)
-    print("\n".join(f"{name}=={version}" for name, version in carried.items()))
+    carried, from_image, conflicts = closure(python_version=options.python_version)
+    if options.from_image:
+        image = image_packages()
+        print("\n".join(name if image[name] is None else f"{name}=={image[name]}" for name in from_image))
+    else:
+        print("\n".join(f"{name}=={version}" for name, version in carried.items()))
     for conflict in conflicts:
         print(f"conflict: {conflict}", file=sys.stderr)
     return 1 if conflicts else 0

@@ -89,6 +89,8 @@ def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
         "0.5",
         "--impls",
         "plain,torch-chunked,cce,mrloss-triton,mrloss-torch",
+        "--chunk-sizes",
+        "48",
         "--warmup",
         "0",
         "--reps",
@@ -112,8 +114,11 @@ def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
     assert [case["id"] for case in run["cases"]] == ["tiny-N256-z0.5-float32"]
     assert run["cases"][0]["learned_tokens"] == 128
     results = {result["impl"]: result for result in run["results"]}
-    assert list(results) == ["plain", "torch-chunked", "cce", "mrloss-triton", "mrloss-torch"]
-    for name in ("plain", "torch-chunked", "mrloss-torch"):
+    assert list(results) == [
+        *("plain", "torch-chunked", "cce", "mrloss-triton", "mrloss-torch", "mrloss-triton@48", "mrloss-torch@48")
+    ]
+    assert run["impls"]["mrloss-torch@48"].endswith("chunk_size=48")
+    for name in ("plain", "torch-chunked", "mrloss-torch", "mrloss-torch@48"):
         result = results[name]
         assert result["status"] == "ok", result
         assert result["reps"] == 2 and result["num_threads"] == 1
@@ -127,7 +132,7 @@ def test_quick_run_writes_json_csv_markdown_and_png(tmp_path):
     assert [entry["impl"] for entry in run["not_run"]] == ["cce"]
 
     rows = (tmp_path / "run.csv").read_text().splitlines()
-    assert rows[0].split(",")[:3] == ["case", "impl", "status"] and len(rows) == 6
+    assert rows[0].split(",")[:3] == ["case", "impl", "status"] and len(rows) == 8
     markdown = (tmp_path / "run.md").read_text()
     assert "## mrloss-torch / baseline" in markdown and "| tiny-N256-z0.5-float32 |" in markdown
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -182,7 +187,7 @@ def test_wheel_list_carries_only_what_the_image_lacks():
 
     image = wheel_list.image_packages()
     assert image["transformers"] is not None and str(image["triton"]) == "3.6.0" and "datasets" not in image
-    carried, conflicts = wheel_list.closure()
+    carried, from_image, conflicts = wheel_list.closure()
     assert not conflicts
     assert {"datasets", "trl", "liger-kernel", "cut-cross-entropy", "dill", "multiprocess"} <= set(carried)
     kept = {"torch", "triton", "transformers", "accelerate", "numpy", "pyarrow", "tokenizers", "pandas", "pytest"}
