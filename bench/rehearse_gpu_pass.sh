@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU rehearsal of bench/gpu_pass.sh on the GPU machine's image (issue #24), on a machine without a GPU:
 #
-#   bash bench/rehearse_gpu_pass.sh [--drop WHEEL_NAME] [WORK_DIR]      (default WORK_DIR: /tmp/mrloss-rehearsal)
+#   bash bench/rehearse_gpu_pass.sh [--drop WHEEL_NAME] [--reuse] [WORK_DIR]    (default WORK_DIR: /tmp/mrloss-rehearsal)
 #
 # 1. A fresh virtual environment with the image's packages that the pass needs (python -m bench.wheel_list
 #    --from-image, read in the development environment: `python` on PATH), at the image's versions where
@@ -16,14 +16,17 @@
 # 3. What the pass runs that a CPU can: the import check, gpu_pass.sh --dry-run, the collection of every test with
 #    -m gpu (all skip here; a module that does not import is an error), and the CPU tests of the code the GPU tests
 #    exercise (Triton kernels through TRITON_INTERPRET=1, the chunked loss, the HF metrics, the pass's own tools).
+# --reuse keeps WORK_DIR/venv from an earlier run (step 1 skipped; the wheels and SITE are always rebuilt).
 # Exit status 0 only when every step passed. The GPU stages themselves need the device (bench/README.md).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 drop=""
 work=""
+reuse=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --drop) drop="$2"; shift 2 ;;
+    --reuse) reuse=1; shift ;;
     -h|--help) sed -n '4p' "$0" | sed 's/^#  *//'; exit 0 ;;
     *) work="$1"; shift ;;
   esac
@@ -33,21 +36,27 @@ PYTHON_HOST="${PYTHON_HOST:-python3}"
 started=$(date +%s)
 step() { echo "== [$(( $(date +%s) - started )) s] $*"; }
 
-rm -rf "$work" && mkdir -p "$work"
-step "venv: the image's versions where this machine has them ($work/venv)"
-"$PYTHON_HOST" -m venv "$work/venv"
 py="$work/venv/bin/python"
+if [ "$reuse" = 1 ] && [ -x "$py" ]; then
+  step "venv: reusing $work/venv"
+  rm -rf "$work/wheels" "$work/site" "$work/pass"
+else
+  rm -rf "$work" && mkdir -p "$work"
+  step "venv: the image's versions where this machine has them ($work/venv)"
+  "$PYTHON_HOST" -m venv "$work/venv"
+  # the image's packages the pass needs (python -m bench.wheel_list --from-image: its roots on the image and what the
+  # carried set requires from it), at the image's versions where known; torch 2.13.0 CPU stands in for 2.11; numpy
+  # below 2.4 instead of the image's 2.5.2 (no build for this Python here, and triton 3.6's CPU interpreter, which only
+  # the rehearsal uses, calls int() on 1-element arrays, which numpy >= 2.4 refuses: every interpreted kernel fails)
+  mapfile -t from_image < <(cd "$REPO" && python -m bench.wheel_list --from-image \
+    | sed -e 's/^torch==.*/torch==2.13.0/' -e 's/^numpy==.*/numpy<2.4/')
+  [ "${#from_image[@]}" -gt 0 ] || { echo "bench.wheel_list --from-image printed nothing" >&2; exit 1; }
+  echo "from the image: ${from_image[*]}"
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q "torch==2.13.0"
+  "$py" -m pip install -q "${from_image[@]}"
+fi
 py_version="$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-# the image's packages the pass needs (python -m bench.wheel_list --from-image: its roots on the image and what the
-# carried set requires from it), at the image's versions where known; torch 2.13.0 CPU stands in for 2.11, and
-# numpy 2.5.2 has no build for this Python here (the registry's newest instead)
-mapfile -t from_image < <(cd "$REPO" && python -m bench.wheel_list --from-image \
-  | sed -e 's/^torch==.*/torch==2.13.0/' -e 's/^numpy==.*/numpy/')
-[ "${#from_image[@]}" -gt 0 ] || { echo "bench.wheel_list --from-image printed nothing" >&2; exit 1; }
-echo "from the image: ${from_image[*]}"
-"$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q "torch==2.13.0"
-"$py" -m pip install -q "${from_image[@]}"
 
 step "carried wheels for CPython $py_version (bench/make_wheels.sh, with the development environment's python)"
 PY_VERSION="$py_version" PYTHONPATH="$REPO" bash "$REPO/bench/make_wheels.sh" "$work/wheels"
