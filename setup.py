@@ -1,14 +1,15 @@
 from setuptools import find_packages, setup
 
 # torch is a base requirement, but CI installs the CPU build (torch==2.13.0) first so that this
-# range does not pull a multi-GB CUDA build. transformers is capped below 5.11 because verl 0.9.1
-# (the `verl` extra) requires it; the cap keeps one environment able to hold every extra.
+# range does not pull a multi-GB CUDA build. transformers has no upper bound: an install next to a newer
+# stack keeps it. Its lower bound is the lowest release CI tests (the `verl` environment: verl 0.9.1
+# requires transformers<5.11, so that environment holds 5.10.x); CI's second environment tests the newest.
 # The main job (`mrloss demo`, `mrloss train`: transformers.Trainer) needs accelerate, and `mrloss prepare
 # --tokenizer` / `mrloss train` on tokenized data need datasets, so both are base requirements.
 BASE = [
     "torch>=2.6",
     "triton>=3.0",
-    "transformers>=5.5.3,<5.11,!=5.6.0",
+    "transformers>=5.10.4",
     "accelerate>=1.1.0",
     "datasets>=4.7",  # tokenized training data (memory-mapped Arrow) from `mrloss prepare --tokenizer`
     "tokenizers>=0.20",
@@ -34,7 +35,10 @@ EXTRAS = {
     "hf": ["peft>=0.13", "datasets"],
     # TRL's SFTTrainer (mrloss.integrations.trl, `mrloss train --trainer trl`); TRL 1.16 needs Python >= 3.11
     "trl": ["trl>=1.16,<2; python_version >= '3.11'", "datasets>=4.7", "peft>=0.13"],
-    "verl": ["verl==0.9.1", "fastapi", "uvicorn"],
+    # verl 0.9.1 brings its own transformers<5.11. transformers 5.10 fails on import next to the `kernels`
+    # package >= 0.17 (left by a newer stack: transformers 5.25 requires kernels>=0.19.1), so the extra
+    # also holds kernels to the range transformers 5.10 declares for itself (its own `kernels` extra).
+    "verl": ["verl==0.9.1", "kernels<0.13", "fastapi", "uvicorn"],
     # trl: the TRL fused-LM-head baseline (trl.kernels.ChunkedLogProbFunction, from 1.15; needs Python >= 3.11)
     "bench": ["matplotlib", "pandas", "trl>=1.15,<2; python_version >= '3.11'"],
     "flash": ["flash-attn"],

@@ -5,7 +5,16 @@ functions that need them, so ``import mrloss`` stays light.
 """
 
 from mrloss.ops.api import LinearCrossEntropyLoss, TokenMetrics, linear_cross_entropy
-from mrloss.ops.normalization import IGNORE_INDEX
+from mrloss.ops.options import IGNORE_INDEX, LossOptions
+from mrloss.ops.output import LossOutput
 
 __version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "TokenMetrics", "IGNORE_INDEX", "__version__"]
+__all__ = [
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
+    "LossOptions",
+    "LossOutput",
+    "TokenMetrics",
+    "IGNORE_INDEX",
+    "__version__",
+]

@@ -24,7 +24,7 @@ Gradient scale (``grad_reduction``):
     "sum":  d loss / d local_sum = 1 / normalizer: each rank gets exactly its shard's share
             (d loss / d hidden_shard is exact); SUM parameter gradients over the group.
 
-With ``vocab_group`` the LM head is also split by vocabulary rows (tensor parallelism,
+With ``vocab_parallel`` the LM head is also split by vocabulary rows (tensor parallelism,
 `mrloss.parallel_vocab`): each shard's local sum comes from the vocabulary-parallel loss over that group (row
 statistics and one hidden-gradient all-reduce), then the two scalars are summed over the SP group as above.
 Parameters replicated over the vocabulary group get identical gradients on its ranks: reduce them over the
@@ -33,10 +33,12 @@ data/sequence ranks only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
-from mrloss.ops.api import linear_cross_entropy
+from mrloss.ops.api import fused_linear_cross_entropy
 from mrloss.ops.normalization import (  # shift_targets: the shift rule; also importable from here (verl engine)
     IGNORE_INDEX,
     check_normalizer,
@@ -45,7 +47,9 @@ from mrloss.ops.normalization import (  # shift_targets: the shift rule; also im
     shift_targets,
     valid_weight_sum,
 )
-from mrloss.parallel_vocab import vocab_parallel_linear_cross_entropy
+from mrloss.ops.options import LossOptions, loss_options
+from mrloss.ops.output import LossOutput
+from mrloss.parallel_vocab import VocabParallelOptions, vocab_parallel_linear_cross_entropy
 
 GRAD_REDUCTIONS = ("mean", "sum")
 
@@ -95,20 +99,20 @@ def shard_targets(
 
 
 class _SumOverGroup(torch.autograd.Function):
-    """All-reduce (SUM) of [local_sum, local_weight_sum] in one collective; the gradient of the summed
-    loss flows back to ``local_sum`` multiplied by ``grad_scale`` (no communication in backward)."""
+    """All-reduce (SUM) of [local_sum, local_weight_sum, local_z_loss] in one collective; the gradient of the
+    summed loss flows back to ``local_sum`` multiplied by ``grad_scale`` (no communication in backward)."""
 
     @staticmethod
-    def forward(ctx, local_sum, local_weight_sum, group, grad_scale):
+    def forward(ctx, local_sum, local_weight_sum, local_z_loss, group, grad_scale):
         ctx.grad_scale = grad_scale
-        packed = torch.stack([local_sum.detach().float(), local_weight_sum.detach().float()])
+        packed = torch.stack([value.detach().float() for value in (local_sum, local_weight_sum, local_z_loss)])
         if group is not None:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        return packed[0].clone(), packed[1].clone()
+        return tuple(value.clone() for value in packed)
 
     @staticmethod
-    def backward(ctx, grad_sum, grad_weight_sum):
-        return grad_sum * ctx.grad_scale, None, None, None
+    def backward(ctx, grad_sum, grad_weight_sum, grad_z_loss):
+        return grad_sum * ctx.grad_scale, None, None, None, None
 
 
 def sequence_parallel_linear_cross_entropy(
@@ -121,72 +125,72 @@ def sequence_parallel_linear_cross_entropy(
     normalizer: float | torch.Tensor | None = None,
     grad_reduction: str = "mean",
     bias: torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    softcap: float | None = None,
-    label_smoothing: float = 0.0,
-    backend: str = "auto",
-    chunk_size: int | None = None,
-    return_token_losses: bool = False,
-    vocab_group=None,
-    vocab_start: int | None = None,
-    vocab_size: int | None = None,
-    memory: str = "fast",
-    z_loss_scale: float = 0.0,
-):
+    vocab_parallel: VocabParallelOptions | None = None,
+    options: LossOptions | None = None,
+    **keywords,
+) -> torch.Tensor | LossOutput:
     """Weighted mean cross-entropy of a sequence split over the ranks of ``group``.
 
-    hidden_shard [N_local, H] bf16|fp16|fp32 (this rank's shard); weight [V, H]; targets_shard [N_local]
-    int64 and token_weights_shard [N_local] float, already shifted and sharded (``shard_targets``), so
-    row i of hidden_shard predicts targets_shard[i]. group: the SP process group (None: no sequence
-    parallelism, nothing is communicated). normalizer: the global Σw of the optimizer step (None: Σw of
-    the valid tokens of the whole group; a float must be >= 0, a 0-dim tensor, on the device or the CPU,
-    is used as given, without a host sync). Returns the fp32 0-dim loss Σ_group Σ w·l / normalizer (0 when
-    the normalizer is <= 0), identical on every rank, with the gradient scale of ``grad_reduction`` (see the
-    module docstring); with ``return_token_losses`` also this shard's detached unweighted per-token losses.
-    vocab_group / vocab_start / vocab_size: ``weight`` [V_r, H] (and ``bias``) is this rank's vocabulary shard
-    (see `mrloss.parallel_vocab.vocab_parallel_linear_cross_entropy`); None: the whole head.
-    memory, z_loss_scale: as in `mrloss.linear_cross_entropy` (the z-loss is normalized like the loss).
+    Args:
+        hidden_shard: [N_local, H] bf16|fp16|fp32, this rank's shard; weight: [V, H]; bias: [V] or None.
+        targets_shard, token_weights_shard: [N_local] int64 and float (None: all 1.0), already shifted and
+            sharded (`shard_targets`), so row i of hidden_shard predicts targets_shard[i].
+        group: the SP process group (None: no sequence parallelism, nothing is communicated).
+        normalizer: the global Σw of the optimizer step (None: Σw of the valid tokens of the whole group; a float
+            must be >= 0, a 0-dim tensor, on the device or the CPU, is used as given, without a host sync).
+        grad_reduction: "mean" or "sum", the gradient scale (see the module docstring).
+        vocab_parallel: `mrloss.parallel_vocab.VocabParallelOptions` when ``weight`` [V_r, H] (and ``bias``) is
+            this rank's vocabulary shard; None: the whole head.
+        options, keywords: a `mrloss.ops.options.LossOptions` and/or its fields as keywords (keywords win), as in
+            `mrloss.linear_cross_entropy`; reduction "mean" and shift False only (the loss is Σ_group Σ w·l /
+            normalizer of pre-shifted shards).
+
+    Returns:
+        The fp32 0-dim loss Σ_group Σ w·(l + zeta·lse²) / normalizer (0 when the normalizer is <= 0), identical
+        on every rank, with the gradient scale of ``grad_reduction``; or, with a return_* option, a `LossOutput`:
+        z_loss normalized like the loss (over the group), token_losses and token_metrics of this shard.
     """
-    if grad_reduction not in GRAD_REDUCTIONS:
-        raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
-    check_normalizer(normalizer, hidden_shard.device)
+    options = loss_options(keywords, caller="sequence_parallel_linear_cross_entropy", base=options)
+    _check_shards(hidden_shard, targets_shard, token_weights_shard, normalizer, grad_reduction, options)
     if token_weights_shard is None:
         token_weights_shard = torch.ones(targets_shard.shape, dtype=torch.float32, device=targets_shard.device)
-    if hidden_shard.shape[:-1] != targets_shard.shape or token_weights_shard.shape != targets_shard.shape:
-        raise ValueError(
-            f"hidden_shard {tuple(hidden_shard.shape)}, targets_shard {tuple(targets_shard.shape)} and "
-            f"token_weights_shard {tuple(token_weights_shard.shape)} do not line up: shard them together"
+    local_options = dataclasses.replace(options, reduction="sum", return_z_loss=True)
+    inputs = (hidden_shard, weight, targets_shard, token_weights_shard)
+    if vocab_parallel is None:
+        local = fused_linear_cross_entropy(*inputs, local_options, bias=bias)
+    else:
+        local = vocab_parallel_linear_cross_entropy(
+            *inputs, vocab_parallel=vocab_parallel, bias=bias, options=local_options
         )
-    vocab_parallel = (
-        {} if vocab_group is None else dict(vocab_group=vocab_group, vocab_start=vocab_start, vocab_size=vocab_size)
-    )
-    loss_fn = linear_cross_entropy if vocab_group is None else vocab_parallel_linear_cross_entropy
-    out = loss_fn(
-        hidden_shard,
-        weight,
-        targets_shard,
-        token_weights_shard,
-        **vocab_parallel,
-        bias=bias,
-        ignore_index=ignore_index,
-        reduction="sum",
-        softcap=softcap,
-        label_smoothing=label_smoothing,
-        shift=False,
-        backend=backend,
-        return_token_losses=return_token_losses,
-        chunk_size=chunk_size,
-        memory=memory,
-        z_loss_scale=z_loss_scale,
-    )
-    local_sum, token_losses = out if return_token_losses else (out, None)
     local_weight_sum = valid_weight_sum(
-        targets_shard, token_weights_shard, ignore_index, shift=False, dtype=torch.float32
+        targets_shard, token_weights_shard, options.ignore_index, shift=False, dtype=torch.float32
     )
     size, _ = group_size_and_rank(group)
-    total_sum, total_weights = _SumOverGroup.apply(
-        local_sum.float(), local_weight_sum, group, float(size) if grad_reduction == "mean" else 1.0
+    total_sum, total_weights, total_z_loss = _SumOverGroup.apply(
+        local.loss.float(), local_weight_sum, local.z_loss, group, float(size) if grad_reduction == "mean" else 1.0
     )
     denom = total_weights if normalizer is None else normalizer_tensor(normalizer, torch.float32, total_sum.device)
     loss = safe_divide(total_sum, denom)
-    return (loss, token_losses) if return_token_losses else loss
+    if not options.returns_output:
+        return loss
+    z_loss = safe_divide(total_z_loss, denom) if options.return_z_loss else None
+    return dataclasses.replace(local, loss=loss, z_loss=z_loss)
+
+
+def _check_shards(hidden_shard, targets_shard, token_weights_shard, normalizer, grad_reduction, options) -> None:
+    """The checks of `sequence_parallel_linear_cross_entropy` beyond those of the local loss."""
+    if grad_reduction not in GRAD_REDUCTIONS:
+        raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
+    if options.reduction != "mean" or options.shift:
+        raise ValueError(
+            f"sequence_parallel_linear_cross_entropy: reduction {options.reduction!r}, shift {options.shift}: the "
+            'loss is Σ w·l / normalizer of shards shifted before sharding (shard_targets); use reduction="mean", '
+            "shift=False (and normalizer for another denominator)"
+        )
+    check_normalizer(normalizer, hidden_shard.device)
+    weights_shape = targets_shard.shape if token_weights_shard is None else token_weights_shard.shape
+    if hidden_shard.shape[:-1] != targets_shard.shape or weights_shape != targets_shard.shape:
+        raise ValueError(
+            f"hidden_shard {tuple(hidden_shard.shape)}, targets_shard {tuple(targets_shard.shape)} and "
+            f"token_weights_shard {tuple(weights_shape)} do not line up: shard them together"
+        )

@@ -23,17 +23,40 @@ has no shard statistics). z-loss uses the row op's logsumexp, the global one aft
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mrloss.ops.api import _check_arguments, _check_memory_options, autocast_inputs, learned_rows_loss
+from mrloss.ops.api import autocast_inputs, check_inputs, learned_rows_loss
 from mrloss.ops.backends.torch import VocabShard, cross_entropy_rows
-from mrloss.ops.normalization import IGNORE_INDEX
+from mrloss.ops.options import LossOptions, loss_options
+from mrloss.ops.output import LossOutput
 
 VOCAB_PARALLEL_BACKENDS = ("auto", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabParallelOptions:
+    """This rank's shard of an LM head split by vocabulary rows (like Cut Cross-Entropy's ``VocabParallelOptions``).
+
+    Attributes:
+        vocab_group: the ``torch.distributed`` group the head is split over (None: one rank holds the whole head).
+        vocab_start, vocab_size: this rank's weight shard [V_r, H] holds the rows ``[vocab_start, vocab_start +
+            V_r)`` of a vocabulary of ``vocab_size``; both or neither (None: from the ranks' shard sizes in rank
+            order, one all-gather per call).
+    """
+
+    vocab_group: Any = None
+    vocab_start: int | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.vocab_start is None) != (self.vocab_size is None):
+            raise ValueError("vocab_start and vocab_size go together: give both or neither")
 
 
 class _AllReduceGradient(torch.autograd.Function):
@@ -52,11 +75,10 @@ class _AllReduceGradient(torch.autograd.Function):
         return grad, None
 
 
-def vocab_range(weight_shard: torch.Tensor, group, vocab_start: int | None, vocab_size: int | None):
-    """(start, V) of this rank's rows: as given (both or neither), or from the shard sizes all-gathered over
-    ``group`` (rank order; one collective of tp integers)."""
-    if (vocab_start is None) != (vocab_size is None):
-        raise ValueError("vocab_start and vocab_size go together: give both or neither")
+def vocab_range(weight_shard: torch.Tensor, shard: VocabParallelOptions) -> tuple[int, int]:
+    """(start, V) of this rank's rows: as ``shard`` gives them, or from the shard sizes all-gathered over its
+    group (rank order; one collective of tp integers)."""
+    group, vocab_start, vocab_size = shard.vocab_group, shard.vocab_start, shard.vocab_size
     if vocab_start is None:
         if group is None:
             return 0, weight_shard.shape[0]
@@ -81,89 +103,63 @@ def vocab_parallel_linear_cross_entropy(
     targets: torch.Tensor,
     token_weights: torch.Tensor | None = None,
     *,
-    vocab_group=None,
-    vocab_start: int | None = None,
-    vocab_size: int | None = None,
+    vocab_parallel: VocabParallelOptions | None = None,
     bias: torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
-    softcap: float | None = None,
-    label_smoothing: float = 0.0,
-    shift: bool = False,
-    backend: str = "auto",
-    return_token_losses: bool = False,
-    chunk_size: int | None = None,
-    memory: str = "fast",
-    z_loss_scale: float = 0.0,
-    return_z_loss: bool = False,
-    return_token_metrics: bool = False,
-):
-    """`mrloss.linear_cross_entropy` over an LM head split by vocabulary rows across ``vocab_group``.
+    options: LossOptions | None = None,
+    **keywords,
+) -> torch.Tensor | LossOutput:
+    """`mrloss.linear_cross_entropy` over an LM head split by vocabulary rows across ``vocab_parallel.vocab_group``.
 
-    hidden [..., H] fp16|bf16|fp32|fp64, the same on every rank of the group; weight_shard [V_r, H] (V_r >= 1)
-    and bias [V_r] (this rank's bias shard) in hidden's dtype: rows ``[vocab_start, vocab_start + V_r)`` of the
-    [V, H] head (None for both: from the ranks' shard sizes in rank order); targets [...] global ids in [0, V)
-    and token_weights [...] as in `linear_cross_entropy`, the same on every rank. Every option means what it
-    means there (reduction, normalizer, softcap, label_smoothing with eps/V of the whole vocabulary, shift,
-    return_token_losses, chunk_size, z_loss_scale with the whole vocabulary's logsumexp, return_z_loss,
-    return_token_metrics); memory "fast" only (a shard's [V_r, H] buffer is 1/tp of the head's); backend
-    "auto"/"torch" (see the module docstring). vocab_group None:
-    one rank holds the whole head. Returns the loss of the whole vocabulary, identical on every rank; the
-    gradient of weight_shard / bias is this shard's exact part, hidden's gradient the full one on every rank.
+    Args:
+        hidden: [..., H] fp16|bf16|fp32|fp64, the same on every rank of the group.
+        weight_shard: [V_r, H] (V_r >= 1), hidden's dtype: this rank's rows of the [V, H] head.
+        targets, token_weights: [...] global ids in [0, V) and weights, the same on every rank.
+        vocab_parallel: the shard (`VocabParallelOptions`; None: one rank holds the whole head).
+        bias: [V_r], this rank's bias shard, or None. normalizer: as in `linear_cross_entropy`.
+        options, keywords: a `mrloss.ops.options.LossOptions` and/or its fields as keywords (keywords win); each
+            means what it means in `linear_cross_entropy` (label smoothing's eps/V and the z-loss's logsumexp
+            over the whole vocabulary); memory "fast" only (a shard's [V_r, H] buffer is 1/tp of the head's),
+            backend "auto" or "torch" (see the module docstring).
+
+    Returns:
+        What `linear_cross_entropy` returns, for the whole vocabulary, identical on every rank; the gradient of
+        weight_shard / bias is this shard's exact part, hidden's gradient the full one on every rank.
     """
+    options = loss_options(keywords, caller="vocab_parallel_linear_cross_entropy", base=options)
     hidden, weight_shard, bias = autocast_inputs(hidden, weight_shard, bias)
-    _check_arguments(
-        hidden=hidden,
-        weight=weight_shard,
-        targets=targets,
-        token_weights=token_weights,
-        bias=bias,
-        reduction=reduction,
-        normalizer=normalizer,
-        softcap=softcap,
-        label_smoothing=label_smoothing,
-        shift=shift,
-        backend="auto",
-        chunk_size=chunk_size,
-    )
-    _check_memory_options(memory, z_loss_scale)
-    if backend not in VOCAB_PARALLEL_BACKENDS or memory != "fast":
+    check_inputs(hidden, weight_shard, targets, token_weights, bias, normalizer, options)
+    if options.backend not in VOCAB_PARALLEL_BACKENDS or options.memory != "fast":
         raise ValueError(
-            f"backend {backend!r}, memory {memory!r}: the vocabulary-parallel loss runs its row statistics in "
-            f'PyTorch with memory="fast"; expected a backend of {VOCAB_PARALLEL_BACKENDS}'
+            f"backend {options.backend!r}, memory {options.memory!r}: the vocabulary-parallel loss runs its row "
+            f'statistics in PyTorch with memory="fast"; expected a backend of {VOCAB_PARALLEL_BACKENDS}'
         )
-    vocab_start, vocab_size = vocab_range(weight_shard, vocab_group, vocab_start, vocab_size)
-
-    def learned_hidden(hidden_2d, rows):  # the learned rows only: the all-reduce is M x H, not N x H
-        if vocab_group is None or not (torch.is_grad_enabled() and hidden_2d.requires_grad):
-            return hidden_2d, rows
-        learned_rows = _AllReduceGradient.apply(hidden_2d.index_select(0, rows), vocab_group)
-        return learned_rows, torch.arange(rows.numel(), device=rows.device)
-
+    shard = vocab_parallel or VocabParallelOptions()
+    vocab_start, vocab_size = vocab_range(weight_shard, shard)
+    group = shard.vocab_group
     return learned_rows_loss(
         hidden,
         weight_shard,
         targets,
         token_weights,
+        options,
         bias=bias,
+        normalizer=normalizer,
         vocab_size=vocab_size,
-        row_op=_row_op(vocab_group, vocab_start, vocab_size),
+        row_op=_row_op(group, vocab_start, vocab_size),
         fused_losses=None,
         slice_grad_op=None,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        normalizer=normalizer,
-        softcap=softcap,
-        label_smoothing=label_smoothing,
-        shift=shift,
-        chunk_size=chunk_size,
-        z_loss_scale=z_loss_scale,
-        return_token_losses=return_token_losses,
-        return_z_loss=return_z_loss,
-        return_token_metrics=return_token_metrics,
-        learned_hidden=learned_hidden,
+        learned_hidden=None if group is None else functools.partial(_learned_rows_all_reduced, group=group),
     )
+
+
+def _learned_rows_all_reduced(hidden_2d: torch.Tensor, rows: torch.Tensor, *, group):
+    """(hidden rows, their indices) for `learned_rows_loss`: with a gradient wanted, the learned rows only,
+    their gradient all-reduced over ``group`` (M x H values, not N x H); else hidden_2d and rows unchanged."""
+    if not (torch.is_grad_enabled() and hidden_2d.requires_grad):
+        return hidden_2d, rows
+    learned_rows = _AllReduceGradient.apply(hidden_2d.index_select(0, rows), group)
+    return learned_rows, torch.arange(rows.numel(), device=rows.device)
 
 
 def _row_op(group, vocab_start: int, vocab_size: int):
@@ -184,10 +180,12 @@ def _row_op(group, vocab_start: int, vocab_size: int):
     return functools.partial(cross_entropy_rows, vocab_shard=shard)
 
 
-def local_head(lm_head: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def local_head(
+    lm_head: torch.nn.Module, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None, VocabParallelOptions | None]:
     """(weight, bias, vocab_parallel) of ``lm_head`` (a linear layer [V, H]) as this rank holds it: plain
-    tensors, and the keyword arguments ``vocab_group``, ``vocab_start``, ``vocab_size`` of
-    `vocab_parallel_linear_cross_entropy` when the head is split by vocabulary rows ({} when it is not).
+    tensors, and the `VocabParallelOptions` of the shard when the head is split by vocabulary rows (None when
+    it is not).
 
     - ``weight`` a DTensor (``torch.distributed.tensor.parallel.ColwiseParallel``): Shard(0) on one mesh
       dimension, Replicate on the others -> that dimension's group, offsets from the DTensor layout; all
@@ -206,7 +204,7 @@ def local_head(lm_head: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor,
         sharded = [dim for dim, placement in enumerate(placements) if placement != Replicate()]
         local = weight.to_local(), None if bias is None else bias.to_local()
         if not sharded:
-            return (*local, {})
+            return (*local, None)
         if len(sharded) > 1 or placements[sharded[0]] != Shard(0):
             raise TypeError(
                 f"lm_head weight is a DTensor with placements {placements}: mrloss supports a head split by "
@@ -215,12 +213,12 @@ def local_head(lm_head: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor,
         mesh = weight.device_mesh
         _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
         group = mesh.get_group(sharded[0])
-        return (*local, dict(vocab_group=group, vocab_start=offset[0], vocab_size=weight.shape[0]))
+        return (*local, VocabParallelOptions(group, offset[0], weight.shape[0]))
     plan = getattr(lm_head, "_hf_tp_plan", None)
     mesh = getattr(lm_head, "_hf_device_mesh", None)
     if plan is None or mesh is None or mesh.size() == 1:
-        return weight, bias, {}
+        return weight, bias, None
     if not str(plan).startswith("colwise"):
         raise TypeError(f"lm_head tp_plan {plan!r}: mrloss supports a head split by vocabulary rows (colwise)")
     start = mesh.get_local_rank() * math.ceil(vocab_size / mesh.size())
-    return weight, bias, dict(vocab_group=mesh.get_group(), vocab_start=start, vocab_size=vocab_size)
+    return weight, bias, VocabParallelOptions(mesh.get_group(), start, vocab_size)

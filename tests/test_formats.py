@@ -1,4 +1,4 @@
-"""mrloss.formats: the three formats, every error, and round trips between them (hypothesis)."""
+"""mrloss.formats: the three formats, every error, round trips between them (hypothesis), the format registry."""
 
 import math
 
@@ -7,7 +7,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mrloss.data.examples import EXAMPLES
-from mrloss.formats import FORMATS, FormatError, Region, RegionText, convert, detect_format, parse, to_format
+from mrloss.formats import (
+    FORMAT_SPECS,
+    FORMATS,
+    INPUT_FORMATS,
+    FormatError,
+    FormatSpec,
+    Region,
+    RegionText,
+    convert,
+    detect_format,
+    parse,
+    to_format,
+)
+from mrloss.formats.dispatch import FormatRegistry
 
 # ---------------------------------------------------------------------------------------------- the guide's examples
 
@@ -361,3 +374,74 @@ def test_format_error_survives_pickling():
     error = pickle.loads(pickle.dumps(FormatError("bad", sample_id="f:1", field="text", position=3)))
     assert (error.reason, error.sample_id, error.field, error.position) == ("bad", "f:1", "text", 3)
     assert str(error) == "sample f:1, field 'text', character 3: bad"
+
+
+# ------------------------------------------------------------------------------------------- the format registry
+
+
+def _parse_lines(sample: dict, *, sample_id=None) -> RegionText:
+    """A throwaway format: ``{"lines": [[text, weight], ...]}``; a line of weight > 0 is a region."""
+    regions, position = [], 0
+    for text, weight in sample["lines"]:
+        if weight > 0:
+            regions.append(Region(position, position + len(text), weight, "line"))
+        position += len(text)
+    return RegionText("".join(text for text, _ in sample["lines"]), regions)
+
+
+def _write_lines(region_text: RegionText) -> dict:
+    weights = region_text.char_weights()
+    borders = sorted({0, len(weights)} | {b for r in region_text.regions for b in (r.start, r.end)})
+    return {"lines": [[region_text.text[a:b], weights[a]] for a, b in zip(borders, borders[1:])]}
+
+
+LINES = FormatSpec(
+    name="lines",
+    keys=("lines",),
+    parse=_parse_lines,
+    write=_write_lines,
+    identifying_keys=("lines",),
+    text_field="lines",
+)
+
+
+def test_a_new_format_is_one_spec_in_the_list():
+    """Everything `mrloss.formats` does with a format comes from its FormatSpec in the list: a registry with one
+    more spec detects, checks, parses, writes and converts the new format with no other change."""
+    registry = FormatRegistry(FORMAT_SPECS + (LINES,))
+    assert registry.formats == FORMATS + ("lines",)
+    assert registry.input_formats == FORMATS + ("lines", "messages")  # plain-text formats first, then parse-only
+    sample = {"lines": [["Q: why? ", 0.0], ["A: because.", 2.0]], "id": 7}
+    assert registry.detect_format(sample) == "lines" and detect_format(sample) == "tag_based"
+    region_text = registry.parse(sample)
+    assert region_text.char_weights() == [0.0] * 8 + [2.0] * 11
+    tagged = registry.convert(sample, "tag_based")
+    assert tagged["id"] == 7 and parse(tagged).char_weights() == region_text.char_weights()
+    assert registry.convert(tagged, "lines") == sample
+    assert registry.convert(sample, "structured", "lines")["id"] == 7
+    # its keys take part in every key check: another format's key, near misses of its own key, the empty text
+    with pytest.raises(FormatError, match="does not belong to a lines sample") as caught:
+        registry.parse({**sample, "text": "x"})
+    assert caught.value.field == "text"
+    with pytest.raises(FormatError, match="'line'; did you mean 'lines'"):
+        registry.parse({"text": "x", "line": []})
+    with pytest.raises(FormatError, match="does not belong to a tag_based sample"):
+        registry.parse({"text": "x", "lines": []}, "tag_based")
+    with pytest.raises(FormatError, match="no text") as caught:
+        registry.parse({"lines": []})
+    assert caught.value.field == "lines"
+    with pytest.raises(ValueError, match="format must be 'auto' or one of"):
+        FormatRegistry(FORMAT_SPECS).parse(sample, "lines")
+
+
+def test_the_registry_needs_unique_names_and_one_fallback():
+    with pytest.raises(ValueError, match="unique"):
+        FormatRegistry(FORMAT_SPECS + (FORMAT_SPECS[0],))
+    fallback = FormatSpec(name="plain", keys=("body",), parse=_parse_lines)
+    with pytest.raises(ValueError, match="fallback"):
+        FormatRegistry(FORMAT_SPECS + (fallback,))
+
+
+def test_the_public_names_come_from_the_list():
+    assert FORMATS == tuple(spec.name for spec in FORMAT_SPECS if spec.write is not None)
+    assert set(INPUT_FORMATS) == {spec.name for spec in FORMAT_SPECS}

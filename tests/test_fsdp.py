@@ -64,7 +64,9 @@ def shard_model(model, mesh, reshard_after_forward: bool, mixed_precision: bool,
             fsdp_version=2, reshard_after_forward=reshard_after_forward, auto_wrap_policy="TRANSFORMER_BASED_WRAP"
         )
         state = types.SimpleNamespace(fsdp_plugin=plugin)
-        accelerator = types.SimpleNamespace(state=state, mixed_precision="no", is_main_process=True)
+        accelerator = types.SimpleNamespace(  # what fsdp2_prepare_model reads of an Accelerator
+            state=state, mixed_precision="no", is_main_process=True, device=torch.device("cpu")
+        )
         return fsdp2_prepare_model(accelerator, model)
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy or MixedPrecisionPolicy())
     if layout == "embedding+lm_head units":  # verl's fsdp2 layout: the fused loss never calls lm_head itself

@@ -56,7 +56,7 @@ def oracle(model, batch, normalizer=None):
     """The model's own logits (stock forward) + a float64 weighted cross-entropy: loss, token losses."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     identity = torch.eye(VOCAB, dtype=torch.float64)  # logits @ I^T = logits: the oracle's "head"
-    return reference_linear_cross_entropy(
+    output = reference_linear_cross_entropy(
         logits,
         identity,
         batch["labels"],
@@ -65,6 +65,7 @@ def oracle(model, batch, normalizer=None):
         normalizer=normalizer,
         return_token_losses=True,
     )
+    return output.loss, output.token_losses
 
 
 def trainable(model):

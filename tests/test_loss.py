@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mrloss.ops.backends.torch
-from mrloss import LinearCrossEntropyLoss, linear_cross_entropy
+from mrloss import LinearCrossEntropyLoss, LossOutput, linear_cross_entropy
 from mrloss.ops.normalization import shift_targets, valid_weight_sum
 from mrloss.ops.reference import reference_linear_cross_entropy
 
@@ -222,6 +222,92 @@ def test_non_positive_normalizer_gives_zero(backend):
         assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory", MEMORY)
+def test_nan_tensor_normalizer_gives_nan_loss_and_gradients(backend, memory):
+    """A NaN 0-dim normalizer (used as given: no host sync) propagates as a plain division would: NaN loss, NaN
+    gradients of the learned rows and of the head. Before: loss 0 and zero gradients (training did nothing)."""
+    inputs = make_inputs((37,))
+    normalizer = torch.tensor(float("nan"))
+    loss, grad_hidden, grad_weight, grad_bias = loss_and_grads(
+        linear_cross_entropy, inputs, dict(normalizer=normalizer, backend=backend, memory=memory)
+    )
+    learned = (inputs["targets"] != -100) & (inputs["token_weights"] > 0)
+    assert loss.isnan()
+    assert grad_hidden[learned].isnan().all() and (grad_hidden[~learned] == 0).all()
+    assert grad_weight.isnan().all() and grad_bias.isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalized", [False, True], ids=["mean", "tensor-normalizer"])
+def test_tiny_float64_weights_with_float32_hidden(backend, normalized):
+    """float64 token weights of 1e-300 (0 in float32) next to float32 hidden give the loss and gradients of the
+    same weights at scale 1: they are scaled by their maximum in float64 before the cast. Before: loss 0."""
+    inputs = make_inputs((37,))
+    weights = inputs["token_weights"].double()
+    results = []
+    for scale in (1.0, 1e-300):
+        scaled = weights * scale
+        options = dict(backend=backend, normalizer=scaled.sum() * 1.5) if normalized else dict(backend=backend)
+        results.append(loss_and_grads(linear_cross_entropy, inputs | {"token_weights": scaled}, options))
+    assert results[0][0] > 0
+    assert_matches(results[1], [r.double() for r in results[0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(memory="low"),
+        dict(reduction="none", shift=True),
+        dict(memory="low", softcap=3.0, label_smoothing=0.1, z_loss_scale=0.01, normalizer=9.5),
+    ],
+)
+def test_double_backward_gradient_penalty_matches_pytorch(options):
+    """create_graph=True (a gradient penalty loss + 10·‖∂loss/∂h‖²): the backward of memory="low" and reduction
+    "none" recomputes its gradients differentiably, so h.grad and weight.grad are PyTorch's (F.linear +
+    F.cross_entropy in float64). Before: the second-order term silently missing (‖h.grad‖ 1.41 against 7.11)."""
+    inputs = make_inputs((3, 13), torch.float64, hidden_size=8, vocab=29)
+    targets, token_weights = inputs["targets"], inputs["token_weights"].double()
+    shift = options.get("shift", False)
+    shifted_targets, shifted_weights = shift_targets(targets, token_weights) if shift else (targets, token_weights)
+
+    def pytorch(hidden, weight, bias):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        if "softcap" in options:
+            logits = options["softcap"] * torch.tanh(logits / options["softcap"])
+        learned = (shifted_targets != -100) & (shifted_weights > 0)
+        logits, learned_weights = logits[learned], shifted_weights[learned]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits, shifted_targets[learned], reduction="none", label_smoothing=options.get("label_smoothing", 0.0)
+        )
+        token_loss = token_loss + options.get("z_loss_scale", 0.0) * torch.logsumexp(logits, -1).square()
+        return (learned_weights * token_loss).sum() / options.get("normalizer", 1.0 if shift else learned_weights.sum())
+
+    def ours(hidden, weight, bias):
+        loss = linear_cross_entropy(hidden, weight, targets, token_weights, bias=bias, backend="torch", **options)
+        return loss.sum()
+
+    grads = []
+    for loss_fn in (pytorch, ours):
+        leaves = [inputs[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+        loss = loss_fn(*leaves)
+        (grad_hidden,) = torch.autograd.grad(loss, leaves[0], create_graph=True)
+        (loss + 10 * grad_hidden.square().sum()).backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for got, want in zip(*grads):
+        assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+def test_double_backward_of_fast_reduced_loss_is_refused():
+    """memory="fast" with reduction "mean"/"sum" builds its gradients in the forward pass, not differentiably: a
+    create_graph backward raises and says what to use, instead of gradients without the second-order term."""
+    inputs = make_inputs((37,))
+    hidden = inputs["hidden"].clone().requires_grad_()
+    loss = linear_cross_entropy(hidden, inputs["weight"], inputs["targets"], inputs["token_weights"])
+    with pytest.raises(RuntimeError, match=r'double backward.*memory="fast".*pass memory="low"'):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
 @pytest.mark.parametrize(
     "normalizer", [torch.tensor(13.5), torch.tensor(13.5, dtype=torch.float64), torch.tensor(27, dtype=torch.int64)]
 )
@@ -419,6 +505,48 @@ def test_module_matches_function():
         LinearCrossEntropyLoss(reduce="sum")
 
 
+def test_loss_output_has_the_fields_asked_for_and_a_plain_tensor_otherwise():
+    inputs = make_inputs((3, 13))
+    options = dict(shift=True, backend="torch", z_loss_scale=0.01)
+    plain = linear_cross_entropy(**inputs, **options)
+    assert isinstance(plain, torch.Tensor) and plain.dim() == 0
+    flags = ("return_token_losses", "return_z_loss", "return_token_metrics")
+    for asked in [(flag,) for flag in flags] + [flags]:
+        output = linear_cross_entropy(**inputs, **options, **dict.fromkeys(asked, True))
+        assert isinstance(output, LossOutput), asked
+        assert torch.equal(output.loss, plain), asked
+        assert (output.token_losses is not None) == ("return_token_losses" in asked)
+        assert (output.z_loss is not None) == ("return_z_loss" in asked)
+        assert (output.token_metrics is not None) == ("return_token_metrics" in asked)
+    assert output.token_losses.shape == output.token_metrics.accuracy.shape == inputs["targets"].shape
+    assert output.z_loss.dim() == 0 and 0 < output.z_loss < output.loss
+    with pytest.raises(TypeError, match="cannot unpack"):  # fields by name, not by position
+        loss, token_losses = output
+    module = LinearCrossEntropyLoss(shift=True, return_token_losses=True)
+    assert isinstance(
+        module(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["token_weights"]), LossOutput
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_every_loss_output_field_matches_the_reference(backend, reduction):
+    """The float64 reference computes every LossOutput field too (token losses, z-loss, accuracy, entropy)."""
+    inputs = make_inputs((3, 13), torch.float64, vocab=7)  # a small vocabulary: some argmaxes are the target
+    options = dict(reduction=reduction, shift=True, softcap=4.0, z_loss_scale=0.05,
+                   return_token_losses=True, return_z_loss=True, return_token_metrics=True)  # fmt: skip
+    ours = linear_cross_entropy(**inputs, **options, backend=backend)
+    expected = reference_linear_cross_entropy(**inputs, **options)
+    torch.testing.assert_close(ours.loss, expected.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.z_loss, expected.z_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.token_losses.double(), expected.token_losses, rtol=1e-6, atol=1e-6)  # fp32 out
+    assert torch.equal(ours.token_metrics.accuracy.double(), expected.token_metrics.accuracy)
+    torch.testing.assert_close(
+        ours.token_metrics.entropy.double(), expected.token_metrics.entropy, rtol=1e-6, atol=1e-6
+    )
+    assert expected.token_metrics.accuracy.sum() > 0 and (expected.z_loss > 0).any()
+
+
 def test_auto_backend_on_cpu_is_torch_and_triton_needs_interpreter(monkeypatch):
     inputs = make_inputs((5,))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -477,6 +605,8 @@ VALIDATION_ERRORS = [
     (lambda: dict(_bad(), normalizer=-3.0), ValueError, r"normalizer must be a finite number >= 0.*-3.0"),
     (lambda: dict(_bad(), normalizer=-1), ValueError, r"normalizer must be a finite number >= 0"),
     (lambda: dict(_bad(), normalizer=float("inf")), ValueError, r"normalizer must be a finite number"),
+    (lambda: dict(_bad(), normalizer=float("nan")), ValueError, r"normalizer must be a finite number.*nan"),
+    (lambda: dict(_bad(), shift=2), TypeError, r"shift must be a bool.*got 2"),
     (
         lambda: dict(_bad(), normalizer=torch.tensor(3.0, device="meta")),
         ValueError,

@@ -94,13 +94,14 @@ def test_low_memory_allows_a_second_backward():
 def test_z_loss_is_returned_and_included(backend, reduction):
     inputs = make_inputs((3, 13), torch.float64)
     options = dict(reduction=reduction, shift=True, softcap=4.0)
-    loss, z_loss = linear_cross_entropy(**inputs, **options, backend=backend, z_loss_scale=0.1, return_z_loss=True)
+    output = linear_cross_entropy(**inputs, **options, backend=backend, z_loss_scale=0.1, return_z_loss=True)
+    loss, z_loss = output.loss, output.z_loss
     with_z = reference_linear_cross_entropy(**inputs, **options, z_loss_scale=0.1)
     without_z = reference_linear_cross_entropy(**inputs, **options)
     torch.testing.assert_close(loss, with_z, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(z_loss, with_z - without_z, rtol=1e-10, atol=1e-12)
     assert (z_loss > 0).any() and not z_loss.requires_grad
-    _, zero = linear_cross_entropy(**inputs, **options, backend=backend, return_z_loss=True)
+    zero = linear_cross_entropy(**inputs, **options, backend=backend, return_z_loss=True).z_loss
     assert (zero == 0).all()
 
 
@@ -144,9 +145,10 @@ def test_token_metrics_match_plain_pytorch(backend, memory, options):
     for position in [5, *range(2, targets.numel(), 2)]:  # about half the rows predict their target
         if targets[position] != -100 and not (shift and position % 13 == 0):
             hidden[position - shift] += 2 * inputs["weight"][targets[position]]
-    loss, token_losses, metrics = linear_cross_entropy(
+    output = linear_cross_entropy(
         **inputs, **options, backend=backend, memory=memory, return_token_losses=True, return_token_metrics=True
     )
+    loss, token_losses, metrics = output.loss, output.token_losses, output.token_metrics
     assert isinstance(metrics, TokenMetrics) and not metrics.accuracy.requires_grad
     accuracy, entropy = plain_metrics(inputs, options.get("softcap"), shift)
     assert metrics.accuracy.dtype == metrics.entropy.dtype == torch.float32
@@ -181,11 +183,12 @@ def test_token_metrics_of_a_loss_only_pass_come_from_the_fused_kernel(monkeypatc
 
     monkeypatch.setattr(forward_module, "linear_cross_entropy_forward", spy)
     monkeypatch.setattr(rows_module, "cross_entropy_rows", no_row_op)
-    loss, metrics = linear_cross_entropy(**inputs, reduction=reduction, backend="triton", return_token_metrics=True)
+    output = linear_cross_entropy(**inputs, reduction=reduction, backend="triton", return_token_metrics=True)
+    loss, metrics = output.loss, output.token_metrics
     assert fused_calls == [True]
-    torch.testing.assert_close(loss, expected[0], rtol=1e-5, atol=1e-6)
-    assert torch.equal(metrics.accuracy, expected[1].accuracy)
-    torch.testing.assert_close(metrics.entropy, expected[1].entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(metrics.accuracy, expected.token_metrics.accuracy)
+    torch.testing.assert_close(metrics.entropy, expected.token_metrics.entropy, rtol=1e-5, atol=1e-5)
 
 
 class AllocationTracker(TorchDispatchMode):

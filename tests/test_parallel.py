@@ -69,7 +69,7 @@ def single_process(input_ids, weights, cu_seqlens, embedding, head):
     hidden.retain_grad()
     total, weight_sum, token_losses = 0.0, 0.0, []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        sample_sum, sample_token_losses = reference_linear_cross_entropy(
+        sample = reference_linear_cross_entropy(
             hidden[start:end],
             head,
             input_ids[start:end],
@@ -78,9 +78,9 @@ def single_process(input_ids, weights, cu_seqlens, embedding, head):
             shift=True,
             return_token_losses=True,
         )
-        total = total + sample_sum
+        total = total + sample.loss
         weight_sum += weights[start + 1 : end].double().sum().item()
-        token_losses.append(sample_token_losses)  # target-aligned: index 0 of each sample is 0
+        token_losses.append(sample.token_losses)  # target-aligned: index 0 of each sample is 0
     loss = total / weight_sum if weight_sum > 0 else total * 0.0
     loss.backward()
     token_losses = torch.roll(torch.cat(token_losses), -1)  # -> prediction-aligned
@@ -102,7 +102,7 @@ def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reducti
     embedding, head = embedding.clone().requires_grad_(), head.clone().requires_grad_()
     hidden_shard = embedding[ids_shard[0]]
     hidden_shard.retain_grad()
-    loss, token_losses = sequence_parallel_linear_cross_entropy(
+    output = sequence_parallel_linear_cross_entropy(
         hidden_shard,
         head,
         targets_shard,
@@ -112,8 +112,8 @@ def sharded(input_ids, weights, cu_seqlens, embedding, head, group, grad_reducti
         grad_reduction=grad_reduction,
         return_token_losses=True,
     )
-    loss.backward()
-    return loss.detach(), hidden_shard.grad, embedding.grad, head.grad, token_losses, pad
+    output.loss.backward()
+    return output.loss.detach(), hidden_shard.grad, embedding.grad, head.grad, output.token_losses, pad
 
 
 def reduce_grad(grad, op, group):
@@ -232,6 +232,27 @@ def test_sequence_parallel_loss_single_process_equals_mean():
         sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, normalizer=-2.0)
 
 
+def test_sequence_parallel_loss_output_without_a_group_equals_the_fused_loss():
+    """Every LossOutput field of the SP loss (z-loss normalized like the loss, per-token fields of the shard)
+    equals the fused loss's with reduction "mean"; reduction and shift are the SP rule's own, not options."""
+    input_ids, weights, cu_seqlens, embedding, head = make_case(9, [10, 7])
+    targets, shifted = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
+    hidden = embedding[input_ids]
+    flags = dict(return_token_losses=True, return_z_loss=True, return_token_metrics=True)
+    expected = linear_cross_entropy(hidden, head, targets, shifted, z_loss_scale=0.02, **flags)
+    got = sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, z_loss_scale=0.02, **flags)
+    for name in ("loss", "z_loss", "token_losses"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name).float(), atol=ATOL, rtol=RTOL)
+    assert torch.equal(got.token_metrics.accuracy, expected.token_metrics.accuracy) and got.z_loss > 0
+    plain = sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, return_z_loss=False)
+    assert isinstance(plain, torch.Tensor)
+    for options in (dict(reduction="sum"), dict(shift=True)):
+        with pytest.raises(ValueError, match="shards shifted before sharding"):
+            sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, **options)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['vocab_group'\]"):
+        sequence_parallel_linear_cross_entropy(hidden, head, targets, shifted, vocab_group=None)
+
+
 def test_single_process_reference_matches_the_fused_loss():
     """The independent reference of the SP tests equals the fused loss on mrloss's shift rule, also where
     samples' first tokens carry weight (no sample may predict the next one's first token)."""
@@ -240,7 +261,8 @@ def test_single_process_reference_matches_the_fused_loss():
     ref_loss, ref_hidden_grad, _, ref_head_grad, ref_token_losses = single_process(*case)
     targets, shifted = shift_targets(input_ids, weights, cu_seqlens=cu_seqlens)
     hidden, head = embedding[input_ids].requires_grad_(), head.requires_grad_()
-    loss, token_losses = linear_cross_entropy(hidden, head, targets, shifted, return_token_losses=True)
+    output = linear_cross_entropy(hidden, head, targets, shifted, return_token_losses=True)
+    loss, token_losses = output.loss, output.token_losses
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(token_losses, ref_token_losses, atol=ATOL, rtol=RTOL)

@@ -6,6 +6,7 @@ One spawned group of 4 ranks runs every case (process start-up dominates on a sm
 shard reduction reorders float64 sums only); float32 cases (mesh, HF model) atol 2e-6 / rtol 2e-5.
 """
 
+import inspect
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from tiny_models import tiny_causal_lm
 from mrloss import linear_cross_entropy
 from mrloss.ops.reference import reference_linear_cross_entropy
 from mrloss.parallel import pad_and_slice, sequence_parallel_linear_cross_entropy, shard_targets
-from mrloss.parallel_vocab import vocab_parallel_linear_cross_entropy
+from mrloss.parallel_vocab import VocabParallelOptions, local_head, vocab_parallel_linear_cross_entropy
 
 V, H = 29, 12
 F64 = dict(atol=1e-10, rtol=1e-9)
@@ -70,27 +71,28 @@ def check_vocab_parallel(inputs, group, sizes, options, gather_offsets):
 
     ref_hidden, ref_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ref_bias = bias.clone().requires_grad_() if use_bias else None
-    ref_loss, ref_token_losses = reference_linear_cross_entropy(
+    reference = reference_linear_cross_entropy(
         ref_hidden, ref_weight, targets, weights, bias=ref_bias, return_token_losses=True, **options
     )
+    ref_loss, ref_token_losses = reference.loss, reference.token_losses
     (ref_loss * upstream_for(ref_loss, 5)).sum().backward()
 
     shard_hidden = hidden.clone().requires_grad_()
     shard_weight = weight[start:stop].clone().requires_grad_()
     shard_bias = bias[start:stop].clone().requires_grad_() if use_bias else None
-    where = {} if gather_offsets else dict(vocab_start=start, vocab_size=V)
-    loss, token_losses = vocab_parallel_linear_cross_entropy(
+    shard = VocabParallelOptions(group) if gather_offsets else VocabParallelOptions(group, start, V)
+    output = vocab_parallel_linear_cross_entropy(
         shard_hidden,
         shard_weight,
         targets,
         weights,
-        vocab_group=group,
+        vocab_parallel=shard,
         bias=shard_bias,
         chunk_size=5,
         return_token_losses=True,
-        **where,
         **options,
     )
+    loss, token_losses = output.loss, output.token_losses
     (loss * upstream_for(loss, 5)).sum().backward()
     torch.testing.assert_close(loss, ref_loss, **F64)
     torch.testing.assert_close(token_losses.double(), ref_token_losses, atol=1e-6, rtol=1e-6)  # fp32 output
@@ -100,12 +102,12 @@ def check_vocab_parallel(inputs, group, sizes, options, gather_offsets):
         torch.testing.assert_close(shard_bias.grad, ref_bias.grad[start:stop], **F64)
     with torch.no_grad():  # token metrics (accuracy, entropy) from the shards' reduced row statistics
         full_bias = bias if use_bias else None
-        *_, expected = linear_cross_entropy(hidden, weight, targets, weights, bias=full_bias, **options,
-                                            backend="torch", return_token_metrics=True)  # fmt: skip
-        *_, metrics = vocab_parallel_linear_cross_entropy(
-            hidden, weight[start:stop], targets, weights, vocab_group=group, bias=shard_bias, chunk_size=5,
-            return_token_metrics=True, **where, **options,
-        )  # fmt: skip
+        expected = linear_cross_entropy(hidden, weight, targets, weights, bias=full_bias, **options,
+                                        backend="torch", return_token_metrics=True).token_metrics  # fmt: skip
+        metrics = vocab_parallel_linear_cross_entropy(
+            hidden, weight[start:stop], targets, weights, vocab_parallel=shard, bias=shard_bias, chunk_size=5,
+            return_token_metrics=True, **options,
+        ).token_metrics  # fmt: skip
     assert torch.equal(metrics.accuracy, expected.accuracy)
     torch.testing.assert_close(metrics.entropy, expected.entropy, atol=1e-6, rtol=1e-6)
 
@@ -160,9 +162,7 @@ def check_mesh(mesh, seed):
         weights_shard,
         group=sp_group,
         normalizer=global_weight_sum / dp,
-        vocab_group=tp_group,
-        vocab_start=start,
-        vocab_size=V,
+        vocab_parallel=VocabParallelOptions(tp_group, start, V),
         chunk_size=4,
     )
     loss.backward()
@@ -233,12 +233,27 @@ def check_hf_colwise_lm_head(tp_group_mesh):
         torch.testing.assert_close(grad, ref_param.grad, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+def load_tensor_parallel(model_class, model_dir, mesh):
+    """``model_class`` from ``model_dir`` split over ``mesh`` (the whole world) by transformers' own tensor
+    parallelism, the way the installed release loads it: ``distributed_config=DistributedConfig(tp_size=...)``
+    where that config has ``tp_size`` (the model's plan, lm_head "colwise_gather_output" included; parameters are
+    DTensors), else ``tp_plan=...`` with ``device_mesh`` (5.10: plain local tensors; its "auto" leaves lm_head
+    whole, so the plan is passed with lm_head's rule)."""
+    from transformers.distributed import DistributedConfig
+
+    if "tp_size" in inspect.signature(DistributedConfig).parameters:
+        return model_class.from_pretrained(model_dir, distributed_config=DistributedConfig(tp_size=mesh.size()))
+    base_plan = model_class.config_class.base_model_tp_plan
+    plan = {**{f"model.{key}": style for key, style in base_plan.items()}, "lm_head": "colwise_gather_output"}
+    return model_class.from_pretrained(model_dir, tp_plan=plan, device_mesh=mesh)
+
+
 def check_hf_tp_plan(model_dir, mesh):
-    """transformers' own tensor parallelism, ``from_pretrained(tp_plan=...)`` with the model's plan (attention and
-    MLP col/rowwise) and its ForCausalLM plan for lm_head ("colwise_gather_output"), all plain local tensors cut
-    at ceil(size / tp) (lm_head: 8/8/8/5 rows).
-    apply_mrloss routes the head to the vocabulary-parallel loss; the loss and every parameter's local gradient
-    equal the unsharded model's (sliced the same way)."""
+    """transformers' own tensor parallelism (`load_tensor_parallel`) with the model's plan (attention and MLP
+    col/rowwise) and its ForCausalLM plan for lm_head ("colwise_gather_output"), cut at ceil(size / tp) (lm_head:
+    8/8/8/5 rows). apply_mrloss routes the head to the vocabulary-parallel loss; the loss and every parameter's
+    local gradient equal the unsharded model's (sliced the same way)."""
+    from torch.distributed.tensor import DTensor
     from transformers import LlamaForCausalLM
 
     from mrloss.integrations.hf import apply_mrloss
@@ -249,22 +264,23 @@ def check_hf_tp_plan(model_dir, mesh):
     reference = apply_mrloss(LlamaForCausalLM.from_pretrained(model_dir), backend="torch")
     ref_loss = reference(input_ids=input_ids, labels=input_ids, token_weights=token_weights).loss
     ref_loss.backward()
-    base_plan = LlamaForCausalLM.config_class.base_model_tp_plan  # "auto" of transformers 5.10 leaves lm_head whole
-    plan = {**{f"model.{key}": style for key, style in base_plan.items()}, "lm_head": "colwise_gather_output"}
-    model = LlamaForCausalLM.from_pretrained(model_dir, tp_plan=plan, device_mesh=mesh)
+    model = load_tensor_parallel(LlamaForCausalLM, model_dir, mesh)
     tp, rank = mesh.size(), mesh.get_local_rank()
-    assert model.lm_head._hf_tp_plan == "colwise_gather_output"
-    assert model.lm_head.weight.shape[0] == (-(-V // tp) if rank < tp - 1 else V - (tp - 1) * -(-V // tp))
+    rows = -(-V // tp)
+    weight, _, vocab_parallel = local_head(model.lm_head, V)
+    assert vocab_parallel.vocab_start == rank * rows and vocab_parallel.vocab_size == V
+    assert weight.shape[0] == (rows if rank < tp - 1 else V - (tp - 1) * rows)
     apply_mrloss(model, chunk_size=4)
     loss = model(input_ids=input_ids, labels=input_ids, token_weights=token_weights).loss
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, **F32)
     for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
         expected = ref_param.grad
-        for dim in range(param.dim()):  # the rank's slice of a sharded dimension
-            if param.shape[dim] != expected.shape[dim]:
-                expected = expected.narrow(dim, rank * -(-expected.shape[dim] // tp), param.shape[dim])
-        torch.testing.assert_close(param.grad, expected, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
+        for dim in range(grad.dim()):  # the rank's slice of a sharded dimension
+            if grad.shape[dim] != expected.shape[dim]:
+                expected = expected.narrow(dim, rank * -(-expected.shape[dim] // tp), grad.shape[dim])
+        torch.testing.assert_close(grad, expected, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def worker(rank, world_size, store_path, model_dir):
@@ -305,11 +321,13 @@ def test_without_a_group_equals_the_fused_loss():
 def test_bad_arguments_are_clear_errors():
     hidden, weight, _, targets, weights = make_inputs(2)
     with pytest.raises(ValueError, match="give both or neither"):
-        vocab_parallel_linear_cross_entropy(hidden, weight, targets, weights, vocab_start=0)
+        VocabParallelOptions(vocab_start=0)
     with pytest.raises(ValueError, match=r"not inside the vocabulary \[0, 20\)"):
-        vocab_parallel_linear_cross_entropy(hidden, weight, targets, weights, vocab_start=0, vocab_size=20)
+        shard = VocabParallelOptions(vocab_start=0, vocab_size=20)
+        vocab_parallel_linear_cross_entropy(hidden, weight, targets, weights, vocab_parallel=shard)
     with pytest.raises(ValueError, match="must be the whole head"):
-        vocab_parallel_linear_cross_entropy(hidden, weight[:20], targets, weights, vocab_start=0, vocab_size=V)
+        shard = VocabParallelOptions(vocab_start=0, vocab_size=V)
+        vocab_parallel_linear_cross_entropy(hidden, weight[:20], targets, weights, vocab_parallel=shard)
     bad = targets.clone()
     bad[0, 0] = V
     with pytest.raises(ValueError, match=r"outside \[0, V=29\)"):

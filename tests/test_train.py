@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,62 @@ def test_trainer_evaluate_logs_region_losses_and_token_metrics(tokenizer, tmp_pa
     assert {key: again[key] for key in ours} == pytest.approx({key: metrics[key] for key in ours}, rel=1e-9)
 
 
+def test_eval_loss_is_the_weighted_mean_of_the_whole_set_for_any_batch_size(tokenizer, tmp_path):
+    """``eval_loss`` = Σw·l/Σw over the whole evaluation set (the model's logits, float64), the same for eval batches
+    of 1, 4 and all 7 samples (whose Σw differ). Before: the mean of batch means (0.8737 at batch 1, 0.9168 at 26)."""
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5, count=7), tokenizer)
+    model = tiny_causal_lm(
+        len(tokenizer), intermediate_size=64, num_hidden_layers=1, pad_token_id=tokenizer.pad_token_id
+    )
+    eval_losses = []
+    for batch_size in (1, 4, len(dataset)):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=batch_size
+        )
+        trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
+        eval_losses.append(trainer.evaluate(dataset)["eval_loss"])
+
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2).double(), batch["input_ids"][:, 1:], reduction="none"
+    )
+    weights = torch.where(batch["labels"][:, 1:] != -100, batch["token_weights"][:, 1:].double(), 0.0)
+    expected = float((weights * losses).sum() / weights.sum())
+    assert eval_losses == pytest.approx([expected] * 3, abs=1e-6)
+
+
+def test_any_positive_scale_of_all_weights_trains_the_same(tokenizer, tmp_path):
+    """Valid weights of 1e37 (the step's Σw is past float32's range) train exactly as weights of 1: the same logged
+    losses, gradient norms and parameters. Before: loss 0 and gradient norm 0 (Σw overflowed in float32)."""
+
+    class Scaled(torch.utils.data.Dataset):
+        def __init__(self, dataset, scale):
+            self.dataset, self.scale, self.region_types = dataset, scale, dataset.region_types
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, index):
+            item = dict(self.dataset[index])
+            item["token_weights"] = item["token_weights"] * self.scale
+            return item
+
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5), tokenizer)
+    runs = {}
+    for scale in (1.0, 1e37):
+        trainer, parameters = train_tiny(tokenizer, Scaled(dataset, scale), tmp_path / str(scale), max_steps=2)
+        logs = [
+            entry[key] for entry in trainer.state.log_history if "grad_norm" in entry for key in ("loss", "grad_norm")
+        ]
+        runs[scale] = parameters, logs
+    (unit, unit_logs), (scaled, scaled_logs) = runs[1.0], runs[1e37]
+    assert len(unit_logs) == 4 and all(value > 1 for value in unit_logs)  # 2 steps: loss, grad_norm
+    assert scaled_logs == pytest.approx(unit_logs, rel=1e-5)
+    assert max_difference(unit, scaled) < 1e-6
+
+
 def test_untrained_tokenizer_is_the_one_of_show_and_prepare(tmp_path):
     """model.path null: the run's tokenizer is `train_bpe_tokenizer_for_files` of data.train_files with
     model.vocab_size -- what `mrloss show` / `mrloss prepare` train by default on the same file."""
@@ -268,6 +325,107 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     resumed = json.loads((output_dir / "metrics.json").read_text())
     assert [e["step"] for e in resumed["log_history"] if "loss" in e][-1] == 16
     assert resumed["log_history"][0] == metrics["log_history"][0]  # the history continues from checkpoint-12
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_model_gradient_checkpointing_reaches_training_arguments_without_a_deprecation(enabled, tmp_path):
+    """``model.gradient_checkpointing`` is TrainingArguments' activation checkpointing under the name the installed
+    transformers has: no "`gradient_checkpointing` is deprecated" warning where ``activation_checkpointing`` exists."""
+    from mrloss.training.config import load_config
+    from mrloss.training.run import training_arguments
+
+    overrides = [f"model.gradient_checkpointing={enabled}", "trainer.device=cpu", f"trainer.output_dir={tmp_path}"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.* deprecated")
+        arguments = training_arguments(load_config(str(REPO / "mrloss/configs/multi_region_tag_based.yaml"), overrides))
+    assert arguments.gradient_checkpointing is enabled
+    assert getattr(arguments, "activation_checkpointing", enabled) is enabled
+
+
+def test_resumed_run_reports_the_train_loss_of_all_steps_and_a_complete_run_trains_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    """Resumed from checkpoint-3 of 7 steps (logs every 2, so checkpoint-3 holds an unlogged step), metrics.json's
+    train_loss is the mean step loss of all 7 steps, as in the uninterrupted run (before: this session's loss sum /
+    7, 1.79 against 5.69); from a checkpoint without the run's loss sum (not written by MultiRegionTrainer) it is
+    the mean over the steps since the resume, with a warning. Resuming the finished run again says it is complete,
+    exits 0 and trains nothing (before: a step past max_steps, and checkpoint-8)."""
+    import shutil
+
+    from mrloss.integrations.hf import TRAIN_LOSS_FILE
+
+    monkeypatch.chdir(tmp_path)
+    output_dir = tmp_path / "run"
+    arguments = [
+        "--config",
+        "tag_based",
+        "data.train_files=data/tag_based.jsonl",
+        "data.max_length=128",
+        f"trainer.output_dir={output_dir}",
+        "trainer.max_steps=7",
+        "trainer.save_steps=3",
+        "trainer.save_total_limit=null",
+        "trainer.logging_steps=2",
+        "trainer.device=cpu",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
+    ]
+    run_train(arguments)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    step_losses = [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
+    assert metrics["train"]["train_loss"] > 1 and len(step_losses) == 4  # logged at steps 1, 2, 4, 6
+
+    def resume_from_checkpoint_3():
+        for name in ("checkpoint-6", "checkpoint-7"):
+            shutil.rmtree(output_dir / name)
+        (output_dir / "metrics.json").unlink()
+        run_train([*arguments, "trainer.resume_from_checkpoint=true"])
+        return json.loads((output_dir / "metrics.json").read_text())["train"]["train_loss"]
+
+    assert resume_from_checkpoint_3() == pytest.approx(metrics["train"]["train_loss"], rel=1e-5)
+    loss_file = output_dir / "checkpoint-3" / TRAIN_LOSS_FILE
+    first_3_steps = json.loads(loss_file.read_text())["step_loss_sum"]
+    loss_file.unlink()
+    with pytest.warns(UserWarning, match="train_loss is the mean over steps 4-7 only"):
+        session_mean = resume_from_checkpoint_3()
+    assert session_mean == pytest.approx((7 * metrics["train"]["train_loss"] - first_3_steps) / 4, rel=1e-5)
+    resumed = json.loads((output_dir / "metrics.json").read_text())
+
+    capsys.readouterr()
+    run_train([*arguments, "trainer.resume_from_checkpoint=true"])  # from checkpoint-7: complete
+    out = capsys.readouterr().out.strip().splitlines()
+    assert (
+        out[-1].startswith("mrloss train: ")
+        and "checkpoint-7 holds step 7 of 7: the run is already complete" in out[-1]
+    )
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-7"]
+    assert json.loads((output_dir / "metrics.json").read_text()) == resumed
+
+
+def test_resuming_a_complete_epoch_based_run_raises(tokenizer, tmp_path):
+    """num_train_epochs=1 of 8 samples in batches of 4: checkpoint-2 is the run's last step, so resuming from it
+    raises RunAlreadyComplete and trains nothing (transformers would train a step 3 and save checkpoint-3)."""
+    from mrloss.integrations.hf import RunAlreadyComplete
+
+    dataset = MultiRegionDataset.from_samples(samples(), tokenizer)
+    for resume in (None, True):
+        model = tiny_causal_lm(len(tokenizer), intermediate_size=64, pad_token_id=tokenizer.pad_token_id)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to="none",
+            num_train_epochs=1,
+            per_device_train_batch_size=4,
+            save_steps=2,
+            disable_tqdm=True,
+        )
+        trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
+        if resume is None:
+            trainer.train()
+            continue
+        with pytest.raises(RunAlreadyComplete, match="checkpoint-2 holds step 2 of 2: the run is already complete"):
+            trainer.train(resume_from_checkpoint=True)
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 def test_mrloss_train_reports_config_errors(tmp_path, capsys):

@@ -61,10 +61,11 @@ def test_auto_falls_back_for_the_fused_loss_only_forward(broken_triton):
     expected = linear_cross_entropy(hidden.detach(), weight.detach(), targets, token_weights, backend="torch")
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     with torch.no_grad():  # warned once; the fallback fills the token metrics too
-        loss, metrics = linear_cross_entropy(hidden, weight, targets, token_weights, return_token_metrics=True)
-    _, expected_metrics = linear_cross_entropy(
+        output = linear_cross_entropy(hidden, weight, targets, token_weights, return_token_metrics=True)
+    loss, metrics = output.loss, output.token_metrics
+    expected_metrics = linear_cross_entropy(
         hidden.detach(), weight.detach(), targets, token_weights, backend="torch", return_token_metrics=True
-    )
+    ).token_metrics
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(metrics.accuracy, expected_metrics.accuracy)
     torch.testing.assert_close(metrics.entropy, expected_metrics.entropy, rtol=1e-6, atol=1e-6)

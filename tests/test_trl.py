@@ -16,6 +16,7 @@ datasets = pytest.importorskip("datasets")
 from mrloss.integrations.hf import MultiRegionTrainer  # noqa: E402
 from mrloss.integrations.trl import MultiRegionSFTTrainer, sft_dataset  # noqa: E402
 from mrloss.ops.reference import reference_linear_cross_entropy  # noqa: E402
+from mrloss.training.run import checkpointing_arguments  # noqa: E402
 
 REGION_TYPES = ["concept", "definition"]
 LENGTHS = (9, 13, 6, 11)
@@ -79,7 +80,7 @@ def sft_args(tmp_path, **options):
         logging_steps=1,
         seed=0,
         bf16=False,
-        gradient_checkpointing=False,
+        **checkpointing_arguments(False),  # TRL's default is on
         per_device_train_batch_size=4,
         max_steps=1,
         max_grad_norm=0.0,

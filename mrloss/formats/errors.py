@@ -29,7 +29,14 @@ class FormatError(ValueError):
         return f"{', '.join(where)}: {self.reason}" if where else self.reason
 
     def with_sample_id(self, sample_id) -> FormatError:
-        """The same error, naming ``sample_id`` (kept if one is already set)."""
+        """The same error, naming ``sample_id``.
+
+        Args:
+            sample_id: the sample's id (kept if the error names one already).
+
+        Returns:
+            This error if it has a sample id or ``sample_id`` is None, else a copy naming ``sample_id``.
+        """
         if self.sample_id is not None or sample_id is None:
             return self
         return FormatError(self.reason, sample_id=sample_id, field=self.field, position=self.position)

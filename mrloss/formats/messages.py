@@ -24,17 +24,40 @@ import json
 
 from mrloss.formats.errors import FormatError
 from mrloss.formats.regions import Region, RegionText, check_list, check_mapping, check_str, check_weight
+from mrloss.formats.spec import FormatSpec
 from mrloss.formats.tag_based import parse_tag_based
 
-KEYS = ("messages", "prompt", "completion", "tools", "chat_template_kwargs")
 ROLES = ("system", "user", "assistant", "tool")
 # our keys, then those chat templates read (tool calls, reasoning), passed to the template unchanged
 MESSAGE_KEYS = ("role", "content", "weight", "type", "name", "tool_calls", "tool_call_id", "reasoning_content")
 SENTINEL = "\ue000mrloss-content-{}\ue001"  # private-use characters: no template or text transforms them
 
 
+def is_chat_sample(sample: dict) -> bool:
+    """Whether ``sample`` is a chat sample by its keys.
+
+    Args:
+        sample: a raw sample (dict).
+
+    Returns:
+        True for ``messages``, or TRL's ``prompt`` and ``completion`` (both, or either as a list of messages).
+    """
+    turns = [sample[key] for key in ("prompt", "completion") if key in sample]
+    return "messages" in sample or len(turns) == 2 or any(isinstance(value, list) for value in turns)
+
+
 def parse_messages(sample: dict, *, tokenizer=None, sample_id=None) -> RegionText:
-    """RegionText of a chat sample: the chat template's rendering (``has_special_tokens``: encode adds none)."""
+    """RegionText of a chat sample: the chat template's rendering.
+
+    Args:
+        sample: ``{"messages", "tools", "chat_template_kwargs"}`` or TRL's ``{"prompt", "completion", ...}``
+            (top-level keys checked by the dispatcher).
+        tokenizer: a tokenizer with a chat template (any object with ``apply_chat_template``).
+        sample_id: named in errors.
+
+    Returns:
+        The RegionText of the rendered text (``has_special_tokens``: encode adds none).
+    """
     messages, learned_by_default = _messages(sample, sample_id)
     if tokenizer is None:
         raise FormatError(
@@ -50,38 +73,11 @@ def parse_messages(sample: dict, *, tokenizer=None, sample_id=None) -> RegionTex
             sample_id=sample_id,
             field="messages",
         )
-    contents, template_messages, weights, types = [], [], [], []
-    for index, message in enumerate(messages):
-        name = f"messages[{index}]"
-        check_mapping(message, name, MESSAGE_KEYS, sample_id)
-        if "role" not in message:
-            raise FormatError("missing", sample_id=sample_id, field=f"{name}.role")
-        role = message["role"]
-        if role not in ROLES:
-            raise FormatError(
-                f"unknown role {role!r} (allowed: {', '.join(ROLES)})", sample_id=sample_id, field=f"{name}.role"
-            )
-        if "content" not in message:
-            raise FormatError("missing", sample_id=sample_id, field=f"{name}.content")
-        raw = message["content"]
-        if not isinstance(raw, str):
-            raise FormatError(
-                f"must be a string, got {type(raw).__name__} (content parts / multimodal content are not supported)",
-                sample_id=sample_id,
-                field=f"{name}.content",
-            )
-        default = 1.0 if learned_by_default[index] else 0.0
-        weight = check_weight(message.get("weight", default), f"{name}.weight", sample_id=sample_id)
-        region_type = check_str(message.get("type", role), f"{name}.type", sample_id, allow_empty=False)
-        try:
-            content = parse_tag_based({"text": raw, "default_weight": weight})
-        except FormatError as error:
-            field = f"{name}.content" + (error.field[len("text") :] if error.field else "")
-            raise FormatError(error.reason, sample_id=sample_id, field=field, position=error.position) from None
-        contents.append(content)
-        weights.append(weight if (weight > 0 or "type" in message) else None)
-        types.append(region_type)
-        template_messages.append({key: value for key, value in message.items() if key not in ("weight", "type")})
+    parts = [
+        _message(message, index, learned, sample_id)
+        for index, (message, learned) in enumerate(zip(messages, learned_by_default))
+    ]
+    contents, weights, types, template_messages = (list(column) for column in zip(*parts))
     options = _template_options(sample, sample_id)
     text, starts = _render_located(tokenizer, template_messages, contents, options, sample_id)
     return RegionText(
@@ -90,6 +86,40 @@ def parse_messages(sample: dict, *, tokenizer=None, sample_id=None) -> RegionTex
         0.0,
         has_special_tokens=True,
     )
+
+
+def _message(message, index: int, learned_by_default: bool, sample_id) -> tuple[RegionText, float | None, str, dict]:
+    """(content with its LEARN regions, weight or None for untyped context, region type, the message as the chat
+    template gets it) of ``messages[index]``."""
+    name = f"messages[{index}]"
+    check_mapping(message, name, MESSAGE_KEYS, sample_id)
+    if "role" not in message:
+        raise FormatError("missing", sample_id=sample_id, field=f"{name}.role")
+    role = message["role"]
+    if role not in ROLES:
+        raise FormatError(
+            f"unknown role {role!r} (allowed: {', '.join(ROLES)})", sample_id=sample_id, field=f"{name}.role"
+        )
+    if "content" not in message:
+        raise FormatError("missing", sample_id=sample_id, field=f"{name}.content")
+    raw = message["content"]
+    if not isinstance(raw, str):
+        raise FormatError(
+            f"must be a string, got {type(raw).__name__} (content parts / multimodal content are not supported)",
+            sample_id=sample_id,
+            field=f"{name}.content",
+        )
+    weight = check_weight(
+        message.get("weight", 1.0 if learned_by_default else 0.0), f"{name}.weight", sample_id=sample_id
+    )
+    region_type = check_str(message.get("type", role), f"{name}.type", sample_id, allow_empty=False)
+    try:
+        content = parse_tag_based({"text": raw, "default_weight": weight})
+    except FormatError as error:
+        field = f"{name}.content" + (error.field[len("text") :] if error.field else "")
+        raise FormatError(error.reason, sample_id=sample_id, field=field, position=error.position) from None
+    template_message = {key: value for key, value in message.items() if key not in ("weight", "type")}
+    return content, (weight if (weight > 0 or "type" in message) else None), region_type, template_message
 
 
 def _messages(sample: dict, sample_id) -> tuple[list, list[bool]]:
@@ -249,3 +279,15 @@ def _end_of_turn(tokenizer, text: str, start: int, limit: int) -> int:
         return start
     position, token = min(found, key=lambda item: (item[0], -len(item[1])))
     return position + len(token)
+
+
+FORMAT = FormatSpec(
+    name="messages",
+    keys=("messages", "prompt", "completion", "tools", "chat_template_kwargs"),
+    parse=parse_messages,
+    detect=is_chat_sample,
+    detect_first=True,  # plain-text samples may carry TRL's prompt / completion as metadata: chat is tried first
+    marking_keys=("messages",),  # a chat sample's "prompt" or "tools" next to plain text are only unknown keys
+    text_field="messages",
+    parse_options=("tokenizer",),
+)

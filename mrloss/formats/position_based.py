@@ -15,13 +15,22 @@ from mrloss.formats.regions import (
     check_weight,
     resolve_overlaps,
 )
+from mrloss.formats.spec import FormatSpec
 
-KEYS = ("text", "learning_regions", "default_weight")
 REGION_KEYS = ("start_char", "end_char", "weight", "region_type")
 
 
 def parse_position_based(sample: dict, *, overlap: str = "error", sample_id=None) -> RegionText:
-    """RegionText of a position_based sample; overlapping regions raise unless ``overlap="max"``."""
+    """RegionText of a position_based sample.
+
+    Args:
+        sample: ``{"text", "learning_regions", "default_weight"}`` (top-level keys checked by the dispatcher).
+        overlap: ``"error"``: overlapping regions raise; ``"max"``: each character keeps the highest weight.
+        sample_id: named in errors.
+
+    Returns:
+        The RegionText (regions sorted and disjoint).
+    """
     if "text" not in sample:
         raise FormatError("missing (position_based samples need 'text')", sample_id=sample_id, field="text")
     text = check_str(sample["text"], "text", sample_id)
@@ -67,7 +76,14 @@ def parse_position_based(sample: dict, *, overlap: str = "error", sample_id=None
 
 
 def to_position_based(region_text: RegionText) -> dict:
-    """The position_based sample of ``region_text``."""
+    """The position_based sample of ``region_text``.
+
+    Args:
+        region_text: any RegionText.
+
+    Returns:
+        ``{"text", "learning_regions", "default_weight"}``.
+    """
     return {
         "text": region_text.text,
         "learning_regions": [
@@ -76,3 +92,13 @@ def to_position_based(region_text: RegionText) -> dict:
         ],
         "default_weight": float(region_text.default_weight),
     }
+
+
+FORMAT = FormatSpec(
+    name="position_based",
+    keys=("text", "learning_regions", "default_weight"),
+    parse=parse_position_based,
+    write=to_position_based,
+    identifying_keys=("learning_regions",),
+    parse_options=("overlap",),
+)

@@ -60,14 +60,22 @@ class RegionText:
             previous_end = region.end
 
     def char_weights(self) -> list[float]:
-        """One weight per character of ``text``: the region's weight inside a region, else ``default_weight``."""
+        """One weight per character of ``text``.
+
+        Returns:
+            ``len(text)`` floats: the region's weight inside a region, else ``default_weight``.
+        """
         weights = [float(self.default_weight)] * len(self.text)
         for region in self.regions:
             weights[region.start : region.end] = [float(region.weight)] * (region.end - region.start)
         return weights
 
     def char_region_ids(self) -> list[int]:
-        """One index into ``regions`` per character of ``text``; -1 outside every region."""
+        """One region index per character of ``text``.
+
+        Returns:
+            ``len(text)`` ints: the index into ``regions``, -1 outside every region.
+        """
         ids = [-1] * len(self.text)
         for index, region in enumerate(self.regions):
             ids[region.start : region.end] = [index] * (region.end - region.start)
@@ -75,8 +83,16 @@ class RegionText:
 
 
 def check_weight(value, field: str, position: int | None = None, sample_id=None) -> float:
-    """``value`` as a float if it is a non-negative real number finite in float32, the dtype training uses it in
-    (bools are not numbers; 1e39 is inf in float32)."""
+    """A weight checked: a non-negative real number finite in float32, the dtype training uses it in (bools are
+    not numbers; 1e39 is inf in float32).
+
+    Args:
+        value: the weight as read from the sample.
+        field, position, sample_id: named in the FormatError.
+
+    Returns:
+        ``value`` as a float.
+    """
     if isinstance(value, bool) or not isinstance(value, Real):
         raise FormatError(
             f"weight must be a number, got {value!r} ({type(value).__name__})",
@@ -108,7 +124,14 @@ def _as_float32(value: float) -> float:
 
 
 def check_int(value, field: str, sample_id=None) -> int:
-    """``value`` if it is an integer (bools are not)."""
+    """An integer checked (bools are not integers).
+
+    Args:
+        value: a character offset as read from the sample; ``field`` and ``sample_id`` name it in the FormatError.
+
+    Returns:
+        ``value`` as an int.
+    """
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise FormatError(
             f"must be an integer, got {value!r} ({type(value).__name__})", sample_id=sample_id, field=field
@@ -117,7 +140,16 @@ def check_int(value, field: str, sample_id=None) -> int:
 
 
 def check_str(value, field: str, sample_id=None, position: int | None = None, allow_empty: bool = True) -> str:
-    """``value`` if it is a string (non-empty unless ``allow_empty``)."""
+    """A string checked.
+
+    Args:
+        value: as read from the sample.
+        field, sample_id, position: named in the FormatError.
+        allow_empty: False: ``""`` is an error.
+
+    Returns:
+        ``value``.
+    """
     if not isinstance(value, str):
         raise FormatError(
             f"must be a string, got {value!r} ({type(value).__name__})",
@@ -131,7 +163,17 @@ def check_str(value, field: str, sample_id=None, position: int | None = None, al
 
 
 def check_mapping(value, field: str, allowed: tuple[str, ...], sample_id=None, position: int | None = None) -> dict:
-    """``value`` if it is a dict whose keys are all in ``allowed`` (a typo like ``weigth`` is an error)."""
+    """An object checked: a dict whose keys are all in ``allowed`` (a typo like ``weigth`` is an error).
+
+    Args:
+        value: as read from the sample.
+        field: its name; an unknown key is reported as ``field.key``.
+        allowed: the keys it may hold.
+        sample_id, position: named in the FormatError.
+
+    Returns:
+        ``value``.
+    """
     if not isinstance(value, dict):
         raise FormatError(
             f"must be an object, got {type(value).__name__}", sample_id=sample_id, field=field, position=position
@@ -148,17 +190,32 @@ def check_mapping(value, field: str, allowed: tuple[str, ...], sample_id=None, p
 
 
 def check_list(value, field: str, sample_id=None) -> list:
-    """``value`` if it is a list or tuple."""
+    """A list checked (a list or a tuple).
+
+    Args:
+        value: the regions, segments or messages as read from the sample.
+        field, sample_id: named in the FormatError.
+
+    Returns:
+        ``list(value)`` (a copy).
+    """
     if not isinstance(value, (list, tuple)):
         raise FormatError(f"must be a list, got {type(value).__name__}", sample_id=sample_id, field=field)
     return list(value)
 
 
 def resolve_overlaps(regions: list[Region], names: list[str], overlap: str, sample_id=None) -> list[Region]:
-    """Sorted, disjoint regions from possibly overlapping ``regions`` (``names[i]`` names region i in errors).
+    """Sorted, disjoint regions from possibly overlapping ones.
 
-    ``overlap="error"`` raises on the first overlap; ``overlap="max"`` splits the regions so that each
-    character keeps the highest weight covering it (on ties, the region listed first).
+    Args:
+        regions: the regions, in the sample's order.
+        names: ``names[i]`` names ``regions[i]`` in errors.
+        overlap: ``"error"`` raises FormatError on the first overlap; ``"max"`` splits the regions so that each
+            character keeps the highest weight covering it (on ties, the region listed first).
+        sample_id: named in errors.
+
+    Returns:
+        The regions sorted by start, none overlapping.
     """
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {OVERLAP_MODES}, got {overlap!r}")

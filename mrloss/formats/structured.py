@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from mrloss.formats.errors import FormatError
 from mrloss.formats.regions import DEFAULT_TYPE, Region, RegionText, check_list, check_mapping, check_str, check_weight
+from mrloss.formats.spec import FormatSpec
 
-KEYS = ("segments", "separator")
 SEGMENT_KEYS = ("content", "learn", "weight", "segment_type")
 
 
 def parse_structured(sample: dict, *, sample_id=None) -> RegionText:
-    """RegionText of a structured sample."""
+    """RegionText of a structured sample.
+
+    Args:
+        sample: ``{"segments", "separator"}`` (top-level keys checked by the dispatcher).
+        sample_id: named in errors.
+
+    Returns:
+        The RegionText: the joined contents, a region per learned or typed segment, default weight 0.
+    """
     if "segments" not in sample:
         raise FormatError("missing (structured samples need 'segments')", sample_id=sample_id, field="segments")
     segments = check_list(sample["segments"], "segments", sample_id)
@@ -74,8 +82,15 @@ def _learn_and_weight(segment: dict, name: str, position: int, sample_id) -> tup
 
 
 def to_structured(region_text: RegionText) -> dict:
-    """The structured sample of ``region_text`` (separator ""). Text outside regions becomes context
-    segments, or learned segments of weight ``default_weight`` when that is above 0."""
+    """The structured sample of ``region_text`` (separator "").
+
+    Args:
+        region_text: any RegionText; text outside its regions becomes context segments, or learned segments of
+            weight ``default_weight`` when that is above 0.
+
+    Returns:
+        ``{"segments", "separator"}``.
+    """
     text, segments, previous = region_text.text, [], 0
 
     def outside(start: int, end: int):
@@ -97,3 +112,13 @@ def to_structured(region_text: RegionText) -> dict:
     if previous < len(text):
         outside(previous, len(text))
     return {"segments": segments, "separator": ""}
+
+
+FORMAT = FormatSpec(
+    name="structured",
+    keys=("segments", "separator"),
+    parse=parse_structured,
+    write=to_structured,
+    identifying_keys=("segments",),
+    text_field="segments",
+)

@@ -10,8 +10,8 @@ import re
 
 from mrloss.formats.errors import FormatError
 from mrloss.formats.regions import DEFAULT_TYPE, Region, RegionText, check_str, check_weight
+from mrloss.formats.spec import FormatSpec
 
-KEYS = ("text", "default_weight")
 TAG_NAME = "LEARN"
 ATTRIBUTES = ("weight", "type")
 
@@ -23,7 +23,16 @@ NUMBER = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*")
 
 
 def parse_tag_based(sample: dict, *, sample_id=None) -> RegionText:
-    """RegionText of a tag_based sample (a text without tags has every character at ``default_weight``)."""
+    """RegionText of a tag_based sample.
+
+    Args:
+        sample: ``{"text", "default_weight"}`` (top-level keys checked by the dispatcher); a text without tags has
+            every character at ``default_weight``.
+        sample_id: named in errors.
+
+    Returns:
+        The RegionText of the text without its tags (nested tags split the outer region).
+    """
     if "text" not in sample:
         raise FormatError("missing (tag_based samples need 'text')", sample_id=sample_id, field="text")
     raw = check_str(sample["text"], "text", sample_id)
@@ -43,51 +52,40 @@ def parse_tag_based(sample: dict, *, sample_id=None) -> RegionText:
             length += len(chunk)
         if tag is None:
             break
-        if tag.group(0).startswith("</"):
-            close = CLOSE_TAG.match(raw, tag.start())
-            if close is None:
-                raise FormatError(
-                    f"malformed closing tag; write </{TAG_NAME}>",
-                    sample_id=sample_id,
-                    field="text",
-                    position=tag.start(),
-                )
-            if not open_tags:
-                raise FormatError(
-                    f"stray </{TAG_NAME}> without an opening <{TAG_NAME}>",
-                    sample_id=sample_id,
-                    field="text",
-                    position=tag.start(),
-                )
-            opened_at, _, _, opened_length = open_tags.pop()
-            if opened_length == length:
-                raise FormatError(
-                    f"empty <{TAG_NAME}> region (no characters between the tags)",
-                    sample_id=sample_id,
-                    field="text",
-                    position=opened_at,
-                )
-            cursor = close.end()
-        else:
-            opening = OPEN_TAG.match(raw, tag.start())
-            if opening is None:
-                raise FormatError(
-                    f'malformed <{TAG_NAME}> tag; write <{TAG_NAME} weight="2.0" type="concept"> (quoted values)',
-                    sample_id=sample_id,
-                    field="text",
-                    position=tag.start(),
-                )
-            weight, region_type = _attributes(opening.group(1), tag.start(), sample_id)
-            open_tags.append((tag.start(), weight, region_type, length))
-            cursor = opening.end()
+        step = _close_tag if tag.group(0).startswith("</") else _open_tag
+        cursor = step(raw, tag.start(), open_tags, length, sample_id)
     if open_tags:
-        raise FormatError(
-            f"unclosed <{TAG_NAME}> tag (no matching </{TAG_NAME}>)",
-            sample_id=sample_id,
-            field="text",
-            position=open_tags[-1][0],
-        )
+        raise _tag_error(f"unclosed <{TAG_NAME}> tag (no matching </{TAG_NAME}>)", open_tags[-1][0], sample_id)
     return RegionText("".join(chunks), regions, default_weight)
+
+
+def _open_tag(raw: str, start: int, open_tags: list, length: int, sample_id) -> int:
+    """Push the opening tag at raw ``start`` (text ``length`` so far) onto ``open_tags``; the raw position after it."""
+    opening = OPEN_TAG.match(raw, start)
+    if opening is None:
+        message = f'malformed <{TAG_NAME}> tag; write <{TAG_NAME} weight="2.0" type="concept"> (quoted values)'
+        raise _tag_error(message, start, sample_id)
+    weight, region_type = _attributes(opening.group(1), start, sample_id)
+    open_tags.append((start, weight, region_type, length))
+    return opening.end()
+
+
+def _close_tag(raw: str, start: int, open_tags: list, length: int, sample_id) -> int:
+    """Pop the tag that the closing tag at raw ``start`` closes; the raw position after it."""
+    close = CLOSE_TAG.match(raw, start)
+    if close is None:
+        raise _tag_error(f"malformed closing tag; write </{TAG_NAME}>", start, sample_id)
+    if not open_tags:
+        raise _tag_error(f"stray </{TAG_NAME}> without an opening <{TAG_NAME}>", start, sample_id)
+    opened_at, _, _, opened_length = open_tags.pop()
+    if opened_length == length:
+        raise _tag_error(f"empty <{TAG_NAME}> region (no characters between the tags)", opened_at, sample_id)
+    return close.end()
+
+
+def _tag_error(reason: str, position: int, sample_id=None) -> FormatError:
+    """A FormatError of the ``text`` field at raw ``position`` (a tag's start)."""
+    return FormatError(reason, sample_id=sample_id, field="text", position=position)
 
 
 def _attributes(source: str, position: int, sample_id) -> tuple[float, str]:
@@ -129,14 +127,17 @@ def _number(text: str):
 
 
 def to_tag_based(region_text: RegionText) -> dict:
-    """The tag_based sample of ``region_text``; raises FormatError if the text itself contains a LEARN tag."""
+    """The tag_based sample of ``region_text``.
+
+    Args:
+        region_text: a RegionText whose text holds no ``<LEARN`` / ``</LEARN`` of its own (FormatError otherwise).
+
+    Returns:
+        ``{"text", "default_weight"}``, each region written as ``<LEARN weight=".." type="..">...</LEARN>``.
+    """
     literal = TAG_START.search(region_text.text)
     if literal:
-        raise FormatError(
-            f"the text contains {literal.group(0)!r}, which tag_based cannot represent",
-            field="text",
-            position=literal.start(),
-        )
+        raise _tag_error(f"the text contains {literal.group(0)!r}, which tag_based cannot represent", literal.start())
     parts, previous = [], 0
     for region in region_text.regions:
         quote = "'" if '"' in region.type else '"'
@@ -151,3 +152,7 @@ def to_tag_based(region_text: RegionText) -> dict:
         previous = region.end
     parts.append(region_text.text[previous:])
     return {"text": "".join(parts), "default_weight": float(region_text.default_weight)}
+
+
+# tag_based is the fallback of detection: a sample that no other format claims (plain ``text``)
+FORMAT = FormatSpec(name="tag_based", keys=("text", "default_weight"), parse=parse_tag_based, write=to_tag_based)

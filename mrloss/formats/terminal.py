@@ -10,7 +10,13 @@ _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def escape_control(text: str) -> str:
-    """``text`` with every terminal control character replaced by its escape (``\\x1b``, ``\\u202e``).
+    """Text made safe to print on a terminal. Linear in ``len(text)``.
 
-    Tabs and newlines stay; everything printable is unchanged. Linear in ``len(text)``."""
+    Args:
+        text: any string read from data.
+
+    Returns:
+        ``text`` with every terminal control character replaced by its escape (``\\x1b``, ``\\u202e``); tabs,
+        newlines and everything printable unchanged.
+    """
     return _UNSAFE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)

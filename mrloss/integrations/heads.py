@@ -27,11 +27,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from mrloss.ops.api import linear_cross_entropy
+from mrloss.ops.options import MODEL_OPTIONS, LossOptions
 from mrloss.parallel_vocab import local_head, vocab_parallel_linear_cross_entropy
 
-# Options of `mrloss.linear_cross_entropy` a user may set; everything else is decided by the model and the batch.
-# ``softcap`` overrides the model's own cap (None keeps the model's).
-LOSS_OPTIONS = ("backend", "chunk_size", "label_smoothing", "ignore_index", "softcap", "memory", "z_loss_scale")
+# Options of `mrloss.linear_cross_entropy` a user may set (the fields of `mrloss.LossOptions` not decided per call);
+# everything else is decided by the model and the batch. ``softcap`` overrides the model's own cap (None keeps it).
+LOSS_OPTIONS = MODEL_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +96,13 @@ def model_head(causal_lm, softcap_override: float | None = None, *, caller: str)
 
 
 def check_loss_options(loss_options: Mapping | None, *, caller: str) -> dict:
-    """``loss_options`` as a new dict; TypeError naming ``caller`` for keys outside `LOSS_OPTIONS`."""
+    """``loss_options`` as a new dict; TypeError naming ``caller`` for keys outside `LOSS_OPTIONS`, ValueError
+    (`mrloss.LossOptions`) for a value out of its range."""
     options = dict(loss_options or {})
     unknown = sorted(set(options) - set(LOSS_OPTIONS))
     if unknown:
         raise TypeError(f"{caller}: unknown loss option(s) {unknown}; allowed: {list(LOSS_OPTIONS)}")
+    LossOptions(**options)  # the values are checked now, not at the first step
     return options
 
 
@@ -128,7 +131,7 @@ def head_loss(causal_lm, head: Head, hidden: torch.Tensor, loss_fn: Callable, *a
     softcap=head.softcap, **kwargs)``, the lm_head checked by `lm_head_of` (no PEFT adapter on it).
     ``loss_fn``: `mrloss.linear_cross_entropy` (HF) or `mrloss.parallel.sequence_parallel_linear_cross_entropy`
     (verl); the logits are never built. A head split by vocabulary rows (see the module docstring) goes to
-    `mrloss.parallel_vocab.vocab_parallel_linear_cross_entropy` (HF) or gets ``vocab_group`` (verl); a head that
+    `mrloss.parallel_vocab.vocab_parallel_linear_cross_entropy` (HF) or gets ``vocab_parallel`` (verl); a head that
     is its own ``fully_shard`` unit runs the loss as a forward method of that unit."""
     if head.hidden_scale is not None:
         hidden = hidden * head.hidden_scale
@@ -137,8 +140,10 @@ def head_loss(causal_lm, head: Head, hidden: torch.Tensor, loss_fn: Callable, *a
 
     def compute(hidden):
         weight, bias, vocab_parallel = local_head(lm_head, vocab_size)  # read here: after an FSDP all-gather
-        fn = vocab_parallel_linear_cross_entropy if vocab_parallel and loss_fn is linear_cross_entropy else loss_fn
-        return fn(hidden, weight, *args, bias=bias, softcap=head.softcap, **vocab_parallel, **kwargs)
+        if vocab_parallel is None:
+            return loss_fn(hidden, weight, *args, bias=bias, softcap=head.softcap, **kwargs)
+        fn = vocab_parallel_linear_cross_entropy if loss_fn is linear_cross_entropy else loss_fn
+        return fn(hidden, weight, *args, bias=bias, softcap=head.softcap, vocab_parallel=vocab_parallel, **kwargs)
 
     unit = _sharding_fsdp_unit(causal_lm, lm_head.weight)
     return compute(hidden) if unit is None else _fsdp_forward(unit, compute, hidden)

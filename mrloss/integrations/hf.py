@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import json
 import os
 import shutil
 import time
@@ -43,6 +44,14 @@ from mrloss.ops.normalization import IGNORE_INDEX, valid_weight_sum
 from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
 
 CHECKPOINT_STAGING = ".checkpoint-staging"  # inside the run directory; transformers never takes it for a checkpoint
+TRAIN_LOSS_FILE = "mrloss_train_loss.json"  # in each checkpoint: Σ of the step losses so far (train_loss on resume)
+
+
+class RunAlreadyComplete(ValueError):
+    """``train(resume_from_checkpoint=...)`` from a checkpoint at (or past) the run's last step: nothing to train.
+    (transformers would train one step past ``max_steps`` and save ``checkpoint-<max_steps + 1>``.)"""
+
+
 TOKEN_METRICS = {"mean_token_accuracy": "token_accuracy", "entropy": "token_entropy"}  # log name: output field
 # attribute of the patched *ForCausalLM: False makes its forward skip the token metrics (None in the output);
 # MultiRegionTrainer sets it per step (only steps that log, and evaluation, compute them)
@@ -52,12 +61,17 @@ TOKEN_METRICS_FLAG = "_mrloss_token_metrics"
 class RegionLogStats:
     """What a log reports per region type, summed since it was last popped: row 0 the Σ and row 1 the count over
     learned tokens of the token loss (``losses [2, types]``) and of each token metric (``metrics[name] [2, types
-    + 1]``, TRL's names `TOKEN_METRICS`; last column: every learned token). float64, CPU."""
+    + 1]``, TRL's names `TOKEN_METRICS`; last column: every learned token). float64, CPU.
 
-    def __init__(self, region_types, ignore_index: int = IGNORE_INDEX):
-        self.region_types, self.ignore_index = list(region_types), ignore_index
+    ``overall_loss`` (evaluation): also the weighted mean loss Σw·l/Σw of everything added (``weighted [2, 1]``:
+    Σ of each batch's loss times its Σw -- the normalizer `valid_weight_sum` the model divided by -- and Σ of those
+    Σw), the same for any batch size; 0 when nothing is learned (the loss's own rule)."""
+
+    def __init__(self, region_types, ignore_index: int = IGNORE_INDEX, *, overall_loss: bool = False):
+        self.region_types, self.ignore_index, self.overall_loss = list(region_types), ignore_index, overall_loss
         self.losses = torch.zeros(2, len(self.region_types), dtype=torch.float64)
         self.metrics = {name: torch.zeros(2, len(self.region_types) + 1, dtype=torch.float64) for name in TOKEN_METRICS}
+        self.weighted = torch.zeros(2, 1, dtype=torch.float64)
 
     def add(self, batch, outputs, loss_sums: torch.Tensor | None = None) -> None:
         """Add one micro-batch: its per-type loss sums (`mrloss.metrics.region_loss_sums`; None: from
@@ -66,6 +80,9 @@ class RegionLogStats:
         if loss_sums is None:
             loss_sums = region_loss_sums(self._statistics(batch, outputs.token_losses), self.region_types)
         self.losses += loss_sums
+        if self.overall_loss:
+            weight_sum = valid_weight_sum(batch["labels"], batch["token_weights"], self.ignore_index).cpu()
+            self.weighted += torch.stack([outputs.loss.detach().double().cpu() * weight_sum, weight_sum])[:, None]
         for name, attribute in TOKEN_METRICS.items():
             if getattr(outputs, attribute) is None:  # a step that does not log: not computed
                 continue
@@ -86,12 +103,16 @@ class RegionLogStats:
         )
 
     def pop_logs(self, prefix: str, device) -> dict[str, float]:
-        """``{prefix}loss/<type>``, ``{prefix}<metric>`` and ``{prefix}<metric>/<type>`` over all ranks (one
-        collective: every rank calls it); then zero. Types without learned tokens are left out."""
-        parts = [self.losses, *self.metrics.values()]
+        """``{prefix}loss`` (with ``overall_loss``), ``{prefix}loss/<type>``, ``{prefix}<metric>`` and
+        ``{prefix}<metric>/<type>`` over all ranks (one collective: every rank calls it); then zero. Types without
+        learned tokens are left out."""
+        parts = [self.losses, self.weighted, *self.metrics.values()]
         summed = all_reduce_sum(torch.cat(parts, dim=1), device=device).split([p.shape[1] for p in parts], dim=1)
-        losses, metrics = summed[0], dict(zip(self.metrics, summed[1:]))
-        logs = {f"{prefix}loss/{t}": round(m, 4) for t, m in mean_region_losses(losses, self.region_types).items()}
+        losses, weighted, metrics = summed[0], summed[1], dict(zip(self.metrics, summed[2:]))
+        logs = {}
+        if self.overall_loss:
+            logs[f"{prefix}loss"] = float(weighted[0, 0] / weighted[1, 0]) if weighted[1, 0] > 0 else 0.0
+        logs |= {f"{prefix}loss/{t}": round(m, 4) for t, m in mean_region_losses(losses, self.region_types).items()}
         for name, sums in metrics.items():
             if sums[1, -1] > 0:
                 logs[f"{prefix}{name}"] = round(float(sums[0, -1] / sums[1, -1]), 4)
@@ -102,6 +123,7 @@ class RegionLogStats:
 
     def zero(self) -> None:
         self.losses.zero_()
+        self.weighted.zero_()
         for sums in self.metrics.values():
             sums.zero_()
 
@@ -124,8 +146,8 @@ def _output_class():
 def apply_mrloss(model, **loss_options):
     """Patch ``model`` (a ``*ForCausalLM`` instance, or a PEFT model around one) in place; returns it.
 
-    loss_options: any of `LOSS_OPTIONS` (``backend``, ``chunk_size``, ``label_smoothing``,
-    ``ignore_index``, ``softcap``, ``memory``, ``z_loss_scale``), passed on to `mrloss.linear_cross_entropy`.
+    loss_options: any of `LOSS_OPTIONS` (the fields of `mrloss.LossOptions` a user sets: backend, chunk_size,
+    label_smoothing, ignore_index, softcap, memory, ...), passed on to `mrloss.linear_cross_entropy`.
     Calling it again replaces the options. Only the instance changes; other instances of the class keep the
     stock forward.
 
@@ -194,7 +216,7 @@ def apply_mrloss(model, **loss_options):
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(hidden.device)
         metrics = causal_lm.__dict__.get(TOKEN_METRICS_FLAG, True)
-        loss, token_losses, *token_metrics = head_loss(
+        output = head_loss(
             causal_lm,
             head,
             hidden,
@@ -208,16 +230,16 @@ def apply_mrloss(model, **loss_options):
             return_token_metrics=metrics,
             **options,
         )
-        accuracy, entropy = token_metrics[0] if metrics else (None, None)
+        token_metrics = output.token_metrics  # None when not asked for (a training step that does not log)
         result = _output_class()(
-            loss=loss,
+            loss=output.loss,
             logits=None,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            token_losses=token_losses,
-            token_accuracy=accuracy,
-            token_entropy=entropy,
+            token_losses=output.token_losses,
+            token_accuracy=None if token_metrics is None else token_metrics.accuracy,
+            token_entropy=None if token_metrics is None else token_metrics.entropy,
         )
         return result.to_tuple() if return_dict is False else result
 
@@ -341,7 +363,7 @@ class MultiRegionTrainer(transformers.Trainer):
         # per-type losses and token metrics since the last training log (the tracker holds the step's), and of
         # the evaluation running now (not through the tracker: evaluation feeds no weighting and no monitor)
         self._train_log_stats = RegionLogStats(self.region_types, self.ignore_index)
-        self._eval_log_stats = RegionLogStats(self.region_types, self.ignore_index)
+        self._eval_log_stats = RegionLogStats(self.region_types, self.ignore_index, overall_loss=True)
         self._log_tokens = 0
         self._log_time = time.perf_counter()
 
@@ -370,11 +392,13 @@ class MultiRegionTrainer(transformers.Trainer):
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Σ of valid shifted weights over ``batch_samples`` and all ranks (float32 on ``device``)."""
+        """Σ of valid shifted weights over ``batch_samples`` and all ranks (float64 on ``device``: valid weights of
+        1e37 sum past float32's range; the loss divides by it in float64, `mrloss.ops.normalization.weight_scales`).
+        """
         if not batch_samples or "token_weights" not in batch_samples[0]:
             return None
         total = sum(valid_weight_sum(b["labels"], b["token_weights"], self.ignore_index) for b in batch_samples)
-        total = total.to(device=device, dtype=torch.float32)
+        total = total.to(device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)  # MPS: no fp64
         if self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
         return total
@@ -419,7 +443,9 @@ class MultiRegionTrainer(transformers.Trainer):
     ):
         """`transformers.Trainer.evaluation_loop`, whose metrics also get ``<prefix>_loss/<type>`` and the token
         metrics ``<prefix>_mean_token_accuracy``, ``<prefix>_entropy`` (also per type) over the learned tokens of
-        the whole evaluation set, all ranks (prefix: ``eval``, or ``eval_<name>`` for several sets)."""
+        the whole evaluation set, all ranks (prefix: ``eval``, or ``eval_<name>`` for several sets), and whose
+        ``<prefix>_loss`` is the weighted mean Σw·l/Σw of the whole set (the Trainer's is a mean of batch means,
+        which moves with the evaluation batch size)."""
         self._eval_log_stats.zero()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(self._eval_log_stats.pop_logs(f"{metric_key_prefix}_", self.args.device))
@@ -461,8 +487,13 @@ class MultiRegionTrainer(transformers.Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir, self.args.save_total_limit = None, save_total_limit
+        session_sum = self._session_loss_sum()  # every rank: a collective
         if self.is_world_process_zero():
             self.region_tracker.save_state(staged)
+            if self._resumed_loss_sum is not None:  # the Σ of every step so far (unknown: no file)
+                with open(os.path.join(staged, TRAIN_LOSS_FILE), "w", encoding="utf-8") as file:
+                    loss_sum = self._resumed_loss_sum + session_sum
+                    json.dump({"global_step": self.state.global_step, "step_loss_sum": loss_sum}, file)
         self.accelerator.wait_for_everyone()  # every rank's files are in
         if self.args.should_save:
             if os.path.exists(final):
@@ -486,15 +517,68 @@ class MultiRegionTrainer(transformers.Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """As `transformers.Trainer.train`; a resumed run also restores the region tracker's state (weighting and
-        pending step sums) and rewinds the monitor's record to the checkpoint's step (no step recorded twice)."""
+        pending step sums), rewinds the monitor's record to the checkpoint's step (no step recorded twice) and
+        reports ``train_loss`` over every step of the run. `RunAlreadyComplete` from a checkpoint at the last step."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+        self._resumed_loss_sum, self._resumed_step = 0.0, 0  # Σ step losses before the resume (None: unknown)
         if resume_from_checkpoint:
+            state_file = os.path.join(resume_from_checkpoint, transformers.trainer.TRAINER_STATE_NAME)
+            if os.path.isfile(state_file):  # else transformers starts at step 0 (weights only)
+                self._resumed_step = transformers.TrainerState.load_from_json(state_file).global_step
+            if self._resumed_step:
+                self._check_not_complete(resume_from_checkpoint)
+                self._resumed_loss_sum = _read_step_loss_sum(resume_from_checkpoint)
             self.region_tracker.load_state(resume_from_checkpoint)
             if self.monitor is not None and self.is_world_process_zero() and hasattr(self.monitor, "rewind"):
-                state_file = os.path.join(resume_from_checkpoint, transformers.trainer.TRAINER_STATE_NAME)
-                self.monitor.rewind(transformers.TrainerState.load_from_json(state_file).global_step)
+                self.monitor.rewind(self._resumed_step)
         self._log_time = time.perf_counter()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_not_complete(self, checkpoint: str) -> None:
+        """`RunAlreadyComplete` when ``checkpoint`` holds the run's last step already (``max_steps``, or the steps of
+        ``num_train_epochs``)."""
+        max_steps = self.args.max_steps
+        if max_steps <= 0:
+            max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        if self._resumed_step >= max_steps:
+            raise RunAlreadyComplete(
+                f"{checkpoint} holds step {self._resumed_step} of {max_steps}: the run is already complete, nothing "
+                "to train (raise max_steps to train further)"
+            )
+
+    # -- train_loss over the whole run --------------------------------------------------------------
+    def _session_loss_sum(self) -> float:
+        """Σ of the step losses since this ``train`` call began, those since the last log averaged over the ranks as
+        a log does (transformers' ``train_loss`` takes each rank's own). Every rank calls it (a collective)."""
+        return self._total_loss_scalar + self.accelerator.gather(self._tr_loss.detach().reshape(1)).mean().item()
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        """`transformers.Trainer._finalize_training` with ``train_loss`` (Σ step losses / global step) over every
+        step of the run: the Σ before a resume comes from the checkpoint (transformers counts those steps in the
+        divisor only). A checkpoint without `TRAIN_LOSS_FILE` (not written by this trainer): the mean over the
+        steps since the resume, with a warning."""
+        session_sum = self._session_loss_sum()
+        self._tr_loss.zero_()  # in session_sum already
+        if self._resumed_loss_sum is not None:
+            self._total_loss_scalar = self._resumed_loss_sum + session_sum
+        else:
+            warnings.warn(
+                f"train_loss is the mean over steps {self._resumed_step + 1}-{self.state.global_step} only: the "
+                f"checkpoint resumed from has no {TRAIN_LOSS_FILE}",
+                stacklevel=2,
+            )
+            session_steps = max(self.state.global_step - self._resumed_step, 1)
+            self._total_loss_scalar = session_sum * self.state.global_step / session_steps  # / global_step follows
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
+
+def _read_step_loss_sum(checkpoint: str) -> float | None:
+    """The Σ of step losses `MultiRegionTrainer` saved in ``checkpoint`` (`TRAIN_LOSS_FILE`), None without one."""
+    path = os.path.join(checkpoint, TRAIN_LOSS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return float(json.load(file)["step_loss_sum"])

@@ -40,6 +40,8 @@ from trl.data_utils import get_dataset_column_names, pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import create_model_from_path, pad
 
+from mrloss.formats import FORMAT_SPECS, FORMATS
+from mrloss.formats.tag_based import TAG_NAME
 from mrloss.integrations.heads import unwrap_causal_lm
 from mrloss.integrations.hf import MultiRegionTrainer, apply_mrloss
 from mrloss.ops.normalization import IGNORE_INDEX, learned_mask
@@ -47,9 +49,10 @@ from mrloss.ops.normalization import IGNORE_INDEX, learned_mask
 # Per-token columns TRL does not know, and their padding values.
 TOKEN_COLUMNS = {"token_weights": 0.0, "region_type_ids": -1}
 _COLUMN_DTYPES = {"token_weights": torch.float32, "region_type_ids": torch.int64}
-# Keys of raw samples in mrloss's formats that TRL would otherwise train on as plain text.
-_FORMAT_COLUMNS = ("segments", "learning_regions")
-_TAG = "<LEARN"
+# Keys that mark raw samples of mrloss's plain-text formats, which TRL would otherwise train on as plain text
+# (TRL reads the chat format itself; a tag_based sample is TRL's "text" with LEARN tags in it).
+_FORMAT_COLUMNS = tuple(key for spec in FORMAT_SPECS if spec.name in FORMATS for key in spec.identifying_keys)
+_TAG = f"<{TAG_NAME}"
 
 
 # -- data ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import os
+import typing
+from typing import Callable
 
 import torch
 
@@ -36,18 +38,10 @@ from mrloss.ops.chunked import (
     default_chunk_size,
 )
 from mrloss.ops.function import LinearCrossEntropyFunction, Plan
-from mrloss.ops.normalization import (  # noqa: F401  (check_normalizer, normalizer_tensor: public names here too)
-    IGNORE_INDEX,
-    check_normalizer,
-    learned_mask,
-    normalizer_tensor,
-    shift_targets,
-    weight_scales,
-)
+from mrloss.ops.normalization import check_normalizer, learned_mask, shift_targets, weight_scales
+from mrloss.ops.options import IGNORE_INDEX, Backend, LossOptions, Memory, Reduction, loss_options
+from mrloss.ops.output import LossOutput
 
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch")
-MEMORY_MODES = ("fast", "low")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -59,176 +53,192 @@ def linear_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     normalizer: float | torch.Tensor | None = None,
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     shift: bool = False,
-    backend: str = "auto",
+    backend: Backend = "auto",
     return_token_losses: bool = False,
     chunk_size: int | None = None,
-    memory: str = "fast",
+    memory: Memory = "fast",
     z_loss_scale: float = 0.0,
     return_z_loss: bool = False,
     return_token_metrics: bool = False,
-):
-    """Weighted cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, without
-    ever materializing the ``[N, V]`` logits.
+) -> torch.Tensor | LossOutput:
+    """Weighted cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, without ever
+    materializing the ``[N, V]`` logits: l_i = lse_i - (1 - eps) z_i[t_i] - eps/V sum_j z_i[j] (+ zeta lse_i^2),
+    z_i = softcap(h_i W^T + b), lse_i = logsumexp(z_i); "mean" is sum(w l) / sum(w) over the valid tokens.
 
-    hidden [..., H] fp16|bf16|fp32|fp64; weight [V, H] and bias [V] of the same dtype;
-    targets [...] integer class ids (``ignore_index`` = no target); token_weights [...] float, finite,
-    >= 0 (None: all 1.0; 0: not learned; treated as constants, no gradient flows into them).
-    l_i = logsumexp(z_i) - (1 - eps) z_i[t_i] - eps/V sum_j z_i[j], z_i = softcap(h_i W^T + b).
-    reduction "mean": sum(w l) / sum(w) over valid tokens (0, with zero gradients, when that sum is 0);
-    "sum": sum(w l); "none": w l per token, shape of targets. normalizer: sum(w l) / normalizer instead,
-    a float >= 0 or a 0-dim tensor (on hidden's device or the CPU; used as given, without a host sync,
-    detached); 0, with zero gradients, when normalizer <= 0. shift: position k-1 predicts targets[..., k]
-    with token_weights[..., k]; per-token outputs are target-aligned (index 0 of each sequence is 0).
-    backend "auto": Triton on CUDA tensors, chunked PyTorch otherwise ("triton" on the CPU needs
-    TRITON_INTERPRET=1). chunk_size: learned tokens per chunk (default: chunk logits ~ size of hidden).
-    memory "fast": gradients built in the forward into a float32 [V, H] buffer (~6·N·H·V FLOPs); "low": no
-    [V, H] float32 buffer and no [N, V], the gradients built in backward by vocabulary slices (~8·N·H·V FLOPs;
-    extra memory a float32 [N_learned, H] and a few chunk-sized blocks); same results to rounding.
-    z_loss_scale zeta >= 0: each token's loss is l_i + zeta * lse_i^2 (lse_i = logsumexp(z_i), PaLM's z-loss,
-    Liger's lse_square_scale), under the same weights, reduction and normalizer, its gradient included.
-    Returns the loss (float32; float64 for float64 inputs) or, when any return_* flag is set, a tuple of the
-    loss and, in this order, the requested ones of: token_losses, the detached unweighted per-token loss l
-    without z-loss (float32, shape of targets, 0 where skipped); z_loss, the detached z-loss part of the loss
-    (same reduction; 0 when z_loss_scale is 0); token_metrics, a `TokenMetrics` (accuracy: 1.0 where the
-    argmax of z_i is the target, entropy: of softmax(z_i); detached float32, shape of targets, 0 where skipped).
+    Args:
+        hidden: [..., H] fp16|bf16|fp32|fp64.
+        weight: [V, H], hidden's dtype. bias: [V], hidden's dtype, or None.
+        targets: [...] (hidden's shape without H) integer class ids; ``ignore_index``: no target.
+        token_weights: [...] float, finite, >= 0 (None: all 1.0; 0: not learned); constants, no gradient.
+        normalizer: reduction "mean"/"sum" only: sum(w l) / normalizer instead, a float >= 0 or a 0-dim tensor
+            (on hidden's device or the CPU; used as given, detached, without a host sync); 0, with zero
+            gradients, when normalizer <= 0.
+        ignore_index, reduction, softcap, label_smoothing, shift, backend, chunk_size, memory, z_loss_scale,
+        return_token_losses, return_z_loss, return_token_metrics: the fields of `mrloss.LossOptions`, which
+            documents each one's meaning and range.
+
+    Returns:
+        The loss (float32; float64 for float64 inputs; 0-dim, or targets' shape for "none", target-aligned
+        with ``shift``) when no return_* option is set; otherwise a `mrloss.LossOutput` with the loss and the
+        fields asked for (token_losses, z_loss, token_metrics; None where not asked).
+
+    Raises:
+        TypeError / ValueError naming the argument, its shape or dtype, or the first bad target / weight.
     """
-    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
-    _check_arguments(
-        hidden,
-        weight,
-        targets,
-        token_weights,
-        bias,
-        reduction,
-        normalizer,
-        softcap,
-        label_smoothing,
-        shift,
-        backend,
-        chunk_size,
-    )
-    _check_memory_options(memory, z_loss_scale)
-    row_op, fused_losses, slice_grad_op = _backend_ops(backend, hidden)
-    return learned_rows_loss(
-        hidden,
-        weight,
-        targets,
-        token_weights,
-        bias=bias,
-        vocab_size=weight.shape[0],
-        row_op=row_op,
-        fused_losses=fused_losses,
-        slice_grad_op=slice_grad_op if memory == "low" else None,
+    options = LossOptions(
         ignore_index=ignore_index,
         reduction=reduction,
-        normalizer=normalizer,
         softcap=softcap,
         label_smoothing=label_smoothing,
         shift=shift,
+        backend=backend,
         chunk_size=chunk_size,
+        memory=memory,
         z_loss_scale=z_loss_scale,
         return_token_losses=return_token_losses,
         return_z_loss=return_z_loss,
         return_token_metrics=return_token_metrics,
     )
+    return fused_linear_cross_entropy(hidden, weight, targets, token_weights, options, bias=bias, normalizer=normalizer)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    options: LossOptions,
+    *,
+    bias: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor | LossOutput:
+    """`linear_cross_entropy` with its options as one `LossOptions` (what the sequence-parallel loss calls).
+
+    Args:
+        hidden, weight, targets, token_weights, bias, normalizer: as in `linear_cross_entropy`.
+        options: every other option, checked already (`LossOptions.__post_init__`).
+
+    Returns:
+        What `linear_cross_entropy` returns: the loss tensor, or a `LossOutput` when a return_* option is set.
+    """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    check_inputs(hidden, weight, targets, token_weights, bias, normalizer, options)
+    row_op, fused_losses, slice_grad_op = _backend_ops(options.backend, hidden)
+    return learned_rows_loss(
+        hidden,
+        weight,
+        targets,
+        token_weights,
+        options,
+        bias=bias,
+        normalizer=normalizer,
+        vocab_size=weight.shape[0],
+        row_op=row_op,
+        fused_losses=fused_losses,
+        slice_grad_op=slice_grad_op if options.memory == "low" else None,
+    )
+
+
+# (hidden_2d [N, H], rows [M]) -> (the hidden rows the loss reads, their row indices)
+LearnedHidden = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def learned_rows_loss(
-    hidden,
-    weight,
-    targets,
-    token_weights,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    options: LossOptions,
     *,
-    bias,
+    bias: torch.Tensor | None,
+    normalizer,
     vocab_size: int,
     row_op: RowOp,
     fused_losses: FusedLosses | None,
     slice_grad_op: SliceGradOp | None,
-    ignore_index: int,
-    reduction: str,
-    normalizer,
-    softcap,
-    label_smoothing: float,
-    shift: bool,
-    chunk_size: int | None,
-    z_loss_scale: float,
-    return_token_losses: bool,
-    return_z_loss: bool,
-    return_token_metrics: bool,
-    learned_hidden=None,
-):
+    learned_hidden: LearnedHidden | None = None,
+) -> torch.Tensor | LossOutput:
     """`linear_cross_entropy` after its checks, on given backend ops: align (shift), compact the learned rows,
     run the autograd function and scatter the per-token outputs back. Shared with the vocabulary-parallel loss
     (``mrloss.parallel_vocab``): ``weight`` may be a shard of a vocabulary of ``vocab_size`` rows (targets are
     checked against ``vocab_size``, chunks are sized by ``weight``), and ``learned_hidden(hidden_2d, rows) ->
     (hidden rows, their indices)`` may wrap the learned rows before the loss (its gradient all-reduce)."""
     acc_dtype = accumulation_dtype(hidden.dtype)
-    if shift:  # flat hidden row j predicts flat target j + 1 (never past its sequence)
-        targets_used, weights_used = shift_targets(targets, token_weights, ignore_index=ignore_index)
+    learned = _learned_rows(targets, token_weights, options, vocab_size, acc_dtype)
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    chunk_size = options.chunk_size or default_chunk_size(hidden_2d.shape[0], hidden.shape[-1], weight.shape[0])
+    plan = Plan(
+        options,
+        row_op,
+        fused_losses,
+        slice_grad_op,
+        chunk_size=max(1, min(chunk_size, learned.rows.numel())),
+        needs_grad=tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)),
+    )
+    rows = learned.rows
+    if learned_hidden is not None:
+        hidden_2d, rows = learned_hidden(hidden_2d, rows)
+    scales = weight_scales(learned.weights, normalizer, options.reduction, dtype=acc_dtype)
+    learned_loss, *stats = LinearCrossEntropyFunction.apply(
+        hidden_2d, weight, bias, rows, learned.targets, scales, plan
+    )
+    return _loss_output(learned_loss, stats, scales, learned.output_positions, targets.shape, options)
+
+
+class _LearnedRows(typing.NamedTuple):
+    rows: torch.Tensor  # [M] int64: learned flat positions of the (shifted) targets, the rows of hidden
+    targets: torch.Tensor  # [M] int64
+    weights: torch.Tensor  # [M] the token weights' dtype (weight_scales scales them before the cast)
+    output_positions: torch.Tensor  # [M] int64: where each row's per-token outputs go (target-aligned)
+
+
+def _learned_rows(targets, token_weights, options: LossOptions, vocab_size: int, acc_dtype) -> _LearnedRows:
+    """Align (shift), check the values (one host sync) and compact the learned tokens."""
+    if options.shift:  # flat hidden row j predicts flat target j + 1 (never past its sequence)
+        targets_used, weights_used = shift_targets(targets, token_weights, ignore_index=options.ignore_index)
     else:
         targets_used, weights_used = targets, token_weights
     targets_used = targets_used.reshape(-1)
     weights_used = None if weights_used is None else weights_used.reshape(-1)
-    learned = learned_mask(targets_used, weights_used, ignore_index)
-    num_learned = _check_values_and_count(targets, token_weights, learned, ignore_index, vocab_size, acc_dtype)
-
-    rows = torch.nonzero_static(learned, size=num_learned).squeeze(1)  # learned flat positions
-    learned_targets = targets_used.index_select(0, rows).long()
+    learned = learned_mask(targets_used, weights_used, options.ignore_index)
+    num_learned = _check_values_and_count(targets, token_weights, learned, options.ignore_index, vocab_size, acc_dtype)
+    rows = torch.nonzero_static(learned, size=num_learned).squeeze(1)
     if weights_used is None:
-        learned_weights = torch.ones(num_learned, dtype=acc_dtype, device=hidden.device)
+        weights = torch.ones(num_learned, dtype=acc_dtype, device=targets.device)
     else:
-        learned_weights = weights_used.index_select(0, rows).to(acc_dtype)
-    output_positions = rows + 1 if shift else rows
+        weights = weights_used.index_select(0, rows)  # scaled before the cast: weight_scales
+    return _LearnedRows(rows, targets_used.index_select(0, rows).long(), weights, rows + 1 if options.shift else rows)
 
-    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    if chunk_size is None:
-        chunk_size = default_chunk_size(hidden_2d.shape[0], hidden.shape[-1], weight.shape[0])
-    chunk_size = max(1, min(chunk_size, num_learned))
-    needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    plan = Plan(
-        row_op,
-        fused_losses,
-        softcap,
-        float(label_smoothing),
-        chunk_size,
-        reduction == "none",
-        needs_grad,
-        z_loss_scale=float(z_loss_scale),
-        metrics=return_token_metrics,
-        slice_grad_op=slice_grad_op,
-    )
-    if learned_hidden is not None:
-        hidden_2d, rows = learned_hidden(hidden_2d, rows)
 
-    scales = weight_scales(learned_weights, normalizer, reduction)
-    learned_loss, *stats = LinearCrossEntropyFunction.apply(
-        hidden_2d, weight, bias, rows, learned_targets, scales, plan
-    )
+def _loss_output(learned_loss, stats, scales, output_positions, shape, options: LossOptions):
+    """The loss (per token: scattered to ``shape``), or `LossOutput` with the per-token outputs asked for."""
     stats = RowStats(*stats)
 
     def scatter(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # learned rows -> shape of targets
-        full = torch.zeros(targets.numel(), dtype=dtype, device=hidden.device)
-        return full.index_copy_(0, output_positions, values.to(dtype)).view(targets.shape)
+        full = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
+        return full.index_copy_(0, output_positions, values.to(dtype)).view(shape)
 
-    loss = scatter(learned_loss, learned_loss.dtype) if reduction == "none" else learned_loss
-    extras = []
-    if return_token_losses:
-        extras.append(scatter(stats.losses, torch.float32))
-    if return_z_loss:
-        z_loss = (z_loss_scale * stats.lse.square() * scales).to(learned_loss.dtype)
-        extras.append(scatter(z_loss, learned_loss.dtype) if reduction == "none" else z_loss.sum())
-    if return_token_metrics:
-        extras.append(TokenMetrics(scatter(stats.correct, torch.float32), scatter(stats.entropy, torch.float32)))
-    return (loss, *extras) if extras else loss
+    per_token = options.reduction == "none"
+    loss = scatter(learned_loss, learned_loss.dtype) if per_token else learned_loss
+    if not options.returns_output:
+        return loss
+    token_losses = scatter(stats.losses, torch.float32) if options.return_token_losses else None
+    z_loss = metrics = None
+    if options.return_z_loss:  # the z-loss part of the loss: same scales (weights, normalizer), same reduction
+        weighted = (options.z_loss_scale * stats.lse.square() * scales).to(learned_loss.dtype)
+        z_loss = scatter(weighted, weighted.dtype) if per_token else weighted.sum()
+    if options.return_token_metrics:
+        metrics = TokenMetrics(scatter(stats.correct, torch.float32), scatter(stats.entropy, torch.float32))
+    return LossOutput(loss, token_losses, z_loss, metrics)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
-    """Module form of :func:`linear_cross_entropy`; the keyword options are fixed at construction,
+    """Module form of :func:`linear_cross_entropy`; the keyword options are fixed (and checked) at construction,
     except ``normalizer``, which a call may give (it changes every step) to override the constructor's.
 
     ``LinearCrossEntropyLoss(reduction="sum", shift=True)(hidden, weight, targets, token_weights, bias)``
@@ -237,37 +247,20 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        unknown = set(options) - _OPTION_NAMES
-        if unknown:
-            raise TypeError(
-                f"LinearCrossEntropyLoss: unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTION_NAMES)}"
-            )
-        self.options = options
+        self.keywords = dict(options)
+        self.normalizer = options.pop("normalizer", None)
+        self.options = loss_options(options, caller="LinearCrossEntropyLoss")
 
     def forward(self, hidden, weight, targets, token_weights=None, bias=None, normalizer=None):
-        """normalizer: this call's (None: the constructor's, if any)."""
-        options = self.options if normalizer is None else dict(self.options, normalizer=normalizer)
-        return linear_cross_entropy(hidden, weight, targets, token_weights, bias=bias, **options)
+        """normalizer: this call's (None: the constructor's, if any). Returns what `linear_cross_entropy` does."""
+        normalizer = self.normalizer if normalizer is None else normalizer
+        options = self.options
+        return fused_linear_cross_entropy(
+            hidden, weight, targets, token_weights, options, bias=bias, normalizer=normalizer
+        )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
-
-
-_OPTION_NAMES = {
-    "ignore_index",
-    "reduction",
-    "normalizer",
-    "softcap",
-    "label_smoothing",
-    "shift",
-    "backend",
-    "return_token_losses",
-    "chunk_size",
-    "memory",
-    "z_loss_scale",
-    "return_z_loss",
-    "return_token_metrics",
-}
+        return ", ".join(f"{key}={value!r}" for key, value in self.keywords.items())
 
 
 def autocast_inputs(hidden, weight, bias):
@@ -285,27 +278,38 @@ def autocast_inputs(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _check_arguments(
-    hidden,
-    weight,
-    targets,
-    token_weights,
-    bias,
-    reduction,
-    normalizer,
-    softcap,
-    label_smoothing,
-    shift,
-    backend,
-    chunk_size,
-):
-    """Shape, dtype, device and option checks (no device sync)."""
+def check_inputs(hidden, weight, targets, token_weights, bias, normalizer, options: LossOptions) -> None:
+    """The checks of a loss call that need its tensors; no device sync (the values of targets and weights are
+    checked where they are counted, `learned_rows_loss`).
+
+    Args:
+        hidden [..., H] float, weight [V, H], targets [...] signed int, token_weights [...] float or None,
+        bias [V] or None, normalizer (float, 0-dim tensor or None): as in `linear_cross_entropy`.
+        options: the call's `LossOptions` (normalizer with reduction "none", shift of 0-dim targets).
+
+    Raises:
+        TypeError for a wrong type or dtype, ValueError for a wrong shape, device or normalizer, naming it.
+    """
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     for name, value in (("token_weights", token_weights), ("bias", bias)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    _check_head(hidden, weight, bias)
+    _check_targets(hidden, targets, token_weights)
+    for name, value in (("weight", weight), ("targets", targets), ("token_weights", token_weights), ("bias", bias)):
+        if value is not None and value.device != hidden.device:
+            raise ValueError(f"device mismatch: hidden is on {hidden.device} but {name} is on {value.device}")
+    if normalizer is not None and options.reduction == "none":
+        raise ValueError('normalizer cannot be combined with reduction="none"')
+    check_normalizer(normalizer, hidden.device)
+    if options.shift and targets.dim() == 0:
+        raise ValueError("shift=True needs targets with a sequence dimension, got a 0-dim tensor")
+
+
+def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """hidden [..., H] float; weight [V >= 1, H] and bias [V] in hidden's dtype."""
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
     if hidden.dim() < 1:
@@ -326,6 +330,10 @@ def _check_arguments(
             raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"dtype mismatch: hidden is {hidden.dtype} but bias is {bias.dtype}")
+
+
+def _check_targets(hidden: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor | None) -> None:
+    """targets [...] signed integers, hidden's shape without H; token_weights float, targets' shape."""
     if (
         targets.dtype == torch.bool
         or targets.is_floating_point()
@@ -348,48 +356,6 @@ def _check_arguments(
             raise ValueError(
                 f"shape mismatch: token_weights {tuple(token_weights.shape)} must match targets {tuple(targets.shape)}"
             )
-    named = [
-        ("hidden", hidden),
-        ("weight", weight),
-        ("targets", targets),
-        ("token_weights", token_weights),
-        ("bias", bias),
-    ]
-    for name, value in named:
-        if value is not None and value.device != hidden.device:
-            raise ValueError(f"device mismatch: hidden is on {hidden.device} but {name} is on {value.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if normalizer is not None and reduction == "none":
-        raise ValueError('normalizer cannot be combined with reduction="none"')
-    check_normalizer(normalizer, hidden.device)
-    if (
-        isinstance(label_smoothing, bool)
-        or not isinstance(label_smoothing, (int, float))
-        or not 0.0 <= label_smoothing <= 1.0
-    ):
-        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf
-    ):
-        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if shift and targets.dim() == 0:
-        raise ValueError("shift=True needs targets with a sequence dimension, got a 0-dim tensor")
-
-
-def _check_memory_options(memory, z_loss_scale) -> None:
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"unknown memory {memory!r}; expected one of {MEMORY_MODES}")
-    if (
-        isinstance(z_loss_scale, bool)
-        or not isinstance(z_loss_scale, (int, float))
-        or not 0.0 <= z_loss_scale < math.inf
-    ):
-        raise ValueError(f"z_loss_scale must be a finite float >= 0, got {z_loss_scale!r}")
 
 
 def _backend_ops(backend: str, hidden: torch.Tensor) -> tuple[RowOp, FusedLosses | None, SliceGradOp]:

@@ -17,6 +17,7 @@ import torch
 from mrloss.ops.backends.dtypes import accumulation_dtype
 from mrloss.ops.chunked import ChunkedResult, FusedLosses, RowOp, RowStats, SliceGradOp, chunked_linear_cross_entropy
 from mrloss.ops.low_memory import low_memory_gradients
+from mrloss.ops.options import LossOptions
 
 
 def _without_autocast(run):
@@ -33,18 +34,21 @@ def _without_autocast(run):
 
 @dataclass(frozen=True)
 class Plan:
+    """What one call decided: its options, the backend ops, the chunk size and which gradients are wanted."""
+
+    options: LossOptions
     row_op: RowOp
     # loss-only passes use it instead of the chunks, except with token metrics and with memory="low" (whose
     # backward needs the lse of the very logits it recomputes: the chunks' matmul, not the kernel's)
     fused_losses: FusedLosses | None
-    softcap: float | None
-    label_smoothing: float
+    slice_grad_op: SliceGradOp | None  # memory="low": gradients by vocabulary slices, in backward
     chunk_size: int
-    per_token: bool  # reduction "none": upstream gradient is per token, gradients built in backward
     needs_grad: tuple[bool, bool, bool]  # gradients wanted for (hidden, weight, bias)
-    z_loss_scale: float = 0.0
-    metrics: bool = False  # fill the token metrics (accuracy, entropy) in the forward pass
-    slice_grad_op: SliceGradOp | None = None  # memory="low": gradients by vocabulary slices, in backward
+
+    @property
+    def per_token(self) -> bool:
+        """reduction "none": the upstream gradient is per token, the gradients are built in backward."""
+        return self.options.reduction == "none"
 
     @_without_autocast
     def run(self, hidden, weight, bias, rows, targets, grad_scales, *, metrics=False) -> ChunkedResult:
@@ -59,27 +63,15 @@ class Plan:
                 bias,
                 rows,
                 targets,
-                softcap=self.softcap,
-                label_smoothing=self.label_smoothing,
+                softcap=self.options.softcap,
+                label_smoothing=self.options.label_smoothing,
                 lse_out=lse,
                 correct_out=correct,
                 entropy_out=entropy,
             )
             return ChunkedResult(RowStats(losses, lse, correct, entropy), None, None, None)
         return chunked_linear_cross_entropy(
-            hidden,
-            weight,
-            bias,
-            rows,
-            targets,
-            grad_scales,
-            row_op=self.row_op,
-            softcap=self.softcap,
-            label_smoothing=self.label_smoothing,
-            chunk_size=self.chunk_size,
-            needs_grad=self.needs_grad,
-            z_loss_scale=self.z_loss_scale,
-            metrics=metrics,
+            hidden, weight, bias, rows, targets, grad_scales, row_op=self.row_op, metrics=metrics, **self._chunking()
         )
 
     @_without_autocast
@@ -88,17 +80,16 @@ class Plan:
         if self.slice_grad_op is None:
             return self.run(hidden, weight, bias, rows, targets, grad_scales)[1:]
         return low_memory_gradients(
-            hidden,
-            weight,
-            bias,
-            rows,
-            targets,
-            lse,
-            grad_scales,
-            slice_grad_op=self.slice_grad_op,
-            softcap=self.softcap,
-            label_smoothing=self.label_smoothing,
-            z_loss_scale=self.z_loss_scale,
+            hidden, weight, bias, rows, targets, lse, grad_scales, slice_grad_op=self.slice_grad_op, **self._chunking()
+        )
+
+    def _chunking(self) -> dict:
+        """The keywords the chunk driver and the low-memory gradients share: the row formula's options (softcap,
+        label smoothing, z-loss scale), the chunk size and the gradients wanted."""
+        return dict(
+            softcap=self.options.softcap,
+            label_smoothing=self.options.label_smoothing,
+            z_loss_scale=self.options.z_loss_scale,
             chunk_size=self.chunk_size,
             needs_grad=self.needs_grad,
         )
@@ -108,7 +99,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V]|None, rows [M], targets [M], scales [M], plan) ->
     (loss, `RowStats` of the M rows: token_losses unweighted, lse, correct, entropy; non-differentiable).
 
-    Per-row objective o_i = l_i + zeta lse_i^2 (zeta = plan.z_loss_scale). Reduced (plan.per_token False):
+    Per-row objective o_i = l_i + zeta lse_i^2 (zeta = plan.options.z_loss_scale). Reduced (plan.per_token False):
     loss = sum_i scales_i o_i. With plan.slice_grad_op None (memory="fast") the gradients are built in
     forward and backward multiplies those buffers in place by the scalar upstream gradient (no copy, no host
     sync), so they serve one backward only: a second one through the same graph raises. Per token: loss [M] =
@@ -121,20 +112,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.plan, ctx.dtypes = plan, (hidden.dtype, weight.dtype, weight.dtype)
         ctx.in_backward = plan.per_token or plan.slice_grad_op is not None
         build_grads = any(plan.needs_grad) and not ctx.in_backward
-        result = plan.run(hidden, weight, bias, rows, targets, scales if build_grads else None, metrics=plan.metrics)
+        metrics = plan.options.return_token_metrics
+        result = plan.run(hidden, weight, bias, rows, targets, scales if build_grads else None, metrics=metrics)
         stats = result.rows
         if ctx.in_backward:
             ctx.save_for_backward(hidden, weight, bias, rows, targets, scales, stats.lse)
         else:
             ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
-        objective = stats.losses + plan.z_loss_scale * stats.lse.square() if plan.z_loss_scale else stats.losses
+        zeta = plan.options.z_loss_scale
+        objective = stats.losses + zeta * stats.lse.square() if zeta else stats.losses
         loss = objective * scales if plan.per_token else (objective * scales).sum()
         ctx.mark_non_differentiable(*(t for t in stats if t is not None))
         return loss, *stats
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_stats):
-        if ctx.in_backward:
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+            grads = _differentiable_gradients(ctx, grad_loss)
+        elif ctx.in_backward:
             hidden, weight, bias, rows, targets, scales, lse = ctx.saved_tensors
             grads = ctx.plan.gradients(hidden, weight, bias, rows, targets, lse, scales * grad_loss.to(scales.dtype))
         else:
@@ -156,6 +151,46 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _differentiable_gradients(ctx, grad_loss: torch.Tensor) -> tuple:
+    """(grad_hidden, grad_weight, grad_bias) as differentiable functions of the saved inputs and ``grad_loss``, for a
+    backward with ``create_graph=True`` (a gradient penalty, a Hessian-vector product): the objective of the learned
+    rows recomputed with plain PyTorch ops, in the accumulation dtype, with their [M, V] logits in memory.
+
+    Only where backward has the inputs (reduction "none", memory="low") and the whole vocabulary (no vocabulary
+    shard); elsewhere a RuntimeError, never gradients that are silently constants."""
+    plan = ctx.plan
+    vocab_sharded = "vocab_shard" in getattr(plan.row_op, "keywords", {})
+    if not ctx.in_backward or vocab_sharded:
+        raise RuntimeError(
+            "linear_cross_entropy: double backward (create_graph=True, e.g. a gradient penalty) is not supported "
+            + (
+                "by the vocabulary-parallel loss. "
+                if vocab_sharded
+                else 'with memory="fast" and reduction "mean"/"sum" (the gradients are made in the forward pass and '
+                'are not differentiable): pass memory="low" or reduction="none", whose backward recomputes them '
+                "differentiably, "
+            )
+            + "or compute that loss with F.linear + F.cross_entropy."
+        )
+    hidden, weight, bias, rows, targets, scales, _lse = ctx.saved_tensors
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    inputs = [tensor for tensor, wanted in zip((hidden, weight, bias), plan.needs_grad) if wanted]
+    with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.index_select(0, rows).to(acc_dtype) @ weight.to(acc_dtype).T
+        if bias is not None:
+            logits = logits + bias.to(acc_dtype)
+        if plan.options.softcap is not None:
+            logits = plan.options.softcap * torch.tanh(logits / plan.options.softcap)
+        objective = torch.nn.functional.cross_entropy(
+            logits, targets, reduction="none", label_smoothing=plan.options.label_smoothing
+        )
+        if plan.options.z_loss_scale:
+            objective = objective + plan.options.z_loss_scale * torch.logsumexp(logits, dim=-1).square()
+        total = (objective * scales * grad_loss.to(acc_dtype)).sum()
+        grads = iter(torch.autograd.grad(total, inputs, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if wanted else None for wanted in plan.needs_grad)
 
 
 SCALE_BLOCK_ELEMENTS = 1 << 24  # float32 temporary of the half-precision scaling: at most 64 MiB

@@ -1,12 +1,12 @@
 """Normalization and the learned-token rule: the one place for each rule the loss, parallel, metrics, HF and
 verl share.
 
-- ``IGNORE_INDEX``: the target that is no target (-100, the HF convention).
+- ``IGNORE_INDEX``: the target that is no target (-100, the HF convention; defined in ``mrloss.ops.options``).
 - Learned token (`learned_mask`): a valid target (not ``ignore_index``) with weight > 0. Only learned tokens
   cost matmul work in the fused loss and count in the region statistics.
 - Normalizer (`valid_weight_sum`, `check_normalizer`, `normalizer_tensor`, `weight_scales`): the loss is
   Σ w·l / normalizer, the normalizer being Σ of the valid weights (of the batch, of the optimizer step, or of
-  the SP group) unless given; `safe_divide` gives 0 (and zero gradients) when it is <= 0.
+  the SP group) unless given; `safe_divide` gives 0 (and zero gradients) when it is <= 0, NaN when it is NaN.
 - Shift rule (`shift_targets`), below: target alignment -> prediction alignment.
 
 The shift rule of a causal LM: target alignment -> prediction alignment.
@@ -24,7 +24,7 @@ import math
 
 import torch
 
-IGNORE_INDEX = -100
+from mrloss.ops.options import IGNORE_INDEX
 
 
 def shift_targets(
@@ -102,14 +102,17 @@ def valid_weight_sum(
 
 
 def safe_divide(numerator, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator where denominator > 0, else 0 (numerator * 0: zero gradients, no NaN from a
-    zero denominator). No host sync."""
-    return torch.where(denominator > 0, numerator / torch.where(denominator > 0, denominator, 1), numerator * 0)
+    """numerator / denominator, but 0 where denominator <= 0 (numerator * 0: zero gradients, no NaN from a zero
+    denominator). A NaN denominator gives NaN (and NaN gradients), as a plain division would: a broken
+    normalizer must not pass for "nothing to learn". No host sync."""
+    not_positive = denominator <= 0
+    return torch.where(not_positive, numerator * 0, numerator / torch.where(not_positive, 1, denominator))
 
 
 def check_normalizer(normalizer, device: torch.device) -> None:
     """Accept None, a finite Python number >= 0, or a 0-dim tensor on ``device`` or the CPU (a tensor's
-    value is not checked: that would be a host sync; it is used as given, <= 0 giving a loss of 0)."""
+    value is not checked: that would be a host sync; it is used as given, <= 0 giving a loss of 0, NaN a NaN loss
+    and NaN gradients). A Python NaN or inf is a ValueError."""
     if normalizer is None:
         return
     if isinstance(normalizer, torch.Tensor):
@@ -136,26 +139,31 @@ def normalizer_tensor(normalizer: float | torch.Tensor, dtype: torch.dtype, devi
     return torch.tensor(float(normalizer), dtype=dtype, device=device)
 
 
-def weight_scales(learned_weights: torch.Tensor, normalizer, reduction: str) -> torch.Tensor:
-    """Per-token scales s_i of the loss Σ s_i·l_i: w_i / normalizer ("mean" without one: / Σw; 0 when it is <= 0),
-    or w_i for reduction "none" / "sum" without a normalizer. learned_weights [M] float (> 0, finite) -> [M], same
-    dtype.
+def weight_scales(
+    learned_weights: torch.Tensor, normalizer, reduction: str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Per-token scales s_i of the loss Σ s_i·l_i: w_i / normalizer ("mean" without one: / Σw; 0 when it is <= 0,
+    NaN when it is NaN), or w_i for reduction "none" / "sum" without a normalizer. learned_weights [M] float
+    (> 0, finite) -> [M] ``dtype`` (None: the weights' dtype).
 
-    Computed as (w_i / m) / (denominator / m) with m = max w, so any finite positive scale of all weights gives
-    the same loss: neither Σw nor 1/Σw over- or underflows (all weights 1e38, or 1e-42)."""
+    Computed as (w_i / m) / (denominator / m) with m = max w, in the wider of the weights' dtype and ``dtype``, so
+    any finite positive scale of all weights gives the same loss: neither Σw nor 1/Σw over- or underflows (all
+    weights 1e38, or 1e-42; float64 weights of 1e-300 next to float32 hidden are scaled before they are cast)."""
+    dtype = dtype or learned_weights.dtype
     if reduction == "none" or (reduction == "sum" and normalizer is None) or learned_weights.numel() == 0:
-        return learned_weights
+        return learned_weights.to(dtype)
+    learned_weights = learned_weights.to(torch.promote_types(learned_weights.dtype, dtype))
     top = learned_weights.amax()
     top = torch.where(top > 0, top, 1)  # weights that underflowed to 0 in the accumulation dtype
     unit_weights = learned_weights / top
     if normalizer is None:
-        return safe_divide(unit_weights, unit_weights.sum())
+        return safe_divide(unit_weights, unit_weights.sum()).to(dtype)
     if isinstance(normalizer, torch.Tensor):  # a float64 normalizer (e.g. Σw of huge weights) is divided in float64
         normalizer_dtype = torch.promote_types(normalizer.dtype, learned_weights.dtype)
     else:
         normalizer_dtype = learned_weights.dtype
     unit_normalizer = normalizer_tensor(normalizer, normalizer_dtype, learned_weights.device) / top
-    return safe_divide(unit_weights, unit_normalizer.to(learned_weights.dtype))
+    return safe_divide(unit_weights, unit_normalizer.to(learned_weights.dtype)).to(dtype)
 
 
 def _shift_left(values: torch.Tensor, fill, sample_ends: torch.Tensor | None) -> torch.Tensor:

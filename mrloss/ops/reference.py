@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from mrloss.ops.normalization import IGNORE_INDEX, safe_divide
+from mrloss.ops.chunked import TokenMetrics
+from mrloss.ops.normalization import safe_divide
+from mrloss.ops.options import LossOptions, loss_options
+from mrloss.ops.output import LossOutput
 
 
 def reference_linear_cross_entropy(
@@ -29,70 +32,84 @@ def reference_linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
-    softcap: float | None = None,
-    label_smoothing: float = 0.0,
-    shift: bool = False,
-    z_loss_scale: float = 0.0,
     compute_dtype: torch.dtype | None = torch.float64,
-    return_token_losses: bool = False,
-):
+    options: LossOptions | None = None,
+    **keywords,
+) -> torch.Tensor | LossOutput:
     """Weighted cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, materialized.
 
-    hidden [..., H], weight [V, H], targets [...] int64, token_weights [...] (None: all 1.0).
-    compute_dtype: dtype of every operation (float64 for the oracle; None keeps the inputs' dtype,
-    which is what "plain PyTorch" does). Returns the loss (0-dim, or shape of targets for "none") and,
-    when return_token_losses, also the detached unweighted per-token loss l_i, without z-loss (0 where skipped).
+    Args:
+        hidden: [..., H]; weight: [V, H]; bias: [V] or None; targets: [...] int64;
+        token_weights: [...] float (None: all 1.0); normalizer: as in `mrloss.linear_cross_entropy`.
+        compute_dtype: dtype of every operation (float64 for the oracle; None keeps the inputs' dtype, which is
+            what "plain PyTorch" does).
+        options, keywords: a `LossOptions` and/or its fields as keywords (keywords win); backend, chunk_size
+            and memory have no effect here.
+
+    Returns:
+        The loss (0-dim, or the shape of targets for "none"), or, when a return_* option is set, a `LossOutput`:
+        token_losses the detached unweighted per-token loss l_i without z-loss, z_loss the detached z-loss part
+        of the loss, token_metrics (accuracy, entropy); per-token values target-aligned, 0 where skipped, in
+        the compute dtype.
     """
+    options = loss_options(keywords, caller="reference_linear_cross_entropy", base=options)
     dtype = compute_dtype or hidden.dtype
     if token_weights is None:
         token_weights = torch.ones(targets.shape, device=targets.device)
-    if shift:
-        # target k is predicted by position k-1; position 0 of each sequence predicts nothing.
-        pred_hidden = hidden[..., :-1, :]
-        targets_used = targets[..., 1:]
-        weights_used = token_weights[..., 1:]
+    if options.shift:  # target k is predicted by position k-1; position 0 of each sequence predicts nothing.
+        hidden, targets_used, weights_used = hidden[..., :-1, :], targets[..., 1:], token_weights[..., 1:]
     else:
-        pred_hidden, targets_used, weights_used = hidden, targets, token_weights
-
-    logits = pred_hidden.to(dtype) @ weight.to(dtype).T
+        targets_used, weights_used = targets, token_weights
+    logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    valid = targets_used != ignore_index
-    safe_targets = torch.where(valid, targets_used, torch.zeros_like(targets_used))
-    token_loss = torch.nn.functional.cross_entropy(
-        logits.flatten(0, -2), safe_targets.flatten(), reduction="none", label_smoothing=label_smoothing
-    ).view(targets_used.shape)
-    w = torch.where(valid, weights_used.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
-    token_loss = torch.where(w > 0, token_loss, torch.zeros((), dtype=dtype, device=logits.device))
-    objective = token_loss
-    if z_loss_scale:
-        z_loss = z_loss_scale * torch.logsumexp(logits, dim=-1).square()
-        objective = token_loss + torch.where(w > 0, z_loss, torch.zeros((), dtype=dtype, device=logits.device))
-    weighted = w * objective
+    if options.softcap is not None:
+        logits = options.softcap * torch.tanh(logits / options.softcap)
+    valid = targets_used != options.ignore_index
+    w = torch.where(valid, weights_used.to(dtype), 0.0)
+    token = _per_token(logits, torch.where(valid, targets_used, 0), options, learned=w > 0)
+    if options.shift:  # back to target alignment: position 0 holds no prediction
+        w, token = _pad_front(w), {name: _pad_front(values) for name, values in token.items()}
+    objective = token["losses"] + token["z_loss"] if options.z_loss_scale else token["losses"]
+    loss = _reduce(w * objective, w, normalizer, options.reduction)
+    if not options.returns_output:
+        return loss
+    return LossOutput(
+        loss,
+        token_losses=token["losses"].detach() if options.return_token_losses else None,
+        z_loss=_reduce(w * token["z_loss"], w, normalizer, options.reduction).detach()
+        if options.return_z_loss
+        else None,
+        token_metrics=TokenMetrics(token["accuracy"], token["entropy"]) if options.return_token_metrics else None,
+    )
 
-    if shift:  # back to target alignment: position 0 holds no prediction
-        pad = torch.zeros(targets.shape[:-1] + (1,), dtype=dtype, device=logits.device)
-        weighted = torch.cat([pad, weighted], dim=-1)
-        token_loss = torch.cat([pad, token_loss], dim=-1)
 
+def _reduce(weighted: torch.Tensor, weights: torch.Tensor, normalizer, reduction: str) -> torch.Tensor:
+    """weighted per token -> "none": itself; normalizer: sum / normalizer; "mean": sum / sum(weights); "sum"."""
     if reduction == "none":
-        loss = weighted
-    else:
-        total = weighted.sum()
-        if normalizer is not None:
-            denom = torch.as_tensor(normalizer, dtype=dtype, device=logits.device)
-        elif reduction == "mean":
-            denom = w.sum()
-        elif reduction == "sum":
-            denom = torch.ones((), dtype=dtype, device=logits.device)
-        else:
-            raise ValueError(f"unknown reduction {reduction!r}")
-        loss = safe_divide(total, denom)
-    if return_token_losses:
-        return loss, token_loss.detach()
-    return loss
+        return weighted
+    if normalizer is not None:
+        return safe_divide(weighted.sum(), torch.as_tensor(normalizer, dtype=weighted.dtype, device=weighted.device))
+    return safe_divide(weighted.sum(), weights.sum()) if reduction == "mean" else weighted.sum()
+
+
+def _per_token(logits: torch.Tensor, targets: torch.Tensor, options: LossOptions, learned: torch.Tensor) -> dict:
+    """Per-token values of logits [..., V], 0 where not learned: losses l_i, z_loss zeta lse_i^2 (0 when zeta is
+    0) and, when asked for (they cost [N, V] work), accuracy (the first argmax is the target) and entropy."""
+    losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, -2), targets.flatten(), reduction="none", label_smoothing=options.label_smoothing
+    ).view(targets.shape)
+    values = {"losses": losses, "z_loss": torch.zeros_like(losses)}
+    if options.z_loss_scale:
+        values["z_loss"] = options.z_loss_scale * torch.logsumexp(logits, dim=-1).square()
+    if options.return_token_metrics:
+        log_probs = logits.detach().log_softmax(-1)
+        values["accuracy"] = (logits.detach().argmax(-1) == targets).to(logits.dtype)
+        values["entropy"] = -(log_probs.exp() * log_probs).sum(-1)
+    return {name: torch.where(learned, value, 0.0) for name, value in values.items()}
+
+
+def _pad_front(values: torch.Tensor) -> torch.Tensor:
+    """values [..., T-1] -> [..., T] with 0 at index 0 of the last dimension."""
+    return torch.nn.functional.pad(values, (1, 0))

@@ -6,7 +6,7 @@ A config has six sections; every key is optional except ``data.train_files``::
     model:     path (null: a tiny model built from a transformers config), arch, hidden_size, num_layers,
                num_heads, num_kv_heads, intermediate_size, vocab_size, dtype, attn_implementation,
                gradient_checkpointing
-    loss:      backend, chunk_size, softcap, label_smoothing, memory, z_loss_scale
+    loss:      the options of `mrloss.LossOptions` a run sets (`LOSS_CONFIG_OPTIONS`: backend, chunk_size, ...)
     trainer:   output_dir, epochs, max_steps, learning_rate, per_device_batch_size,
                gradient_accumulation_steps, weight_decay, warmup_ratio, lr_scheduler, max_grad_norm,
                seed, logging_steps, save_steps, save_total_limit, eval_steps, resume_from_checkpoint,
@@ -40,6 +40,10 @@ import yaml
 from mrloss.configs import builtin_configs, resolve_config
 from mrloss.data.encode import DEFAULT_MAX_LENGTH
 from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
+from mrloss.formats import INPUT_FORMATS
+from mrloss.ops.options import MODEL_OPTIONS, LossOptions
+
+DataFormat = Literal[("auto", *INPUT_FORMATS)]  # data.format: "auto" or a format of mrloss.formats' registry
 
 
 class ConfigError(ValueError):
@@ -54,7 +58,7 @@ class DataConfig:
     # model.path is null); required
     train_files: list[str] = dataclasses.field(default_factory=list)
     val_files: list[str] = dataclasses.field(default_factory=list)
-    format: Literal["auto", "position_based", "tag_based", "structured", "messages"] = "auto"
+    format: DataFormat = "auto"
     # top-level sample keys besides the format's and mrloss.formats.METADATA_KEYS: error, keep (as metadata), or
     # a list of key names kept
     extra_keys: Literal["error", "keep"] | list[str] = "error"
@@ -86,16 +90,21 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
 
-@dataclasses.dataclass
-class LossConfig:
-    """Options of `mrloss.linear_cross_entropy`; softcap null keeps the model's final_logit_softcapping."""
+# The options of `mrloss.LossOptions` a run sets: its model options (not decided per call), except ignore_index (the
+# data pipeline marks what is not learned with IGNORE_INDEX itself). A new loss option becomes a config key here.
+LOSS_CONFIG_OPTIONS = tuple(name for name in MODEL_OPTIONS if name != "ignore_index")
 
-    backend: Literal["auto", "torch", "triton"] = "auto"
-    chunk_size: int | None = None
-    softcap: float | None = None
-    label_smoothing: float = 0.0
-    memory: Literal["fast", "low"] = "fast"  # low: no float32 [V, H] weight-gradient buffer (~1/3 more matmul work)
-    z_loss_scale: float = 0.0  # PaLM's z-loss: + scale * logsumexp^2 per token
+
+def _loss_config_class() -> type:
+    """The ``loss`` section's dataclass: one field per `LOSS_CONFIG_OPTIONS`, typed and defaulted as in
+    `mrloss.LossOptions` (its Literal types are the allowed values)."""
+    hints, defaults = typing.get_type_hints(LossOptions), LossOptions()
+    fields = [(name, hints[name], dataclasses.field(default=getattr(defaults, name))) for name in LOSS_CONFIG_OPTIONS]
+    doc = "Options of `mrloss.linear_cross_entropy`; softcap null keeps the model's final_logit_softcapping."
+    return dataclasses.make_dataclass("LossConfig", fields, namespace={"__doc__": doc, "__module__": __name__})
+
+
+LossConfig = _loss_config_class()
 
 
 @dataclasses.dataclass
@@ -298,6 +307,10 @@ def config_from_dict(raw: dict) -> Config:
     ConfigError)."""
     config = _build(Config, raw, "")
     check_ranges(config)
+    try:  # every rule of the loss options (VALUE_RANGES above only words the common ones for a config)
+        LossOptions(**dataclasses.asdict(config.loss))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config loss: {error}") from None
     return config
 
 

@@ -12,22 +12,12 @@ import argparse
 import time
 from pathlib import Path
 
+from mrloss.formats import FORMATS
 from mrloss.training.config import Config, DataConfig, ModelConfig, MonitorConfig, TrainerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mrloss demo", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--output-dir", default="mrloss-demo", help="where data, model and logs go (default: %(default)s)"
-    )
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
-    parser.add_argument(
-        "--format",
-        default="tag_based",
-        choices=("position_based", "tag_based", "structured"),
-        help="which copy of the example data to train on (default: %(default)s)",
-    )
-    args = parser.parse_args(argv)
+    args = _arguments(argv)
     started = time.perf_counter()
 
     from mrloss.data import encode, write_examples
@@ -39,30 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_examples(output_dir / "data")
     print(f"[1/4] example data ({', '.join(sorted(paths))}) written to {output_dir / 'data'}")
 
-    config = Config(
-        data=DataConfig(train_files=[str(paths[args.format])], format=args.format, max_length=256),
-        model=ModelConfig(
-            arch="llama",
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=128,
-            vocab_size=512,
-        ),
-        trainer=TrainerConfig(
-            output_dir=str(output_dir / "run"),
-            max_steps=args.steps,
-            learning_rate=5e-3,
-            per_device_batch_size=4,
-            warmup_ratio=0.05,
-            lr_scheduler="cosine",
-            logging_steps=max(args.steps // 6, 1),
-            device="cpu",
-            overwrite_output_dir=True,  # the demo rewrites its own directory, data included
-        ),
-        monitor=MonitorConfig(enabled=True),
-    )
+    config = _demo_config(paths[args.format], args.format, output_dir / "run", args.steps)
     run = prepare_run(config)
     dataset = run.train_dataset
 
@@ -81,20 +48,63 @@ def main(argv: list[str] | None = None) -> int:
     )
     finish_run(run)
     after = evaluate_region_losses(run.trainer, dataset)
+    _print_results(before, after, config.trainer.output_dir)
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
 
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mrloss demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--output-dir", default="mrloss-demo", help="where data, model and logs go (default: %(default)s)"
+    )
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
+    parser.add_argument(
+        "--format",
+        default="tag_based",
+        choices=FORMATS,
+        help="which copy of the example data to train on (default: %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+def _demo_config(train_file: Path, format: str, run_dir: Path, steps: int) -> Config:
+    """The demo's run: a tiny llama trained on CPU for ``steps`` steps on ``train_file`` (in ``format``)."""
+    return Config(
+        data=DataConfig(train_files=[str(train_file)], format=format, max_length=256),
+        model=ModelConfig(
+            arch="llama",
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            vocab_size=512,
+        ),
+        trainer=TrainerConfig(
+            output_dir=str(run_dir),
+            max_steps=steps,
+            learning_rate=5e-3,
+            per_device_batch_size=4,
+            warmup_ratio=0.05,
+            lr_scheduler="cosine",
+            logging_steps=max(steps // 6, 1),
+            device="cpu",
+            overwrite_output_dir=True,  # the demo rewrites its own directory, data included
+        ),
+        monitor=MonitorConfig(enabled=True),
+    )
+
+
+def _print_results(before: dict, after: dict, run_dir: str) -> None:
+    """The loss of each region type before and after training, and where the outputs are."""
     print("\n[4/4] mean token loss per region type (nats), over the training set")
     width = max(len(name) for name in before)
     print(f"  {'region':<{width}}  {'start':>7}  {'end':>7}")
     for name in before:
         print(f"  {name:<{width}}  {before[name]:7.3f}  {after[name]:7.3f}")
-    metrics_file = Path(config.trainer.output_dir) / "metrics.json"
-    print(f"\nmodel + tokenizer: {config.trainer.output_dir}   metrics: {metrics_file}")
-    print(
-        f"per-region statistics: {Path(config.trainer.output_dir) / 'monitor' / 'region_stats.jsonl'}"
-        f"  (plot: mrloss plot {config.trainer.output_dir})"
-    )
-    print(f"done in {time.perf_counter() - started:.0f} s")
-    return 0
+    print(f"\nmodel + tokenizer: {run_dir}   metrics: {Path(run_dir) / 'metrics.json'}")
+    print(f"per-region statistics: {Path(run_dir) / 'monitor' / 'region_stats.jsonl'}  (plot: mrloss plot {run_dir})")
 
 
 def _sample_to_show(dataset) -> int:

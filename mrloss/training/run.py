@@ -2,8 +2,10 @@
 
 Runs on CPU and GPU, as one process or under ``torchrun`` (DDP; gloo on CPU, NCCL on GPU). The output
 directory receives the model and tokenizer (``save_pretrained``), ``config.yaml`` (the resolved config),
-``metrics.json`` (final metrics, per-region losses, the log history), checkpoints every
-``trainer.save_steps`` and the monitor's ``monitor/region_stats.jsonl``.
+``metrics.json`` (final metrics, per-region losses, the log history; ``train.train_loss`` the mean step loss of
+the whole run, steps before a resume included), checkpoints every
+``trainer.save_steps`` and the monitor's ``monitor/region_stats.jsonl``. Resuming a run whose last checkpoint is
+its last step already prints that it is complete and exits 0, training and writing nothing.
 
 With ``model.path: null`` the model is a tiny ``model.arch`` built from a transformers config and the
 tokenizer a byte-level BPE trained on the training texts (no downloads): rank 0 trains it and saves it
@@ -54,7 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"mrloss train: {error}", file=sys.stderr)
         return 2
-    metrics = finish_run(prepare_run(config))
+    from mrloss.integrations.hf import RunAlreadyComplete
+
+    try:
+        metrics = finish_run(prepare_run(config))
+    except RunAlreadyComplete as complete:  # re-running a finished run: nothing trained, nothing written
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"mrloss train: {complete}")
+        _leave_process_group()
+        return 0
     if metrics["is_main_process"]:
         print(f"mrloss train: model, tokenizer and metrics saved to {config.trainer.output_dir}")
     _leave_process_group()
@@ -97,14 +107,7 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         )
     model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
     weighting, monitor, callbacks = _tools(config, train_dataset.region_types, args.process_index == 0, callbacks)
-    loss_options = {
-        "backend": config.loss.backend,
-        "chunk_size": config.loss.chunk_size,
-        "label_smoothing": config.loss.label_smoothing,
-        "softcap": config.loss.softcap,
-        "memory": config.loss.memory,
-        "z_loss_scale": config.loss.z_loss_scale,
-    }
+    loss_options = dataclasses.asdict(config.loss)
     common = dict(processing_class=tokenizer, loss_options=loss_options, weighting=weighting, monitor=monitor)
     if config.trainer.backend == "trl":
         from mrloss.integrations.trl import MultiRegionSFTTrainer, sft_config
@@ -197,11 +200,21 @@ def training_arguments(config: Config):
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=t.dataloader_num_workers,
-        gradient_checkpointing=config.model.gradient_checkpointing,
+        **checkpointing_arguments(config.model.gradient_checkpointing),
         report_to=t.report_to or "none",
         remove_unused_columns=False,
         **fsdp_arguments(config),
     )
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """The activation checkpointing switch of `transformers.TrainingArguments` under the name the installed release
+    has: ``activation_checkpointing`` where it exists (``gradient_checkpointing`` is its deprecated alias there,
+    warning on every run), else ``gradient_checkpointing``."""
+    import transformers
+
+    names = {field.name for field in dataclasses.fields(transformers.TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def fsdp_arguments(config: Config) -> dict:

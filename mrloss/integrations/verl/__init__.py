@@ -1,6 +1,6 @@
 """mrloss inside verl's engine-based SFT trainer (verl 0.9.1, ``verl.trainer.sft_trainer``).
 
-- ``dataset.MultiRegionSFTDataset``: the ``data.custom_cls`` dataset (our three formats -> float ``loss_mask``).
+- ``dataset.MultiRegionSFTDataset``: the ``data.custom_cls`` dataset (mrloss's formats -> float ``loss_mask``).
 - ``engine``: the loss for ``set_loss_fn`` and the engine/model patches that compute it with mrloss from
   each rank's hidden-state shard (no logits; Ulysses sequence parallelism through `mrloss.parallel`).
 - ``trainer``: the torchrun entry (``-m mrloss.integrations.verl.trainer``) that installs them, then runs

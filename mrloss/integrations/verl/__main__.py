@@ -38,11 +38,12 @@ def _hydra_list(values) -> str:
 
 
 def _hydra_value(value) -> str:
+    """None, a bool, a number or a string as a hydra override value."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return _hydra_string(value) if isinstance(value, str) else str(value)
 
 
 def initial_model_path(config, save_path: str) -> Path:
@@ -67,6 +68,22 @@ def prepare_model(config, save_path: str) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def _mrloss_overrides(config, save_path: str) -> dict[str, str]:
+    """The ``+mrloss.*`` block: the mrloss loss with the config's loss options (one override per field of its
+    ``loss`` section), the monitor's directory and the weighting."""
+    weighting = config.weighting
+    return {
+        "+mrloss.loss": "mrloss",
+        **{f"+mrloss.{name}": _hydra_value(value) for name, value in dataclasses.asdict(config.loss).items()},
+        "+mrloss.monitor_dir": _hydra_string(Path(config.monitor.output_dir or Path(save_path) / "monitor").resolve())
+        if config.monitor.enabled
+        else "null",
+        "+mrloss.weighting": _hydra_string(json.dumps(dataclasses.asdict(weighting)))
+        if weighting.dynamic_weights is not None or weighting.region_dependencies is not None
+        else "null",
+    }
+
+
 def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = ()) -> list[str]:
     """verl hydra overrides for an mrloss `Config`; ``verl_extra`` (``key=value``) replace same-key ones."""
     if config.trainer.device == "cpu":
@@ -75,7 +92,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
     sp_size = int(extra.get("engine.ulysses_sequence_parallel_size", 1))
     if nproc % sp_size:
         raise ValueError(f"--nproc {nproc} is not a multiple of engine.ulysses_sequence_parallel_size {sp_size}")
-    trainer, data, loss = config.trainer, config.data, config.loss
+    trainer, data = config.trainer, config.data
     resume = trainer.resume_from_checkpoint
     generated = {
         "data.train_files": _hydra_list(Path(p).resolve() for p in data.train_files),
@@ -114,19 +131,7 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
         "trainer.experiment_name": _hydra_string(Path(save_path).resolve().name or "run"),
         "trainer.n_gpus_per_node": str(nproc),
         "trainer.resume_mode": "disable" if not resume else ("auto" if resume is True else "resume_path"),
-        "+mrloss.loss": "mrloss",
-        "+mrloss.backend": loss.backend,
-        "+mrloss.chunk_size": _hydra_value(loss.chunk_size),
-        "+mrloss.softcap": _hydra_value(loss.softcap),
-        "+mrloss.label_smoothing": str(loss.label_smoothing),
-        "+mrloss.memory": loss.memory,
-        "+mrloss.z_loss_scale": str(loss.z_loss_scale),
-        "+mrloss.monitor_dir": _hydra_string(Path(config.monitor.output_dir or Path(save_path) / "monitor").resolve())
-        if config.monitor.enabled
-        else "null",
-        "+mrloss.weighting": _hydra_string(json.dumps(dataclasses.asdict(config.weighting)))
-        if config.weighting.dynamic_weights is not None or config.weighting.region_dependencies is not None
-        else "null",
+        **_mrloss_overrides(config, save_path),
     }
     if isinstance(resume, str):
         generated["trainer.resume_from_path"] = _hydra_string(Path(resume).resolve())

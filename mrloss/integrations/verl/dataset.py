@@ -1,4 +1,4 @@
-"""The ``data.custom_cls`` dataset of verl's SFT trainer: our three formats with token weights.
+"""The ``data.custom_cls`` dataset of verl's SFT trainer: mrloss's formats with token weights.
 
 verl builds it as ``cls(parquet_files=, tokenizer=, config=, processor=, max_samples=)`` and, with
 ``data.pad_mode=no_padding``, collates items with ``SFTTensorCollator`` into jagged (nested) tensors.
@@ -11,7 +11,7 @@ what keeps a packed sample from learning the next sample's first token.
 
 Data config keys read (verl's ``data`` section; ``+data.format=...`` adds the ones verl lacks):
 ``pad_mode`` (must be no_padding), ``max_length``, ``truncation`` (right | left | error), ``format``
-(auto | position_based | tag_based | structured | messages), ``extra_keys`` (error | keep | a list of key names,
+(auto or one of `mrloss.formats.INPUT_FORMATS`), ``extra_keys`` (error | keep | a list of key names,
 as `mrloss.formats.parse`; verl's own dataset columns `VERL_METADATA_KEYS` are metadata in any case), ``add_eos``,
 ``shuffle`` and ``seed`` (for max_samples); for chat samples, as verl's MultiTurnSFTDataset reads them:
 ``messages_key`` (default messages), ``tools_key`` (tools), ``enable_thinking_key`` (enable_thinking),
@@ -29,7 +29,7 @@ VERL_METADATA_KEYS = ("data_source", "ability", "reward_model", "extra_info")
 class MultiRegionSFTDataset(torch.utils.data.Dataset):
     """Items ``{"input_ids", "position_ids", "loss_mask", "region_type_ids"}`` for verl's no_padding SFT path.
 
-    parquet_files: one path or a list (JSONL / JSON / Parquet, any of our three formats); tokenizer: a
+    parquet_files: one path or a list (JSONL / JSON / Parquet, any of `mrloss.formats.INPUT_FORMATS`); tokenizer: a
     fast HF tokenizer (or a path to one); config: verl's data config (mapping); processor: unused (text
     only); max_samples: > 0 keeps that many samples (the first ones, or a seeded random choice when
     ``config.shuffle``), like verl's own datasets.

@@ -109,7 +109,7 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
                 f"hidden states {tuple(hidden.shape)} do not match the mrloss shard of "
                 f"{mrloss_shard.targets.shape[0]} tokens (needs use_remove_padding=True)"
             )
-        loss = head_loss(
+        output = head_loss(
             causal_lm,
             head,
             hidden[0],
@@ -123,8 +123,9 @@ def patch_causal_lm_forward(model, loss_options: dict | None = None):
             return_token_losses=mrloss_shard.keep_token_losses,
             **options,
         )
-        if mrloss_shard.keep_token_losses:
-            loss, mrloss_shard.token_losses = loss
+        loss = output
+        if mrloss_shard.keep_token_losses:  # a LossOutput
+            loss, mrloss_shard.token_losses = output.loss, output.token_losses
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)

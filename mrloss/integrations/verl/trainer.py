@@ -1,8 +1,8 @@
 """torchrun entry: verl's own SFT trainer (``verl.trainer.sft_trainer.main``) with the mrloss loss.
 
     torchrun --standalone --nproc_per_node=N -m mrloss.integrations.verl.trainer <verl hydra overrides>
-        +mrloss.loss=mrloss [+mrloss.backend=auto +mrloss.chunk_size=N +mrloss.softcap=C +mrloss.label_smoothing=E
-                             +mrloss.memory=low +mrloss.z_loss_scale=Z]
+        +mrloss.loss=mrloss [+mrloss.OPTION=VALUE ...: any of mrloss.integrations.heads.LOSS_OPTIONS, e.g.
+                             +mrloss.backend=auto +mrloss.chunk_size=N +mrloss.memory=low]
         [+mrloss.monitor_dir=DIR +mrloss.weighting='{"dynamic_weights": {...}, "region_dependencies": {...}}']
 
 The switch is the ``mrloss`` block of verl's config: ``mrloss.loss=mrloss`` swaps verl's ``sft_loss`` for
