@@ -46,11 +46,11 @@ if [ "$dry_run" = 1 ]; then out="$(realpath -m "$out")"; else out="$(mkdir -p "$
 bench_args="--preset gpu-goals --impls torch-chunked,liger,cce,trl,mrloss-triton,mrloss-triton-low --warmup 1 \
 --reps 3 --out-dir $out/bench"
 declare -A OLD_RULE_CHUNK=([llama3-8b]=528 [gemma2-2b]=256)
-# a ~100M-parameter Llama from a config (BPE tokenizer trained on the example data), bf16, packed 1024-token rows
+# a ~100M-parameter Llama from a config (BPE tokenizer trained on the example data, which the built-in config
+# writes to examples/sft/multi_region/data/ of the checkout), bf16, packed 1024-token rows
 train_overrides="model.hidden_size=1024 model.num_layers=8 model.num_heads=16 model.num_kv_heads=4 \
 model.intermediate_size=2816 model.vocab_size=8192 model.dtype=bfloat16 data.max_length=1024 data.pack=true \
-data.write_examples=true \
-'data.train_files=[$out/train/data/tag_based.jsonl]' trainer.output_dir=$out/train trainer.device=cuda \
+trainer.output_dir=$out/train trainer.device=cuda \
 trainer.max_steps=150 trainer.per_device_batch_size=8 trainer.learning_rate=3.0e-4 trainer.logging_steps=25 \
 trainer.save_steps=null"
 

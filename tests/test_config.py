@@ -118,3 +118,29 @@ def test_file_and_override_errors(tmp_path):
         apply_overrides({"trainer": {"epochs": 1}}, ["trainer.epochs.x=3"])
     defaults_only = load_config(None, ["data.train_files=x.jsonl"])
     assert defaults_only.trainer == Config().trainer and defaults_only.data.train_files == ["x.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "weighting.dynamic_weights.difficulty_scalling=true",
+            "config weighting.dynamic_weights: unknown key(s) ['difficulty_scalling']; allowed keys are",
+        ),
+        (
+            "weighting.region_dependencies={region_dependencies: {a: {requires: [a]}}}",
+            "config weighting.region_dependencies: dependency cycle a -> a",
+        ),
+        ("trainer.seed=-1", "config trainer.seed: expected a value >= 0 and <= 4294967295, got -1"),
+        ("model.num_heads=3", "config model.num_heads: model.hidden_size 64 is not a multiple of 3 heads"),
+        ("model.num_kv_heads=3", "config model.num_kv_heads: model.num_heads 4 is not a multiple of 3 key/value heads"),
+    ],
+    ids=["weighting-key", "dependency-cycle", "seed", "num-heads", "num-kv-heads"],
+)
+def test_config_mistakes_are_one_line(override, message, tmp_path, capsys):
+    """Before (#23 tracebacks): a traceback each (num_kv_heads only at the first training step)."""
+    from mrloss.cli import main
+
+    assert main(["train", "--config", "tag_based", f"trainer.output_dir={tmp_path}/run", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err

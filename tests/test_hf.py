@@ -329,3 +329,19 @@ def test_one_head_table_for_both_integrations():
     granite = tiny_model("granite")
     assert heads.model_head(granite, caller="t") == heads.Head(hidden_scale=1 / 2.5, softcap=None)
     assert heads.model_head(tiny_model("gemma2"), 0.3, caller="t").softcap == 0.3
+
+
+def test_readme_hf_code_block_runs_as_written(tmp_path, monkeypatch):
+    """Before (#23 rough edges): README's Hugging Face block used names it never defined. Run it as written (in a
+    scratch directory: it writes data/ and out/)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Training with Hugging Face transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md (Training with Hugging Face transformers)", "exec"), namespace)
+    assert namespace["out"].logits is None and torch.isfinite(namespace["out"].loss)
+    assert namespace["trainer"].state.global_step == 2

@@ -309,8 +309,7 @@ def train_tag_based(output_dir: Path, *overrides, stop_at: int | None = None) ->
     config = load_config(
         REPO / "mrloss/configs/multi_region_tag_based.yaml",
         [
-            "data.train_files=data/tag_based.jsonl",
-            "data.val_files=[]",
+            "data.val_files=[]",  # data: the shipped examples, written to examples/sft/multi_region/data/
             "data.max_length=64",
             f"trainer.output_dir={output_dir}",
             "trainer.max_steps=6",

@@ -287,7 +287,6 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative data paths resolve in the working directory
     output_dir = tmp_path / "run"
     overrides = [
-        "data.train_files=data/tag_based.jsonl",
         "data.max_length=128",
         f"trainer.output_dir={output_dir}",
         "trainer.max_steps=12",
@@ -299,7 +298,7 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
         "model.intermediate_size=64",
     ]
     run_train(["--config", "tag_based", *overrides])
-    assert (tmp_path / "data/structured.jsonl").exists()  # write_examples: true created the example data
+    assert (tmp_path / "examples/sft/multi_region/data/structured.jsonl").exists()  # write_examples: true
     metrics = json.loads((output_dir / "metrics.json").read_text())
     first, last = metrics["region_losses"]["first"], metrics["region_losses"]["last"]
     assert first["step"] == 1 and last["step"] == 12
@@ -358,8 +357,7 @@ def test_resumed_run_reports_the_train_loss_of_all_steps_and_a_complete_run_trai
     output_dir = tmp_path / "run"
     arguments = [
         "--config",
-        "tag_based",
-        "data.train_files=data/tag_based.jsonl",
+        "tag_based",  # its example data, written to examples/sft/multi_region/data/
         "data.max_length=128",
         f"trainer.output_dir={output_dir}",
         "trainer.max_steps=7",
@@ -435,6 +433,82 @@ def test_mrloss_train_reports_config_errors(tmp_path, capsys):
     assert "config trainer.epoch: unknown key" in capsys.readouterr().err
 
 
+def run_cli(argv, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``mrloss <argv>`` in this process."""
+    from mrloss.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_a_training_set_without_a_learned_token_is_refused_naming_the_format(tmp_path, capsys):
+    """Before (#23 item 1): a wrong data.format parsed every tag_based sample as position_based without regions,
+    trained on nothing (every weight 0, losses 0.0) and exited 0."""
+    from mrloss.data import write_examples
+
+    data = write_examples(tmp_path / "data")["tag_based"]
+    argv = [
+        "train",
+        "--config",
+        "position_based",
+        f"data.train_files=[{data}]",
+        f"trainer.output_dir={tmp_path / 'run'}",
+    ]
+    code, err = run_cli([*argv, "trainer.device=cpu"], capsys)
+    assert (code, err.count("\n")) == (2, 1), err
+    assert err == (
+        f"mrloss train: config data.train_files: 0 of {len(EXAMPLES)} samples in {data} have a learned token "
+        "(weight > 0), so nothing would be trained: data.format is position_based but the samples look tag_based "
+        "(set data.format=tag_based or auto)\n"
+    )
+    assert not (tmp_path / "run/model.safetensors").exists()
+
+
+def test_samples_without_a_learned_token_are_counted_in_a_warning():
+    from mrloss.training.build import check_learned_tokens
+    from mrloss.training.config import DataConfig
+
+    tokenizer = train_bpe_tokenizer(["plain words and a learned answer"] * 8, vocab_size=300)
+    samples = [{"text": "plain words"}, {"text": "a <LEARN>learned answer</LEARN>"}, {"text": "more words"}]
+    dataset = MultiRegionDataset.from_samples(samples, tokenizer, sample_ids=["a:1", "a:2", "a:3"])
+    with pytest.warns(UserWarning, match=r"^2 of 3 training samples have no learned token .* e\.g\. a:1$"):
+        check_learned_tokens(dataset, DataConfig(train_files=["a"]))
+
+
+def test_examples_are_written_only_at_the_shipped_example_paths(tmp_path, capsys, monkeypatch):
+    """Before (#23 item 11): a typo'd data.train_files=[mydata/corpus_v2.jsonl] filled mydata/ with the example
+    files before "not found", and newproj/tag_based.jsonl trained on the shipped examples with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    for path in ("mydata/corpus_v2.jsonl", "newproj/tag_based.jsonl"):
+        code, err = run_cli(["train", "--config", "tag_based", f"data.train_files=[{path}]"], capsys)
+        assert code == 2 and err == (
+            f"mrloss train: config data: file(s) not found: {path} (data.write_examples writes the example data set "
+            "only to examples/sft/multi_region/data/<format>.jsonl)\n"
+        )
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written: no data folder, no run directory
+
+
+def test_a_shared_monitor_dir_keeps_the_other_runs_record(tmp_path, capsys):
+    """Before (#23 item 11): a second run with the same monitor.output_dir deleted the first's region_stats.jsonl.
+    Now it is refused, as a non-empty trainer.output_dir is, unless trainer.overwrite_output_dir."""
+    from mrloss.training.config import load_config
+    from mrloss.training.run import check_monitor_dir
+
+    monitor = tmp_path / "monitor"
+    monitor.mkdir()
+    (monitor / "region_stats.jsonl").write_text('{"step": 1}\n')
+    argv = ["train", "--config", "tag_based", f"monitor.output_dir={monitor}", f"trainer.output_dir={tmp_path / 'b'}"]
+    code, err = run_cli(argv, capsys)
+    assert (code, err) == (
+        2,
+        f"mrloss train: config monitor.output_dir: {monitor / 'region_stats.jsonl'} holds the record of another "
+        "run; replace it (trainer.overwrite_output_dir=true) or choose another directory\n",
+    )
+    assert (monitor / "region_stats.jsonl").read_text() == '{"step": 1}\n'
+    for allowed in ("trainer.overwrite_output_dir=true", "trainer.resume_from_checkpoint=true"):
+        check_monitor_dir(load_config("tag_based", [f"monitor.output_dir={monitor}", allowed]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["position", "tag", "structured"])
 def test_run_script_two_processes(script, tmp_path):
@@ -470,9 +544,10 @@ def test_mrloss_train_ddp_equals_one_process(backend, tmp_path):
     norms and trained weights (fp32, the shipped tag_based config with dynamic weights, 3 AdamW steps)."""
     from safetensors.torch import load_file
 
+    from mrloss.data import write_examples
+
     common = [
-        f"data.train_files=[{tmp_path / 'data/tag_based.jsonl'}]",
-        "data.write_examples=true",
+        f"data.train_files=[{write_examples(tmp_path / 'data')['tag_based']}]",
         "data.max_length=96",
         "trainer.max_steps=3",
         "trainer.save_steps=null",
@@ -539,6 +614,105 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "loss mask of sample" in out and "⟦" in out  # the mask, plain-text form (NO_COLOR)
     assert "start" in out and "end" in out and "concept" in out and "weighted" in out
     assert (tmp_path / "demo/run/model.safetensors").exists() and (tmp_path / "demo/data/tag_based.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.lr_scheduler=cosin"], "config trainer.lr_scheduler: expected one of ['linear', 'cosine', "),
+        (["trainer.report_to=[tensorbord]"], "config trainer.report_to: unknown 'tensorbord'; expected names among"),
+        (["loss.backend=triton"], "config loss.backend: 'triton' runs on a CUDA device and this run is on the CPU"),
+        (["model.arch=gpt2"], "config model.arch: cannot patch GPT2LMHeadModel (model_type 'gpt2'): mrloss does not"),
+        (
+            ["model.attn_implementation=eagr"],
+            "config model.attn_implementation: 'eagr': Specified `attn_implementation",
+        ),
+        (
+            ["weighting.region_dependencies={region_dependencies: {x: {requires: [y]}}}"],
+            "config weighting.region_dependencies names region type(s) ['x', 'y'] that are not in the data's region",
+        ),
+        (
+            ["data.max_length=1"],
+            "config data.train_files: 0 of 4 samples in ",  # ... have a learned token ...: data.max_length 1 (right
+        ),
+    ],
+    ids=["lr-scheduler", "report-to", "triton-on-cpu", "arch-gpt2", "attn-implementation", "unknown-type", "truncated"],
+)
+def test_run_mistakes_are_one_line(overrides, message, tmp_path, capsys, monkeypatch):
+    """Before (#23 tracebacks): a traceback each from transformers, apply_mrloss or the first loss call."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a plain CPU machine
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    run = tmp_path / "run"
+    small = ["data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16", "model.num_layers=1"]
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={run}"]
+    code, err = run_cli([*argv, "trainer.device=cpu", *small, *overrides], capsys)
+    assert code == 2 and err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err
+    assert not (run / "model.safetensors").exists()
+    if "data.max_length=1" in overrides:
+        assert err.endswith(": data.max_length 1 (right truncation) cut the learned regions of 4 samples\n")
+
+
+def test_resume_onto_another_model_shape_is_one_line(tmp_path, capsys):
+    """Before (#23 tracebacks): resuming with other model sizes ended in a state_dict size-mismatch traceback."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    run = tmp_path / "run"
+    common = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={run}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.intermediate_size=16", "model.num_layers=1"]
+    first = [*common, *small, "model.hidden_size=16", "trainer.max_steps=1", "trainer.save_steps=1"]
+    code, err = run_cli([*first, "weighting.dynamic_weights=null", "monitor.enabled=false"], capsys)
+    assert code == 0, err
+    resumed = [*common, *small, "model.hidden_size=32", "trainer.max_steps=2", "trainer.resume_from_checkpoint=true"]
+    code, err = run_cli([*resumed, "weighting.dynamic_weights=null", "monitor.enabled=false"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"mrloss train: config trainer.resume_from_checkpoint: {run / 'checkpoint-1'} holds a model with hidden_size "
+        "16, the config builds 32 (model.hidden_size)"
+    )
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """Before (#23 tracebacks): a traceback. Exit code 1: a file problem (`mrloss.cli._user_error_code`)."""
+    import errno
+
+    def disk_full(self, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", disk_full)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={tmp_path / 'run'}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16"]
+    code, err = run_cli(
+        [*argv, *small, "trainer.max_steps=2", "trainer.save_steps=1", "weighting.dynamic_weights=null"], capsys
+    )
+    assert (code, err) == (
+        1,
+        "mrloss train: [Errno 28] training stopped at step 1: No space left on device; checkpoints written before "
+        "are complete (resume: trainer.resume_from_checkpoint=true)\n",
+    )
+
+
+def test_logs_are_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys):
+    """Before (#23 rough edges): tqdm's carriage returns flooded log files. Without a terminal (capsys here) the
+    Trainer prints one line per log step and transformers' own bars are off."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={tmp_path / 'run'}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16"]
+    steps = [
+        "trainer.max_steps=2",
+        "trainer.logging_steps=1",
+        "trainer.save_steps=null",
+        "weighting.dynamic_weights=null",
+    ]
+    from mrloss.cli import main
+
+    assert main([*argv, *small, *steps]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    assert sum(line.startswith("{'loss': ") for line in captured.out.splitlines()) == 2, captured.out
 
 
 def test_token_metrics_only_on_steps_that_log(tokenizer, tmp_path, monkeypatch):

@@ -198,12 +198,28 @@ def test_show_command(examples, tmp_path, capsys):
     out = tmp_path / "view.html"
     assert show_main([str(paths["structured"]), "--index", "3", "--html", str(out), "--color", "never"]) == 0
     printed = capsys.readouterr().out
-    assert "structured.jsonl:4" in printed and "⟦1.5 definition│梯度下降是" in printed and "wrote" in printed
+    assert f"sample --index 3 ({paths['structured']}, line 4)" in printed  # both labelled: 0-based, 1-based
+    assert "⟦1.5 definition│梯度下降是" in printed and "wrote" in printed
     parser = Spans()
     parser.feed(out.read_text(encoding="utf-8"))
     assert "梯度下降是一种" in "".join(text for _, text in parser.spans)
     assert show_main([str(paths["tag_based"]), "--index", "999"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_show_labels_the_index_and_the_line(tmp_path, capsys):
+    """Before (#23 rough edges): ``--index 1`` printed ``sample f.jsonl:3`` -- a 1-based line number beside the
+    0-based index, unlabelled (and blank lines make them differ by more than one)."""
+    import json
+
+    samples = [{"text": "first <LEARN>one</LEARN>"}, {"text": "second <LEARN>two</LEARN>"}]
+    jsonl = tmp_path / "f.jsonl"
+    jsonl.write_text(json.dumps(samples[0]) + "\n\n" + json.dumps(samples[1]) + "\n")
+    listed = tmp_path / "f.json"
+    listed.write_text(json.dumps(samples))
+    for path, where in ((jsonl, f"{jsonl}, line 3"), (listed, f"{listed}[1]")):
+        assert show_main([str(path), "--index", "1", "--color", "never", "--vocab-size", "260"]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"sample --index 1 ({where})"
 
 
 def test_show_uses_the_run_tokenizer(examples, tmp_path, capsys):
