@@ -792,3 +792,112 @@ def test_peak_memory_holds_no_full_logits():
     extra = torch.cuda.max_memory_allocated() - before - gradient_bytes
     assert extra < tokens * vocab * 2 / 2, f"peak extra {extra / 2**20:.0f} MiB"
     assert hidden.grad.isfinite().all() and weight.grad.isfinite().all()
+
+
+def _product_operands(dtype, device="cpu", seed=0, rows=300, inner=37, cols=29):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        t.to(device=device, dtype=dtype)
+        for t in (torch.randn(rows, inner, generator=gen), torch.randn(inner, cols, generator=gen))
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk_weight_grad_products_accumulate_in_float32(dtype, monkeypatch):
+    """add_product (the weight-gradient accumulation) multiplies half-precision operands exactly into a float32
+    buffer (the CPU form of CUDA's addmm(out_dtype=float32)): float32-rounding error against float64, where
+    rounding each product to the inputs' dtype first errs ~100x more. first=True ignores the buffer's content
+    (no zero fill: NaN does not leak); row blocks (here 7 rows) change nothing."""
+    from mrloss.ops import chunked
+
+    monkeypatch.setattr(chunked, "FALLBACK_BLOCK_ELEMENTS", 7 * 37)
+    (left1, right1), (left2, right2) = _product_operands(dtype, seed=1), _product_operands(dtype, seed=2)
+    buffer = torch.full((300, 29), float("nan"))
+    chunked.add_product(buffer, left1, right1, first=True)
+    chunked.add_product(buffer, left2, right2)
+    exact = left1.double() @ right1.double() + left2.double() @ right2.double()
+    rounded = (left1 @ right1).float() + (left2 @ right2).float()  # products rounded to the inputs' dtype
+    assert relative_error(buffer, exact) < 1e-6
+    assert relative_error(rounded, exact) > 100 * relative_error(buffer, exact)
+    one_block = torch.full((300, 29), float("nan"))
+    monkeypatch.setattr(chunked, "FALLBACK_BLOCK_ELEMENTS", 1 << 22)
+    chunked.add_product(one_block, left1, right1, first=True)
+    chunked.add_product(one_block, left2, right2)
+    torch.testing.assert_close(one_block, buffer, rtol=2e-7, atol=1e-6)
+
+
+def test_chunk_weight_grad_same_dtype_is_one_addmm():
+    from mrloss.ops import chunked
+
+    left, right = _product_operands(torch.float32)
+    buffer = torch.randn(300, 29)
+    expected = torch.addmm(buffer, left, right)
+    chunked.add_product(buffer, left, right)
+    assert torch.equal(buffer, expected)
+    chunked.add_product(buffer, left, right, first=True)
+    assert torch.equal(buffer, left @ right)
+
+
+@pytest.mark.parametrize(
+    "tokens,hidden_size,vocab,expected",
+    [
+        (16384, 4096, 128256, 2048),  # Llama-3-8B head: the weight-gradient floor (old rule: 528)
+        (16384, 2304, 256000, 2048),  # Gemma-2-2B head (old rule: 256)
+        (4096, 1024, 32000, 1024),  # the memory budget C <= H (a [C, V] chunk no larger than the weight)
+        (2048, 256, 32000, 256),  # small heads keep MIN_CHUNK_SIZE
+        (37, 48, 1001, 256),
+        (1 << 20, 4096, 32000, 134224),  # long batches keep C ~ N H / V (rounded up to a multiple of 8)
+    ],
+)
+def test_chunk_default_size_from_memory_budget(tokens, hidden_size, vocab, expected):
+    from mrloss.ops.chunked import default_chunk_size
+
+    assert default_chunk_size(tokens, hidden_size, vocab) == expected
+
+
+@pytest.mark.parametrize("memory", MEMORY)
+def test_chunk_first_chunk_overwrites_and_no_chunk_gives_zeros(memory):
+    """The float32 weight-gradient buffer is not zero-filled: the first chunk overwrites it. Several chunks (5
+    rows each) equal one; with nothing to learn the weight gradient is exactly zero."""
+    inputs = make_inputs((37,), torch.bfloat16, bias=False)
+    many = loss_and_grads(linear_cross_entropy, inputs, dict(backend="torch", memory=memory, chunk_size=5))
+    one = loss_and_grads(linear_cross_entropy, inputs, dict(backend="torch", memory=memory, chunk_size=64))
+    assert torch.isfinite(many[2]).all()
+    exact = loss_and_grads(reference_linear_cross_entropy, inputs, {}, compute=torch.float64)
+    assert relative_error(many[2], exact[2]) < 2 * relative_error(one[2], exact[2]) + torch.finfo(torch.bfloat16).eps
+    nothing = dict(inputs, token_weights=torch.zeros_like(inputs["token_weights"]))
+    assert torch.equal(
+        loss_and_grads(linear_cross_entropy, nothing, dict(backend="torch", memory=memory))[2],
+        torch.zeros_like(inputs["weight"]),
+    )
+
+
+@pytest.mark.gpu
+def test_gpu_weight_grad_accumulates_in_cublas_without_temporary():
+    """On CUDA add_product is one cuBLAS addmm(out_dtype=float32) into the buffer: no warning (the out_dtype path
+    was taken), no temporary (peak extra memory far below the buffer), deterministic, and equal to the CPU
+    fallback's float32 arithmetic up to float32 rounding."""
+    from mrloss.ops import chunked
+
+    (left, right), (left2, right2) = (
+        _product_operands(torch.bfloat16, "cuda", seed, rows=8192, inner=2048, cols=1024) for seed in (1, 2)
+    )
+    results = []
+    for _ in range(2):
+        buffer = torch.empty(8192, 1024, device="cuda")
+        chunked.add_product(buffer, left, right, first=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        chunked.add_product(buffer, left2, right2)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < buffer.numel() * buffer.element_size() / 8
+        results.append(buffer)
+    assert not chunked._out_dtype_failure
+    assert torch.equal(results[0], results[1])
+    cpu = torch.empty(8192, 1024)
+    chunked.add_product(cpu, left.cpu(), right.cpu(), first=True)
+    chunked.add_product(cpu, left2.cpu(), right2.cpu())
+    exact = left.cpu().double() @ right.cpu().double() + left2.cpu().double() @ right2.cpu().double()
+    assert relative_error(results[0].cpu(), exact) < 1e-6
+    assert relative_error(results[0].cpu(), cpu) < 1e-6

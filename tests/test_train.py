@@ -64,9 +64,8 @@ def train_tiny(tokenizer, dataset, tmp_path, **arguments):
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
-        logging_steps=1,
         seed=0,
-        **{"per_device_train_batch_size": 4, "max_steps": 3, **arguments},
+        **{"per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1, **arguments},
     )
     trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
     trainer.train()
@@ -801,3 +800,25 @@ def test_logs_are_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "\r" not in captured.out + captured.err
     assert sum(line.startswith("{'loss': ") for line in captured.out.splitlines()) == 2, captured.out
+
+
+def test_token_metrics_only_on_steps_that_log(tokenizer, tmp_path, monkeypatch):
+    """The token metrics cost a pass over the logits chunks: the patched forward computes them only on the
+    optimizer steps that end in a training log (logging_steps=2 of 5 steps, plus the first), and every such log has
+    them; the other steps' outputs carry None."""
+    from mrloss.integrations import hf
+
+    computed = []
+    record = hf.RegionLogStats.add
+
+    def add(self, batch, outputs, loss_sums=None):
+        computed.append(outputs.token_accuracy is not None and outputs.token_entropy is not None)
+        return record(self, batch, outputs, loss_sums)
+
+    monkeypatch.setattr(hf.RegionLogStats, "add", add)
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5), tokenizer)
+    trainer, _ = train_tiny(tokenizer, dataset, tmp_path, max_steps=5, logging_steps=2, logging_first_step=True)
+    assert computed == [True, True, False, True, False]
+    logged = [entry for entry in trainer.state.log_history if "loss/answer" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 4]
+    assert all(0 <= entry["mean_token_accuracy"] <= 1 and entry["entropy"] > 0 for entry in logged)

@@ -53,6 +53,9 @@ class RunAlreadyComplete(ValueError):
 
 
 TOKEN_METRICS = {"mean_token_accuracy": "token_accuracy", "entropy": "token_entropy"}  # log name: output field
+# attribute of the patched *ForCausalLM: False makes its forward skip the token metrics (None in the output);
+# MultiRegionTrainer sets it per step (only steps that log, and evaluation, compute them)
+TOKEN_METRICS_FLAG = "_mrloss_token_metrics"
 
 
 class RegionLogStats:
@@ -81,6 +84,8 @@ class RegionLogStats:
             weight_sum = valid_weight_sum(batch["labels"], batch["token_weights"], self.ignore_index).cpu()
             self.weighted += torch.stack([outputs.loss.detach().double().cpu() * weight_sum, weight_sum])[:, None]
         for name, attribute in TOKEN_METRICS.items():
+            if getattr(outputs, attribute) is None:  # a step that does not log: not computed
+                continue
             record = self._statistics(batch, getattr(outputs, attribute))
             total = record["total"]
             overall = torch.tensor([[(total["mean_loss"] or 0.0) * total["learned_tokens"]], [total["learned_tokens"]]])
@@ -210,6 +215,7 @@ def apply_mrloss(model, **loss_options):
             _warn_if_token_count(causal_lm, num_items_in_batch)
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(hidden.device)
+        metrics = causal_lm.__dict__.get(TOKEN_METRICS_FLAG, True)
         output = head_loss(
             causal_lm,
             head,
@@ -221,9 +227,10 @@ def apply_mrloss(model, **loss_options):
             shift=True,
             normalizer=num_items_in_batch,
             return_token_losses=True,
-            return_token_metrics=True,
+            return_token_metrics=metrics,
             **options,
         )
+        token_metrics = output.token_metrics  # None when not asked for (a training step that does not log)
         result = _output_class()(
             loss=output.loss,
             logits=None,
@@ -231,8 +238,8 @@ def apply_mrloss(model, **loss_options):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             token_losses=output.token_losses,
-            token_accuracy=output.token_metrics.accuracy,
-            token_entropy=output.token_metrics.entropy,
+            token_accuracy=None if token_metrics is None else token_metrics.accuracy,
+            token_entropy=None if token_metrics is None else token_metrics.entropy,
         )
         return result.to_tuple() if return_dict is False else result
 
@@ -403,6 +410,7 @@ class MultiRegionTrainer(transformers.Trainer):
     # -- loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = dict(inputs)
+        setattr(unwrap_causal_lm(self.model), TOKEN_METRICS_FLAG, not model.training or self._logs_this_step())
         loss, outputs = super().compute_loss(
             model, model_inputs(batch), return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -412,6 +420,14 @@ class MultiRegionTrainer(transformers.Trainer):
             else:
                 self._eval_log_stats.add(batch, outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step being computed ends in a training log (transformers' DefaultFlowCallback rule
+        for logging_strategy "steps"; any other strategy: every step): only then are the token metrics computed."""
+        step = self.state.global_step + 1
+        if self.args.logging_strategy != transformers.trainer_utils.IntervalStrategy.STEPS:
+            return True
+        return (step == 1 and self.args.logging_first_step) or step % max(1, self.state.logging_steps or 1) == 0
 
     def _record_region_losses(self, batch, outputs) -> None:
         """Per-type loss sums of one training micro-batch (`mrloss.metrics.region_statistics`, through the region
