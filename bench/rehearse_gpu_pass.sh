@@ -83,6 +83,8 @@ step "gpu_pass.sh --dry-run"
 PYTHON="$py" bash bench/gpu_pass.sh --dry-run "$work/pass" | tail -1
 step "pytest -m gpu: every test module collects (the GPU tests skip on a CPU)"
 "$py" -m pytest -q -p no:cacheprovider -m gpu tests
+step "the compile check with the image's triton (every kernel configuration, sm_80 and sm_90: no unfit one)"
+"$py" -m pytest -q -p no:cacheprovider tests/test_compile.py
 step "the CPU tests of what the GPU tests exercise"
 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_loss.py tests/test_bench.py tests/test_hf.py \
   -k "metrics or chunk or dry_run or wheel_list or roofline or gpu_summary or token_accuracy or matches_float64"
