@@ -121,7 +121,7 @@ def _trl(hidden, weight, targets, token_weights, softcap):
     return -(log_probs * token_weights[learned]).sum() / token_weights.sum()
 
 
-def _mrloss(backend: str, memory: str = "fast"):
+def _mrloss(backend: str, memory: str = "fast", chunk_size: int | None = None):
     def loss_fn(hidden, weight, targets, token_weights, softcap):
         import mrloss
 
@@ -134,6 +134,7 @@ def _mrloss(backend: str, memory: str = "fast"):
             ignore_index=IGNORE_INDEX,
             backend=backend,
             memory=memory,
+            chunk_size=chunk_size,
         )
 
     return loss_fn
@@ -294,3 +295,27 @@ IMPLS = {
         ),
     ]
 }
+
+
+def resolve(name: str) -> Impl:
+    """``IMPLS[name]``, or for ``<mrloss implementation>@C`` (e.g. ``mrloss-triton@4096``) that implementation with
+    ``chunk_size=C`` (the chunk-size sweep of the GPU pass). KeyError for anything else."""
+    base, sep, chunk = name.partition("@")
+    impl = IMPLS[base]
+    if not sep:
+        return impl
+    if not impl.primary or not chunk.isdigit() or int(chunk) < 1:
+        raise KeyError(name)
+    backend = "triton" if "triton" in base else "torch"
+    memory = "low" if base.endswith("-low") else "fast"
+    return dataclasses.replace(
+        impl, name=name, loss_fn=_mrloss(backend, memory, int(chunk)), how=f"{impl.how}, chunk_size={chunk}"
+    )
+
+
+def known(name: str) -> bool:
+    try:
+        resolve(name)
+    except KeyError:
+        return False
+    return True

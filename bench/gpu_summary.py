@@ -18,10 +18,10 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from bench import report
-from bench.baselines import IMPLS
+from bench.baselines import resolve
 
 PRIMARY = "mrloss-triton"
-BENCH_STAGES = {"bench-llama3-8b": "gpu-goals-llama3-8b", "bench-gemma2-2b": "gpu-goals-gemma2-2b"}
+BENCH_STAGE_PREFIX = "bench-"  # stage bench-<head>-z<fraction> writes bench/gpu-goals-<head>-z<fraction>.json
 
 
 def stages(out: Path) -> list[dict]:
@@ -47,17 +47,20 @@ def pytest_counts(out: Path) -> dict | None:
     return counts
 
 
-def bench_results(out: Path) -> dict[str, dict | None]:
-    """{stage: its ratio rows (bench.report.ratio_rows) and baselines, or None where it wrote no run JSON}."""
+def bench_results(out: Path, stage_rows: list[dict]) -> dict[str, dict | None]:
+    """{stage: its ratio rows (bench.report.ratio_rows), baselines and the measured-against-predicted rows, or None
+    where it wrote no run JSON}."""
     results = {}
-    for stage, stem in BENCH_STAGES.items():
+    for stage in (row["stage"] for row in stage_rows if row["stage"].startswith(BENCH_STAGE_PREFIX)):
+        stem = "gpu-goals-" + stage.removeprefix(BENCH_STAGE_PREFIX)
         path = out / "bench" / f"{stem}.json"
         run = json.loads(path.read_text()) if path.exists() else None
         results[stage] = run and {
             "file": f"bench/{stem}.json",
             "device": run["device"]["name"],
-            "baselines": [name for name in run["impls"] if not IMPLS[name].primary],
+            "baselines": [name for name in run["impls"] if not resolve(name).primary],
             "ratio_rows": report.ratio_rows(run, PRIMARY),
+            "predicted_rows": predicted_rows(run),
             "primary_not_timed": [
                 f"{r['case']}: {r['status']} {r.get('reason') or ''}"
                 for r in run["results"]
@@ -65,6 +68,38 @@ def bench_results(out: Path) -> dict[str, dict | None]:
             ],
         }
     return results
+
+
+def predicted_rows(run: dict) -> list[list[str]]:
+    """Rows 'case | implementation | measured ms | predicted ms (bench.roofline) | measured / predicted | measured /
+    matmul time' for every timed implementation the roofline models (mrloss at each chunk size too); the matmul time
+    is 6 N_learned H V at the matmul ceiling measured in the same run (the #24 goal: <= 1.2 for mrloss)."""
+    from bench import roofline
+
+    device = roofline.device_for(run["device"]["name"])
+    ceiling = (run.get("matmul_ceiling") or {}).get("tflops")
+    cases = {case["id"]: case for case in run["cases"]}
+    rows = []
+    for result in run["results"]:
+        if result.get("status") != report.TIMED or result["case"] not in cases:
+            continue
+        case_json = cases[result["case"]]
+        case = next((c for c in roofline.goal_cases() if c.id == result["case"]), None)
+        modelled = device is not None and case is not None
+        predicted = roofline.predict_bench_impl(case, result["impl"], device) if modelled else None
+        measured = result["fwd_bwd_ms"]
+        matmul_ms = case_json["learned_flops"] / (ceiling * 1e12) * 1e3 if ceiling else None
+        rows.append(
+            [
+                result["case"],
+                result["impl"],
+                f"{measured:.1f}",
+                "—" if predicted is None else f"{predicted['seconds'] * 1e3:.1f}",
+                "—" if predicted is None else f"{measured / (predicted['seconds'] * 1e3):.2f}",
+                "—" if matmul_ms is None else f"{measured / matmul_ms:.2f}",
+            ]
+        )
+    return rows
 
 
 def training(out: Path) -> dict | None:
@@ -132,6 +167,11 @@ def markdown(summary: dict) -> str:
         if bench["ratio_rows"]:
             lines += report.table(["case", *bench["baselines"], "fastest baseline"], bench["ratio_rows"])
         lines += [f"- {PRIMARY} not timed: {entry}" for entry in bench["primary_not_timed"]]
+        if bench.get("predicted_rows"):
+            lines += ["", "Measured against the roofline's prediction (`python -m bench.roofline`) and the step's"]
+            lines += ["matmul time at the measured ceiling (`@C`: chunk_size C; the default is 2048):", ""]
+            header = ["case", "implementation", "measured ms", "predicted ms", "measured / predicted", "x matmul"]
+            lines += report.table(header, bench["predicted_rows"])
         lines += ["", f"Every measurement: {bench['file'].removesuffix('.json')}.md", ""]
     lines += ["## Training (mrloss train, small Llama, bf16)", ""]
     train = summary["train"]
@@ -157,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s": sum(int(s["budget_s"]) for s in stage_rows),
         "elapsed_s": sum(float(s["elapsed_s"]) for s in stage_rows),
         "pytest": pytest_counts(out),
-        "bench": bench_results(out),
+        "bench": bench_results(out, stage_rows),
         "train": training(out),
     }
     report.write_json(summary, out / "summary.json")

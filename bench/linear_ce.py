@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench import report
-from bench.baselines import IMPLS, availability
+from bench.baselines import IMPLS, availability, known, resolve
 from bench.cases import HEADS, PRESETS, Case, learned_flops, learned_tokens
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def run_case(case: Case, impl_names: list[str], device: str, options, work_dir: 
     flops = 6.0 * case.tokens * case.head.hidden * case.head.vocab
     plans = {}
     for name in impl_names:
-        impl = IMPLS[name]
+        impl = resolve(name)
         status, reason = availability(impl, device, case.head.softcap)
         mode = "time"
         if status == "ok" and device == "cpu" and impl.cpu == "interpreted":
@@ -181,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="same as --preset quick (small fp32 CPU shapes)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--impls", help=f"comma-separated subset of: {', '.join(IMPLS)}")
+    parser.add_argument(
+        "--impls", help=f"comma-separated subset of: {', '.join(IMPLS)} (mrloss ones also as NAME@CHUNK_SIZE)"
+    )
+    parser.add_argument(
+        "--chunk-sizes",
+        help="comma-separated chunk sizes: each mrloss implementation also runs as NAME@C (chunk_size=C)",
+    )
     parser.add_argument("--heads", help=f"comma-separated subset of: {', '.join(HEADS)}")
     parser.add_argument("--tokens", help="comma-separated N values (replaces the preset's)")
     parser.add_argument("--zero-fracs", help="comma-separated zero-weight fractions (replaces the preset's)")
@@ -208,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     options.reps = max(1, options.reps if options.reps is not None else (10 if on_gpu else 3))
     options.threads = options.threads or (None if on_gpu else 1)
     impl_names = options.impls.split(",") if options.impls else list(preset.impls or IMPLS)
-    unknown = [name for name in impl_names if name not in IMPLS]
+    unknown = [name for name in impl_names if not known(name)]
     if unknown:
         parser.error(f"unknown implementations {unknown}; known: {list(IMPLS)}")
+    for chunk in options.chunk_sizes.split(",") if options.chunk_sizes else []:
+        if not chunk.isdigit() or int(chunk) < 1:
+            parser.error(f"--chunk-sizes: {chunk!r} is not a positive integer")
+        impl_names += [f"{name}@{chunk}" for name in list(impl_names) if "@" not in name and resolve(name).primary]
     unknown = [head for head in (options.heads or "").split(",") if head and head not in HEADS]
     if unknown:
         parser.error(f"unknown heads {unknown}; known: {list(HEADS)}")
@@ -270,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"warmup": options.warmup, "reps": options.reps, "dtype": preset.dtype},
         "method": report.METHOD,
         "matmul_ceiling": ceiling,
-        "impls": {impl_name: IMPLS[impl_name].how for impl_name in impl_names},
+        "impls": {impl_name: resolve(impl_name).how for impl_name in impl_names},
         "cases": [
             {
                 **case.to_json(),

@@ -38,7 +38,7 @@ import traceback
 
 import torch
 
-from bench.baselines import IMPLS
+from bench.baselines import resolve
 from bench.cases import Case, make_inputs
 
 REFERENCE_CHUNK_ELEMENTS = 1 << 27  # logits elements per reference chunk
@@ -117,7 +117,7 @@ def errors(loss: torch.Tensor, inputs: dict, reference: dict) -> dict:
 def measure_time(impl_name: str, case: Case, device, warmup: int, reps: int, reference_path: str) -> dict:
     """Timings and peak extra memory; errors of the last step (the reference is loaded only then, so
     it takes no device memory while the implementation runs)."""
-    loss_fn = IMPLS[impl_name].loss_fn
+    loss_fn = resolve(impl_name).loss_fn
     inputs = make_inputs(case, device)
     for _ in range(warmup):
         step(loss_fn, inputs, case.head.softcap, device)
@@ -142,7 +142,7 @@ def measure_time(impl_name: str, case: Case, device, warmup: int, reps: int, ref
 
 def measure_verify(impl_name: str, case: Case, device, reference_path: str) -> dict:
     inputs = make_inputs(case, device)
-    loss, _, _ = step(IMPLS[impl_name].loss_fn, inputs, case.head.softcap, device)
+    loss, _, _ = step(resolve(impl_name).loss_fn, inputs, case.head.softcap, device)
     return {
         "status": "verified",
         "reason": "Triton interpreter on CPU: errors checked, not timed",

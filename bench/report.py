@@ -95,9 +95,9 @@ def _fmt(value, spec: str) -> str:
 
 def ratio_rows(run: dict, primary: str) -> list[list[str]]:
     """Rows 'case | vs baseline ... | best baseline' with cells 'time ratio / memory ratio'."""
-    from bench.baselines import IMPLS
+    from bench.baselines import resolve
 
-    baselines = [name for name in run["impls"] if not IMPLS[name].primary]
+    baselines = [name for name in run["impls"] if not resolve(name).primary]
     rows = []
     for case_id, results in _by_case(run).items():
         mine = results.get(primary, {})
@@ -131,7 +131,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def markdown(run: dict) -> str:
-    from bench.baselines import IMPLS
+    from bench.baselines import resolve
 
     device, versions, ceiling = run["device"], run["versions"], run["matmul_ceiling"]
     lines = [
@@ -147,8 +147,8 @@ def markdown(run: dict) -> str:
         "",
         f"Matmul ceiling: {one_line(ceiling)}.",
     ]
-    baselines = [name for name in run["impls"] if not IMPLS[name].primary]
-    for primary in [name for name in run["impls"] if IMPLS[name].primary]:
+    baselines = [name for name in run["impls"] if not resolve(name).primary]
+    for primary in [name for name in run["impls"] if resolve(name).primary]:
         rows = ratio_rows(run, primary)
         if not rows:
             continue

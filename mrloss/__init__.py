@@ -1,20 +1,32 @@
 """mrloss: multi-region weighted SFT with a fused, zero-weight-skipping linear cross-entropy.
 
-Public names only; heavy or optional imports (transformers, verl, matplotlib, ...) happen inside the
-functions that need them, so ``import mrloss`` stays light.
+Public names only, imported on first use (PEP 562 ``__getattr__``): ``import mrloss`` and the ``mrloss`` command's
+start (``mrloss --help``, ``--version``) do not import torch; heavy or optional imports (transformers, verl,
+matplotlib, ...) happen inside the functions that need them.
 """
 
-from mrloss.ops.api import LinearCrossEntropyLoss, TokenMetrics, linear_cross_entropy
-from mrloss.ops.options import IGNORE_INDEX, LossOptions
-from mrloss.ops.output import LossOutput
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "linear_cross_entropy",
-    "LinearCrossEntropyLoss",
-    "LossOptions",
-    "LossOutput",
-    "TokenMetrics",
-    "IGNORE_INDEX",
-    "__version__",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "linear_cross_entropy": "mrloss.ops.api",
+    "LinearCrossEntropyLoss": "mrloss.ops.api",
+    "LossOptions": "mrloss.ops.options",
+    "LossOutput": "mrloss.ops.output",
+    "TokenMetrics": "mrloss.ops.api",
+    "IGNORE_INDEX": "mrloss.ops.options",
+}
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'mrloss' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -6,6 +6,7 @@ mrloss configs [NAME]            list the built-in configs, or print one
 mrloss prepare ...               validate / convert / split raw data
 mrloss show FILE [--index N] [--html out.html]
 mrloss plot RUN_DIR
+mrloss --version
 
 A mistake a user can make (a bad config or sample, a missing or unwritable file) ends in one line on stderr,
 ``mrloss <command>: <message>`` with its control characters escaped, and exit code 2 (config / data) or 1
@@ -29,7 +30,7 @@ SUBCOMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: mrloss <command> [options]", "", "commands:"]
+    lines = ["usage: mrloss <command> [options]   (mrloss --version: the installed version)", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mrloss import __version__
+
+        print(f"mrloss {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

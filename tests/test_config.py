@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from mrloss.training.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 
@@ -118,3 +119,55 @@ def test_file_and_override_errors(tmp_path):
         apply_overrides({"trainer": {"epochs": 1}}, ["trainer.epochs.x=3"])
     defaults_only = load_config(None, ["data.train_files=x.jsonl"])
     assert defaults_only.trainer == Config().trainer and defaults_only.data.train_files == ["x.jsonl"]
+
+
+def test_override_values_keep_a_hash():
+    """Before: trainer.output_dir=/data/run #2 became /data/run (YAML read ' #2' as a comment)."""
+    from mrloss.training.config import apply_overrides
+
+    raw = apply_overrides({}, ["trainer.output_dir=/data/run #2", "trainer.max_steps=3", "data.train_files=[a, b]"])
+    assert raw == {"trainer": {"output_dir": "/data/run #2", "max_steps": 3}, "data": {"train_files": ["a", "b"]}}
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, 1.5])
+def test_label_smoothing_outside_0_1_is_a_config_error(label_smoothing):
+    """Before: accepted by the config, an error of the loss at the first step."""
+    from mrloss.training.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="config loss.label_smoothing: expected a value >= 0 and <= 1, got"):
+        config_from_dict({"loss": {"label_smoothing": label_smoothing}})
+    assert config_from_dict({"loss": {"label_smoothing": 1}}).loss.label_smoothing == 1.0
+
+
+def test_recursive_yaml_anchor_is_one_line(tmp_path, capsys):
+    """Before: RecursionError."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data: &loop\n  train_files: [a.jsonl]\n  val_files: *loop\n")
+    code, err = run_cli(["train", "--config", str(config)], capsys)
+    assert code == 2 and "data.val_files: a YAML alias refers to its own anchor" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "weighting.dynamic_weights.difficulty_scalling=true",
+            "config weighting.dynamic_weights: unknown key(s) ['difficulty_scalling']; allowed keys are",
+        ),
+        (
+            "weighting.region_dependencies={region_dependencies: {a: {requires: [a]}}}",
+            "config weighting.region_dependencies: dependency cycle a -> a",
+        ),
+        ("trainer.seed=-1", "config trainer.seed: expected a value >= 0 and <= 4294967295, got -1"),
+        ("model.num_heads=3", "config model.num_heads: model.hidden_size 64 is not a multiple of 3 heads"),
+        ("model.num_kv_heads=3", "config model.num_kv_heads: model.num_heads 4 is not a multiple of 3 key/value heads"),
+    ],
+    ids=["weighting-key", "dependency-cycle", "seed", "num-heads", "num-kv-heads"],
+)
+def test_config_mistakes_are_one_line(override, message, tmp_path, capsys):
+    """Before (#23 tracebacks): a traceback each (num_kv_heads only at the first training step)."""
+    from mrloss.cli import main
+
+    assert main(["train", "--config", "tag_based", f"trainer.output_dir={tmp_path}/run", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err

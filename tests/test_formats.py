@@ -1,5 +1,6 @@
 """mrloss.formats: the three formats, every error, round trips between them (hypothesis), the format registry."""
 
+import json
 import math
 
 import pytest
@@ -374,6 +375,134 @@ def test_format_error_survives_pickling():
     error = pickle.loads(pickle.dumps(FormatError("bad", sample_id="f:1", field="text", position=3)))
     assert (error.reason, error.sample_id, error.field, error.position) == ("bad", "f:1", "text", 3)
     assert str(error) == "sample f:1, field 'text', character 3: bad"
+
+
+@pytest.mark.parametrize(
+    "make_sample, field",
+    [
+        (lambda w: {"text": f'a <LEARN weight="{w}">b</LEARN>'}, "text.<LEARN>.weight"),
+        (lambda w: {"text": "ab", "learning_regions": [{"start_char": 0, "end_char": 1, "weight": w}]}, ".weight"),
+        (lambda w: {"text": "ab", "default_weight": w}, "default_weight"),
+    ],
+    ids=["tag", "position", "default"],
+)
+def test_weights_not_finite_in_float32_are_rejected_naming_the_sample(make_sample, field):
+    """Before: weight="1e39" passed `mrloss prepare` and training failed later, naming batch coordinates."""
+    for weight in (1e39, 3.41e38):  # 3.41e38 > float32's max 3.403e38, rounds to inf
+        with pytest.raises(FormatError, match="finite in float32") as caught:
+            parse(make_sample(weight), sample_id="train.jsonl:7")
+        assert caught.value.sample_id == "train.jsonl:7" and caught.value.field.endswith(field)
+    parse(make_sample(3.4e38), sample_id="ok")  # within float32's range
+
+
+@pytest.mark.parametrize("overlap", ["error", "max"])
+def test_ten_thousand_overlapping_regions_in_one_long_sample(overlap):
+    """Before: 21 s for 10k overlapping regions in one 600 KB line (the "max" resolution was quadratic)."""
+    regions = [{"start_char": 60 * i, "end_char": 60 * i + 120, "weight": 1.0 + i % 3} for i in range(10_000)]
+    sample = {"text": "x" * 600_100, "learning_regions": regions}
+    if overlap == "error":
+        with pytest.raises(FormatError, match=r"learning_regions\[1\].*overlaps learning_regions\[0\]"):
+            parse(sample)
+        return
+    pieces = parse(sample, overlap="max").regions
+    assert (
+        pieces[0].start == 0 and pieces[-1].end == 600_060 and all(a.end == b.start for a, b in zip(pieces, pieces[1:]))
+    )
+
+    def block_weight(block):  # the highest weight of the (at most two) regions covering a 60-character block
+        return max(1.0 + r % 3 for r in (block - 1, block) if 0 <= r < 10_000)
+
+    char_weights = [block_weight(c // 60) for c in range(600_060)]
+    assert parse(sample, overlap="max").char_weights()[:600_060] == char_weights
+
+
+@pytest.mark.parametrize(
+    "sample, suggestion",
+    [
+        ({"text": "ab", "learning_region": [{"start_char": 0, "end_char": 1}]}, "learning_regions"),
+        ({"text": "ab <LEARN>c</LEARN>", "defualt_weight": 1.0}, "default_weight"),
+        ({"segment": [{"content": "ab", "learn": True}]}, "segments"),
+    ],
+)
+def test_near_miss_top_level_keys_are_errors_with_one_suggestion(sample, suggestion):
+    """Before: silently ignored as metadata, so the sample taught nothing (or everything at the default weight)."""
+    typo = next(key for key in sample if key != "text")
+    with pytest.raises(FormatError, match=f"unknown key '{typo}'; did you mean '{suggestion}'") as caught:
+        parse(sample, sample_id="s.jsonl:3")
+    assert caught.value.field == typo and caught.value.sample_id == "s.jsonl:3"
+    parse({"text": "ab", "id": 7, "language": "en", "source": "web"})  # metadata keys stay allowed
+    with pytest.raises(FormatError, match="did you mean"):
+        parse(sample, extra_keys="keep")  # a typo is not kept by "keep" ...
+    if "text" in sample:
+        assert parse(sample, extra_keys=[typo]).text  # ... only when named
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        {"text": "ab <LEARN>c</LEARN>", "score": 0.5},
+        {"text": "ab", "learning_regions": [{"start_char": 0, "end_char": 1}], "notes": "x"},
+        {"segments": [{"content": "ab", "learn": True}], "text_length": 2},
+        {"text": "ab", "tools": []},  # a chat key next to plain text
+    ],
+)
+def test_every_other_unknown_top_level_key_is_an_error_unless_kept(sample):
+    """Before: any key that was not a near miss was silently ignored. Now: only METADATA_KEYS and the keys
+    ``extra_keys`` names are metadata."""
+    from mrloss.formats import METADATA_KEYS
+
+    unknown = list(sample)[-1]
+    with pytest.raises(FormatError, match=f"unknown key '{unknown}'.*extra_keys='keep'") as caught:
+        parse(sample, sample_id="s.jsonl:4")
+    assert caught.value.field == unknown and caught.value.sample_id == "s.jsonl:4"
+    expected = parse({key: value for key, value in sample.items() if key != unknown}).char_weights()
+    assert parse(sample, extra_keys="keep").char_weights() == expected
+    assert parse(sample, extra_keys=[unknown]).char_weights() == expected
+    with pytest.raises(FormatError, match=f"unknown key '{unknown}'"):
+        parse(sample, extra_keys=["other"])
+    assert parse({**sample, **dict.fromkeys(METADATA_KEYS, 1)}, extra_keys=[unknown]).char_weights() == expected
+    with pytest.raises(ValueError, match="extra_keys"):
+        parse(sample, extra_keys="sometimes")
+
+
+def test_extra_keys_reach_prepare_show_datasets_and_the_config(tmp_path, capsys):
+    from mrloss.cli import main as cli_main
+    from mrloss.data import MultiRegionDataset
+    from mrloss.data.tokenizer import train_bpe_tokenizer
+    from mrloss.training.config import ConfigError, config_from_dict
+
+    samples = [{"text": f"q{i} <LEARN>a{i}</LEARN>", "score": i} for i in range(4)]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(sample) + "\n" for sample in samples), encoding="utf-8")
+    out = tmp_path / "out"
+    assert cli_main(["prepare", str(raw), "--output-dir", str(out)]) == 1
+    assert f"sample {raw}:1, field 'score': unknown key 'score'" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli_main(["prepare", str(raw), "--output-dir", str(out), "--extra-keys", "keep", "--to", "structured"]) == 0
+    written = [json.loads(line) for line in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [sample["score"] for sample in written] == [0, 1, 2, 3] and "segments" in written[0]
+
+    assert cli_main(["show", str(raw), "--color", "never"]) == 1
+    assert "unknown key 'score'" in capsys.readouterr().err
+    assert cli_main(["show", str(raw), "--color", "never", "--extra-keys", "score"]) == 0
+
+    tokenizer = train_bpe_tokenizer([sample["text"] for sample in samples], vocab_size=300)
+    run = tmp_path / "run"  # `mrloss show --run`: the run's data.extra_keys
+    tokenizer.save_pretrained(run / "tokenizer")
+    (run / "config.yaml").write_text("data:\n  extra_keys: [score]\n", encoding="utf-8")
+    assert cli_main(["show", str(raw), "--color", "never", "--run", str(run)]) == 0
+    assert cli_main(["show", str(raw), "--color", "never", "--run", str(run), "--extra-keys", "error"]) == 1
+    capsys.readouterr()
+    with pytest.raises(FormatError, match="unknown key 'score'"):
+        MultiRegionDataset(raw, tokenizer)
+    assert len(MultiRegionDataset(raw, tokenizer, extra_keys=["score"])) == 4
+
+    assert config_from_dict({"data": {"extra_keys": "keep"}}).data.extra_keys == "keep"
+    assert config_from_dict({"data": {"extra_keys": ["score"]}}).data.extra_keys == ["score"]
+    assert config_from_dict({}).data.extra_keys == "error"
+    assert config_from_dict({"data": {"extra_keys": "score"}}).data.extra_keys == ["score"]  # one name, as lists
+    with pytest.raises(ConfigError, match="data.extra_keys"):
+        config_from_dict({"data": {"extra_keys": 3}})
 
 
 # ------------------------------------------------------------------------------------------- the format registry

@@ -169,7 +169,6 @@ def test_fsdp2_hf_patch_matches_single_process(tmp_path):
 
 TRAIN_OVERRIDES = [
     "data.max_length=96",
-    "data.write_examples=true",
     "trainer.max_steps=3",
     "trainer.save_steps=null",
     "trainer.logging_steps=1",
@@ -216,7 +215,9 @@ def test_mrloss_train_fsdp_equals_one_process(tmp_path):
     from safetensors.torch import load_file
 
     gpus = min(2, torch.cuda.device_count())
-    data = f"data.train_files=[{tmp_path / 'data/tag_based.jsonl'}]"
+    from mrloss.data import write_examples
+
+    data = f"data.train_files=[{write_examples(tmp_path / 'data')['tag_based']}]"
     common = [*TRAIN_OVERRIDES, data, "trainer.device=cuda", "loss.backend=torch"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     runs = {

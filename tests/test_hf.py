@@ -6,6 +6,7 @@ from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
+from mrloss.formats import parse  # noqa: E402
 from mrloss.integrations.hf import apply_mrloss, valid_weight_sum  # noqa: E402
 from mrloss.integrations.patch import weight_sum  # noqa: E402
 from mrloss.ops.reference import reference_linear_cross_entropy  # noqa: E402
@@ -383,3 +384,120 @@ def test_one_head_description_for_both_integrations():
     assert head_input.check_head(granite, granite.forward, caller="t") == heads.Head(scale=1 / 2.5, softcap=None)
     gemma2 = tiny_model("gemma2")
     assert head_input.check_head(gemma2, gemma2.forward, 0.3, caller="t").softcap == 0.3
+
+
+def test_hf_patch_under_bf16_autocast_matches_the_models_own_bf16_logits():
+    """`TrainingArguments(bf16=True)` runs the forward under CPU autocast: the patched forward trains, and its loss
+    is the weighted CE of the model's own (autocast) logits."""
+    from mrloss.integrations.hf import apply_mrloss
+
+    model = tiny_causal_lm(67, num_hidden_layers=1, max_position_embeddings=64)
+    input_ids = torch.randint(0, 67, (2, 11))
+    token_weights = torch.rand(2, 11) * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=input_ids).logits
+        expected = reference_linear_cross_entropy(
+            logits, torch.eye(67, dtype=torch.float64), input_ids, token_weights, shift=True
+        )
+        out = apply_mrloss(model)(input_ids=input_ids, labels=input_ids, token_weights=token_weights)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=2e-2, atol=0)
+    assert model.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(model.lm_head.weight.grad).all()
+
+
+def test_a_partial_checkpoint_is_never_picked_on_resume(tmp_path, monkeypatch):
+    """Before: a checkpoint cut short by a full disk was later picked by resume_from_checkpoint=true."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from mrloss.data import MultiRegionDataset, train_bpe_tokenizer
+    from mrloss.integrations.hf import MultiRegionTrainer
+
+    texts = [f'Question {i}: <LEARN type="answer">the answer is {i}</LEARN>' for i in range(8)]
+    tokenizer = train_bpe_tokenizer([parse({"text": t}).text for t in texts], vocab_size=300)
+    tokenizer.pad_token = tokenizer.eos_token
+    dataset = MultiRegionDataset.from_samples([{"text": t} for t in texts], tokenizer)
+    model = tiny_causal_lm(
+        len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        disable_tqdm=True,
+    )
+    trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
+    save_rng_state = trainer._save_rng_state
+
+    def disk_full_at_step_4(output_dir):
+        if trainer.state.global_step == 4:
+            raise OSError(28, "No space left on device")
+        save_rng_state(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_rng_state", disk_full_at_step_4)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert (tmp_path / ".checkpoint-staging/checkpoint-4").is_dir()  # the partial one, out of resume's sight
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
+
+
+@pytest.mark.gpu
+def test_hf_patch_on_cuda_with_the_default_backend(monkeypatch):
+    """A tiny Llama from a transformers config, patched by apply_mrloss (backend "auto": Triton on CUDA):
+    loss and gradients match the model's own logits + a float64 weighted CE (rtol 1e-4: fp32, TF32 off)."""
+    from mrloss.integrations.hf import apply_mrloss
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    vocab = 1031
+    model = tiny_causal_lm(
+        vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ).cuda()
+    generator = torch.Generator("cuda").manual_seed(2)
+    input_ids = torch.randint(3, vocab, (3, 57), generator=generator, device="cuda")
+    token_weights = torch.rand(3, 57, generator=generator, device="cuda") * 2
+    token_weights[torch.rand(3, 57, generator=generator, device="cuda") < 0.3] = 0.0
+    labels = torch.where(token_weights > 0, input_ids, -100)
+    logits = model(input_ids=input_ids).logits
+    expected = reference_linear_cross_entropy(
+        logits, torch.eye(vocab, dtype=torch.float64, device="cuda"), labels, token_weights, shift=True
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected_grads = torch.autograd.grad(expected, params)
+
+    out = apply_mrloss(model)(input_ids=input_ids, labels=labels, token_weights=token_weights)
+    assert out.logits is None and out.loss.device.type == "cuda"
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for grad, expected_grad in zip(torch.autograd.grad(out.loss, params), expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_readme_hf_code_block_runs_as_written(tmp_path, monkeypatch):
+    """Before (#23 rough edges): README's Hugging Face block used names it never defined. Run it as written (in a
+    scratch directory: it writes data/ and out/)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Training with Hugging Face transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md (Training with Hugging Face transformers)", "exec"), namespace)
+    assert namespace["out"].logits is None and torch.isfinite(namespace["out"].loss)
+    assert namespace["trainer"].state.global_step == 2

@@ -218,3 +218,41 @@ def test_triton_rows_read_strided_views():
     expected = triton_rows(contiguous, targets, scales, softcap=None, label_smoothing=0.0)
     assert torch.equal(losses, expected)
     assert torch.equal(wide[:, :257], contiguous) and (wide[:, 257:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_torch_rows_token_metrics_match_float64_reference(dtype, softcap):
+    """The PyTorch row op's metrics: accuracy of the first maximum (rows 0-1 tie an earlier column with the target's
+    maximum: wrong; rows 2-4 have the target as their unique maximum: right) and the entropy from the softmax pass's
+    sums (lse - sum p z), against float64; losses and logit gradients are bit-identical with and without them."""
+    logits, targets, scales = row_inputs(7, 1001, dtype)
+    logits[:5] = logits[:5].clamp(max=10)
+    for row in range(5):
+        logits[row, targets[row]] = 12.0
+    targets[:2] = torch.tensor([900, 901])
+    logits[0, 3] = logits[1, 5] = logits[0, 900] = logits[1, 901] = 12.0
+    z = logits.double() if softcap is None else softcap * torch.tanh(logits.double() / softcap)
+    log_p = z.log_softmax(1)
+    results = {}
+    for metrics in (False, True):
+        scratch = logits.clone()
+        correct, entropy = (
+            torch.full((7,), float("nan"), dtype=torch.float64 if dtype == torch.float64 else None),
+        ) * 2
+        correct, entropy = correct.clone(), entropy.clone()
+        losses = torch_rows(
+            scratch,
+            targets,
+            scales,
+            softcap=softcap,
+            label_smoothing=0.0,
+            correct_out=correct if metrics else None,
+            entropy_out=entropy if metrics else None,
+        )
+        results[metrics] = (losses, scratch, correct, entropy)
+    assert torch.equal(results[False][0], results[True][0]) and torch.equal(results[False][1], results[True][1])
+    _, _, correct, entropy = results[True]
+    assert correct.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0] + (z[5:].argmax(1) == targets[5:]).double().tolist()
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(1), rtol=tolerance, atol=tolerance)

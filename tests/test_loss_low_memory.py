@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from test_loss import BACKENDS, assert_matches, loss_and_grads, make_inputs
+from helpers import BACKENDS, assert_matches, loss_and_grads, make_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 

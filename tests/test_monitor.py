@@ -225,3 +225,42 @@ def test_plot_merges_micro_batches_and_writes_png(tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "curves.png" in capsys.readouterr().out
     assert plot_main([str(tmp_path / "missing")]) == 1
+
+
+def logged_steps(directory, steps) -> None:
+    monitor = MultiRegionTrainingMonitor(directory, TYPES)
+    for step in steps:
+        batch, token_losses = make_batch(seed=step)
+        monitor.log_batch_stats(batch, step, token_losses)
+
+
+def test_plot_skips_a_torn_last_line_and_names_a_broken_one(tmp_path, capsys):
+    """Before (#23 tracebacks): a half-written last line (a run killed while logging) broke `mrloss plot` with a
+    JSONDecodeError naming neither the file nor the line."""
+    logged_steps(tmp_path, [1, 2, 3])
+    stats = tmp_path / "region_stats.jsonl"
+    with open(stats, "a", encoding="utf-8") as handle:
+        handle.write('{"step": 4, "regions": {"conc')
+    with pytest.warns(UserWarning, match=rf"{stats}:4: skipped a last line cut short"):
+        assert per_step_series(stats)["steps"] == [1, 2, 3]
+    with open(stats, "a", encoding="utf-8") as handle:
+        handle.write("\n" + json.dumps({"step": 5, "trainer": {"loss": 1.0}}) + "\n")
+    capsys.readouterr()
+    assert plot_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mrloss plot: {stats}:4: not a JSON record (") and err.count("\n") == 1
+
+
+def test_plot_x_axis_spans_the_logged_steps(tmp_path, monkeypatch):
+    """Before (#23 rough edges): the x-axis started at 0 while the logs start at step 1."""
+    import matplotlib.pyplot as plt
+
+    from mrloss.debug.plot import plot_run
+
+    logged_steps(tmp_path, [1, 2, 3, 4, 5])
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_run(tmp_path)
+    low, high = figures[0].axes[-1].get_xlim()
+    assert (low, high) == (0.5, 5.5)
+    assert all(float(tick).is_integer() for tick in figures[0].axes[-1].get_xticks())

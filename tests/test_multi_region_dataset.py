@@ -152,3 +152,16 @@ def test_collator_rejects_bad_items(tokenizer):
         collator([])
     batch = collator([{"input_ids": [5, 6, 7], "token_weights": [0.0, 1.0, 0.0]}])
     assert batch["labels"].tolist() == [[-100, 6, -100]] and batch["region_type_ids"].tolist() == [[-1, -1, -1]]
+
+
+def test_samples_and_a_tokenizer_in_the_wrong_place_say_what_to_call(tokenizer):
+    """Before (#23 rough edges): MultiRegionDataset(list_of_dicts) and MultiRegionCollator(tokenizer) failed with a
+    bare TypeError from deep inside."""
+    samples = EXAMPLES[:2]
+    with pytest.raises(TypeError, match=r"got dict; for in-memory samples call MultiRegionDataset\.from_samples"):
+        MultiRegionDataset(samples, tokenizer)
+    with pytest.raises(TypeError, match=r"got a tokenizer; pass tokenizer\.pad_token_id"):
+        MultiRegionCollator(tokenizer)
+    with pytest.raises(TypeError, match=r"got None; pass tokenizer\.pad_token_id"):
+        MultiRegionCollator(None)
+    assert MultiRegionCollator(torch.tensor(3)).pad_token_id == 3  # any integer (numpy, 0-dim tensor) is fine

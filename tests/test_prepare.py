@@ -2,11 +2,12 @@
 
 import json
 import os
+import stat
 
 import pytest
 
 from mrloss.data.examples import EXAMPLES
-from mrloss.data.prepare import in_validation, main
+from mrloss.data.prepare import LOCK, MANIFEST, in_validation, main
 from mrloss.data.records import read_records, write_samples
 from mrloss.formats import FORMATS, detect_format, parse
 
@@ -112,13 +113,82 @@ def test_conversion_and_split_keep_every_sample_and_its_weights(tmp_path, to):
 def test_outputs_are_never_overwritten_without_force(tmp_path, capsys):
     raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES[:6])
     out = tmp_path / "out"
-    out.mkdir()
+    assert main([str(raw), "--output-dir", str(out)]) == 0
     (out / "train.jsonl").write_text("keep me\n")
     assert main([str(raw), "--output-dir", str(out)]) == 2
     assert "--force" in capsys.readouterr().err and (out / "train.jsonl").read_text() == "keep me\n"
-    assert main([str(raw), "--output-dir", str(out), "--force"]) == 0
+    assert main([str(raw), "--output-dir", str(out), "--force"]) == 0  # an earlier output of prepare: replaced
     assert len(read_records(out / "train.jsonl")) == 6
-    assert sorted(os.listdir(out)) == ["train.jsonl"]  # no temporary files left
+    assert sorted(os.listdir(out)) == [MANIFEST, "train.jsonl"]  # no temporary files, no lock left
+
+
+def test_force_replaces_only_what_prepare_wrote(tmp_path, capsys):
+    """Before (#23 item 9): --force removed a hand-made validation.jsonl as "stale" and replaced a hand-made
+    train.jsonl. Now prepare records its outputs (MANIFEST) and --force replaces only those."""
+    raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES[:6])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "validation.jsonl").write_text("mine\n")
+    assert main([str(raw), "--output-dir", str(out), "--force"]) == 0
+    assert (out / "validation.jsonl").read_text() == "mine\n"  # not prepare's: not removed as stale
+    assert json.loads((out / MANIFEST).read_text()) == {"outputs": ["train.jsonl"]}
+    capsys.readouterr()
+    assert main([str(raw), "--output-dir", str(out), "--val-fraction", "0.5", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mrloss prepare: {out / 'validation.jsonl'} was not written by mrloss prepare")
+    assert err.count("\n") == 1 and (out / "validation.jsonl").read_text() == "mine\n"
+
+
+def test_an_input_that_would_be_overwritten_is_refused(tmp_path, capsys):
+    """Before (#23 item 9): with --force --drop-invalid and the input in the output directory, the input was
+    overwritten in place and its bad line lost."""
+    out = tmp_path / "out"
+    assert main([str(_jsonl(tmp_path / "raw.jsonl", EXAMPLES[:6])), "--output-dir", str(out)]) == 0
+    train = out / "train.jsonl"
+    train.write_text(train.read_text() + "{broken json\n")
+    before = train.read_bytes()
+    capsys.readouterr()
+    assert main([str(train), "--output-dir", str(out), "--force", "--drop-invalid"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"mrloss prepare: input {train} would be replaced by this run's outputs; write to another --output-dir\n"
+    )
+    assert train.read_bytes() == before
+
+
+def test_one_prepare_at_a_time_per_directory(tmp_path, capsys):
+    """Before (#23 item 10): two prepares into one directory mixed their outputs. Now the second one is refused
+    while the first holds the directory's lock; a lock whose process died is no lock (flock)."""
+    import subprocess
+    import sys
+
+    from mrloss.data.outputs import DirectoryLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(out / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES[:6])
+        assert main([str(raw), "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mrloss prepare: {out} is being written by ") and f"pid {holder.pid}" in err
+        assert err.count("\n") == 1 and not (out / "train.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK).exists()  # left behind by the killed holder: not a lock any more
+    assert main([str(raw), "--output-dir", str(out)]) == 0 and not (out / LOCK).exists()
+    DirectoryLock(out / LOCK).acquire().release()
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from mrloss.data.outputs import DirectoryLock
+DirectoryLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_write_is_atomic_when_writing_fails(tmp_path):
@@ -191,3 +261,35 @@ def test_default_tokenizer_is_the_one_mrloss_train_trains(tmp_path, capsys):
     tokenizer = train_bpe_tokenizer_for_files([path], "auto", ModelConfig().vocab_size)
     tokens = sum(len(encode(parse(record.sample), tokenizer)["input_ids"]) for record in read_records(path))
     assert f"vocabulary {len(tokenizer)};" in out and f"tokens: {tokens} (" in out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Before: sample files were written 0600 whatever the umask (a temporary file renamed into place)."""
+    from mrloss.data.records import write_samples
+
+    previous = os.umask(umask)
+    try:
+        path = write_samples(tmp_path / "out.jsonl", [{"text": "a"}])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_summary_token_counts_add_up(tmp_path, capsys):
+    """Before (#23 rough edges): the weight histogram left out every sample's first token, so its counts did not
+    add up to the tokens of the row (``(outside) 1967 tokens``, histogram ``0×1941`` for 26 samples)."""
+    import re
+
+    raw = _jsonl(tmp_path / "raw.jsonl", EXAMPLES)
+    assert main([str(raw)]) == 0
+    out = capsys.readouterr().out
+    total, learned = map(int, re.search(r"^tokens: (\d+) \((\d+) learned", out, re.M).groups())
+    rows = re.findall(r"^(\S+(?: \S+)?)\s+(\d+)\s+(\d+)\s+(\d+)  (.*)$", out, re.M)
+    assert {name for name, *_ in rows} == {"concept", "definition", "methodology", "(outside)"}
+    for _, _, tokens, learned_here, histogram in rows:
+        counts = {float(w): int(c) for w, c in re.findall(r"([\d.]+)×(\d+)", histogram)}
+        assert sum(counts.values()) == int(tokens), histogram
+        assert sum(c for w, c in counts.items() if w > 0) == int(learned_here)
+    assert sum(int(tokens) for _, _, tokens, _, _ in rows) == total
+    assert sum(int(n) for _, _, _, n, _ in rows) == learned

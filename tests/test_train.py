@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli, write_config
 from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
@@ -63,9 +64,8 @@ def train_tiny(tokenizer, dataset, tmp_path, **arguments):
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
-        logging_steps=1,
         seed=0,
-        **{"per_device_train_batch_size": 4, "max_steps": 3, **arguments},
+        **{"per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1, **arguments},
     )
     trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
     trainer.train()
@@ -288,7 +288,6 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative data paths resolve in the working directory
     output_dir = tmp_path / "run"
     overrides = [
-        "data.train_files=data/tag_based.jsonl",
         "data.max_length=128",
         f"trainer.output_dir={output_dir}",
         "trainer.max_steps=12",
@@ -300,7 +299,7 @@ def test_mrloss_train_learns_saves_and_resumes(tmp_path, monkeypatch):
         "model.intermediate_size=64",
     ]
     run_train(["--config", "tag_based", *overrides])
-    assert (tmp_path / "data/structured.jsonl").exists()  # write_examples: true created the example data
+    assert (tmp_path / "examples/sft/multi_region/data/structured.jsonl").exists()  # write_examples: true
     metrics = json.loads((output_dir / "metrics.json").read_text())
     first, last = metrics["region_losses"]["first"], metrics["region_losses"]["last"]
     assert first["step"] == 1 and last["step"] == 12
@@ -359,8 +358,7 @@ def test_resumed_run_reports_the_train_loss_of_all_steps_and_a_complete_run_trai
     output_dir = tmp_path / "run"
     arguments = [
         "--config",
-        "tag_based",
-        "data.train_files=data/tag_based.jsonl",
+        "tag_based",  # its example data, written to examples/sft/multi_region/data/
         "data.max_length=128",
         f"trainer.output_dir={output_dir}",
         "trainer.max_steps=7",
@@ -436,6 +434,74 @@ def test_mrloss_train_reports_config_errors(tmp_path, capsys):
     assert "config trainer.epoch: unknown key" in capsys.readouterr().err
 
 
+def test_a_training_set_without_a_learned_token_is_refused_naming_the_format(tmp_path, capsys):
+    """Before (#23 item 1): a wrong data.format parsed every tag_based sample as position_based without regions,
+    trained on nothing (every weight 0, losses 0.0) and exited 0."""
+    from mrloss.data import write_examples
+
+    data = write_examples(tmp_path / "data")["tag_based"]
+    argv = [
+        "train",
+        "--config",
+        "position_based",
+        f"data.train_files=[{data}]",
+        f"trainer.output_dir={tmp_path / 'run'}",
+    ]
+    code, err = run_cli([*argv, "trainer.device=cpu"], capsys)
+    assert (code, err.count("\n")) == (2, 1), err
+    assert err == (
+        f"mrloss train: config data.train_files: 0 of {len(EXAMPLES)} samples in {data} have a learned token "
+        "(weight > 0), so nothing would be trained: data.format is position_based but the samples look tag_based "
+        "(set data.format=tag_based or auto)\n"
+    )
+    assert not (tmp_path / "run/model.safetensors").exists()
+
+
+def test_samples_without_a_learned_token_are_counted_in_a_warning():
+    from mrloss.training.build import check_learned_tokens
+    from mrloss.training.config import DataConfig
+
+    tokenizer = train_bpe_tokenizer(["plain words and a learned answer"] * 8, vocab_size=300)
+    samples = [{"text": "plain words"}, {"text": "a <LEARN>learned answer</LEARN>"}, {"text": "more words"}]
+    dataset = MultiRegionDataset.from_samples(samples, tokenizer, sample_ids=["a:1", "a:2", "a:3"])
+    with pytest.warns(UserWarning, match=r"^2 of 3 training samples have no learned token .* e\.g\. a:1$"):
+        check_learned_tokens(dataset, DataConfig(train_files=["a"]))
+
+
+def test_examples_are_written_only_at_the_shipped_example_paths(tmp_path, capsys, monkeypatch):
+    """Before (#23 item 11): a typo'd data.train_files=[mydata/corpus_v2.jsonl] filled mydata/ with the example
+    files before "not found", and newproj/tag_based.jsonl trained on the shipped examples with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    for path in ("mydata/corpus_v2.jsonl", "newproj/tag_based.jsonl"):
+        code, err = run_cli(["train", "--config", "tag_based", f"data.train_files=[{path}]"], capsys)
+        assert code == 2 and err == (
+            f"mrloss train: config data: file(s) not found: {path} (data.write_examples writes the example data set "
+            "only to examples/sft/multi_region/data/<format>.jsonl)\n"
+        )
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written: no data folder, no run directory
+
+
+def test_a_shared_monitor_dir_keeps_the_other_runs_record(tmp_path, capsys):
+    """Before (#23 item 11): a second run with the same monitor.output_dir deleted the first's region_stats.jsonl.
+    Now it is refused, as a non-empty trainer.output_dir is, unless trainer.overwrite_output_dir."""
+    from mrloss.training.config import load_config
+    from mrloss.training.run import check_monitor_dir
+
+    monitor = tmp_path / "monitor"
+    monitor.mkdir()
+    (monitor / "region_stats.jsonl").write_text('{"step": 1}\n')
+    argv = ["train", "--config", "tag_based", f"monitor.output_dir={monitor}", f"trainer.output_dir={tmp_path / 'b'}"]
+    code, err = run_cli(argv, capsys)
+    assert (code, err) == (
+        2,
+        f"mrloss train: config monitor.output_dir: {monitor / 'region_stats.jsonl'} holds the record of another "
+        "run; replace it (trainer.overwrite_output_dir=true) or choose another directory\n",
+    )
+    assert (monitor / "region_stats.jsonl").read_text() == '{"step": 1}\n'
+    for allowed in ("trainer.overwrite_output_dir=true", "trainer.resume_from_checkpoint=true"):
+        check_monitor_dir(load_config("tag_based", [f"monitor.output_dir={monitor}", allowed]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["position", "tag", "structured"])
 def test_run_script_two_processes(script, tmp_path):
@@ -471,9 +537,10 @@ def test_mrloss_train_ddp_equals_one_process(backend, tmp_path):
     norms and trained weights (fp32, the shipped tag_based config with dynamic weights, 3 AdamW steps)."""
     from safetensors.torch import load_file
 
+    from mrloss.data import write_examples
+
     common = [
-        f"data.train_files=[{tmp_path / 'data/tag_based.jsonl'}]",
-        "data.write_examples=true",
+        f"data.train_files=[{write_examples(tmp_path / 'data')['tag_based']}]",
         "data.max_length=96",
         "trainer.max_steps=3",
         "trainer.save_steps=null",
@@ -540,3 +607,218 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "loss mask of sample" in out and "⟦" in out  # the mask, plain-text form (NO_COLOR)
     assert "start" in out and "end" in out and "concept" in out and "weighted" in out
     assert (tmp_path / "demo/run/model.safetensors").exists() and (tmp_path / "demo/data/tag_based.jsonl").exists()
+
+
+def test_train_refuses_a_non_empty_run_directory(tmp_path, capsys):
+    """Before: `mrloss train` into an existing run directory silently deleted its checkpoints and logs."""
+    from mrloss.training.config import TrainerConfig
+    from mrloss.training.run import check_output_dir
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint-40").mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    config = write_config(tmp_path / "c.yaml", data={"train_files": ["x.jsonl"]}, trainer={"output_dir": str(run_dir)})
+    code, err = run_cli(["train", "--config", str(config)], capsys)
+    assert code == 2 and "is not empty" in err and "overwrite_output_dir" in err
+    assert (run_dir / "checkpoint-40").is_dir() and (run_dir / "notes.txt").read_text() == "mine"
+    check_output_dir(TrainerConfig(output_dir=str(run_dir), resume_from_checkpoint=True))  # resuming is fine
+    check_output_dir(TrainerConfig(output_dir=str(run_dir), overwrite_output_dir=True))  # so is the explicit key
+    assert not (run_dir / "checkpoint-40").exists() and (run_dir / "notes.txt").exists()  # no old run to resume
+
+
+def test_plain_sft_data_without_region_types_trains_and_writes_metrics(tmp_path, capsys):
+    """Before: trained, then IndexError in finish_run, without config.yaml or metrics.json."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"question {i}? answer {i}.", "default_weight": 1.0}) + "\n" for i in range(6))
+    )
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "c.yaml",
+        data={"train_files": [str(data)], "max_length": 32},
+        model={"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "vocab_size": 300},
+        trainer={"output_dir": str(run_dir), "device": "cpu", "max_steps": 2, "logging_steps": 1},
+    )
+    code, err = run_cli(["train", "--config", str(config)], capsys)
+    assert code == 0, err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["region_types"] == [] and metrics["region_losses"] == {} and (run_dir / "config.yaml").exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def train_tag_based(output_dir: Path, *overrides, stop_at: int | None = None) -> dict:
+    """`mrloss train` with the built-in tag_based config (dynamic_weights) on a tiny model, 6 steps, a
+    checkpoint every 3; ``stop_at``: interrupted at the end of that step (before its save)."""
+    from mrloss.training.config import load_config
+    from mrloss.training.run import finish_run, prepare_run
+
+    class StopAt(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_at:
+                raise Interrupted
+
+    config = load_config(
+        REPO / "mrloss/configs/multi_region_tag_based.yaml",
+        [
+            "data.val_files=[]",  # data: the shipped examples, written to examples/sft/multi_region/data/
+            "data.max_length=64",
+            f"trainer.output_dir={output_dir}",
+            "trainer.max_steps=6",
+            "trainer.save_steps=3",
+            "trainer.logging_steps=1",
+            "trainer.device=cpu",
+            "model.hidden_size=16",
+            "model.intermediate_size=32",
+            "model.num_layers=1",
+            *overrides,
+        ],
+    )
+    assert config.weighting.dynamic_weights is not None
+    return finish_run(prepare_run(config, callbacks=(StopAt(),) if stop_at else ()))
+
+
+def test_resume_with_dynamic_weights_is_bit_identical_and_records_each_step_once(tmp_path, monkeypatch):
+    """Before: after an interrupt + resume the loss diverged (the per-type sums waiting for the next weighting
+    update were not checkpointed) and the monitor log held the steps after the checkpoint twice."""
+    monkeypatch.chdir(tmp_path)
+    straight = train_tag_based(tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        train_tag_based(tmp_path / "resumed", stop_at=5)
+    resumed = train_tag_based(tmp_path / "resumed", "trainer.resume_from_checkpoint=true")
+
+    def step_losses(metrics):
+        return [(e["step"], e["loss"], e["grad_norm"]) for e in metrics["log_history"] if "loss" in e]
+
+    assert step_losses(resumed) == step_losses(straight)  # bit-identical floats, steps 1-6
+    assert (tmp_path / "resumed/checkpoint-6").is_dir() and not (tmp_path / "resumed/.checkpoint-staging").exists()
+
+    def batch_records(run):
+        lines = (tmp_path / run / "monitor/region_stats.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        return [r for r in records if "trainer" not in r], [r["step"] for r in records if "trainer" in r]
+
+    assert batch_records("resumed") == batch_records("straight")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.lr_scheduler=cosin"], "config trainer.lr_scheduler: expected one of ['linear', 'cosine', "),
+        (["trainer.report_to=[tensorbord]"], "config trainer.report_to: unknown 'tensorbord'; expected names among"),
+        (["loss.backend=triton"], "config loss.backend: 'triton' runs on a CUDA device and this run is on the CPU"),
+        (["model.arch=gpt2"], "config model.arch: cannot patch GPT2LMHeadModel (model_type 'gpt2'): mrloss does not"),
+        (
+            ["model.attn_implementation=eagr"],
+            "config model.attn_implementation: 'eagr': Specified `attn_implementation",
+        ),
+        (
+            ["weighting.region_dependencies={region_dependencies: {x: {requires: [y]}}}"],
+            "config weighting.region_dependencies names region type(s) ['x', 'y'] that are not in the data's region",
+        ),
+        (
+            ["data.max_length=1"],
+            "config data.train_files: 0 of 4 samples in ",  # ... have a learned token ...: data.max_length 1 (right
+        ),
+    ],
+    ids=["lr-scheduler", "report-to", "triton-on-cpu", "arch-gpt2", "attn-implementation", "unknown-type", "truncated"],
+)
+def test_run_mistakes_are_one_line(overrides, message, tmp_path, capsys, monkeypatch):
+    """Before (#23 tracebacks): a traceback each from transformers, apply_mrloss or the first loss call."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a plain CPU machine
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    run = tmp_path / "run"
+    small = ["data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16", "model.num_layers=1"]
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={run}"]
+    code, err = run_cli([*argv, "trainer.device=cpu", *small, *overrides], capsys)
+    assert code == 2 and err.startswith(f"mrloss train: {message}") and err.count("\n") == 1, err
+    assert not (run / "model.safetensors").exists()
+    if "data.max_length=1" in overrides:
+        assert err.endswith(": data.max_length 1 (right truncation) cut the learned regions of 4 samples\n")
+
+
+def test_resume_onto_another_model_shape_is_one_line(tmp_path, capsys):
+    """Before (#23 tracebacks): resuming with other model sizes ended in a state_dict size-mismatch traceback."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    run = tmp_path / "run"
+    common = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={run}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.intermediate_size=16", "model.num_layers=1"]
+    first = [*common, *small, "model.hidden_size=16", "trainer.max_steps=1", "trainer.save_steps=1"]
+    code, err = run_cli([*first, "weighting.dynamic_weights=null", "monitor.enabled=false"], capsys)
+    assert code == 0, err
+    resumed = [*common, *small, "model.hidden_size=32", "trainer.max_steps=2", "trainer.resume_from_checkpoint=true"]
+    code, err = run_cli([*resumed, "weighting.dynamic_weights=null", "monitor.enabled=false"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"mrloss train: config trainer.resume_from_checkpoint: {run / 'checkpoint-1'} holds a model with hidden_size "
+        "16, the config builds 32 (model.hidden_size)"
+    )
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """Before (#23 tracebacks): a traceback. Exit code 1: a file problem (`mrloss.cli._user_error_code`)."""
+    import errno
+
+    def disk_full(self, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", disk_full)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={tmp_path / 'run'}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16"]
+    code, err = run_cli(
+        [*argv, *small, "trainer.max_steps=2", "trainer.save_steps=1", "weighting.dynamic_weights=null"], capsys
+    )
+    assert (code, err) == (
+        1,
+        "mrloss train: [Errno 28] training stopped at step 1: No space left on device; checkpoints written before "
+        "are complete (resume: trainer.resume_from_checkpoint=true)\n",
+    )
+
+
+def test_logs_are_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys):
+    """Before (#23 rough edges): tqdm's carriage returns flooded log files. Without a terminal (capsys here) the
+    Trainer prints one line per log step and transformers' own bars are off."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a <LEARN>b c</LEARN>"}\n' * 4)
+    argv = ["train", "--config", "tag_based", f"data.train_files=[{data}]", f"trainer.output_dir={tmp_path / 'run'}"]
+    small = ["trainer.device=cpu", "data.max_length=32", "model.hidden_size=16", "model.intermediate_size=16"]
+    steps = [
+        "trainer.max_steps=2",
+        "trainer.logging_steps=1",
+        "trainer.save_steps=null",
+        "weighting.dynamic_weights=null",
+    ]
+    from mrloss.cli import main
+
+    assert main([*argv, *small, *steps]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    assert sum(line.startswith("{'loss': ") for line in captured.out.splitlines()) == 2, captured.out
+
+
+def test_token_metrics_only_on_steps_that_log(tokenizer, tmp_path, monkeypatch):
+    """The token metrics cost a pass over the logits chunks: the patched forward computes them only on the
+    optimizer steps that end in a training log (logging_steps=2 of 5 steps, plus the first), and every such log has
+    them; the other steps' outputs carry None."""
+    from mrloss.integrations import hf
+
+    computed = []
+    record = hf.RegionLogStats.add
+
+    def add(self, batch, outputs, loss_sums=None):
+        computed.append(outputs.token_accuracy is not None and outputs.token_entropy is not None)
+        return record(self, batch, outputs, loss_sums)
+
+    monkeypatch.setattr(hf.RegionLogStats, "add", add)
+    dataset = MultiRegionDataset.from_samples(samples(tail_weight=0.5), tokenizer)
+    trainer, _ = train_tiny(tokenizer, dataset, tmp_path, max_steps=5, logging_steps=2, logging_first_step=True)
+    assert computed == [True, True, False, True, False]
+    logged = [entry for entry in trainer.state.log_history if "loss/answer" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 4]
+    assert all(0 <= entry["mean_token_accuracy"] <= 1 and entry["entropy"] > 0 for entry in logged)

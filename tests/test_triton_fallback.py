@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import loss_and_grads, make_inputs
 from triton.runtime.errors import OutOfResources
 
 import mrloss.ops.api as loss_module
@@ -14,14 +15,7 @@ import mrloss.ops.backends.triton.linear_cross_entropy_forward as forward_module
 import mrloss.ops.triton_fallback as fallback_module
 from mrloss import linear_cross_entropy
 
-
-def _inputs(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
-    weight = torch.randn(37, 16, generator=gen, requires_grad=True)
-    targets = torch.randint(0, 37, (3, 7), generator=gen)
-    token_weights = torch.rand(3, 7, generator=gen) * 2
-    return hidden, weight, targets, token_weights
+INPUTS = make_inputs((3, 7), bias=False, hidden_size=16, vocab=37)
 
 
 def _out_of_resources(*args, **kwargs):
@@ -37,10 +31,8 @@ def broken_triton(monkeypatch):
 
 
 def _loss_and_grads(backend):
-    hidden, weight, targets, token_weights = _inputs()
-    loss = linear_cross_entropy(hidden, weight, targets, token_weights, backend=backend)
-    loss.backward()
-    return loss, hidden.grad, weight.grad
+    """[loss, grad hidden, grad weight] of ``INPUTS`` (no bias) on ``backend``."""
+    return loss_and_grads(linear_cross_entropy, INPUTS, dict(backend=backend))[:3]
 
 
 def test_auto_falls_back_to_torch_with_one_warning(broken_triton):
@@ -55,7 +47,7 @@ def test_auto_falls_back_to_torch_with_one_warning(broken_triton):
 
 
 def test_auto_falls_back_for_the_fused_loss_only_forward(broken_triton):
-    hidden, weight, targets, token_weights = _inputs()
+    hidden, weight, targets, token_weights = (INPUTS[name] for name in ("hidden", "weight", "targets", "token_weights"))
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="linear_cross_entropy_forward failed"):
         loss = linear_cross_entropy(hidden, weight, targets, token_weights)
     expected = linear_cross_entropy(hidden.detach(), weight.detach(), targets, token_weights, backend="torch")

@@ -309,8 +309,7 @@ def test_mrloss_train_with_the_trl_backend(tmp_path, monkeypatch):
     from mrloss.training.run import main
 
     monkeypatch.chdir(tmp_path)
-    overrides = [
-        "data.train_files=data/tag_based.jsonl",
+    overrides = [  # data: the built-in config's examples, written to examples/sft/multi_region/data/
         "data.max_length=96",
         "data.pack=true",
         "trainer.output_dir=run",

@@ -180,6 +180,23 @@ def test_launcher_overrides_compose_with_verl_config(tmp_path, capsys):
     assert config.data.extra_keys == "error"
 
 
+def test_launcher_without_a_gpu_is_one_line_before_torchrun(tmp_path, capsys, monkeypatch):
+    """Before (#23 tracebacks): on a machine without a GPU the launcher started torchrun, whose workers printed a
+    wall of errors. Now it stops first: one line, exit 2, nothing written, nothing launched."""
+    from mrloss.integrations.verl import __main__ as launcher
+
+    monkeypatch.setattr(launcher, "accelerator_available", lambda: False)
+    monkeypatch.setattr(launcher.subprocess, "call", lambda *a, **k: pytest.fail("torchrun must not start"))
+    config_path = mrloss_config_file(tmp_path, example_files(tmp_path))
+    save = tmp_path / "out"
+    assert launcher.main(["--nproc", "1", "--config", str(config_path), "--save-path", str(save)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: verl's SFT trainer (its FSDP engine) needs a GPU (CUDA or NPU)") and err.count("\n") == 1
+    )
+    assert not save.exists()
+
+
 def test_dataset_takes_verls_own_columns_as_metadata_and_extra_keys_from_the_config(tmp_path):
     from omegaconf import OmegaConf
 

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
+from helpers import run_cli
 
 from mrloss.data import encode, train_bpe_tokenizer, write_examples
 from mrloss.debug import LossMaskVisualizer
@@ -198,12 +199,28 @@ def test_show_command(examples, tmp_path, capsys):
     out = tmp_path / "view.html"
     assert show_main([str(paths["structured"]), "--index", "3", "--html", str(out), "--color", "never"]) == 0
     printed = capsys.readouterr().out
-    assert "structured.jsonl:4" in printed and "⟦1.5 definition│梯度下降是" in printed and "wrote" in printed
+    assert f"sample --index 3 ({paths['structured']}, line 4)" in printed  # both labelled: 0-based, 1-based
+    assert "⟦1.5 definition│梯度下降是" in printed and "wrote" in printed
     parser = Spans()
     parser.feed(out.read_text(encoding="utf-8"))
     assert "梯度下降是一种" in "".join(text for _, text in parser.spans)
     assert show_main([str(paths["tag_based"]), "--index", "999"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_show_labels_the_index_and_the_line(tmp_path, capsys):
+    """Before (#23 rough edges): ``--index 1`` printed ``sample f.jsonl:3`` -- a 1-based line number beside the
+    0-based index, unlabelled (and blank lines make them differ by more than one)."""
+    import json
+
+    samples = [{"text": "first <LEARN>one</LEARN>"}, {"text": "second <LEARN>two</LEARN>"}]
+    jsonl = tmp_path / "f.jsonl"
+    jsonl.write_text(json.dumps(samples[0]) + "\n\n" + json.dumps(samples[1]) + "\n")
+    listed = tmp_path / "f.json"
+    listed.write_text(json.dumps(samples))
+    for path, where in ((jsonl, f"{jsonl}, line 3"), (listed, f"{listed}[1]")):
+        assert show_main([str(path), "--index", "1", "--color", "never", "--vocab-size", "260"]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"sample --index 1 ({where})"
 
 
 def test_show_uses_the_run_tokenizer(examples, tmp_path, capsys):
@@ -336,3 +353,30 @@ def test_qwen_chat_sample_in_the_terminal_and_html(qwen_tokenizer):
     parser = Spans()
     parser.feed(visualizer.to_html(enc["input_ids"], enc["token_weights"], enc, region_text=region_text))
     assert "".join(text for _, text in parser.spans).replace("↵\n", "\n") == region_text.text
+
+
+def test_plain_text_view_of_a_long_sample_is_linear():
+    """Before: the plain-text view joined each run's text by repeated concatenation: quadratic (> 400 s on one
+    10 MB sample through `mrloss show`)."""
+    from mrloss.debug.visualizer import MaskAnalysis, TokenView, render_terminal
+
+    tokens = [TokenView(k, 7, "word ", 1.0, 0, "answer") for k in range(400_000)]
+    text = render_terminal(MaskAnalysis(tokens, [], 400_000.0, 400_000), color=False)
+    assert f"⟦1 answer│{'word ' * 400_000}⟧" in text
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b]52;c;ZXZpbA==\x07\x1b[2J"
+
+
+@pytest.mark.parametrize("color", [False, True], ids=["plain", "colour"])
+def test_show_escapes_control_characters_from_data(tmp_path, capsys, color):
+    """Before: ESC sequences in a sample's text or region type reached the terminal through `mrloss show`
+    (window title, OSC 52 clipboard write, screen clear)."""
+    sample = {"text": f'hello <LEARN type="t{HOSTILE}">world {HOSTILE} again</LEARN> and <LEARN>more</LEARN>'}
+    path = tmp_path / "hostile.jsonl"
+    path.write_text(json.dumps(sample) + "\n")
+    code, err = run_cli(["show", str(path), "--vocab-size", "260", "--color", "always" if color else "never"], capsys)
+    assert code == 0, err
+    printed = run_cli.out
+    assert "\\x1b]0;pwned\\x07" in printed and "\x07" not in printed and "\x1b]" not in printed
+    assert "\x1b[2J" not in printed and ("\x1b" in printed) == color  # only the view's own colours

@@ -79,6 +79,7 @@ def test_adjuster_epoch_weights_before_first_and_after_last_key():
         ({"epoch_weights": {"0": 1.0}}, "epoch number"),
         ({"epoch_weights": {"1": -1.0}}, "outside"),
         ({"epoch_weights": {"1": 1.0, 1: 2.0}}, "twice"),
+        ({"epoch_weights": {"2": {"concept": 0.0}}}, r"\['2'\]\['concept'\]: 0.0 is outside"),
         ({"min_multiplier": 2.0, "max_multiplier": 1.0}, "outside"),
         ({"ema_decay": 1.0}, "never update"),
         ({"difficulty_scaling": "yes"}, "true/false"),
@@ -87,6 +88,37 @@ def test_adjuster_epoch_weights_before_first_and_after_last_key():
 def test_adjuster_config_errors(config, match):
     with pytest.raises((ValueError, TypeError), match=match):
         DynamicWeightAdjuster(config)
+
+
+def test_per_type_epoch_weights_act_and_a_shared_factor_is_refused():
+    """Before (#23 item 7): the shipped epoch_weights {"1": 1.0, "2": 1.2, "3": 1.5} scaled every region type alike,
+    which cancels in Σw·l/Σw: runs with and without it gave the same loss while the logs showed 1.0 -> 1.5."""
+    import mrloss
+
+    shared = DynamicWeightAdjuster({"epoch_weights": {"1": 1.0, "3": 1.5}})
+    per_type = DynamicWeightAdjuster({"epoch_weights": {"3": {"methodology": 1.5}}})
+    assert per_type.type_multipliers(TYPES, 3) == {"concept": 1.0, "definition": 1.0, "methodology": 1.5}
+    assert per_type.epoch_multiplier(2, "methodology") == 1.0 and per_type.epoch_multiplier(9, "methodology") == 1.5
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(10, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    targets = torch.randint(0, 11, (10,))
+
+    def loss(adjuster, epoch):
+        weights = adjuster.adjust(TOKEN_WEIGHTS.double().view(-1), REGION_TYPE_IDS.view(-1), TYPES, epoch)
+        weights[REGION_TYPE_IDS.view(-1) < 0] = 0.0  # no weighted token outside the regions
+        return float(mrloss.linear_cross_entropy(hidden, weight, targets, weights, backend="torch"))
+
+    assert loss(shared, 3) == pytest.approx(loss(shared, 1), rel=1e-12)  # a shared factor changes nothing
+    assert abs(loss(per_type, 3) - loss(per_type, 1)) > 1e-3  # a per-type one does
+    with pytest.raises(ValueError, match=r"^dynamic_weights.epoch_weights: every epoch scales all region types"):
+        shared.check_epoch_weights_act(TYPES, weighted_outside=False)
+    shared.check_epoch_weights_act(TYPES, weighted_outside=True)  # acts against weighted text outside the regions
+    per_type.check_epoch_weights_act(TYPES, weighted_outside=False)
+    with pytest.raises(ValueError, match=r"names region type\(s\) \['methodology'\] that are not in the data's"):
+        per_type.check_epoch_weights_act(["concept", "definition"], weighted_outside=False)  # a typo, or other data
+    both = DynamicWeightAdjuster({"epoch_weights": {"2": {"concept": 1.5, "definition": 1.5}}})
+    with pytest.raises(ValueError, match="alike"):  # every type of this data scaled by the same factor
+        both.check_epoch_weights_act(["concept", "definition"], weighted_outside=False)
 
 
 def test_adjust_validates_tensors():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from mrloss.data.encode import unlearn_first_token
@@ -41,8 +43,14 @@ class MultiRegionCollator:
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
     ):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id must be an int (the tokenizer has no pad token?)")
+        try:
+            pad_token_id = operator.index(pad_token_id)
+        except TypeError:
+            kind = "a tokenizer" if hasattr(pad_token_id, "pad_token_id") else repr(pad_token_id)
+            raise TypeError(
+                f"MultiRegionCollator(pad_token_id): expected an int, got {kind}; pass tokenizer.pad_token_id "
+                "(set tokenizer.pad_token = tokenizer.eos_token first when it is None)"
+            ) from None
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:

@@ -46,6 +46,16 @@ class MultiRegionDataset(torch.utils.data.Dataset):
         extra_keys="error",
     ):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        not_paths = [path for path in paths if not isinstance(path, (str, Path))]
+        if not_paths:
+            hint = (
+                "; for in-memory samples call MultiRegionDataset.from_samples(samples, tokenizer, ...)"
+                if isinstance(not_paths[0], dict)
+                else ""
+            )
+            raise TypeError(
+                f"MultiRegionDataset(paths): expected file or directory paths, got {type(not_paths[0]).__name__}{hint}"
+            )
         if any(Path(path).is_dir() for path in paths):
             options = dict(max_length=max_length, truncation=truncation, add_eos=add_eos, region_types=region_types)
             self._load(paths, tokenizer, **options)

@@ -7,9 +7,14 @@ characters [100, 200), as in the guide's position_based example.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mrloss.formats import FORMATS, convert
+
+# where the built-in configs read the example data (relative to the run's working directory); `mrloss train` with
+# ``data.write_examples`` writes a missing file there, and nowhere else
+EXAMPLE_DIRECTORY = Path("examples/sft/multi_region/data")
 
 _C = '<LEARN weight="2.0" type="concept">'
 _D = '<LEARN weight="1.5" type="definition">'
@@ -297,3 +302,10 @@ def write_examples(directory, *, force: bool = True) -> dict[str, Path]:
         samples = EXAMPLES if name == "tag_based" else [convert(sample, name) for sample in EXAMPLES]
         write_samples(path, samples, force=True)
     return paths
+
+
+def is_example_path(path) -> bool:
+    """Whether ``path`` is one of the example files the built-in configs read: ``EXAMPLE_DIRECTORY/<format>.jsonl``
+    (relative to the working directory)."""
+    names = {os.path.abspath(EXAMPLE_DIRECTORY / f"{name}.jsonl") for name in FORMATS}
+    return os.path.abspath(path) in names

@@ -9,10 +9,16 @@ A reader therefore never sees a new train file next to an old validation file: a
 the renames themselves) a file is missing. A ``kill -9`` can leave the scratch directory behind; nothing
 reads it, and the next unit in the same directory removes it once its process (named in it: host and pid) is
 gone -- unless it holds old outputs a killed commit had moved aside, which are kept and named in a warning.
+
+A unit may also record what it wrote (``manifest``: a hidden JSON file in the directory, replaced in the same
+commit), so that a later writer replaces only files an earlier one wrote (`recorded_outputs`), and hold the
+directory's lock (``lock``: `DirectoryLock`, one writer per directory) from `__enter__` to commit or abort.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import socket
@@ -29,8 +35,11 @@ class OutputUnit:
     unit removes when it commits (e.g. a validation file an earlier run wrote). Use as a context manager:
     leaving it by an exception aborts (scratch removed, nothing changed)."""
 
-    def __init__(self, directory, targets, *, stale=()):
+    def __init__(self, directory, targets, *, stale=(), manifest: str | None = None, lock: str | None = None):
+        """``manifest``: file name (in ``directory``) recording the names of ``targets`` at commit; ``lock``: file
+        name of the `DirectoryLock` held while the unit is open (a second writer fails in `__enter__`)."""
         self.directory = Path(directory)
+        self.manifest, self._lock_name, self._lock = manifest, lock, None
         self.targets = [Path(target) for target in targets]
         self.stale = [Path(path) for path in stale if Path(path) not in self.targets]
         outside = [str(path) for path in self.targets + self.stale if path.parent != self.directory]
@@ -47,6 +56,8 @@ class OutputUnit:
             missing = missing.parent
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            if self._lock_name is not None:
+                self._lock = DirectoryLock(self.directory / self._lock_name).acquire()
             self.scratch = Path(tempfile.mkdtemp(dir=self.directory, prefix=f"{_scratch_prefix()}{os.getpid()}-"))
         except BaseException:
             self.abort()
@@ -65,24 +76,31 @@ class OutputUnit:
         return self.scratch / target.name
 
     def commit(self) -> None:
-        """fsync the new outputs, move the old ones aside, rename the new ones in, delete the old ones. A failed
-        rename puts every file back where it was."""
+        """fsync the new outputs (and the manifest), move the old ones aside, rename the new ones in, delete the old
+        ones. A failed rename puts every file back where it was (the old manifest included)."""
         for target in self.targets:
             _fsync_tree(self.path(target))
+        targets = list(self.targets)
+        if self.manifest is not None:
+            record = self.scratch / self.manifest
+            names = [target.name for target in self.targets]
+            record.write_text(json.dumps({"outputs": names}, indent=1) + "\n", encoding="utf-8")
+            _fsync_file(record)
+            targets.append(self.directory / self.manifest)
         aside = self.scratch / REPLACED
         aside.mkdir()
         moved, placed = [], []
         try:
-            for old in self.targets + self.stale:
+            for old in targets + self.stale:
                 if old.exists() or old.is_symlink():
                     os.replace(old, aside / old.name)
                     moved.append(old)
-            for target in self.targets:
-                os.replace(self.path(target), target)
+            for target in targets:
+                os.replace(self.scratch / target.name, target)
                 placed.append(target)
         except BaseException:  # put everything back as it was
             for target in placed:
-                os.replace(target, self.path(target))
+                os.replace(target, self.scratch / target.name)
             for old in moved:
                 os.replace(aside / old.name, old)
             raise
@@ -96,12 +114,71 @@ class OutputUnit:
         if self.scratch is not None and self.scratch.exists():
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         for directory in reversed(self._created):
             try:
                 directory.rmdir()
             except OSError:
                 break
         self._created = []
+
+
+def recorded_outputs(directory, manifest: str) -> set[str]:
+    """The file names the last unit with this ``manifest`` committed in ``directory`` (empty: none recorded)."""
+    try:
+        record = json.loads((Path(directory) / manifest).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as error:
+        raise OSError(f"cannot read {Path(directory) / manifest}: {error}") from None
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    return {name for name in outputs if isinstance(name, str)} if isinstance(outputs, list) else set()
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking ``flock`` on a file (created if missing, holding the owner's host and pid):
+    one writer per directory. The kernel drops the lock when its process dies, so a ``kill -9`` leaves no stale
+    lock; `release` removes the file while still holding it, and `acquire` retries when the file it locked was
+    removed meanwhile (so two writers never hold locks on different files of the same name)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._descriptor: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        """Take the lock; BlockingIOError naming the holder when another process has it."""
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(descriptor)
+                raise BlockingIOError(
+                    f"{self.path.parent} is being written by {holder} (lock {self.path.name}); wait for it to finish"
+                ) from None
+            try:
+                same = os.fstat(descriptor).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(descriptor)  # locked a file its holder removed on release: lock the current one
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        self._descriptor = descriptor
+        return self
+
+    def release(self) -> None:
+        if self._descriptor is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._descriptor)  # closing drops the flock
+            self._descriptor = None
 
 
 def _scratch_prefix() -> str:

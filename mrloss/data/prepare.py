@@ -12,8 +12,10 @@ character. Nothing is written while bad samples remain, unless ``--drop-invalid`
 validation when a hash of its index (its place among the inputs' samples) and ``--seed`` falls below
 ``--val-fraction``: reproducible, and independent of the other samples. The outputs (train, validation,
 their tokenized directories) are written as one unit (`mrloss.data.outputs.OutputUnit`), never overwrite
-without ``--force``, and with ``--force`` replace every earlier output of the directory (a stale
-validation file included); Ctrl-C or SIGTERM stop it with nothing changed. Exit codes: 0 ok, 1 bad samples
+without ``--force``, and with ``--force`` replace the earlier outputs of prepare in the directory (a stale
+validation file included; what they were is recorded in ``.mrloss-prepare.json``), never a file prepare did not
+write, nor an input. One prepare writes into a directory at a time (a lock, ``.mrloss-prepare.lock``, while it
+runs: a second one is refused). Ctrl-C or SIGTERM stop it with nothing changed. Exit codes: 0 ok, 1 bad samples
 or a failed write (e.g. a full disk), 2 usage error (bad option, existing output without --force, unreadable
 input, unwritable output directory), 130 interrupted.
 """
@@ -24,6 +26,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -31,7 +34,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from mrloss.data.encode import TRUNCATION_MODES, encode_batch
-from mrloss.data.outputs import OutputUnit
+from mrloss.data.outputs import OutputUnit, recorded_outputs
 from mrloss.data.records import FILE_TYPES, Record, decode_record, file_type, iter_records
 from mrloss.data.stream import default_num_proc, ordered_map
 from mrloss.data.summary import PrepareSummary
@@ -160,15 +163,20 @@ def _run(args) -> int:
             open(path, "rb").close()
         except (OSError, ValueError) as error:
             raise _UsageError(f"cannot read {path}: {error}") from None
-    targets, stale = _outputs(args)
+    targets = _outputs(args)
     unit = None
     if targets:
-        unit = OutputUnit(args.output_dir, [path for pair in targets.values() for path in pair if path], stale=stale)
+        paths = [path for pair in targets.values() for path in pair if path]
+        unit = OutputUnit(args.output_dir, paths, manifest=MANIFEST, lock=LOCK)
         try:
-            unit.__enter__()  # the scratch directory: an unwritable output directory fails before any work
+            unit.__enter__()  # the lock and the scratch directory: before any work
+        except BlockingIOError as error:
+            raise _UsageError(str(error)) from None
         except OSError as error:
             raise _UsageError(f"cannot write to {args.output_dir}: {error.strerror or error}") from None
     try:
+        if unit is not None:
+            unit.stale = _replaced_outputs(args, unit.targets)
         return _stream(args, unit, targets)
     except OSError as error:
         raise _Failure(f"cannot write to {args.output_dir}: {error}; nothing was written or changed") from None
@@ -177,28 +185,65 @@ def _run(args) -> int:
             unit.abort()
 
 
-def _outputs(args) -> tuple[dict, list[Path]]:
-    """({split: (file, tokenized directory or None)}, stale earlier outputs to remove); refuses to replace
-    earlier outputs without --force, before any work. Every ``{train,validation}.{jsonl,json,parquet,tokenized}``
-    of the directory belongs to the unit: with --force those this run does not write are removed."""
+MANIFEST = ".mrloss-prepare.json"  # in the output directory: the outputs the last prepare there wrote
+LOCK = ".mrloss-prepare.lock"  # in the output directory while a prepare writes there (one writer per directory)
+
+
+def _outputs(args) -> dict:
+    """{split: (file, tokenized directory or None)} of this run; {} when only validating."""
     if args.output_dir is None:
         if args.to or args.val_fraction:
             raise _UsageError("--to and --val-fraction need --output-dir")
-        return {}, []
+        return {}
     from mrloss.data.tokenized import SUFFIX
 
     directory = args.output_dir
     splits = SPLITS if args.val_fraction > 0 else SPLITS[:1]
-    targets = {
+    return {
         split: (directory / f"{split}.{args.file_type}", directory / f"{split}{SUFFIX}" if args.tokenizer else None)
         for split in splits
     }
-    owned = [directory / f"{split}{suffix}" for split in SPLITS for suffix in (*FILE_TYPES, SUFFIX)]
-    existing = [path for path in owned if path.exists()]
+
+
+def _replaced_outputs(args, written: list[Path]) -> list[Path]:
+    """The earlier outputs this run removes besides those it replaces (stale: e.g. a validation file of a run with
+    --val-fraction), checked under the directory's lock, before any work. Every ``{train,validation}.{jsonl,json,
+    parquet,tokenized}`` of the directory is an output name; one that exists is refused without --force, and with
+    --force when an earlier prepare did not write it (not in MANIFEST: the user's file) and this run would
+    replace it; an input this run would replace or remove is refused."""
+    from mrloss.data.tokenized import SUFFIX
+
+    directory = args.output_dir
+    names = [directory / f"{split}{suffix}" for split in SPLITS for suffix in (*FILE_TYPES, SUFFIX)]
+    existing = [path for path in names if path.exists() or path.is_symlink()]
     if existing and not args.force:
         raise _UsageError(f"{', '.join(map(str, existing))} exist; pass --force to replace them")
-    written = {path for pair in targets.values() for path in pair if path}
-    return targets, [path for path in existing if path not in written]
+    recorded = recorded_outputs(directory, MANIFEST)
+    foreign = [path for path in existing if path in written and path.name not in recorded]
+    if foreign:
+        raise _UsageError(
+            f"{', '.join(map(str, foreign))} {'was' if len(foreign) == 1 else 'were'} not written by mrloss prepare "
+            f"(not in {directory / MANIFEST}); --force replaces only earlier outputs of prepare: move "
+            f"{'it' if len(foreign) == 1 else 'them'} away or choose another --output-dir"
+        )
+    stale = [path for path in existing if path not in written and path.name in recorded]
+    replaced = [*written, *stale]
+    for source in args.inputs:
+        if any(_same_file(source, path) or _inside(source, path) for path in replaced):
+            raise _UsageError(f"input {source} would be replaced by this run's outputs; write to another --output-dir")
+    return stale
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` lies inside ``directory`` (a tokenized output directory)."""
+    return directory.is_dir() and Path(os.path.realpath(directory)) in Path(os.path.realpath(path)).parents
 
 
 # samples below this total input size are prepared in this process (starting workers would cost more)

@@ -10,7 +10,8 @@ from mrloss.formats.regions import OUTSIDE
 class PrepareSummary:
     """Counts of the valid samples, accumulated chunk by chunk (memory: one entry per region type and distinct
     token weight): samples, tokens, learned tokens, samples whose learned regions truncation cut, and per region
-    type: regions, tokens, learned tokens, token weight -> count (first tokens left out: always 0)."""
+    type: regions, tokens, learned tokens, token weight -> count (every token, a sample's first one at weight 0, so
+    the histogram's counts add up to the tokens)."""
 
     def __init__(self):
         self.samples = self.tokens = self.learned = self.truncated = 0
@@ -24,14 +25,13 @@ class PrepareSummary:
         names = sorted({region.type for rt in region_texts for region in rt.regions}) + [OUTSIDE]
         index = {name: i for i, name in enumerate(names)}
         region_counts = np.zeros(len(names), dtype=np.int64)
-        weights, types, firsts = [], [], []
+        weights, types = [], []
         for rt, encoding in zip(region_texts, encodings):
             region_types = np.array([index[r.type] for r in rt.regions] + [index[OUTSIDE]], dtype=np.int64)
             np.add.at(region_counts, region_types[:-1], 1)
             weights.append(np.asarray(encoding["token_weights"], dtype=np.float64))
             types.append(region_types[np.asarray(encoding["region_ids"], dtype=np.int64)])  # id -1 -> OUTSIDE
-            firsts.append(np.arange(len(encoding["input_ids"])) == 0)
-        weights, types, firsts = np.concatenate(weights), np.concatenate(types), np.concatenate(firsts)
+        weights, types = np.concatenate(weights), np.concatenate(types)
         learned = weights > 0
         self.samples += len(encodings)
         self.tokens += len(weights)
@@ -39,7 +39,7 @@ class PrepareSummary:
         self.truncated += sum(bool(e["truncated_regions"]) for e in encodings)
         for i, name in enumerate(names):
             in_type = types == i
-            values, counts = np.unique(weights[in_type & ~firsts], return_counts=True)
+            values, counts = np.unique(weights[in_type], return_counts=True)
             entry = self.types.setdefault(name, [0, 0, 0, Counter()])
             entry[0] += int(region_counts[i])
             entry[1] += int(in_type.sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from mrloss.debug.monitor import STATS_FILE
@@ -24,6 +25,28 @@ def find_stats_file(run_dir) -> Path:
     return found[0]
 
 
+def read_stats(path) -> list[dict]:
+    """The records of a stats file. A last line cut short (a run killed while writing it, or still writing) is
+    skipped with a warning; any other line that is not a JSON object is a ValueError naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: the torn end of the file
+                warnings.warn(f"{path}:{number}: skipped a last line cut short ({error.msg})", stacklevel=2)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
 def per_step_series(path) -> dict:
     """Per-step series of a stats file: micro-batches of one step merged (mean losses weighted by learned
     tokens, gradient shares averaged, the step's last multipliers).
@@ -32,11 +55,9 @@ def per_step_series(path) -> dict:
     "multipliers": {type: [...]}}``; a missing value is NaN.
     """
     by_step: dict[int, list[dict]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            if "regions" in record:
-                by_step.setdefault(record["step"], []).append(record)
+    for record in read_stats(path):
+        if "regions" in record:
+            by_step.setdefault(record["step"], []).append(record)
     steps = sorted(by_step)
     types = list(dict.fromkeys(name for records in by_step.values() for r in records for name in r["regions"]))
     multiplier_types = list(
@@ -78,6 +99,7 @@ def per_step_series(path) -> dict:
 def plot_run(run_dir, out=None) -> Path:
     """Draw the per-region curves of a run to a PNG (default: next to the stats file); returns its path."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,6 +142,8 @@ def plot_run(run_dir, out=None) -> Path:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("optimizer step")
+    axes[-1].set_xlim(steps[0] - 0.5, steps[-1] + 0.5)  # the logged steps (from 1), not from 0
+    axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
@@ -134,8 +158,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         out = plot_run(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as error:
+    except FileNotFoundError as error:
         print(f"mrloss plot: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:  # the file's content
+        print(f"mrloss plot: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0

@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
     visualizer = LossMaskVisualizer(tokenizer)
-    print(f"sample {record.sample_id}")
+    print(f"sample --index {args.index} ({_where(record, args.file)})")
     visualizer.print_detailed_analysis(
         encoded["input_ids"],
         encoded["token_weights"],
@@ -113,6 +113,14 @@ def main(argv: list[str]) -> int:
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"wrote {args.html}")
     return 0
+
+
+def _where(record, file) -> str:
+    """Where the sample is in FILE, labelled: ``FILE, line 4`` (JSONL lines count from 1, blank lines included) or
+    its sample id (``FILE[3]``: the 0-based index of a JSON list or Parquet row)."""
+    from mrloss.data.records import file_type
+
+    return f"{file}, line {record.line}" if file_type(file) == ".jsonl" else record.sample_id
 
 
 # data options of `mrloss show` without a run (no truncation): those of `mrloss train`'s data section otherwise

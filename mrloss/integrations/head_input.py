@@ -186,8 +186,9 @@ def check_head(causal_lm, forward: Callable, softcap_override: float | None = No
     head = describe_head(causal_lm)
     probe = _HeadProbe(causal_lm)
     try:
-        logits, loss = probe.run(causal_lm, forward)
-        expected_logits, expected_loss = probe.expected(head)
+        with _without_autocast():  # float32 throughout, also when patched inside an autocast region
+            logits, loss = probe.run(causal_lm, forward)
+            expected_logits, expected_loss = probe.expected(head)
     except Exception as error:  # noqa: BLE001 (any failure means: not checked, so not supported)
         raise TypeError(f"{_cannot_patch(causal_lm, caller)}: its head could not be checked: {error!r}") from error
     if not _close(logits, expected_logits):
@@ -202,6 +203,14 @@ def check_head(causal_lm, forward: Callable, softcap_override: float | None = No
             f"shifted by one (got {loss}, expected {float(expected_loss):.6g}); mrloss would compute another loss"
         )
     return head if softcap_override is None else dataclasses.replace(head, softcap=softcap_override)
+
+
+@contextlib.contextmanager
+def _without_autocast():
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:

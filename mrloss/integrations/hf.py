@@ -25,8 +25,8 @@ import warnings
 import torch
 import transformers
 
-from mrloss.integrations.heads import LOSS_OPTIONS  # noqa: F401  (a public name here)
-from mrloss.integrations.patch import apply_mrloss, weight_sum
+from mrloss.integrations.heads import LOSS_OPTIONS, unwrap_causal_lm  # noqa: F401  (LOSS_OPTIONS: a public name here)
+from mrloss.integrations.patch import TOKEN_METRICS_FLAG, apply_mrloss, weight_sum
 from mrloss.integrations.region_logs import RegionLogStats
 from mrloss.ops.normalization import IGNORE_INDEX, valid_weight_sum
 from mrloss.weighting.tracker import RegionStepTracker, all_reduce_sum
@@ -183,6 +183,7 @@ class MultiRegionTrainer(transformers.Trainer):
     # -- loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = dict(inputs)
+        setattr(unwrap_causal_lm(self.model), TOKEN_METRICS_FLAG, not model.training or self._logs_this_step())
         loss, outputs = super().compute_loss(
             model, model_inputs(batch), return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -192,6 +193,14 @@ class MultiRegionTrainer(transformers.Trainer):
             else:
                 self._eval_log_stats.add(batch, outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step being computed ends in a training log (transformers' DefaultFlowCallback rule
+        for logging_strategy "steps"; any other strategy: every step): only then are the token metrics computed."""
+        step = self.state.global_step + 1
+        if self.args.logging_strategy != transformers.trainer_utils.IntervalStrategy.STEPS:
+            return True
+        return (step == 1 and self.args.logging_first_step) or step % max(1, self.state.logging_steps or 1) == 0
 
     def _record_region_losses(self, batch, outputs) -> None:
         """Per-type loss sums of one training micro-batch (`mrloss.metrics.region_statistics`, through the region

@@ -22,6 +22,9 @@ from mrloss.integrations.heads import check_loss_options, head_loss, lm_head_of,
 from mrloss.ops.api import linear_cross_entropy
 
 CALLER = "apply_mrloss"
+# attribute of the patched model: False makes its forward skip the token metrics (None in the output);
+# MultiRegionTrainer sets it per step (only steps that log, and evaluation, compute them)
+TOKEN_METRICS_FLAG = "_mrloss_token_metrics"
 
 
 class WeightSum(torch.Tensor):
@@ -78,7 +81,7 @@ def apply_mrloss(model, **loss_options):
         own forward returns a MoE ``aux_loss``: ``output_router_logits=True``), logits never materialized;
         returns the model's own output type with ``loss``, ``logits=None`` and ``token_losses``,
         ``token_accuracy``, ``token_entropy`` ``[B, T] fp32`` (target-aligned, detached; the metrics come from the
-        loss's own row pass, no extra matmul).
+        loss's own row pass, no extra matmul; None while the model's `TOKEN_METRICS_FLAG` is False).
     Without labels it is the model's own forward (logits as usual); ``token_weights`` then is an error.
     Raises TypeError when the model's own forward does not compute the logits as its head description says
     (`mrloss.integrations.head_input.check_head`).
@@ -125,19 +128,20 @@ def mrloss_forward(
         shift=shift_labels is None,
         normalizer=num_items_in_batch,
         return_token_losses=True,
-        return_token_metrics=True,
+        return_token_metrics=causal_lm.__dict__.get(TOKEN_METRICS_FLAG, True),
         **patch.options,
     )
     loss = output.loss
     if getattr(outputs, "aux_loss", None) is not None:
         loss = loss + router_aux_coefficient(causal_lm, caller=CALLER) * outputs.aux_loss.to(loss.device)
     fields = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
+    metrics = output.token_metrics  # None when not asked for (a training step that does not log)
     result = _output_class(type(outputs))(
         loss=loss,
         **fields,
         token_losses=output.token_losses,
-        token_accuracy=output.token_metrics.accuracy,
-        token_entropy=output.token_metrics.entropy,
+        token_accuracy=None if metrics is None else metrics.accuracy,
+        token_entropy=None if metrics is None else metrics.entropy,
     )
     return result.to_tuple() if return_dict is False else result
 

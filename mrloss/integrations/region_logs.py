@@ -38,6 +38,8 @@ class RegionLogStats:
             weight_sum = valid_weight_sum(batch["labels"], batch["token_weights"], self.ignore_index).cpu()
             self.weighted += torch.stack([outputs.loss.detach().double().cpu() * weight_sum, weight_sum])[:, None]
         for name, attribute in TOKEN_METRICS.items():
+            if getattr(outputs, attribute) is None:  # a step that does not log: not computed
+                continue
             record = self._statistics(batch, getattr(outputs, attribute))
             total = record["total"]
             overall = torch.tensor([[(total["mean_loss"] or 0.0) * total["learned_tokens"]], [total["learned_tokens"]]])

@@ -253,10 +253,13 @@ class _MRLossSFTTrainer(trl.SFTTrainer):
         loss, outputs = transformers.Trainer.compute_loss(
             self, model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        sums = token_metric_sums(outputs, inputs["labels"], inputs.get("token_weights"), ignore_index=self.ignore_index)
-        entropy_sum, num_correct, num_valid = (self.accelerator.gather_for_metrics(s).sum() for s in sums)
-        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if outputs.token_entropy is not None:  # None on steps that do not log (MultiRegionTrainer._logs_this_step)
+            labels, weights = inputs["labels"], inputs.get("token_weights")
+            sums = token_metric_sums(outputs, labels, weights, ignore_index=self.ignore_index)
+            entropy_sum, num_correct, num_valid = (self.accelerator.gather_for_metrics(s).sum() for s in sums)
+            self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+            accuracy = (num_correct / num_valid).item() if num_valid > 0 else 0.0
+            self._metrics[mode]["mean_token_accuracy"].append(accuracy)
         if mode == "train":  # TRL's token count: attention_mask, or the padding-free row's length
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()

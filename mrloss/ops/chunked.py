@@ -50,6 +50,7 @@ the same losses l_i (and lse_i, and the token metrics) without any logits in mem
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -93,15 +94,23 @@ class ChunkedResult(NamedTuple):
 
 
 MIN_CHUNK_SIZE = 256
+# Learned rows per chunk that the weight-gradient product [V, C] x [C, H] -> float32 [V, H] needs to be bound by
+# its FLOPs rather than by the float32 buffer's traffic: it moves ~8 V H bytes for 2 C V H FLOPs, C / 4 FLOP per
+# byte, against ~265 (lent H100: 798 TFLOP/s bf16 over ~3.0 TB/s) or ~185 (H200, ~4.3 TB/s): 2048 leaves ~2x margin
+# (bench/roofline.py predicts the step; the GPU pass also times the old rule's size and 4096).
+WEIGHT_GRAD_CHUNK_SIZE = 2048
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Tokens per chunk so that one ``[C, V]`` logits chunk takes about as many bytes as the hidden
-    states ``[N, H]`` (C ~ N * H / V), rounded up to a multiple of 8 for the matmuls, and at least
-    MIN_CHUNK_SIZE: skinnier matmuls lose speed (measured on CPU), and 256 * V logits stay small next
-    to the float32 [V, H] weight-gradient buffer whenever H >= 256."""
-    chunk = -(-num_tokens * hidden_size // vocab_size)
-    return max(MIN_CHUNK_SIZE, -(-chunk // 8) * 8)
+    """Tokens per chunk: at least ``WEIGHT_GRAD_CHUNK_SIZE`` where memory allows, else what the old rule gives.
+
+    Memory budget: a ``[C, V]`` logits chunk no larger than the weight ``[V, H]`` itself (C <= H), a fraction of
+    what the fast mode holds anyway (the weight, its float32 gradient buffer and the gradient). Below that, the
+    old rule: one chunk takes about as many bytes as the hidden states ``[N, H]`` (C ~ N * H / V), and at least
+    MIN_CHUNK_SIZE (skinnier matmuls lose speed). Rounded up to a multiple of 8 for the matmuls. Fewer, larger
+    chunks also mean fewer passes over the float32 ``[V, H]`` buffer (one per chunk, ``add_product``)."""
+    chunk = max(MIN_CHUNK_SIZE, -(-num_tokens * hidden_size // vocab_size), min(WEIGHT_GRAD_CHUNK_SIZE, hidden_size))
+    return -(-chunk // 8) * 8
 
 
 MIN_VOCAB_SLICE = 1024
@@ -135,8 +144,9 @@ def chunked_linear_cross_entropy(
     hidden [N, H], weight [V, H], bias [V] or None (all one dtype); rows [M] int64 (unique indices into
     hidden), targets [M] int64 in [0, V), grad_scales [M] float or None (loss only);
     needs_grad: which of (hidden, weight, bias) gradients to build; metrics: fill the token metrics. The weight
-    and bias gradients are accumulated across chunks in fp32 (fp64 for fp64 inputs), each chunk's product
-    computed in the inputs' dtype. Deterministic: chunks run in order, rows are written with ``index_copy_``.
+    and bias gradients are accumulated across chunks in fp32 (fp64 for fp64 inputs); each chunk's weight-gradient
+    product multiplies in the inputs' dtype and adds in fp32 (``add_product``: never rounded to bf16).
+    Deterministic: chunks run in order, rows are written with ``index_copy_``.
     """
     acc_dtype = accumulation_dtype(hidden.dtype)
     num_rows = rows.numel()
@@ -144,7 +154,9 @@ def chunked_linear_cross_entropy(
     want_hidden, want_weight, want_bias = (grad_scales is not None and need for need in needs_grad)
     want_bias = want_bias and bias is not None
     grad_hidden = torch.zeros_like(hidden) if want_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+    # every chunk adds into it, the first one with beta=0: no zero fill unless there is no chunk
+    allocate_grad_weight = torch.empty if num_rows else torch.zeros
+    grad_weight = allocate_grad_weight(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
     grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_bias else None
 
     for start in range(0, num_rows, chunk_size):
@@ -173,24 +185,55 @@ def chunked_linear_cross_entropy(
         if want_hidden:
             grad_hidden.index_copy_(0, chunk_rows, grad_logits @ weight)
         if want_weight:
-            _accumulate_weight_grad(grad_weight, grad_logits, chunk_hidden)
+            add_product(grad_weight, grad_logits.T, chunk_hidden, first=start == 0)
         if want_bias:
             grad_bias += grad_logits.sum(0, dtype=acc_dtype)
     return ChunkedResult(stats, grad_hidden, grad_weight, grad_bias)
 
 
-def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, chunk_hidden: torch.Tensor):
-    """grad_weight [V, H] (accumulation dtype) += grad_logits[C, V]^T @ chunk_hidden [C, H].
+FALLBACK_BLOCK_ELEMENTS = 1 << 22  # float32 temporary of add_product's upcast path: at most 16 MiB per block
+_out_dtype_failure: list[str] = []  # why this torch's CUDA addmm(out_dtype=...) could not be used, once
 
-    Same dtype: one in-place addmm. Half/bfloat16 inputs: the product is computed in the inputs' dtype
-    (tensor cores) and added to the fp32 buffer slice by slice of vocabulary rows, so the temporary is
-    one ``[V_slice, H]`` block about the size of the logits chunk, never a second ``[V, H]`` matrix.
+
+def add_product(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, first: bool = False) -> None:
+    """accumulator [M, N] (accumulation dtype) += left [M, K] @ right [K, N] (``first``: = instead of +=; the
+    accumulator's content is then ignored, so it may be uninitialized).
+
+    left/right in the accumulator's dtype: one in-place addmm. Half/bfloat16 left/right into a float32 accumulator:
+    on CUDA one cuBLAS call that multiplies in the inputs' dtype (tensor cores), accumulates in float32 and adds
+    straight into the accumulator (``torch.addmm(..., out_dtype=float32, out=accumulator)``: 8 M N bytes of
+    accumulator traffic, no temporary). Elsewhere (aten has no CPU kernel for it) the same float32 arithmetic from
+    upcast operands (half/bfloat16 products are exact in float32), in row blocks of at most
+    FALLBACK_BLOCK_ELEMENTS upcast elements. If this torch's CUDA build refuses out_dtype, it warns once and adds
+    the product computed in the inputs' dtype (rounded to it once per call) block by block.
     """
-    if grad_logits.dtype == grad_weight.dtype:
-        grad_weight.addmm_(grad_logits.T, chunk_hidden)
+    beta = 0 if first else 1
+    if left.dtype == accumulator.dtype:
+        accumulator.addmm_(left, right, beta=beta)
         return
-    vocab_size, hidden_size = grad_weight.shape
-    rows_per_slice = vocab_slice_size(grad_logits.shape[0], hidden_size, vocab_size)
-    for start in range(0, vocab_size, rows_per_slice):
-        stop = start + rows_per_slice
-        grad_weight[start:stop] += grad_logits[:, start:stop].T @ chunk_hidden
+    if accumulator.is_cuda and not _out_dtype_failure:
+        try:
+            torch.addmm(accumulator, left, right, beta=beta, out_dtype=accumulator.dtype, out=accumulator)
+            return
+        except RuntimeError as error:  # NotImplementedError included; not out-of-memory
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            _out_dtype_failure.append(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+            warnings.warn(
+                f"mrloss: torch {torch.__version__} cannot add a {left.dtype} product into a {accumulator.dtype} "
+                f"buffer with torch.addmm(out_dtype=...) on CUDA ({_out_dtype_failure[0]}); the weight gradient "
+                "is accumulated from products rounded to the inputs' dtype instead (slower, less exact)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    rows_per_block = max(1, FALLBACK_BLOCK_ELEMENTS // max(1, left.shape[1]))
+    if accumulator.is_cuda:
+        for start in range(0, left.shape[0], rows_per_block):
+            block = slice(start, start + rows_per_block)
+            product = left[block] @ right
+            accumulator[block] = product if first else accumulator[block] + product
+        return
+    right = right.to(accumulator.dtype)
+    for start in range(0, left.shape[0], rows_per_block):
+        block = slice(start, start + rows_per_block)
+        accumulator[block].addmm_(left[block].to(accumulator.dtype), right, beta=beta)

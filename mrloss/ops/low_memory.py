@@ -7,6 +7,8 @@ rows, every chunk of C learned rows recomputes its ``[C, V_s]`` logits block, th
 
     grad_hidden_acc [M, H] fp32  += G @ W_s        (all slices; cast into hidden's dtype once at the end)
     grad_weight_acc [V_s, H] fp32 += G^T @ h_c     (all chunks of this slice; written once in weight's dtype)
+
+(``mrloss.ops.chunked.add_product``: products of the inputs' dtype accumulated in float32, never rounded)
     grad_bias_acc   [V_s] fp32    += sum_c G
 
 so the weight gradient is never accumulated in half precision, and nothing of size ``[V, H]`` exists besides
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
-from mrloss.ops.chunked import SliceGradOp, vocab_slice_size
+from mrloss.ops.chunked import SliceGradOp, add_product, vocab_slice_size
 
 
 def low_memory_gradients(
@@ -53,12 +55,13 @@ def low_memory_gradients(
     grad_bias = torch.empty_like(bias) if want_bias else None
     lse = lse.to(acc_dtype)
     grad_scales = grad_scales.to(acc_dtype)
+    allocate_acc = torch.empty if num_rows else torch.zeros  # the first chunk's add_product overwrites it
     slice_rows = min(vocab_slice_size(chunk_size, hidden_size, vocab_size), -(-vocab_size // 2))  # 2+ slices
 
     for v_start in range(0, vocab_size, slice_rows):
         vocab = slice(v_start, v_start + slice_rows)
         weight_slice = weight[vocab]
-        weight_acc = torch.zeros(weight_slice.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+        weight_acc = allocate_acc(weight_slice.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
         bias_acc = torch.zeros(weight_slice.shape[0], dtype=acc_dtype, device=weight.device) if want_bias else None
         for start in range(0, num_rows, chunk_size):
             chunk = slice(start, start + chunk_size)
@@ -79,9 +82,9 @@ def low_memory_gradients(
                 z_loss_scale=z_loss_scale,
             )
             if want_hidden:
-                _add_product(hidden_acc[chunk], block, weight_slice)
+                add_product(hidden_acc[chunk], block, weight_slice)
             if want_weight:
-                _add_product(weight_acc, block.T, chunk_hidden)
+                add_product(weight_acc, block.T, chunk_hidden, first=start == 0)
             if want_bias:
                 bias_acc += block.sum(0, dtype=acc_dtype)
         if want_weight:
@@ -93,11 +96,3 @@ def low_memory_gradients(
     if want_hidden:
         grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, hidden_acc.to(hidden.dtype))
     return grad_hidden, grad_weight, grad_bias
-
-
-def _add_product(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """accumulator (accumulation dtype) += left @ right, the product in the inputs' dtype (tensor cores)."""
-    if left.dtype == accumulator.dtype:
-        accumulator.addmm_(left, right)
-    else:
-        accumulator += left @ right

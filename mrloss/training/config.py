@@ -287,6 +287,7 @@ VALUE_RANGES = {
     "trainer.save_total_limit": ValueRange(0),
     "trainer.eval_steps": ValueRange(0),
     "trainer.dataloader_num_workers": ValueRange(0, inclusive=True),
+    "trainer.seed": ValueRange(0, inclusive=True, high=2**32 - 1),  # numpy's seed range
 }
 
 
@@ -311,7 +312,39 @@ def config_from_dict(raw: dict) -> Config:
         LossOptions(**dataclasses.asdict(config.loss))
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config loss: {error}") from None
+    check_model_sizes(config.model)
+    build_weighting(config.weighting)
     return config
+
+
+def check_model_sizes(model: ModelConfig) -> None:
+    """ConfigError for sizes of the tiny model (``model.path`` null) that attention cannot split: ``hidden_size``
+    into ``num_heads`` heads, ``num_heads`` into ``num_kv_heads`` groups."""
+    if model.path is not None:
+        return
+    if model.hidden_size % model.num_heads:
+        raise ConfigError(
+            f"config model.num_heads: model.hidden_size {model.hidden_size} is not a multiple of "
+            f"{model.num_heads} heads"
+        )
+    if model.num_heads % model.num_kv_heads:
+        raise ConfigError(
+            f"config model.num_kv_heads: model.num_heads {model.num_heads} is not a multiple of {model.num_kv_heads} "
+            "key/value heads"
+        )
+
+
+def build_weighting(section: WeightingConfig):
+    """`mrloss.weighting.RegionWeighting` of the ``weighting`` section (None when both tools are off); its checks
+    (unknown keys, values out of range, dependency cycles) as ConfigError ``config weighting.<key>: ...``."""
+    if section.dynamic_weights is None and section.region_dependencies is None:
+        return None
+    from mrloss.weighting import RegionWeighting
+
+    try:
+        return RegionWeighting.from_config(dataclasses.asdict(section))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config weighting.{error}") from None
 
 
 def _deep_copy(value):

@@ -23,8 +23,14 @@ import sys
 from pathlib import Path
 
 from mrloss.data.tokenizer import RUN_TOKENIZER_DIR
-from mrloss.training.build import build_model, build_tokenizer, ensure_data_files
-from mrloss.training.config import Config, ConfigError, load_config
+from mrloss.training.build import (
+    build_model,
+    build_tokenizer,
+    check_learned_tokens,
+    check_resume_model,
+    ensure_data_files,
+)
+from mrloss.training.config import Config, ConfigError, build_weighting, load_config
 
 
 @dataclasses.dataclass
@@ -86,6 +92,7 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
     from mrloss.integrations.hf import MultiRegionTrainer
 
     check_output_dir(config.trainer)
+    check_monitor_dir(config)
     args = training_arguments(config)
     resume = resolve_checkpoint(config.trainer.resume_from_checkpoint, config.trainer.output_dir)
     with args.main_process_first(desc="write the example data"):
@@ -100,13 +107,16 @@ def prepare_run(config: Config, *, callbacks: tuple = ()) -> TrainingRun:
         add_eos=config.data.add_eos,
     )
     train_dataset = MultiRegionDataset(config.data.train_files, tokenizer, **data_options)
+    weighted_outside = check_learned_tokens(train_dataset, config.data)
     eval_dataset = None
     if config.data.val_files:
         eval_dataset = MultiRegionDataset(
             config.data.val_files, tokenizer, region_types=train_dataset.region_types, **data_options
         )
     model = build_model(config.model, tokenizer, max_length=config.data.max_length, seed=config.trainer.seed)
-    weighting, monitor, callbacks = _tools(config, train_dataset.region_types, args.process_index == 0, callbacks)
+    if resume is not None:
+        check_resume_model(model, resume)
+    weighting, monitor, callbacks = _tools(config, train_dataset, weighted_outside, args.process_index == 0, callbacks)
     loss_options = dataclasses.asdict(config.loss)
     common = dict(processing_class=tokenizer, loss_options=loss_options, weighting=weighting, monitor=monitor)
     if config.trainer.backend == "trl":
@@ -134,7 +144,15 @@ def finish_run(run: TrainingRun) -> dict:
     import yaml
 
     trainer = run.trainer
-    result = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
+    except OSError as error:  # e.g. a full disk while a checkpoint is written: one line (exit 1), not a traceback
+        raise OSError(
+            error.errno,
+            f"training stopped at step {trainer.state.global_step}: {error.strerror or error}"
+            f"{f' ({error.filename})' if error.filename else ''}; checkpoints written before are complete "
+            f"(resume: trainer.resume_from_checkpoint=true)",
+        ) from None
     trainer.save_model(run.config.trainer.output_dir)
     history = trainer.state.log_history
     region_logs = [entry for entry in history if any(key.startswith("loss/") for key in entry)]
@@ -161,7 +179,6 @@ def finish_run(run: TrainingRun) -> dict:
 def training_arguments(config: Config):
     """`transformers.TrainingArguments` of the ``trainer`` section (device, DDP backend, schedule, saving)."""
     import torch
-    import transformers
 
     t = config.trainer
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -169,12 +186,44 @@ def training_arguments(config: Config):
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"config trainer.warmup_ratio: expected a fraction in [0, 1), got {t.warmup_ratio}")
     use_cpu = t.device == "cpu" or not torch.cuda.is_available()
+    _check_trainer_names(t)
+    if config.loss.backend == "triton" and use_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            "config loss.backend: 'triton' runs on a CUDA device and this run is on the CPU; use auto or torch"
+        )
     if config.fsdp.enabled and use_cpu:
         raise ConfigError(
             "config fsdp.enabled: transformers / accelerate shard with FSDP on CUDA devices only (on the CPU they "
             "would silently run DDP instead); set fsdp.enabled=false or train on GPUs"
         )
     evaluate = "no" if not config.data.val_files else ("steps" if t.eval_steps else "epoch")
+    try:
+        return _training_arguments(config, use_cpu, evaluate)
+    except ValueError as error:  # transformers' own checks of the values above
+        raise ConfigError(f"config trainer: {error}") from None
+
+
+def _check_trainer_names(t) -> None:
+    """ConfigError for a ``trainer.lr_scheduler`` or ``trainer.report_to`` name transformers does not know."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [kind.value for kind in SchedulerType]
+    if t.lr_scheduler not in schedulers:
+        raise ConfigError(f"config trainer.lr_scheduler: expected one of {schedulers}, got {t.lr_scheduler!r}")
+    reporters = ["all", "none", *INTEGRATION_TO_CALLBACK]
+    unknown = [name for name in t.report_to if name not in reporters]
+    if unknown:
+        raise ConfigError(f"config trainer.report_to: unknown {unknown[0]!r}; expected names among {reporters}")
+
+
+def _training_arguments(config: Config, use_cpu: bool, evaluate: str):
+    import transformers
+
+    t = config.trainer
+    progress_bars = sys.stderr.isatty()  # a log file gets one line per log step, not a bar's carriage returns
+    if not progress_bars:
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards", "Loading weights"
     return transformers.TrainingArguments(
         output_dir=t.output_dir,
         num_train_epochs=t.epochs,
@@ -190,6 +239,7 @@ def training_arguments(config: Config):
         seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        disable_tqdm=not progress_bars,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
@@ -253,6 +303,24 @@ def check_output_dir(trainer_config) -> None:
                 shutil.rmtree(checkpoint)
 
 
+def check_monitor_dir(config: Config) -> None:
+    """ConfigError when ``monitor.output_dir`` (set apart from the run directory) already holds another run's
+    ``region_stats.jsonl`` and the run neither resumes nor may overwrite (``trainer.overwrite_output_dir``, as for
+    the run directory itself): a fresh run would replace that record. Inside ``trainer.output_dir`` the record is
+    covered by `check_output_dir`."""
+    from mrloss.debug.monitor import STATS_FILE
+
+    monitor, trainer = config.monitor, config.trainer
+    if not monitor.enabled or monitor.output_dir is None or trainer.resume_from_checkpoint:
+        return
+    stats = Path(monitor.output_dir) / STATS_FILE
+    if stats.exists() and not trainer.overwrite_output_dir:
+        raise ConfigError(
+            f"config monitor.output_dir: {stats} holds the record of another run; replace it "
+            "(trainer.overwrite_output_dir=true) or choose another directory"
+        )
+
+
 def resolve_checkpoint(resume, output_dir: str) -> str | None:
     """``resume_from_checkpoint``: None/False -> None; True -> the last ``checkpoint-N`` in output_dir."""
     if resume is None or resume is False:
@@ -269,13 +337,18 @@ def resolve_checkpoint(resume, output_dir: str) -> str | None:
     return resume
 
 
-def _tools(config: Config, region_types: list[str], is_main: bool, callbacks: tuple):
-    """The configured region weighting and monitor (and the monitor's Trainer callback)."""
-    weighting = None
-    if config.weighting.dynamic_weights is not None or config.weighting.region_dependencies is not None:
-        from mrloss.weighting import RegionWeighting
-
-        weighting = RegionWeighting.from_config(dataclasses.asdict(config.weighting))
+def _tools(config: Config, train_dataset, weighted_outside: bool, is_main: bool, callbacks: tuple):
+    """The configured region weighting (refused when its epoch weights cannot act on the training data) and
+    monitor (and the monitor's Trainer callback)."""
+    region_types = train_dataset.region_types
+    weighting = build_weighting(config.weighting)
+    try:
+        if weighting is not None:
+            weighting.type_multipliers(region_types, 1)  # the types the tools name must be the data's
+        if weighting is not None and weighting.dynamic_weights is not None:
+            weighting.dynamic_weights.check_epoch_weights_act(region_types, weighted_outside=weighted_outside)
+    except ValueError as error:
+        raise ConfigError(f"config weighting.{error}") from None
     monitor = None
     if config.monitor.enabled:
         from mrloss.debug import MultiRegionTrainingMonitor

@@ -142,6 +142,14 @@ def verl_overrides(config, nproc: int, save_path: str, verl_extra: list[str] = (
     return [f"{key}={value}" for key, value in generated.items()]
 
 
+def accelerator_available() -> bool:
+    """Whether verl's FSDP engine can run here (it is registered for CUDA and NPU devices only)."""
+    import torch
+
+    npu = getattr(torch, "npu", None)
+    return torch.cuda.is_available() or bool(npu is not None and npu.is_available())
+
+
 def launch_command(nproc: int, overrides: list[str]) -> list[str]:
     """The torchrun command line (as argv) running verl's SFT trainer through our entry module."""
     return [
@@ -183,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     print(shlex.join(command), flush=True)
     if args.dry_run:
         return 0
+    if not accelerator_available():
+        print("error: verl's SFT trainer (its FSDP engine) needs a GPU (CUDA or NPU) and none is available here; "
+              "train with mrloss train (--engine hf) instead", file=sys.stderr)  # fmt: skip
+        return 2
     prepare_model(config, args.save_path)
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[3])  # so workers import this mrloss checkout

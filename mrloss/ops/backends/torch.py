@@ -3,8 +3,10 @@
 The formula and the contract are documented once, in ``mrloss.ops.chunked``; the Triton kernel
 ``mrloss.ops.backends.triton.cross_entropy_rows`` computes the same thing. Math runs in float32 (float64 for
 float64 logits), in place on the chunk where the dtype allows (the softmax overwrites the logits), so
-the extra memory is at most two float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one
-more for the softcap factor or for the entropy) and none for float32 logits without softcap.
+the extra memory is at most three float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one for the
+softcap factor, one for the softmax when the entropy is asked for) and none for float32 logits without those.
+The token metrics cost no extra pass over the chunk: accuracy from the same reduction as the row max
+(``torch.max``), entropy from the sums of the softmax pass (lse - sum p z), as the Triton kernel does.
 """
 
 from __future__ import annotations
@@ -63,19 +65,26 @@ def cross_entropy_rows(
     target_logits = torch.where(in_shard, z.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1), 0)
     sum_z = z.sum(1) if label_smoothing else None
     if correct_out is not None and vocab_shard is None:
-        correct_out.copy_(z.argmax(1) == targets)
-    row_max = z.amax(1)
+        row_max, first_max = z.max(1)  # one pass for both: the first maximum's column, as argmax
+        correct_out.copy_(first_max == targets)
+    else:
+        row_max = z.amax(1)
     if vocab_shard is not None:
         row_max = vocab_shard.all_reduce_max(row_max)
-    probs = z.sub_(row_max[:, None]).exp_()  # unnormalized softmax, in place: no [C, V] temporary
+    shifted = z.sub_(row_max[:, None])  # z - m, in place
+    sum_q_shifted = None
+    if entropy_out is None:
+        probs = shifted.exp_()  # unnormalized softmax q, in place: no [C, V] temporary
+    else:  # sum q (z - m): the sums an online pass keeps (no log pass); q needs its own [C, V] here
+        probs = shifted.exp()
+        sum_q_shifted = torch.bmm(probs.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
     sum_exp = probs.sum(1)
-    sum_q_log_q = torch.xlogy(probs, probs).sum(1) if entropy_out is not None else None
     if vocab_shard is not None:  # one collective for the [2 to 4, C] row statistics
-        optional = [stat for stat in (sum_z, sum_q_log_q) if stat is not None]
+        optional = [stat for stat in (sum_z, sum_q_shifted) if stat is not None]
         stats = vocab_shard.all_reduce_sum(torch.stack([sum_exp, target_logits, *optional])).unbind(0)
         sum_exp, target_logits, optional = stats[0], stats[1], list(stats[2:])
         sum_z = optional.pop(0) if sum_z is not None else None
-        sum_q_log_q = optional.pop(0) if sum_q_log_q is not None else None
+        sum_q_shifted = optional.pop(0) if sum_q_shifted is not None else None
         if correct_out is not None:
             correct_out.copy_(target_logits >= row_max)
     losses = -(1 - label_smoothing) * target_logits
@@ -86,8 +95,8 @@ def cross_entropy_rows(
     losses = losses + lse
     if lse_out is not None:
         lse_out.copy_(lse)
-    if entropy_out is not None:  # -sum p log p = log S - sum q log q / S, q = exp(z - max), S = sum q
-        entropy_out.copy_(log_sum_exp - sum_q_log_q / sum_exp)
+    if entropy_out is not None:  # -sum p log p = lse - sum p z = log S - sum q (z - m) / S, q = exp(z - m), S = sum q
+        entropy_out.copy_(log_sum_exp - sum_q_shifted / sum_exp)
     if grad_scales is None:
         return losses
 

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
 from mrloss.ops.backends.triton.launch import (
+    TYPE_NAMES,
     Capability,
     CompileCase,
     LaunchConfig,
@@ -25,8 +26,15 @@ from mrloss.ops.backends.triton.launch import (
 )
 from mrloss.ops.backends.triton.tl_math import softcapped, tanh
 
-SMALL_BLOCK_V = 1024  # vocabularies up to this size: one tile, 4 warps (8 for float64)
-MAX_BLOCK_V = 4096  # larger vocabularies: 4096-wide tiles, 16 warps (8 values per thread; 8 warps spill)
+SMALL_BLOCK_V = 1024  # vocabularies up to this size: one tile
+MAX_BLOCK_V = 4096  # larger vocabularies: 4096-wide tiles
+# Warps per program: each thread holds one 16-byte vector of a tile, at least 4 values (8 bf16/fp16, 4 fp32 or
+# fp64 values), with at most 32 warps (a block's maximum of 1024 threads), 16 for fp64 (1024 threads leave 64
+# registers a thread, too few for float64 values). More values per thread made ptxas spill (8 fp32 values on sm_80
+# with triton 3.6; 8 bf16 values do not); so did 2 fp64 values (16 warps), around float64 division's calls.
+VECTOR_BYTES = 16
+MIN_VALUES_PER_THREAD = 4
+MAX_WARPS = 32
 
 
 @triton.jit
@@ -40,11 +48,11 @@ def _cross_entropy_rows_kernel(
     correct_ptr,
     entropy_ptr,
     num_cols,
-    vocab_size,
     col_offset,
-    softcap,
-    label_smoothing,
-    z_loss_scale,
+    softcap: tl.float64,  # the float options arrive in float64 (exact for float64 rows), used in ACC
+    label_smoothing: tl.float64,
+    smoothing_per_class: tl.float64,  # label_smoothing / V, divided on the host: no division in the kernel
+    z_loss_scale: tl.float64,
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     GIVEN_LSE: tl.constexpr,
@@ -52,6 +60,10 @@ def _cross_entropy_rows_kernel(
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    softcap = tl.full((), softcap, ACC)
+    label_smoothing = tl.full((), label_smoothing, ACC)
+    z_loss_scale = tl.full((), z_loss_scale, ACC)
+    smoothing_per_class = tl.full((), smoothing_per_class, ACC)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row) - col_offset  # column of the target in this row's columns
@@ -59,7 +71,6 @@ def _cross_entropy_rows_kernel(
     if GIVEN_LSE:  # a vocabulary slice of the row (memory="low"): lse of the full row is given
         lse = tl.load(lse_ptr + row).to(ACC)
     else:
-        target_logit = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
         running_max = tl.full((), float("-inf"), ACC)
         sum_exp = tl.zeros((), ACC)
         sum_logits = tl.zeros((), ACC)
@@ -81,7 +92,9 @@ def _cross_entropy_rows_kernel(
             running_max = new_max
             sum_logits += tl.sum(tl.where(mask, z, 0.0), axis=0)
         lse = running_max + tl.log(sum_exp)
-        loss = lse - (1.0 - label_smoothing) * target_logit - label_smoothing / vocab_size * sum_logits
+        # read after the loop, not held through it (on sm_80 ptxas spilled it at 4 warps)
+        target_logit = softcapped(tl.load(row_ptr + target).to(ACC), softcap, HAS_SOFTCAP)
+        loss = lse - (1.0 - label_smoothing) * target_logit - smoothing_per_class * sum_logits
         tl.store(losses_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
         if METRICS:
@@ -100,7 +113,7 @@ def _cross_entropy_rows_kernel(
                 z = softcap * th
             else:
                 z = a
-            grad = softmax_scale * tl.exp(z - lse) - label_smoothing / vocab_size
+            grad = softmax_scale * tl.exp(z - lse) - smoothing_per_class
             grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
             if HAS_SOFTCAP:
                 grad = grad * (1.0 - th * th)
@@ -117,12 +130,27 @@ def rows_launch_config(
     given_lse: bool = False,
     metrics: bool = False,
 ) -> LaunchConfig:
-    """The row kernel's configuration for ``[*, vocab_size]`` logits of ``logits_dtype`` (same on sm_80
-    and sm_90: a memory-bound loop with no shared-memory tiles). vocab_size: the columns of the rows (of the
-    slice with given_lse). given_lse: gradient of a vocabulary slice from a given lse; metrics: token metrics."""
+    """The row kernel's configuration (the same on sm_80 and sm_90: a memory-bound loop, no shared-memory tiles).
+
+    Args:
+        vocab_size: the columns of the rows (of the slice with ``given_lse``).
+        logits_dtype: fp16|bf16|fp32|fp64 logits; fp64 rows accumulate in float64, the others in float32.
+        has_softcap, write_grad: a softcap; the gradient pass (``grad_scales`` given).
+        capability: (major, minor) of the GPU, (0, 0) interpreted.
+        given_lse: the gradient of a vocabulary slice from a given lse (memory="low").
+        metrics: the token metrics (accuracy, entropy) in the first pass.
+
+    Returns:
+        The ``LaunchConfig``: tiles of 1024 columns up to 1024 columns, else of 4096, with the warps that give each
+        thread one 16-byte vector of a tile, at least 4 values: 4 | 16 warps for bf16/fp16, 8 | 32 for fp32, 8 | 16
+        for fp64.
+    """
     del capability  # kept in the signature: every launch config is a function of the device too
     block_v = SMALL_BLOCK_V if vocab_size <= SMALL_BLOCK_V else MAX_BLOCK_V
     wide = accumulation_dtype(logits_dtype) == torch.float64
+    values_per_thread = max(MIN_VALUES_PER_THREAD, VECTOR_BYTES // logits_dtype.itemsize)
+    max_warps = MAX_WARPS if logits_dtype.itemsize <= 4 else MAX_WARPS // 2
+    num_warps = min(max_warps, block_v // (32 * values_per_thread))
     return LaunchConfig(
         constexprs=dict(
             HAS_SOFTCAP=has_softcap,
@@ -132,7 +160,7 @@ def rows_launch_config(
             BLOCK_V=block_v,
             ACC=tl.float64 if wide else tl.float32,
         ),
-        num_warps=16 if block_v == MAX_BLOCK_V else 8 if wide else 4,
+        num_warps=num_warps,
         num_stages=1,
     )
 
@@ -149,9 +177,19 @@ def cross_entropy_rows(
     correct_out: torch.Tensor | None = None,
     entropy_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row loss of ``logits [C, V]`` (contiguous rows) against ``targets [C]`` int64 in [0, V);
-    with ``grad_scales [C]`` also overwrites ``logits`` with dL/dlogits; fills the given ``*_out`` rows
-    (contiguous, accumulation dtype). See ``mrloss.ops.chunked``."""
+    """The row op of ``mrloss.ops.chunked`` (its contract has the formula), one program per row.
+
+    Args:
+        logits: [C, V] fp16|bf16|fp32|fp64, unit column stride; with ``grad_scales`` overwritten in place with
+            dL/dlogits in its own dtype.
+        targets: [C] int64 in [0, V).
+        grad_scales: [C] float (each row's factor s_i), or None: loss only.
+        softcap, label_smoothing, z_loss_scale: the loss options (Python floats, used in the accumulation dtype).
+        lse_out, correct_out, entropy_out: [C] contiguous, accumulation dtype; filled when given.
+
+    Returns:
+        losses [C] fp32 (fp64 for fp64 logits), without the z-loss.
+    """
     num_rows, vocab_size = logits.shape
     acc_dtype = accumulation_dtype(logits.dtype)
     losses = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
@@ -182,8 +220,20 @@ def cross_entropy_slice_grad(
     label_smoothing: float,
     z_loss_scale: float = 0.0,
 ) -> None:
-    """Overwrite the vocabulary slice ``logits [C, V_s]`` (unit column stride) with dL/dlogits given each row's
-    ``lse [C]``: the row kernel's gradient pass alone (GIVEN_LSE). See ``mrloss.ops.chunked``."""
+    """The slice gradient op of ``mrloss.ops.chunked`` (memory="low"): the row kernel's gradient pass alone.
+
+    Args:
+        logits: [C, V_s] columns ``col_offset ... col_offset + V_s - 1`` of the rows (any row stride, unit column
+            stride), fp16|bf16|fp32|fp64; overwritten in place with those columns of dL/dlogits.
+        targets: [C] int64 global column ids in [0, vocab_size).
+        lse: [C] float, each full row's logsumexp (of the softcapped logits).
+        grad_scales: [C] float, each row's factor s_i.
+        col_offset, vocab_size: where the slice starts; the full row's width V.
+        softcap, label_smoothing, z_loss_scale: the loss options.
+
+    Returns:
+        None (the result is in ``logits``).
+    """
     if logits.shape[0] == 0:
         return
     lse = lse.to(accumulation_dtype(logits.dtype)).contiguous()
@@ -227,10 +277,10 @@ def _launch(logits, targets, grad_scales, losses, lse, correct, entropy, col_off
         losses if correct is None else correct,
         losses if entropy is None else entropy,
         num_cols,
-        vocab_size,
         col_offset,
         float(options["softcap"] or 1.0),
         float(options["label_smoothing"]),
+        float(options["label_smoothing"]) / vocab_size,
         float(options["z_loss_scale"]),
         **config.constexprs,
         **config.options(),
@@ -249,9 +299,16 @@ ROW_MODES = (
 
 
 def compile_cases(capability: Capability):
-    """Every configuration the launcher can choose on a GPU of ``capability``, as ``CompileCase``s."""
+    """Every configuration the launcher can choose on a GPU of ``capability``.
+
+    Args:
+        capability: (major, minor) of the target GPU.
+
+    Returns:
+        An iterator of ``CompileCase``s, each configuration once (for fp16|bf16|fp32|fp64 logits).
+    """
     seen = set()
-    for dtype in _SIGNATURE_DTYPE:
+    for dtype in TYPE_NAMES:
         for vocab_size in (1000, SMALL_BLOCK_V, SMALL_BLOCK_V + 1, 128256):
             for has_softcap in (False, True):
                 for write_grad, given_lse, metrics in ROW_MODES:
@@ -259,40 +316,19 @@ def compile_cases(capability: Capability):
                         vocab_size, dtype, has_softcap=has_softcap, write_grad=write_grad, capability=capability,
                         given_lse=given_lse, metrics=metrics,
                     )  # fmt: skip
-                    divisible = _POINTERS + (("stride_row", "num_cols", "vocab_size") if vocab_size % 16 == 0 else ())
-                    key = (dtype, divisible, config.describe())
+                    divisible_ints = ("stride_row", "num_cols") if vocab_size % 16 == 0 else ()
+                    key = (dtype, divisible_ints, config.describe())
                     if key not in seen:
                         seen.add(key)
-                        yield CompileCase(
-                            "cross_entropy_rows",
-                            _SIGNATURE_DTYPE[dtype],
-                            _cross_entropy_rows_kernel,
-                            _signature(dtype),
-                            divisible,
-                            config,
-                        )
+                        yield CompileCase.of(
+                            "cross_entropy_rows", TYPE_NAMES[dtype], _cross_entropy_rows_kernel,
+                            _pointer_types(dtype), config, divisible_ints,
+                        )  # fmt: skip
 
 
-_SIGNATURE_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-_POINTERS = ("logits_ptr", "targets_ptr", "scales_ptr", "losses_ptr", "lse_ptr", "correct_ptr", "entropy_ptr")
-
-
-def _signature(dtype: torch.dtype) -> dict[str, str]:
-    """Argument types as the JIT sees them on a GPU launch (Python ints below 2**31 are i32)."""
-    acc = _SIGNATURE_DTYPE[accumulation_dtype(dtype)]
-    return dict(
-        logits_ptr=f"*{_SIGNATURE_DTYPE[dtype]}",
-        stride_row="i32",
-        targets_ptr="*i64",
-        scales_ptr=f"*{acc}",
-        losses_ptr=f"*{acc}",
-        lse_ptr=f"*{acc}",
-        correct_ptr=f"*{acc}",
-        entropy_ptr=f"*{acc}",
-        num_cols="i32",
-        vocab_size="i32",
-        col_offset="i32",
-        softcap="fp32",
-        label_smoothing="fp32",
-        z_loss_scale="fp32",
-    )
+def _pointer_types(dtype: torch.dtype) -> dict[str, str]:
+    """The row kernel's pointer types for ``dtype`` logits: int64 targets, every per-row vector in the
+    accumulation dtype (the other arguments' types come from the kernel: ``kernel_signature``)."""
+    per_row = f"*{TYPE_NAMES[accumulation_dtype(dtype)]}"
+    vectors = ("scales_ptr", "losses_ptr", "lse_ptr", "correct_ptr", "entropy_ptr")
+    return dict(logits_ptr=f"*{TYPE_NAMES[dtype]}", targets_ptr="*i64", **dict.fromkeys(vectors, per_row))

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from mrloss.ops.backends.triton.launch import (
+    TYPE_NAMES,
     Capability,
     CompileCase,
     LaunchConfig,
@@ -37,6 +38,7 @@ from mrloss.ops.backends.triton.tl_math import softcapped
 # tensor-core friendly tile (a 64 x 128 fp32 accumulator). Interpreter: small tiles (numpy per tile).
 GPU_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
 INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32)
+FORWARD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the inputs it takes; logits in float32
 
 
 @triton.jit
@@ -58,8 +60,8 @@ def _linear_cross_entropy_forward_kernel(
     num_rows,
     hidden_size,
     vocab_size,
-    softcap,
-    label_smoothing,
+    softcap: tl.float32,
+    label_smoothing: tl.float32,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     METRICS: tl.constexpr,
@@ -132,9 +134,18 @@ def forward_launch_config(
     metrics: bool = False,
     blocks: dict | None = None,
 ) -> LaunchConfig:
-    """The fused forward's configuration for inputs of ``dtype`` on a GPU of ``capability``: 64 x 128
-    float32 accumulator tiles over 64-wide H steps (32-wide for float32, whose IEEE products run on
-    FMA units and would spill registers on sm_80 at 64), 8 warps, 3 stages. ``blocks`` overrides tiles."""
+    """The fused forward's configuration on a GPU.
+
+    Args:
+        dtype: fp16|bf16|fp32 of hidden, weight and bias.
+        has_bias, has_softcap, metrics: a bias; a softcap; the token metrics.
+        capability: (major, minor) of the GPU (one configuration fits sm_80 and sm_90).
+        blocks: BLOCK_N / BLOCK_V / BLOCK_H overrides.
+
+    Returns:
+        The ``LaunchConfig``: 64 x 128 float32 accumulator tiles over 64-wide H steps (32-wide for float32, whose
+        IEEE products run on FMA units and would spill registers on sm_80 at 64), 8 warps, 3 stages.
+    """
     del capability  # one configuration fits sm_80 and sm_90 (see the compile check's table)
     tiles = dict(GPU_BLOCKS, BLOCK_H=32) if dtype == torch.float32 else GPU_BLOCKS
     return LaunchConfig(
@@ -164,18 +175,24 @@ def linear_cross_entropy_forward(
     correct_out: torch.Tensor | None = None,
     entropy_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row losses [M] float32 of the rows ``rows`` of ``hidden``, without materializing logits; each row's
-    logsumexp goes into ``lse_out [M] fp32`` (contiguous) when given, and the token metrics into ``correct_out``
-    (1.0 where the first maximum of the softcapped logits is the target, else 0.0) and ``entropy_out`` (of their
-    softmax), [M] fp32 contiguous, when either is given.
+    """Per-row losses of the rows ``rows`` of ``hidden``, without materializing logits (formula:
+    ``mrloss.ops.chunked``). Logits are accumulated in float32 (fp32 inputs exactly: IEEE products, no TF32).
 
-    hidden [N, H], weight [V, H], bias [V] or None: one dtype of fp16|bf16|fp32 (any strides: each is
-    read through its own strides, never copied); rows [M] int64 indices into hidden and targets [M]
-    int64 in [0, V) (any strides: made contiguous, O(M)). Logits are accumulated in float32
-    (fp32 inputs exactly: IEEE products, no TF32). blocks: BLOCK_N / BLOCK_V / BLOCK_H (each a power
-    of two >= 16) to override the per-device defaults. See ``mrloss.ops.chunked`` for the formula.
+    Args:
+        hidden: [N, H]; weight: [V, H]; bias: [V] or None. One dtype of fp16|bf16|fp32, any strides (each is read
+            through its own strides, never copied).
+        rows: [M] int64 indices into hidden; targets: [M] int64 in [0, V) (any strides: made contiguous, O(M)).
+        softcap, label_smoothing: the loss options.
+        blocks: BLOCK_N / BLOCK_V / BLOCK_H (each a power of two >= 16) overriding the per-device tiles.
+        lse_out: [M] fp32 contiguous, filled with each row's logsumexp when given.
+        correct_out, entropy_out: [M] fp32 contiguous; when either is given both token metrics are computed:
+            1.0 where the first maximum of the softcapped logits is the target (else 0.0), and their softmax's
+            entropy.
+
+    Returns:
+        losses [M] fp32.
     """
-    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if hidden.dtype not in FORWARD_DTYPES:
         raise TypeError(f"linear_cross_entropy_forward takes float16, bfloat16 or float32, got {hidden.dtype}")
     num_rows = rows.numel()
     losses = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
@@ -232,26 +249,30 @@ def linear_cross_entropy_forward(
 
 
 def compile_cases(capability: Capability):
-    """Every configuration the launcher can choose on a GPU of ``capability``, as ``CompileCase``s."""
-    dtypes = ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32"))
-    for (dtype, name), has_bias, has_softcap, metrics in itertools.product(dtypes, *[(False, True)] * 3):
+    """Every configuration the launcher can choose on a GPU of ``capability``, for contiguous hidden and weight
+    (their column strides are 1: a constant on a GPU launch).
+
+    Args:
+        capability: (major, minor) of the target GPU.
+
+    Returns:
+        An iterator of ``CompileCase``s (fp16|bf16|fp32 inputs x bias x softcap x metrics).
+    """
+    for dtype, has_bias, has_softcap, metrics in itertools.product(FORWARD_DTYPES, *[(False, True)] * 3):
         config = forward_launch_config(
             dtype, has_bias=has_bias, has_softcap=has_softcap, capability=capability, metrics=metrics
         )
-        signature = dict(
-            hidden_ptr=f"*{name}", stride_hidden_row="i32", stride_hidden_col="i32",
-            weight_ptr=f"*{name}", stride_weight_row="i32", stride_weight_col="i32",
-            bias_ptr=f"*{name}", stride_bias="i32", rows_ptr="*i64", targets_ptr="*i64", losses_ptr="*fp32",
-            lse_ptr="*fp32", correct_ptr="*fp32", entropy_ptr="*fp32",
-            num_rows="i32", hidden_size="i32", vocab_size="i32", softcap="fp32", label_smoothing="fp32",
-        )  # fmt: skip
-        # contiguous hidden and weight: column strides are 1 (a constexpr on a GPU launch)
-        signature.update(stride_hidden_col="constexpr", stride_weight_col="constexpr")
         config = LaunchConfig(
             dict(config.constexprs, stride_hidden_col=1, stride_weight_col=1), config.num_warps, config.num_stages
         )
-        divisible = ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "targets_ptr", "losses_ptr", "lse_ptr",
-                     "correct_ptr", "entropy_ptr", "stride_hidden_row", "stride_weight_row", "hidden_size",
-                     "vocab_size")  # fmt: skip
-        yield CompileCase("linear_cross_entropy_forward", name, _linear_cross_entropy_forward_kernel,
-                          signature, divisible, config)  # fmt: skip
+        inputs, per_row = f"*{TYPE_NAMES[dtype]}", "*fp32"
+        types = dict(
+            hidden_ptr=inputs, weight_ptr=inputs, bias_ptr=inputs, rows_ptr="*i64", targets_ptr="*i64",
+            losses_ptr=per_row, lse_ptr=per_row, correct_ptr=per_row, entropy_ptr=per_row,
+            stride_hidden_col="constexpr", stride_weight_col="constexpr",
+        )  # fmt: skip
+        divisible_ints = ("stride_hidden_row", "stride_weight_row", "hidden_size", "vocab_size")
+        yield CompileCase.of(
+            "linear_cross_entropy_forward", TYPE_NAMES[dtype], _linear_cross_entropy_forward_kernel, types, config,
+            divisible_ints,
+        )  # fmt: skip
