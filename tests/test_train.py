@@ -709,7 +709,7 @@ def test_resume_with_dynamic_weights_is_bit_identical_and_records_each_step_once
         (["trainer.lr_scheduler=cosin"], "config trainer.lr_scheduler: expected one of ['linear', 'cosine', "),
         (["trainer.report_to=[tensorbord]"], "config trainer.report_to: unknown 'tensorbord'; expected names among"),
         (["loss.backend=triton"], "config loss.backend: 'triton' runs on a CUDA device and this run is on the CPU"),
-        (["model.arch=gpt2"], "config model.arch: cannot patch GPT2LMHeadModel (model_type 'gpt2'): mrloss does not"),
+        (["model.arch=bart"], "config model.arch: cannot patch BartForCausalLM (model_type 'bart'): its "),
         (
             ["model.attn_implementation=eagr"],
             "config model.attn_implementation: 'eagr': Specified `attn_implementation",
@@ -723,7 +723,7 @@ def test_resume_with_dynamic_weights_is_bit_identical_and_records_each_step_once
             "config data.train_files: 0 of 4 samples in ",  # ... have a learned token ...: data.max_length 1 (right
         ),
     ],
-    ids=["lr-scheduler", "report-to", "triton-on-cpu", "arch-gpt2", "attn-implementation", "unknown-type", "truncated"],
+    ids=["lr-scheduler", "report-to", "triton-on-cpu", "arch-bart", "attn-implementation", "unknown-type", "truncated"],
 )
 def test_run_mistakes_are_one_line(overrides, message, tmp_path, capsys, monkeypatch):
     """Before (#23 tracebacks): a traceback each from transformers, apply_mrloss or the first loss call."""

@@ -174,12 +174,12 @@ def _attention_errors(model_config: ModelConfig):
 
 
 def check_architecture(model, key: str):
-    """``model`` when mrloss knows its head (`mrloss.integrations.heads`), else ConfigError naming the config
-    ``key`` it came from and the supported architectures."""
-    from mrloss.integrations.heads import model_head
+    """``model`` when its head passes `mrloss.integrations.head_input.check_head`, else ConfigError naming the config
+    ``key`` it came from and the reason."""
+    from mrloss.integrations.head_input import check_head
 
     try:
-        model_head(model, caller=f"config {key}")
+        check_head(model, model.forward, caller=f"config {key}")
     except TypeError as error:
         raise ConfigError(str(error)) from None
     return model
