@@ -179,6 +179,9 @@ def test_patched_loss_is_the_models_own(model_type):
     extra = own.loss.double() - weighted_ce(own.logits, batch["labels"], None)  # the model's aux loss (or 0)
     if getattr(own, "aux_loss", None) is None:
         assert abs(float(extra)) < 1e-5
+    else:  # a MoE model with its routers on: the output carries the model's own aux_loss
+        assert abs(float(extra)) > 1e-4
+        torch.testing.assert_close(weighted.aux_loss, own.aux_loss)
     expected = weighted_ce(own.logits, batch["labels"], batch["token_weights"]) + extra
     torch.testing.assert_close(weighted.loss.double(), expected, rtol=2e-5, atol=2e-6)
     valid = batch["token_weights"][:, 1:] * (batch["labels"][:, 1:] != IGNORE_INDEX)
