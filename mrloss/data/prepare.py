@@ -38,7 +38,7 @@ from mrloss.data.outputs import OutputUnit, recorded_outputs
 from mrloss.data.records import FILE_TYPES, Record, decode_record, file_type, iter_records
 from mrloss.data.stream import default_num_proc, ordered_map
 from mrloss.data.summary import PrepareSummary
-from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
+from mrloss.data.tokenizer import add_vocab_size_argument
 from mrloss.formats import FORMATS, INPUT_FORMATS, FormatError, add_extra_keys_argument, convert, parse
 from mrloss.formats.terminal import escape_control
 
@@ -73,13 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         help="local Hugging Face tokenizer directory (default: a byte-level BPE tokenizer trained on the data)",
     )
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=DEFAULT_VOCAB_SIZE,
-        help="vocabulary of the tokenizer trained on the inputs (default %(default)s: mrloss "
-        "train's model.vocab_size default, so the counts are those of such a run)",
-    )
+    add_vocab_size_argument(parser, trained_on="the inputs")
     parser.add_argument("--max-length", type=int, help="token limit per sample (for the truncation report)")
     parser.add_argument(
         "--truncation",
