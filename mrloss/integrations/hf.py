@@ -335,16 +335,18 @@ class MultiRegionTrainer(transformers.Trainer):
         steps since the resume, with a warning."""
         session_sum = self._session_loss_sum()
         self._tr_loss.zero_()  # in session_sum already
+        # what transformers divides _total_loss_scalar by: the steps of this call (5.11+), global_step (before)
+        divisor = max(self.state.global_step - getattr(self, "_initial_global_step", 0), 0.001)
         if self._resumed_loss_sum is not None:
-            self._total_loss_scalar = self._resumed_loss_sum + session_sum
+            mean = (self._resumed_loss_sum + session_sum) / max(self.state.global_step, 1)
         else:
             warnings.warn(
                 f"train_loss is the mean over steps {self._resumed_step + 1}-{self.state.global_step} only: the "
                 f"checkpoint resumed from has no {TRAIN_LOSS_FILE}",
                 stacklevel=2,
             )
-            session_steps = max(self.state.global_step - self._resumed_step, 1)
-            self._total_loss_scalar = session_sum * self.state.global_step / session_steps  # / global_step follows
+            mean = session_sum / max(self.state.global_step - self._resumed_step, 1)
+        self._total_loss_scalar = mean * divisor
         return super()._finalize_training(trial, num_train_samples, start_time)
 
 
