@@ -44,22 +44,20 @@ def region_statistics(
     float, region_type_ids int64 in ``[-1, len(region_types))``, attention_mask 0/1, labels int64
     (``ignore_index`` = not learned), token_losses float.
     """
-    shape = token_weights.shape
-    for name, tensor in (
-        ("region_type_ids", region_type_ids),
-        ("attention_mask", attention_mask),
-        ("labels", labels),
-        ("token_losses", token_losses),
-    ):
-        if tensor is not None and tensor.shape != shape:
-            raise ValueError(f"{name} shape {tuple(tensor.shape)} != token_weights shape {tuple(shape)}")
-    n_types = len(region_types)
-    ids = region_type_ids.detach().long()
-    if bool(((ids < -1) | (ids >= n_types)).any()):
-        raise ValueError(f"region_type_ids holds values outside [-1, {n_types}) (region_types: {list(region_types)})")
+    ids = _checked_region_ids(
+        token_weights.shape,
+        region_type_ids,
+        region_types,
+        {
+            "region_type_ids": region_type_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "token_losses": token_losses,
+        },
+    )
     weights = token_weights.detach().double()
     valid = (
-        torch.ones(shape, dtype=torch.bool, device=weights.device)
+        torch.ones(weights.shape, dtype=torch.bool, device=weights.device)
         if attention_mask is None
         else attention_mask.detach().bool()
     )
@@ -67,7 +65,47 @@ def region_statistics(
     learned = valid & learned_mask(
         None if labels is None else labels.detach(), weights, ignore_index, target_aligned=True
     )
-    bucket = torch.where(ids >= 0, ids, n_types)  # bucket n_types: outside every region
+    columns = _bucket_columns(ids, len(region_types), weights, valid, learned, token_losses)
+    share_total = sum(columns["share_of"])
+    with_loss = token_losses is not None
+    names = list(region_types) + [OUTSIDE]
+    regions = {
+        name: _entry({key: column[i] for key, column in columns.items()}, share_total, with_loss)
+        for i, name in enumerate(names)
+    }
+    total = _entry({key: sum(column) for key, column in columns.items()}, share_total, with_loss)
+    if with_loss:
+        total["weighted_loss"] = share_total / total["weight_sum"] if total["weight_sum"] > 0 else None
+    return {"regions": regions, "total": total}
+
+
+def _checked_region_ids(
+    shape: torch.Size, region_type_ids: torch.Tensor, region_types: Sequence[str], tensors: dict
+) -> torch.Tensor:
+    """``region_type_ids`` as int64 after checking every given tensor has ``shape`` and every id lies in
+    ``[-1, len(region_types))``; tensors: name -> tensor or None (None: not given)."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.shape != shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} != token_weights shape {tuple(shape)}")
+    n_types = len(region_types)
+    ids = region_type_ids.detach().long()
+    if bool(((ids < -1) | (ids >= n_types)).any()):
+        raise ValueError(f"region_type_ids holds values outside [-1, {n_types}) (region_types: {list(region_types)})")
+    return ids
+
+
+def _bucket_columns(
+    ids: torch.Tensor,
+    n_types: int,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    learned: torch.Tensor,
+    token_losses: torch.Tensor | None,
+) -> dict[str, list[float]]:
+    """Per-bucket float64 sums, one list of ``n_types + 1`` a column (bucket ``n_types``: outside every
+    region): ``tokens`` (valid), ``learned_tokens``, ``weight_sum``, ``share_of`` (Σ w·l, or Σ w without
+    losses) and, with token_losses, ``loss_sum``. All tensors one shape; weights float64, masks bool."""
+    bucket = torch.where(ids >= 0, ids, n_types)
 
     def per_bucket(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
         sums = torch.zeros(n_types + 1, dtype=torch.float64, device=weights.device)
@@ -85,25 +123,20 @@ def region_statistics(
         columns["share_of"] = per_bucket(weights * losses, learned)
     else:
         columns["share_of"] = columns["weight_sum"]
-    share_total = sum(columns["share_of"])
+    return columns
 
-    def entry(values: dict[str, float]) -> dict:
-        stats = {
-            "tokens": int(values["tokens"]),
-            "learned_tokens": int(values["learned_tokens"]),
-            "weight_sum": values["weight_sum"],
-            "grad_share": values["share_of"] / share_total if share_total > 0 else None,
-        }
-        if token_losses is not None:
-            stats["mean_loss"] = values["loss_sum"] / stats["learned_tokens"] if stats["learned_tokens"] else None
-        return stats
 
-    names = list(region_types) + [OUTSIDE]
-    regions = {name: entry({key: column[i] for key, column in columns.items()}) for i, name in enumerate(names)}
-    total = entry({key: sum(column) for key, column in columns.items()})
-    if token_losses is not None:
-        total["weighted_loss"] = sum(columns["share_of"]) / total["weight_sum"] if total["weight_sum"] > 0 else None
-    return {"regions": regions, "total": total}
+def _entry(values: dict[str, float], share_total: float, with_loss: bool) -> dict:
+    """One region's (or the total's) stats from its column sums; share_total: Σ share_of over all buckets."""
+    stats = {
+        "tokens": int(values["tokens"]),
+        "learned_tokens": int(values["learned_tokens"]),
+        "weight_sum": values["weight_sum"],
+        "grad_share": values["share_of"] / share_total if share_total > 0 else None,
+    }
+    if with_loss:
+        stats["mean_loss"] = values["loss_sum"] / stats["learned_tokens"] if stats["learned_tokens"] else None
+    return stats
 
 
 def batch_region_statistics(

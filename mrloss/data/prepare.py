@@ -38,7 +38,7 @@ from mrloss.data.outputs import OutputUnit, recorded_outputs
 from mrloss.data.records import FILE_TYPES, Record, decode_record, file_type, iter_records
 from mrloss.data.stream import default_num_proc, ordered_map
 from mrloss.data.summary import PrepareSummary
-from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE
+from mrloss.data.tokenizer import add_vocab_size_argument
 from mrloss.formats import FORMATS, INPUT_FORMATS, FormatError, add_extra_keys_argument, convert, parse
 from mrloss.formats.terminal import escape_control
 
@@ -73,13 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         help="local Hugging Face tokenizer directory (default: a byte-level BPE tokenizer trained on the data)",
     )
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=DEFAULT_VOCAB_SIZE,
-        help="vocabulary of the tokenizer trained on the inputs (default %(default)s: mrloss "
-        "train's model.vocab_size default, so the counts are those of such a run)",
-    )
+    add_vocab_size_argument(parser, trained_on="the inputs")
     parser.add_argument("--max-length", type=int, help="token limit per sample (for the truncation report)")
     parser.add_argument(
         "--truncation",
@@ -435,7 +429,27 @@ def in_validation(index: int, seed: int, val_fraction: float) -> bool:
 def _prepare_chunk(chunk: list[tuple[int, Record]]) -> _ChunkResult:
     """Decode, validate, parse, tokenize, convert and split one chunk; the outputs come back serialized."""
     tokenizer, options = _WORKER["tokenizer"], _WORKER["options"]
-    errors, kept = [], []  # errors: (index, FormatError); kept: (index, sample_id, output sample, RegionText)
+    errors, kept = _parse_chunk(chunk, options)
+    encodings = encode_batch(
+        [item[3] for item in kept],
+        tokenizer,
+        max_length=options.max_length,
+        truncation=options.encode_truncation,
+        sample_ids=[item[1] for item in kept],
+    )
+    if options.truncation == "error" and options.max_length is not None:
+        kept, encodings, too_long = _drop_too_long(kept, encodings, options.max_length)
+        errors += too_long
+    summary = PrepareSummary()
+    summary.add([item[3] for item in kept], encodings)
+    parts = _split_parts(kept, encodings, options)
+    return _ChunkResult(len(chunk), [error for _, error in sorted(errors, key=lambda item: item[0])], summary, parts)
+
+
+def _parse_chunk(chunk: list[tuple[int, Record]], options: _ChunkOptions) -> tuple[list, list]:
+    """(errors, kept) of a chunk's records: errors (index, FormatError); kept (index, sample_id, output sample,
+    RegionText), the output sample converted to ``--to`` where outputs are written."""
+    errors, kept = [], []
     for index, record in chunk:
         record = decode_record(record)
         sample_id = record.sample_id
@@ -449,34 +463,36 @@ def _prepare_chunk(chunk: list[tuple[int, Record]]) -> _ChunkResult:
             kept.append((index, sample_id, sample, region_text))
         except FormatError as error:
             errors.append((index, error))
-    encodings = encode_batch(
-        [item[3] for item in kept],
-        tokenizer,
-        max_length=options.max_length,
-        truncation=options.encode_truncation,
-        sample_ids=[item[1] for item in kept],
-    )
-    if options.truncation == "error" and options.max_length is not None:
-        too_long = [k for k, encoding in enumerate(encodings) if encoding["untruncated_length"] > options.max_length]
-        errors += [
-            (
-                kept[k][0],
-                FormatError(
-                    f"{encodings[k]['untruncated_length']} tokens, more than --max-length {options.max_length} "
-                    "(--truncation error)",
-                    sample_id=kept[k][1],
-                    field="text",
-                ),
-            )
-            for k in too_long
-        ]
-        dropped = set(too_long)
-        kept, encodings = (
-            [item for k, item in enumerate(kept) if k not in dropped],
-            [encoding for k, encoding in enumerate(encodings) if k not in dropped],
+    return errors, kept
+
+
+def _drop_too_long(kept: list, encodings: list, max_length: int) -> tuple[list, list, list]:
+    """(kept, encodings, errors) without the samples longer than ``max_length`` (``--truncation error``); errors:
+    (index, FormatError) for each sample dropped."""
+    too_long = [k for k, encoding in enumerate(encodings) if encoding["untruncated_length"] > max_length]
+    errors = [
+        (
+            kept[k][0],
+            FormatError(
+                f"{encodings[k]['untruncated_length']} tokens, more than --max-length {max_length} "
+                "(--truncation error)",
+                sample_id=kept[k][1],
+                field="text",
+            ),
         )
-    summary = PrepareSummary()
-    summary.add([item[3] for item in kept], encodings)
+        for k in too_long
+    ]
+    dropped = set(too_long)
+    return (
+        [item for k, item in enumerate(kept) if k not in dropped],
+        [encoding for k, encoding in enumerate(encodings) if k not in dropped],
+        errors,
+    )
+
+
+def _split_parts(kept: list, encodings: list, options: _ChunkOptions) -> dict[str, _Part]:
+    """The kept samples of a chunk split into ``options.splits`` (serialized JSON, ids, and where asked the
+    Parquet schema and the tokenized batch); {} when only validating."""
     parts = {split: _Part() for split in options.splits}
     encodings_of = {split: [] for split in options.splits}
     rows_of = {split: [] for split in options.splits}
@@ -496,7 +512,7 @@ def _prepare_chunk(chunk: list[tuple[int, Record]]) -> _ChunkResult:
             from mrloss.data.tokenized import record_batch
 
             part.tokens = record_batch(part.sample_ids, encodings_of[split])
-    return _ChunkResult(len(chunk), [error for _, error in sorted(errors, key=lambda item: item[0])], summary, parts)
+    return parts
 
 
 def parquet_schema(rows: list[dict], sample_ids: list, schema=None):

@@ -12,6 +12,18 @@ DEFAULT_VOCAB_SIZE = 512
 RUN_TOKENIZER_DIR = "tokenizer"
 
 
+def add_vocab_size_argument(parser, trained_on: str) -> None:
+    """``--vocab-size N`` (default `DEFAULT_VOCAB_SIZE`) on an argparse parser (`mrloss prepare`, `mrloss show`):
+    the vocabulary of the BPE a command trains on ``trained_on`` (words for its help) when not given a tokenizer."""
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        help=f"vocabulary of the tokenizer trained on {trained_on} (default %(default)s: mrloss train's "
+        "model.vocab_size default, so the tokens are those of such a run)",
+    )
+
+
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_frequency: int = 2):
     """A ``transformers.PreTrainedTokenizerFast`` with a byte-level BPE model trained on ``texts``.
 

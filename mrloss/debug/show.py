@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mrloss.data.encode import DEFAULT_MAX_LENGTH, TRUNCATION_MODES
-from mrloss.data.tokenizer import DEFAULT_VOCAB_SIZE, RUN_TOKENIZER_DIR
+from mrloss.data.tokenizer import RUN_TOKENIZER_DIR, add_vocab_size_argument
 from mrloss.formats import INPUT_FORMATS, add_extra_keys_argument
 
 
@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", metavar="DIR", help="output directory of `mrloss train`: use its tokenizer")
     source.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer directory")
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=DEFAULT_VOCAB_SIZE,
-        help="vocabulary of the tokenizer trained on FILE (default %(default)s: mrloss train's "
-        "model.vocab_size default)",
-    )
+    add_vocab_size_argument(parser, trained_on="FILE")
     parser.add_argument("--max-length", type=int, help="truncate to this many tokens, as training would")
     parser.add_argument("--truncation", choices=TRUNCATION_MODES, help="default: right")
     parser.add_argument("--color", default="auto", choices=("auto", "always", "never"))
@@ -52,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
 
-    from mrloss.data import encode
     from mrloss.data.records import read_records
-    from mrloss.debug.visualizer import LossMaskVisualizer
-    from mrloss.formats import parse
 
     try:
         data = _run_data_config(args.run) if args.run else dict(WITHOUT_RUN)
@@ -63,10 +54,6 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as error:
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
-    data_format = args.format or "auto"  # FILE's own format: the run's data.format describes its training files
-    max_length = args.max_length if args.max_length is not None else data["max_length"]
-    truncation = args.truncation or data["truncation"]
-    extra_keys = args.extra_keys or data["extra_keys"]
     if not 0 <= args.index < len(records):
         print(
             f"mrloss show: --index {args.index} is out of range: {args.file} has {len(records)} sample(s)",
@@ -75,23 +62,47 @@ def main(argv: list[str]) -> int:
         return 2
     record = records[args.index]
     try:
-        if record.error is not None:
-            raise record.error
-        tokenizer = _tokenizer(args, data_format)
-        region_text = parse(
-            record.sample, data_format, extra_keys=extra_keys, sample_id=record.sample_id, tokenizer=tokenizer
-        )
-        encoded = encode(
-            region_text,
-            tokenizer,
-            max_length=max_length,
-            truncation=truncation,
-            add_eos=data["add_eos"],
-            sample_id=record.sample_id,
-        )
+        tokenizer, region_text, encoded = _encode_sample(args, record, data)
     except (OSError, ValueError) as error:  # FormatError is a ValueError
         print(f"mrloss show: {error}", file=sys.stderr)
         return 1
+    _show(args, record, tokenizer, region_text, encoded)
+    return 0
+
+
+def _encode_sample(args, record, data: dict) -> tuple:
+    """(tokenizer, RegionText, encoding) of ``record`` as training would encode it: the options given here, else
+    the run's ``data`` section (``data``); raises the record's FormatError, OSError or ValueError."""
+    from mrloss.data import encode
+    from mrloss.formats import parse
+
+    data_format = args.format or "auto"  # FILE's own format: the run's data.format describes its training files
+    max_length = args.max_length if args.max_length is not None else data["max_length"]
+    if record.error is not None:
+        raise record.error
+    tokenizer = _tokenizer(args, data_format)
+    region_text = parse(
+        record.sample,
+        data_format,
+        extra_keys=args.extra_keys or data["extra_keys"],
+        sample_id=record.sample_id,
+        tokenizer=tokenizer,
+    )
+    encoded = encode(
+        region_text,
+        tokenizer,
+        max_length=max_length,
+        truncation=args.truncation or data["truncation"],
+        add_eos=data["add_eos"],
+        sample_id=record.sample_id,
+    )
+    return tokenizer, region_text, encoded
+
+
+def _show(args, record, tokenizer, region_text, encoded: dict) -> None:
+    """Print the sample's loss mask (and write ``--html``)."""
+    from mrloss.debug.visualizer import LossMaskVisualizer
+
     visualizer = LossMaskVisualizer(tokenizer)
     print(f"sample --index {args.index} ({_where(record, args.file)})")
     visualizer.print_detailed_analysis(
@@ -112,7 +123,6 @@ def main(argv: list[str]) -> int:
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"wrote {args.html}")
-    return 0
 
 
 def _where(record, file) -> str:

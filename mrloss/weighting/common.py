@@ -20,6 +20,20 @@ def reject_unknown_keys(config: Mapping, allowed: Iterable[str], where: str) -> 
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
 
 
+def with_defaults(config: Mapping | None, defaults: Mapping, where: str) -> dict:
+    """``config`` (None: empty) over ``defaults``, after refusing keys outside ``defaults`` (named ``where``)."""
+    config = dict(config or {})
+    reject_unknown_keys(config, defaults, where)
+    return {**defaults, **config}
+
+
+def true_or_false(value, where: str) -> bool:
+    """``value`` checked to be a bool (a YAML true/false); ``TypeError`` naming ``where`` otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: expected true/false, got {value!r}")
+    return value
+
+
 def finite_number(
     value, where: str, *, low: float | None = None, high: float | None = None, low_open: bool = False
 ) -> float:

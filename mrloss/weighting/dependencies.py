@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from mrloss.weighting.common import LossTrackingTool, finite_number, reject_unknown_keys
+from mrloss.weighting.common import LossTrackingTool, finite_number, reject_unknown_keys, true_or_false, with_defaults
 
 DEFAULTS = {
     "cascade_learning": True,  # false: the handler changes nothing
@@ -29,14 +29,8 @@ class RegionDependencyHandler(LossTrackingTool):
     """
 
     def __init__(self, config: Mapping | None = None) -> None:
-        config = dict(config or {})
-        reject_unknown_keys(config, DEFAULTS, "region_dependencies")
-        config = {**DEFAULTS, **config}
-        if not isinstance(config["cascade_learning"], bool):
-            raise TypeError(
-                f"region_dependencies.cascade_learning: expected true/false, got {config['cascade_learning']!r}"
-            )
-        self.cascade_learning = config["cascade_learning"]
+        config = with_defaults(config, DEFAULTS, "region_dependencies")
+        self.cascade_learning = true_or_false(config["cascade_learning"], "region_dependencies.cascade_learning")
         self.learned_threshold = finite_number(
             config["learned_threshold"], "region_dependencies.learned_threshold", low=0.0
         )

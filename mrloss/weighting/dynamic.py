@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from mrloss.weighting.common import LossTrackingTool, check_epoch, finite_number, reject_unknown_keys
+from mrloss.weighting.common import LossTrackingTool, check_epoch, finite_number, true_or_false, with_defaults
 
 DEFAULTS = {
     "difficulty_scaling": False,  # scale each type by its relative EMA loss
@@ -34,14 +34,8 @@ class DynamicWeightAdjuster(LossTrackingTool):
     """
 
     def __init__(self, config: Mapping | None = None) -> None:
-        config = dict(config or {})
-        reject_unknown_keys(config, DEFAULTS, "dynamic_weights")
-        config = {**DEFAULTS, **config}
-        if not isinstance(config["difficulty_scaling"], bool):
-            raise TypeError(
-                f"dynamic_weights.difficulty_scaling: expected true/false, got {config['difficulty_scaling']!r}"
-            )
-        self.difficulty_scaling = config["difficulty_scaling"]
+        config = with_defaults(config, DEFAULTS, "dynamic_weights")
+        self.difficulty_scaling = true_or_false(config["difficulty_scaling"], "dynamic_weights.difficulty_scaling")
         self.epoch_weights = _parse_epoch_weights(config["epoch_weights"])
         self.exponent = finite_number(config["exponent"], "dynamic_weights.exponent", low=0.0)
         self.min_multiplier = finite_number(
