@@ -31,6 +31,7 @@ from mrloss.ops.backends.dtypes import accumulation_dtype
 from mrloss.ops.chunked import (
     FusedLosses,
     RowOp,
+    RowOptions,
     RowStats,
     SliceGradOp,
     TokenMetrics,
@@ -413,8 +414,7 @@ def _chunked_torch_losses(
         targets,
         None,
         row_op=torch_rows,
-        softcap=softcap,
-        label_smoothing=label_smoothing,
+        row_options=RowOptions(softcap, label_smoothing),
         chunk_size=chunk_size,
         metrics=correct_out is not None or entropy_out is not None,
     )

@@ -122,6 +122,31 @@ def vocab_slice_size(chunk_size: int, hidden_size: int, vocab_size: int) -> int:
     return max(chunk_size * vocab_size // hidden_size, MIN_VOCAB_SLICE)
 
 
+class RowOptions(NamedTuple):
+    """The row formula's options, the keywords of the row op and the slice gradient op (contract above): softcap c
+    (float or None), label smoothing eps and z-loss scale zeta (floats)."""
+
+    softcap: float | None
+    label_smoothing: float
+    z_loss_scale: float = 0.0
+
+    @classmethod
+    def of(cls, options) -> RowOptions:
+        """The row options of a ``mrloss.ops.options.LossOptions`` (its fields of the same names)."""
+        return cls(*(getattr(options, name) for name in cls._fields))
+
+    def objective(self, losses: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """o_i = l_i + zeta lse_i^2 per row (``losses`` itself when zeta is 0)."""
+        return losses + self.z_loss_scale * lse.square() if self.z_loss_scale else losses
+
+
+def chunk_logits(chunk_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Raw logits ``[C, V] = chunk_hidden [C, H] @ weight [V, H]^T (+ bias [V])``, one matmul in the inputs' dtype."""
+    if bias is None:
+        return chunk_hidden @ weight.T
+    return torch.addmm(bias, chunk_hidden, weight.T)
+
+
 def chunked_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -131,64 +156,67 @@ def chunked_linear_cross_entropy(
     grad_scales: torch.Tensor | None,
     *,
     row_op: RowOp,
-    softcap: float | None,
-    label_smoothing: float,
+    row_options: RowOptions,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
-    z_loss_scale: float = 0.0,
     metrics: bool = False,
 ) -> ChunkedResult:
     """Per-token losses of the rows ``rows`` of ``hidden`` and, with ``grad_scales``, the gradients of
     ``sum_i grad_scales[i] * (losses[i] + z_loss_scale * lse[i]^2)``.
 
     hidden [N, H], weight [V, H], bias [V] or None (all one dtype); rows [M] int64 (unique indices into
-    hidden), targets [M] int64 in [0, V), grad_scales [M] float or None (loss only);
-    needs_grad: which of (hidden, weight, bias) gradients to build; metrics: fill the token metrics. The weight
-    and bias gradients are accumulated across chunks in fp32 (fp64 for fp64 inputs); each chunk's weight-gradient
-    product multiplies in the inputs' dtype and adds in fp32 (``add_product``: never rounded to bf16).
-    Deterministic: chunks run in order, rows are written with ``index_copy_``.
+    hidden), targets [M] int64 in [0, V), grad_scales [M] float or None (loss only); row_options: the formula's
+    options (`RowOptions`); needs_grad: which of (hidden, weight, bias) gradients to build; metrics: fill the
+    token metrics. The weight and bias gradients are accumulated across chunks in fp32 (fp64 for fp64 inputs);
+    each chunk's weight-gradient product multiplies in the inputs' dtype and adds in fp32 (``add_product``: never
+    rounded to bf16). Deterministic: chunks run in order, rows are written with ``index_copy_``.
     """
-    acc_dtype = accumulation_dtype(hidden.dtype)
-    num_rows = rows.numel()
-    stats = RowStats(*(torch.empty(num_rows, dtype=acc_dtype, device=hidden.device) for _ in range(2 + 2 * metrics)))
-    want_hidden, want_weight, want_bias = (grad_scales is not None and need for need in needs_grad)
-    want_bias = want_bias and bias is not None
-    grad_hidden = torch.zeros_like(hidden) if want_hidden else None
-    # every chunk adds into it, the first one with beta=0: no zero fill unless there is no chunk
-    allocate_grad_weight = torch.empty if num_rows else torch.zeros
-    grad_weight = allocate_grad_weight(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
-    grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_bias else None
-
-    for start in range(0, num_rows, chunk_size):
-        chunk_rows = rows[start : start + chunk_size]
-        chunk_hidden = hidden.index_select(0, chunk_rows)
-        if bias is None:
-            logits = chunk_hidden @ weight.T
-        else:
-            logits = torch.addmm(bias, chunk_hidden, weight.T)
-        chunk_scales = None if grad_scales is None else grad_scales[start : start + chunk_size]
+    wanted = tuple(grad_scales is not None and need for need in needs_grad)
+    result = _result_buffers(hidden, weight, bias, rows.numel(), wanted, metrics)
+    stats = result.rows
+    for start in range(0, rows.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
+        chunk_hidden = hidden.index_select(0, rows[chunk])
+        logits = chunk_logits(chunk_hidden, weight, bias)
+        chunk_scales = None if grad_scales is None else grad_scales[chunk]
         stats.losses[chunk] = row_op(
             logits,
             targets[chunk],
             chunk_scales,
-            softcap=softcap,
-            label_smoothing=label_smoothing,
-            z_loss_scale=z_loss_scale,
             lse_out=stats.lse[chunk],
             correct_out=None if stats.correct is None else stats.correct[chunk],
             entropy_out=None if stats.entropy is None else stats.entropy[chunk],
+            **row_options._asdict(),
         )
-        if chunk_scales is None:
-            continue
-        grad_logits = logits  # overwritten in place by the row op
-        if want_hidden:
-            grad_hidden.index_copy_(0, chunk_rows, grad_logits @ weight)
-        if want_weight:
-            add_product(grad_weight, grad_logits.T, chunk_hidden, first=start == 0)
-        if want_bias:
-            grad_bias += grad_logits.sum(0, dtype=acc_dtype)
+        if chunk_scales is not None:  # the row op overwrote the logits with their gradient
+            _add_chunk_gradients(result, logits, rows[chunk], chunk_hidden, weight, first=start == 0)
+    return result
+
+
+def _result_buffers(hidden, weight, bias, num_rows: int, wanted: tuple[bool, bool, bool], metrics: bool):
+    """The `ChunkedResult` the chunks fill: [M] row statistics in the accumulation dtype (the metrics with
+    ``metrics``), and the gradients of ``wanted`` (hidden, weight, bias) as in `ChunkedResult`, else None."""
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    stats = RowStats(*(torch.empty(num_rows, dtype=acc_dtype, device=hidden.device) for _ in range(2 + 2 * metrics)))
+    want_hidden, want_weight, want_bias = wanted
+    grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+    # every chunk adds into it, the first one with beta=0: no zero fill unless there is no chunk
+    allocate_grad_weight = torch.empty if num_rows else torch.zeros
+    grad_weight = allocate_grad_weight(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+    want_bias = want_bias and bias is not None
+    grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_bias else None
     return ChunkedResult(stats, grad_hidden, grad_weight, grad_bias)
+
+
+def _add_chunk_gradients(result: ChunkedResult, grad_logits, chunk_rows, chunk_hidden, weight, *, first: bool) -> None:
+    """Fold one chunk's ``grad_logits [C, V]`` into the gradient buffers of ``result`` that are not None: rows
+    ``chunk_rows`` of grad_hidden, grad_weight (``first``: overwritten) and grad_bias."""
+    if result.grad_hidden is not None:
+        result.grad_hidden.index_copy_(0, chunk_rows, grad_logits @ weight)
+    if result.grad_weight is not None:
+        add_product(result.grad_weight, grad_logits.T, chunk_hidden, first=first)
+    if result.grad_bias is not None:
+        result.grad_bias.add_(grad_logits.sum(0, dtype=result.grad_bias.dtype))
 
 
 FALLBACK_BLOCK_ELEMENTS = 1 << 22  # float32 temporary of add_product's upcast path: at most 16 MiB per block

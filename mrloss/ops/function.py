@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
-from mrloss.ops.chunked import ChunkedResult, FusedLosses, RowOp, RowStats, SliceGradOp, chunked_linear_cross_entropy
+from mrloss.ops.chunked import (
+    ChunkedResult,
+    FusedLosses,
+    RowOp,
+    RowOptions,
+    RowStats,
+    SliceGradOp,
+    chunked_linear_cross_entropy,
+)
 from mrloss.ops.low_memory import low_memory_gradients
 from mrloss.ops.options import LossOptions
 
@@ -83,23 +91,22 @@ class Plan:
             hidden, weight, bias, rows, targets, lse, grad_scales, slice_grad_op=self.slice_grad_op, **self._chunking()
         )
 
+    @property
+    def row_options(self) -> RowOptions:
+        """The row formula's options (softcap, label smoothing, z-loss scale) out of ``options``."""
+        return RowOptions.of(self.options)
+
     def _chunking(self) -> dict:
-        """The keywords the chunk driver and the low-memory gradients share: the row formula's options (softcap,
-        label smoothing, z-loss scale), the chunk size and the gradients wanted."""
-        return dict(
-            softcap=self.options.softcap,
-            label_smoothing=self.options.label_smoothing,
-            z_loss_scale=self.options.z_loss_scale,
-            chunk_size=self.chunk_size,
-            needs_grad=self.needs_grad,
-        )
+        """The keywords the chunk driver and the low-memory gradients share: the row formula's options, the chunk
+        size and the gradients wanted."""
+        return dict(row_options=self.row_options, chunk_size=self.chunk_size, needs_grad=self.needs_grad)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V]|None, rows [M], targets [M], scales [M], plan) ->
     (loss, `RowStats` of the M rows: token_losses unweighted, lse, correct, entropy; non-differentiable).
 
-    Per-row objective o_i = l_i + zeta lse_i^2 (zeta = plan.options.z_loss_scale). Reduced (plan.per_token False):
+    Per-row objective o_i = l_i + zeta lse_i^2 (``RowOptions.objective``). Reduced (plan.per_token False):
     loss = sum_i scales_i o_i. With plan.slice_grad_op None (memory="fast") the gradients are built in
     forward and backward multiplies those buffers in place by the scalar upstream gradient (no copy, no host
     sync), so they serve one backward only: a second one through the same graph raises. Per token: loss [M] =
@@ -119,8 +126,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, rows, targets, scales, stats.lse)
         else:
             ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
-        zeta = plan.options.z_loss_scale
-        objective = stats.losses + zeta * stats.lse.square() if zeta else stats.losses
+        objective = plan.row_options.objective(stats.losses, stats.lse)
         loss = objective * scales if plan.per_token else (objective * scales).sum()
         ctx.mark_non_differentiable(*(t for t in stats if t is not None))
         return loss, *stats
@@ -186,8 +192,7 @@ def _differentiable_gradients(ctx, grad_loss: torch.Tensor) -> tuple:
         objective = torch.nn.functional.cross_entropy(
             logits, targets, reduction="none", label_smoothing=plan.options.label_smoothing
         )
-        if plan.options.z_loss_scale:
-            objective = objective + plan.options.z_loss_scale * torch.logsumexp(logits, dim=-1).square()
+        objective = plan.row_options.objective(objective, torch.logsumexp(logits, dim=-1))
         total = (objective * scales * grad_loss.to(acc_dtype)).sum()
         grads = iter(torch.autograd.grad(total, inputs, create_graph=True, allow_unused=True))
     return tuple(next(grads) if wanted else None for wanted in plan.needs_grad)

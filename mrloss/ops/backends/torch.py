@@ -52,17 +52,9 @@ def cross_entropy_rows(
     too for the entropy, and a row is correct when its target logit is the global row max (ties count)."""
     vocab_size = logits.shape[1] if vocab_shard is None else vocab_shard.vocab_size
     col_offset = 0 if vocab_shard is None else vocab_shard.start
-    acc_dtype = accumulation_dtype(logits.dtype)
-    z = logits if logits.dtype == acc_dtype else logits.to(acc_dtype)  # may alias logits (scratch)
-    softcap_factor = None
-    if softcap is not None:
-        z = z.div_(softcap).tanh_()
-        if grad_scales is not None:
-            softcap_factor = 1 - z.square()  # d(c tanh(a/c))/da = 1 - tanh^2
-        z = z.mul_(softcap)
-    local = targets - col_offset
-    in_shard = (local >= 0) & (local < logits.shape[1])
-    target_logits = torch.where(in_shard, z.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1), 0)
+    z, softcap_factor = _softcapped(logits, softcap, with_factor=grad_scales is not None)  # z may alias logits
+    in_shard, target_columns = _local_targets(targets, col_offset, logits.shape[1])
+    target_logits = torch.where(in_shard, z.gather(1, target_columns).squeeze(1), 0)
     sum_z = z.sum(1) if label_smoothing else None
     if correct_out is not None and vocab_shard is None:
         row_max, first_max = z.max(1)  # one pass for both: the first maximum's column, as argmax
@@ -71,20 +63,12 @@ def cross_entropy_rows(
         row_max = z.amax(1)
     if vocab_shard is not None:
         row_max = vocab_shard.all_reduce_max(row_max)
-    shifted = z.sub_(row_max[:, None])  # z - m, in place
-    sum_q_shifted = None
-    if entropy_out is None:
-        probs = shifted.exp_()  # unnormalized softmax q, in place: no [C, V] temporary
-    else:  # sum q (z - m): the sums an online pass keeps (no log pass); q needs its own [C, V] here
-        probs = shifted.exp()
-        sum_q_shifted = torch.bmm(probs.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+    probs, sum_q_shifted = _shifted_exp(z, row_max, with_sum_q_shifted=entropy_out is not None)
     sum_exp = probs.sum(1)
-    if vocab_shard is not None:  # one collective for the [2 to 4, C] row statistics
-        optional = [stat for stat in (sum_z, sum_q_shifted) if stat is not None]
-        stats = vocab_shard.all_reduce_sum(torch.stack([sum_exp, target_logits, *optional])).unbind(0)
-        sum_exp, target_logits, optional = stats[0], stats[1], list(stats[2:])
-        sum_z = optional.pop(0) if sum_z is not None else None
-        sum_q_shifted = optional.pop(0) if sum_q_shifted is not None else None
+    if vocab_shard is not None:
+        sum_exp, target_logits, sum_z, sum_q_shifted = _reduce_over_shards(
+            vocab_shard, sum_exp, target_logits, sum_z, sum_q_shifted
+        )
         if correct_out is not None:
             correct_out.copy_(target_logits >= row_max)
     losses = -(1 - label_smoothing) * target_logits
@@ -97,14 +81,58 @@ def cross_entropy_rows(
         lse_out.copy_(lse)
     if entropy_out is not None:  # -sum p log p = lse - sum p z = log S - sum q (z - m) / S, q = exp(z - m), S = sum q
         entropy_out.copy_(log_sum_exp - sum_q_shifted / sum_exp)
-    if grad_scales is None:
-        return losses
-
-    grad = probs.div_(sum_exp[:, None])  # softmax
-    _finish_grad(
-        grad, logits, targets, lse, grad_scales, softcap_factor, col_offset, vocab_size, label_smoothing, z_loss_scale
-    )
+    if grad_scales is not None:
+        grad = probs.div_(sum_exp[:, None])  # softmax
+        _finish_grad(
+            grad, logits, targets, lse, grad_scales, softcap_factor, col_offset, vocab_size, label_smoothing,
+            z_loss_scale,
+        )  # fmt: skip
     return losses
+
+
+def _softcapped(logits: torch.Tensor, softcap: float | None, *, with_factor: bool):
+    """(z, factor): ``logits [C, V]`` in the accumulation dtype, softcapped c tanh(a / c) when ``softcap`` is set
+    (in place: z aliases logits when they are in that dtype already), and with ``with_factor`` and a softcap the
+    derivative 1 - tanh^2 [C, V] (d z / d a), else None."""
+    acc_dtype = accumulation_dtype(logits.dtype)
+    z = logits if logits.dtype == acc_dtype else logits.to(acc_dtype)
+    factor = None
+    if softcap is not None:
+        z = z.div_(softcap).tanh_()
+        if with_factor:
+            factor = 1 - z.square()  # d(c tanh(a/c))/da = 1 - tanh^2
+        z = z.mul_(softcap)
+    return z, factor
+
+
+def _local_targets(targets: torch.Tensor, col_offset: int, num_cols: int):
+    """(inside [C] bool, columns [C, 1] int64): whether each target falls in the columns ``col_offset ...
+    col_offset + num_cols - 1``, and its column there (clamped into range where it does not)."""
+    local = targets - col_offset
+    inside = (local >= 0) & (local < num_cols)
+    return inside, local.clamp(0, num_cols - 1)[:, None]
+
+
+def _shifted_exp(z: torch.Tensor, row_max: torch.Tensor, *, with_sum_q_shifted: bool):
+    """(q, sum_q_shifted): q = exp(z - m) [C, V] (unnormalized softmax; in place in z, which becomes z - m, unless
+    ``with_sum_q_shifted``, when q needs its own [C, V]) and sum_j q (z - m) [C] (the sums an online pass keeps
+    for the entropy, no log pass) or None."""
+    shifted = z.sub_(row_max[:, None])  # z - m, in place
+    if not with_sum_q_shifted:
+        return shifted.exp_(), None
+    probs = shifted.exp()
+    return probs, torch.bmm(probs.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+
+
+def _reduce_over_shards(vocab_shard: VocabShard, sum_exp, target_logits, sum_z, sum_q_shifted):
+    """(sum_exp, target_logits, sum_z, sum_q_shifted) [C] summed over the vocabulary shards in one collective
+    (of the [2 to 4, C] statistics that are not None)."""
+    optional = [stat for stat in (sum_z, sum_q_shifted) if stat is not None]
+    stats = vocab_shard.all_reduce_sum(torch.stack([sum_exp, target_logits, *optional])).unbind(0)
+    sum_exp, target_logits, optional = stats[0], stats[1], list(stats[2:])
+    sum_z = optional.pop(0) if sum_z is not None else None
+    sum_q_shifted = optional.pop(0) if sum_q_shifted is not None else None
+    return sum_exp, target_logits, sum_z, sum_q_shifted
 
 
 def cross_entropy_slice_grad(
@@ -121,14 +149,8 @@ def cross_entropy_slice_grad(
 ) -> None:
     """Overwrite a vocabulary slice ``logits [C, V_s]`` (columns ``col_offset ...`` of the full rows) with
     dL/dlogits, given each row's ``lse [C]`` (logsumexp of the full softcapped row). See ``mrloss.ops.chunked``."""
-    acc_dtype = accumulation_dtype(logits.dtype)
-    z = logits if logits.dtype == acc_dtype else logits.to(acc_dtype)
-    softcap_factor = None
-    if softcap is not None:
-        z = z.div_(softcap).tanh_()
-        softcap_factor = 1 - z.square()
-        z = z.mul_(softcap)
-    grad = z.sub_(lse.to(acc_dtype)[:, None]).exp_()  # softmax of the slice's columns
+    z, softcap_factor = _softcapped(logits, softcap, with_factor=True)
+    grad = z.sub_(lse.to(z.dtype)[:, None]).exp_()  # softmax of the slice's columns
     _finish_grad(
         grad, logits, targets, lse, grad_scales, softcap_factor, col_offset, vocab_size, label_smoothing, z_loss_scale
     )
@@ -141,10 +163,9 @@ def _finish_grad(grad, logits, targets, lse, grad_scales, softcap_factor, col_of
         grad.mul_((1 + 2 * z_loss_scale * lse.to(grad.dtype))[:, None])
     if eps:
         grad.sub_(eps / vocab_size)
-    local = targets - col_offset
-    inside = (local >= 0) & (local < grad.shape[1])
+    inside, columns = _local_targets(targets, col_offset, grad.shape[1])
     onehot = inside.to(grad.dtype)[:, None] * (eps - 1)
-    grad.scatter_add_(1, local.clamp(0, grad.shape[1] - 1)[:, None], onehot)
+    grad.scatter_add_(1, columns, onehot)
     if softcap_factor is not None:
         grad.mul_(softcap_factor)
     grad.mul_(grad_scales.to(grad.dtype)[:, None])

@@ -16,14 +16,7 @@ import triton
 import triton.language as tl
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
-from mrloss.ops.backends.triton.launch import (
-    TYPE_NAMES,
-    Capability,
-    CompileCase,
-    LaunchConfig,
-    device_capability,
-    triton_interpreted,
-)
+from mrloss.ops.backends.triton import launch
 from mrloss.ops.backends.triton.tl_math import softcapped, tanh
 
 SMALL_BLOCK_V = 1024  # vocabularies up to this size: one tile
@@ -126,10 +119,10 @@ def rows_launch_config(
     *,
     has_softcap: bool,
     write_grad: bool,
-    capability: Capability,
+    capability: launch.Capability,
     given_lse: bool = False,
     metrics: bool = False,
-) -> LaunchConfig:
+) -> launch.LaunchConfig:
     """The row kernel's configuration (the same on sm_80 and sm_90: a memory-bound loop, no shared-memory tiles).
 
     Args:
@@ -151,7 +144,7 @@ def rows_launch_config(
     values_per_thread = max(MIN_VALUES_PER_THREAD, VECTOR_BYTES // logits_dtype.itemsize)
     max_warps = MAX_WARPS if logits_dtype.itemsize <= 4 else MAX_WARPS // 2
     num_warps = min(max_warps, block_v // (32 * values_per_thread))
-    return LaunchConfig(
+    return launch.LaunchConfig(
         constexprs=dict(
             HAS_SOFTCAP=has_softcap,
             WRITE_GRAD=write_grad,
@@ -197,12 +190,9 @@ def cross_entropy_rows(
         return losses
     if lse_out is None:
         lse_out = torch.empty_like(losses)
-    metrics = correct_out is not None or entropy_out is not None
-    if metrics:
-        correct_out = torch.empty_like(losses) if correct_out is None else correct_out
-        entropy_out = torch.empty_like(losses) if entropy_out is None else entropy_out
-    _launch(
-        logits, targets, grad_scales, losses, lse_out, correct_out, entropy_out, 0, vocab_size,
+    correct, entropy = launch.metric_buffers(losses, correct_out, entropy_out)
+    _launch_rows(
+        logits, targets, grad_scales, losses, lse_out, correct, entropy, 0, vocab_size,
         softcap=softcap, label_smoothing=label_smoothing, z_loss_scale=z_loss_scale, given_lse=False,
     )  # fmt: skip
     return losses
@@ -237,23 +227,23 @@ def cross_entropy_slice_grad(
     if logits.shape[0] == 0:
         return
     lse = lse.to(accumulation_dtype(logits.dtype)).contiguous()
-    _launch(
+    _launch_rows(
         logits, targets, grad_scales, lse, lse, None, None, col_offset, vocab_size,
         softcap=softcap, label_smoothing=label_smoothing, z_loss_scale=z_loss_scale, given_lse=True,
     )  # fmt: skip
 
 
-def _launch(logits, targets, grad_scales, losses, lse, correct, entropy, col_offset, vocab_size, **options):
+def _launch_rows(logits, targets, grad_scales, losses, lse, correct, entropy, col_offset, vocab_size, **options):
     """One program per row of ``logits [C, num_cols]``; losses/lse/correct/entropy [C] are written (read: lse
     with given_lse), None ones not touched (a dummy pointer is passed)."""
     num_rows, num_cols = logits.shape
     if logits.stride(1) != 1:
         raise ValueError(f"logits rows must be contiguous, got strides {logits.stride()}")
-    if logits.dtype == torch.bfloat16 and grad_scales is not None and triton_interpreted():
+    if logits.dtype == torch.bfloat16 and grad_scales is not None and launch.triton_interpreted():
         # The interpreter's float32 -> bfloat16 cast truncates where GPUs round to nearest even: run on
         # a float32 copy and let torch round it, so interpreted results equal GPU ones.
         scratch = logits.float()
-        _launch(scratch, targets, grad_scales, losses, lse, correct, entropy, col_offset, vocab_size, **options)
+        _launch_rows(scratch, targets, grad_scales, losses, lse, correct, entropy, col_offset, vocab_size, **options)
         logits.copy_(scratch)
         return
     acc_dtype = accumulation_dtype(logits.dtype)
@@ -263,7 +253,7 @@ def _launch(logits, targets, grad_scales, losses, lse, correct, entropy, col_off
         logits.dtype,
         has_softcap=options["softcap"] is not None,
         write_grad=grad_scales is not None,
-        capability=device_capability(logits.device),
+        capability=launch.device_capability(logits.device),
         given_lse=options["given_lse"],
         metrics=correct is not None,
     )
@@ -298,7 +288,7 @@ ROW_MODES = (
 )
 
 
-def compile_cases(capability: Capability):
+def compile_cases(capability: launch.Capability):
     """Every configuration the launcher can choose on a GPU of ``capability``.
 
     Args:
@@ -308,7 +298,7 @@ def compile_cases(capability: Capability):
         An iterator of ``CompileCase``s, each configuration once (for fp16|bf16|fp32|fp64 logits).
     """
     seen = set()
-    for dtype in TYPE_NAMES:
+    for dtype in launch.TYPE_NAMES:
         for vocab_size in (1000, SMALL_BLOCK_V, SMALL_BLOCK_V + 1, 128256):
             for has_softcap in (False, True):
                 for write_grad, given_lse, metrics in ROW_MODES:
@@ -320,8 +310,8 @@ def compile_cases(capability: Capability):
                     key = (dtype, divisible_ints, config.describe())
                     if key not in seen:
                         seen.add(key)
-                        yield CompileCase.of(
-                            "cross_entropy_rows", TYPE_NAMES[dtype], _cross_entropy_rows_kernel,
+                        yield launch.CompileCase.of(
+                            "cross_entropy_rows", launch.TYPE_NAMES[dtype], _cross_entropy_rows_kernel,
                             _pointer_types(dtype), config, divisible_ints,
                         )  # fmt: skip
 
@@ -329,6 +319,6 @@ def compile_cases(capability: Capability):
 def _pointer_types(dtype: torch.dtype) -> dict[str, str]:
     """The row kernel's pointer types for ``dtype`` logits: int64 targets, every per-row vector in the
     accumulation dtype (the other arguments' types come from the kernel: ``kernel_signature``)."""
-    per_row = f"*{TYPE_NAMES[accumulation_dtype(dtype)]}"
+    per_row = f"*{launch.TYPE_NAMES[accumulation_dtype(dtype)]}"
     vectors = ("scales_ptr", "losses_ptr", "lse_ptr", "correct_ptr", "entropy_ptr")
-    return dict(logits_ptr=f"*{TYPE_NAMES[dtype]}", targets_ptr="*i64", **dict.fromkeys(vectors, per_row))
+    return dict(logits_ptr=f"*{launch.TYPE_NAMES[dtype]}", targets_ptr="*i64", **dict.fromkeys(vectors, per_row))

@@ -112,5 +112,15 @@ def device_capability(device: torch.device) -> Capability:
     return torch.cuda.get_device_capability(device)
 
 
+def metric_buffers(losses: torch.Tensor, correct_out: torch.Tensor | None, entropy_out: torch.Tensor | None):
+    """(correct, entropy) [M] a launch writes: both (the ones not given allocated like ``losses``) when either is
+    asked for, since a kernel with METRICS computes both; (None, None) when neither is."""
+    if correct_out is None and entropy_out is None:
+        return None, None
+    correct = torch.empty_like(losses) if correct_out is None else correct_out
+    entropy = torch.empty_like(losses) if entropy_out is None else entropy_out
+    return correct, entropy
+
+
 def _short(value) -> str:
     return str(value).replace("triton.language.", "")

@@ -24,14 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrloss.ops.backends.triton.launch import (
-    TYPE_NAMES,
-    Capability,
-    CompileCase,
-    LaunchConfig,
-    device_capability,
-    triton_interpreted,
-)
+from mrloss.ops.backends.triton import launch
 from mrloss.ops.backends.triton.tl_math import softcapped
 
 # Block sizes are fixed, not autotuned: they were chosen without a GPU to tune on. GPU: the usual
@@ -130,10 +123,10 @@ def forward_launch_config(
     *,
     has_bias: bool,
     has_softcap: bool,
-    capability: Capability,
+    capability: launch.Capability,
     metrics: bool = False,
     blocks: dict | None = None,
-) -> LaunchConfig:
+) -> launch.LaunchConfig:
     """The fused forward's configuration on a GPU.
 
     Args:
@@ -148,7 +141,7 @@ def forward_launch_config(
     """
     del capability  # one configuration fits sm_80 and sm_90 (see the compile check's table)
     tiles = dict(GPU_BLOCKS, BLOCK_H=32) if dtype == torch.float32 else GPU_BLOCKS
-    return LaunchConfig(
+    return launch.LaunchConfig(
         constexprs=dict(
             HAS_BIAS=has_bias,
             HAS_SOFTCAP=has_softcap,
@@ -199,28 +192,43 @@ def linear_cross_entropy_forward(
     if num_rows == 0:
         return losses
     lse = torch.empty_like(losses) if lse_out is None else lse_out
-    metrics = correct_out is not None or entropy_out is not None
-    if metrics:
-        correct_out = torch.empty_like(losses) if correct_out is None else correct_out
-        entropy_out = torch.empty_like(losses) if entropy_out is None else entropy_out
+    correct, entropy = launch.metric_buffers(losses, correct_out, entropy_out)
     config = forward_launch_config(
         hidden.dtype,
         has_bias=bias is not None,
         has_softcap=softcap is not None,
-        capability=device_capability(hidden.device),
-        metrics=metrics,
+        capability=launch.device_capability(hidden.device),
+        metrics=correct is not None,
         blocks=blocks,
     )
     options = config.options()
-    if triton_interpreted():
-        # numpy per tile: small tiles, no launch options; and bfloat16 dot operands as float32, because
-        # the interpreter multiplies their raw bits (the products are exact in float32 either way)
-        config.constexprs.update(INTERPRETER_BLOCKS, **(blocks or {}))
-        options = {}
-        if hidden.dtype == torch.bfloat16:
-            hidden, weight = hidden.float(), weight.float()
-            bias = None if bias is None else bias.float()
+    if launch.triton_interpreted():
+        hidden, weight, bias = _for_interpreter(config, blocks, hidden, weight, bias)
+        options = {}  # no launch options
+    _launch_forward(
+        hidden, weight, bias, rows, targets, (losses, lse, correct, entropy), float(softcap or 1.0),
+        float(label_smoothing), config, options,
+    )  # fmt: skip
+    return losses
+
+
+def _for_interpreter(config: launch.LaunchConfig, blocks, hidden, weight, bias):
+    """(hidden, weight, bias) and ``config`` (updated in place) for the interpreter, numpy per tile: small tiles
+    (``blocks`` still winning), and bfloat16 dot operands as float32, because the interpreter multiplies their raw
+    bits (the products are exact in float32 either way)."""
+    config.constexprs.update(INTERPRETER_BLOCKS, **(blocks or {}))
+    if hidden.dtype == torch.bfloat16:
+        hidden, weight = hidden.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    return hidden, weight, bias
+
+
+def _launch_forward(hidden, weight, bias, rows, targets, outputs, softcap, label_smoothing, config, options) -> None:
+    """One program per BLOCK_N rows; ``outputs`` = (losses, lse, correct, entropy) [M] fp32 are written, the metrics
+    when not None (else a dummy pointer, never written without METRICS)."""
+    losses, lse, correct, entropy = outputs
     vocab_size, hidden_size = weight.shape
+    num_rows = rows.numel()
     grid = (triton.cdiv(num_rows, config.constexprs["BLOCK_N"]),)
     _linear_cross_entropy_forward_kernel[grid](
         hidden,
@@ -235,20 +243,19 @@ def linear_cross_entropy_forward(
         targets.contiguous(),
         losses,
         lse,
-        correct_out if metrics else losses,  # losses: dummy pointers, never written without METRICS
-        entropy_out if metrics else losses,
+        losses if correct is None else correct,  # losses: dummy pointers
+        losses if entropy is None else entropy,
         num_rows,
         hidden_size,
         vocab_size,
-        float(softcap or 1.0),
-        float(label_smoothing),
+        softcap,
+        label_smoothing,
         **config.constexprs,
         **options,
     )
-    return losses
 
 
-def compile_cases(capability: Capability):
+def compile_cases(capability: launch.Capability):
     """Every configuration the launcher can choose on a GPU of ``capability``, for contiguous hidden and weight
     (their column strides are 1: a constant on a GPU launch).
 
@@ -262,17 +269,17 @@ def compile_cases(capability: Capability):
         config = forward_launch_config(
             dtype, has_bias=has_bias, has_softcap=has_softcap, capability=capability, metrics=metrics
         )
-        config = LaunchConfig(
+        config = launch.LaunchConfig(
             dict(config.constexprs, stride_hidden_col=1, stride_weight_col=1), config.num_warps, config.num_stages
         )
-        inputs, per_row = f"*{TYPE_NAMES[dtype]}", "*fp32"
+        inputs, per_row = f"*{launch.TYPE_NAMES[dtype]}", "*fp32"
         types = dict(
             hidden_ptr=inputs, weight_ptr=inputs, bias_ptr=inputs, rows_ptr="*i64", targets_ptr="*i64",
             losses_ptr=per_row, lse_ptr=per_row, correct_ptr=per_row, entropy_ptr=per_row,
             stride_hidden_col="constexpr", stride_weight_col="constexpr",
         )  # fmt: skip
         divisible_ints = ("stride_hidden_row", "stride_weight_row", "hidden_size", "vocab_size")
-        yield CompileCase.of(
-            "linear_cross_entropy_forward", TYPE_NAMES[dtype], _linear_cross_entropy_forward_kernel, types, config,
-            divisible_ints,
+        yield launch.CompileCase.of(
+            "linear_cross_entropy_forward", launch.TYPE_NAMES[dtype], _linear_cross_entropy_forward_kernel, types,
+            config, divisible_ints,
         )  # fmt: skip
