@@ -247,19 +247,7 @@ PARALLEL_MIN_BYTES = 4 << 20
 def _stream(args, unit: OutputUnit | None, targets: dict) -> int:
     tokenizer, tokenizer_note = _tokenizer(args)
     started = time.perf_counter()
-    options = _ChunkOptions(
-        format=args.format,
-        overlap=args.overlap,
-        extra_keys=args.extra_keys,
-        to=args.to,
-        max_length=args.max_length,
-        truncation=args.truncation,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        splits=tuple(targets),
-        parquet=args.file_type == "parquet",
-        tokenized=bool(args.tokenizer),
-    )
+    options = _ChunkOptions.of(args, splits=tuple(targets))
     writers = {split: _SplitWriter(unit, *paths) for split, paths in targets.items()}
     try:
         summary, bad = _consume(args, options, tokenizer, writers)
@@ -375,6 +363,16 @@ class _ChunkOptions:
     splits: tuple[str, ...]  # the outputs written; () when only validating
     parquet: bool
     tokenized: bool
+
+    @classmethod
+    def of(cls, args, splits: tuple[str, ...]) -> _ChunkOptions:
+        """The options of ``mrloss prepare``'s parsed ``args``: each field but the derived ones is the argument of
+        its name."""
+        derived = dict(splits=splits, parquet=args.file_type == "parquet", tokenized=bool(args.tokenizer))
+        given = {
+            field.name: getattr(args, field.name) for field in dataclasses.fields(cls) if field.name not in derived
+        }
+        return cls(**given, **derived)
 
     @property
     def encode_truncation(self) -> str:
