@@ -120,6 +120,16 @@ def _tokenizer_of_tokenized_data(paths) -> str | None:
     return next((os.path.join(path, TOKENIZER_DIR) for path in paths if is_tokenized(path)), None)
 
 
+# the config's `model:` sizes of a tiny model -> the transformers config keys they set
+TINY_MODEL_KEYS = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
+
+
 def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None, seed: int):
     """``model.path`` loaded with transformers, or a tiny randomly initialized ``model.arch``; ConfigError for an
     architecture mrloss cannot patch or an attention implementation transformers cannot use here."""
@@ -137,11 +147,7 @@ def build_model(model_config: ModelConfig, tokenizer, *, max_length: int | None,
         model_config_hf = transformers.AutoConfig.for_model(
             model_config.arch,
             vocab_size=len(tokenizer),
-            hidden_size=model_config.hidden_size,
-            intermediate_size=model_config.intermediate_size,
-            num_hidden_layers=model_config.num_layers,
-            num_attention_heads=model_config.num_heads,
-            num_key_value_heads=model_config.num_kv_heads,
+            **{hf_key: getattr(model_config, key) for key, hf_key in TINY_MODEL_KEYS.items()},
             head_dim=head_dim,
             max_position_embeddings=max(max_length or 0, 2048),
             pad_token_id=tokenizer.pad_token_id,
