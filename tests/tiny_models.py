@@ -8,6 +8,13 @@ Importable from test modules and from the processes they spawn (pytest puts ``te
 
 import torch
 import transformers
+from transformers.integrations import hub_kernels
+
+# The tests never reach the Hugging Face Hub. With the `kernels` package installed (the verl extra pins one),
+# transformers would fetch hub kernels for Mamba-style layers (causal-conv1d, mamba-ssm) and fail without a network;
+# its own PyTorch path is the one under test.
+if getattr(hub_kernels, "_kernels_available", False):
+    hub_kernels._kernels_available = False
 
 TINY_SIZES = dict(
     hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
