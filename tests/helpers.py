@@ -114,3 +114,12 @@ def write_config(path: Path, **sections) -> Path:
 
     path.write_text(yaml.safe_dump(sections), encoding="utf-8")
     return path
+
+
+def cpu_training_arguments(output_dir, **overrides):
+    """``transformers.TrainingArguments`` of the tests' Trainer runs: on the CPU, no reporting, no progress bar;
+    ``overrides`` set the rest (or replace these)."""
+    import transformers
+
+    defaults = {"use_cpu": True, "report_to": "none", "disable_tqdm": True}
+    return transformers.TrainingArguments(output_dir=str(output_dir), **{**defaults, **overrides})

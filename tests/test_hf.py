@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import cpu_training_arguments
 from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
@@ -335,15 +336,8 @@ def test_stock_trainer_passes_a_token_count(tmp_path):
         for _ in range(4)
     ]
     collator = MultiRegionCollator(0)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
-        max_steps=1,
-        per_device_train_batch_size=2,
-        save_strategy="no",
-        disable_tqdm=True,
-        remove_unused_columns=False,
+    args = cpu_training_arguments(
+        tmp_path, max_steps=1, per_device_train_batch_size=2, save_strategy="no", remove_unused_columns=False
     )
     trainer = transformers.Trainer(
         apply_mrloss(tiny_model("llama")),
@@ -425,15 +419,7 @@ def test_a_partial_checkpoint_is_never_picked_on_resume(tmp_path, monkeypatch):
         num_key_value_heads=1,
         max_position_embeddings=128,
     )
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        disable_tqdm=True,
-    )
+    args = cpu_training_arguments(tmp_path, max_steps=4, save_steps=2, per_device_train_batch_size=4)
     trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
     save_rng_state = trainer._save_rng_state
 

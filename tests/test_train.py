@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, write_config
+from helpers import cpu_training_arguments, run_cli, write_config
 from tiny_models import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
@@ -58,12 +58,9 @@ def train_tiny(tokenizer, dataset, tmp_path, **arguments):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
+    args = cpu_training_arguments(
+        tmp_path,
         save_strategy="no",
-        disable_tqdm=True,
         seed=0,
         **{"per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1, **arguments},
     )
@@ -128,7 +125,7 @@ def test_evaluate_region_losses_uses_the_trainers_ignore_index(tokenizer, tmp_pa
     model = tiny_causal_lm(
         len(tokenizer), intermediate_size=64, num_hidden_layers=1, pad_token_id=tokenizer.pad_token_id
     )
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    args = cpu_training_arguments(tmp_path)
     trainer = MultiRegionTrainer(
         model,
         args,
@@ -169,9 +166,7 @@ def test_trainer_evaluate_logs_region_losses_and_token_metrics(tokenizer, tmp_pa
     model = tiny_causal_lm(
         len(tokenizer), intermediate_size=64, num_hidden_layers=1, pad_token_id=tokenizer.pad_token_id
     )
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=3
-    )
+    args = cpu_training_arguments(tmp_path, per_device_eval_batch_size=3)
     trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer, loss_options={"backend": "torch"})
     metrics = trainer.evaluate(dataset)
     assert not trainer.region_tracker.step_sums.any() and not trainer._train_log_stats.losses.any()
@@ -214,9 +209,7 @@ def test_eval_loss_is_the_weighted_mean_of_the_whole_set_for_any_batch_size(toke
     )
     eval_losses = []
     for batch_size in (1, 4, len(dataset)):
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=batch_size
-        )
+        args = cpu_training_arguments(tmp_path, per_device_eval_batch_size=batch_size)
         trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
         eval_losses.append(trainer.evaluate(dataset)["eval_loss"])
 
@@ -409,15 +402,7 @@ def test_resuming_a_complete_epoch_based_run_raises(tokenizer, tmp_path):
     dataset = MultiRegionDataset.from_samples(samples(), tokenizer)
     for resume in (None, True):
         model = tiny_causal_lm(len(tokenizer), intermediate_size=64, pad_token_id=tokenizer.pad_token_id)
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path),
-            use_cpu=True,
-            report_to="none",
-            num_train_epochs=1,
-            per_device_train_batch_size=4,
-            save_steps=2,
-            disable_tqdm=True,
-        )
+        args = cpu_training_arguments(tmp_path, num_train_epochs=1, per_device_train_batch_size=4, save_steps=2)
         trainer = MultiRegionTrainer(model, args, dataset, processing_class=tokenizer)
         if resume is None:
             trainer.train()
