@@ -4,6 +4,8 @@ mrloss.ops.chunked), the fused loss-only forward against a float64 reference."""
 import pytest
 import torch
 
+from mrloss.ops.backends import torch as torch_backend
+from mrloss.ops.backends.torch import MAX_COLUMN_BLOCK, VocabShard
 from mrloss.ops.backends.torch import cross_entropy_rows as torch_rows
 from mrloss.ops.backends.triton.cross_entropy_rows import MAX_BLOCK_V
 from mrloss.ops.backends.triton.cross_entropy_rows import cross_entropy_rows as triton_rows
@@ -256,3 +258,95 @@ def test_torch_rows_token_metrics_match_float64_reference(dtype, softcap):
     assert correct.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0] + (z[5:].argmax(1) == targets[5:]).double().tolist()
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(1), rtol=tolerance, atol=tolerance)
+
+
+# (maximum columns, target) of the tie rows below, over a vocabulary of 2 column blocks and a partial third one
+# (W = MAX_COLUMN_BLOCK), and whether the target is the first maximum
+W = MAX_COLUMN_BLOCK
+TIE_ROWS = [
+    ((5, 9), 9, False),  # an earlier tie in the target's block
+    ((5, 9), 5, True),  # the tie comes after the target
+    ((3, W + 4), W + 4, False),  # an earlier tie in an earlier block
+    ((W - 1, W), W, False),  # ... right across a block boundary
+    ((W - 1, W), W - 1, True),
+    ((W + 4, 2 * W + 10), 2 * W + 10, False),  # target in the partial last block, the tie in a full one
+    ((2 * W + 3, 2 * W + 10), 2 * W + 10, False),  # target and an earlier tie in the partial last block
+    ((2 * W + 3, 2 * W + 10), 2 * W + 3, True),
+    ((2 * W + 76,), 2 * W + 76, True),  # the last column
+    ((), 0, True),  # every column equal: the first one is the maximum
+    ((), 1, False),
+    ((7,), 8, False),  # the target is not a maximum
+]
+
+
+def tie_inputs(dtype, seed=0):
+    """(logits [C, 2 W + 77] in {0, 1, 2}, targets [C]): ties, as bf16 logits often have. The rows of TIE_ROWS
+    (maxima 2 at their columns, 1 elsewhere), then random rows with up to three maxima (in every other row within 24
+    columns) whose target is a random one of them (the first or a later one)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = 2 * W + 77
+    logits = torch.ones(len(TIE_ROWS) + 40, vocab, dtype=torch.float64)
+    for row, (max_columns, _, _) in enumerate(TIE_ROWS):
+        logits[row, list(max_columns)] = 2.0
+    random_rows = logits[len(TIE_ROWS) :]
+    random_rows.copy_(torch.randint(0, 2, random_rows.shape, generator=gen))
+    first = torch.randint(0, vocab - 24, (random_rows.shape[0], 1), generator=gen)
+    spread = torch.randint(0, 24, (random_rows.shape[0], 3), generator=gen)  # near each other: often one block
+    spread[::2] = torch.randint(0, vocab, (random_rows.shape[0] // 2, 3), generator=gen) - first[::2]  # or not
+    random_rows.scatter_(1, first + spread, 2.0)  # one to three maxima a row
+    is_max = random_rows == random_rows.amax(1, keepdim=True)
+    random_targets = torch.multinomial(is_max.double(), 1, generator=gen).squeeze(1)
+    targets = torch.cat([torch.tensor([target for _, target, _ in TIE_ROWS]), random_targets])
+    return logits.to(dtype), targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_torch_rows_accuracy_is_the_first_maximum_among_ties(dtype, softcap):
+    """The PyTorch row op's accuracy under ties at the maximum: 1 exactly where the target is argmax's first
+    maximum (TIE_ROWS by hand, the random rows against float64 argmax), whatever block the ties fall in; with a
+    vocabulary shard (here the whole vocabulary) a row is correct wherever its target holds the maximum."""
+    logits, targets = tie_inputs(dtype)
+    z = logits.double() if softcap is None else softcap * torch.tanh(logits.double() / softcap)
+    first_max = (z.argmax(1) == targets).double()
+    assert first_max[: len(TIE_ROWS)].tolist() == [float(right) for _, _, right in TIE_ROWS]
+    assert 0 < first_max[len(TIE_ROWS) :].sum() < len(targets) - len(TIE_ROWS)  # both kinds among the random rows
+    whole = VocabShard(0, logits.shape[1], all_reduce_max=lambda t: t, all_reduce_sum=lambda t: t)
+    for vocab_shard, expected in ((None, first_max), (whole, (z.gather(1, targets[:, None]).squeeze(1) == z.amax(1)))):
+        correct = torch.full(targets.shape, float("nan"), dtype=torch.float64 if dtype == torch.float64 else None)
+        torch_rows(
+            logits.clone(), targets, None, softcap=softcap, label_smoothing=0.0, correct_out=correct,
+            vocab_shard=vocab_shard,
+        )  # fmt: skip
+        assert torch.equal(correct.double(), expected.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_rows", [1, 3, 64])
+def test_torch_rows_by_row_blocks_match_float64_reference(monkeypatch, dtype, block_rows):
+    """The softmax pass by blocks of 1, 3 (a partial last block) and all of 10 rows: losses, lse, entropy and the
+    logit gradients against float64; losses and gradients bit-identical with and without the token metrics."""
+    logits, targets, scales = row_inputs(10, 1001, dtype, seed=3)
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    monkeypatch.setattr(torch_backend, "ROW_BLOCK_BYTES", block_rows * 1001 * acc_bytes)
+    z = logits.double().clone().requires_grad_()
+    expected_losses = torch.nn.functional.cross_entropy(z, targets, reduction="none")
+    (expected_losses * scales.double()).sum().backward()
+    log_p = z.detach().log_softmax(1)
+    results = {}
+    for metrics in (False, True):
+        scratch, lse = logits.clone(), torch.empty(10, dtype=torch.float64 if dtype == torch.float64 else None)
+        entropy = torch.empty_like(lse) if metrics else None
+        losses = torch_rows(
+            scratch, targets, scales, softcap=None, label_smoothing=0.0, z_loss_scale=0.0, lse_out=lse,
+            entropy_out=entropy,
+        )  # fmt: skip
+        results[metrics] = (losses, scratch, lse, entropy)
+    assert all(torch.equal(results[False][index], results[True][index]) for index in range(3))
+    losses, grad, lse, entropy = results[True]
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses.double(), expected_losses.detach(), **tolerance)
+    torch.testing.assert_close(lse.double(), z.detach().logsumexp(1), **tolerance)
+    torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(1), **tolerance)
+    grad_tolerance = tolerance if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad.double(), z.grad, **grad_tolerance)

@@ -3,10 +3,12 @@
 The formula and the contract are documented once, in ``mrloss.ops.chunked``; the Triton kernel
 ``mrloss.ops.backends.triton.cross_entropy_rows`` computes the same thing. Math runs in float32 (float64 for
 float64 logits), in place on the chunk where the dtype allows (the softmax overwrites the logits), so
-the extra memory is at most three float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one for the
-softcap factor, one for the softmax when the entropy is asked for) and none for float32 logits without those.
-The token metrics cost no extra pass over the chunk: accuracy from the same reduction as the row max
-(``torch.max``), entropy from the sums of the softmax pass (lse - sum p z), as the Triton kernel does.
+the extra memory is at most two float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one for the
+softcap factor) and none for float32 logits without a softcap, plus buffers of a few rows or columns
+(``ROW_BLOCK_BYTES``, ``[C, V / MAX_COLUMN_BLOCK]`` and ``[C, MAX_COLUMN_BLOCK]``).
+The token metrics cost no extra pass over the chunk in memory: accuracy from the maxima of column blocks (the
+row max's own pass) and a look into the target's block, entropy from the sums of the softmax pass
+(lse - sum p z), which runs by blocks of rows that stay in cache, as the Triton kernel does it by tiles.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from typing import Callable, NamedTuple
 import torch
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
+
+# Bytes of the chunk per row block of the softmax pass: z - m, exp and the row sums (and for the entropy a copy of
+# z - m and its product with exp) all read the block from a core's cache, not from memory.
+ROW_BLOCK_BYTES = 512 * 1024
+# Columns per block of the row max when the accuracy is asked for: the blocks' maxima [C, V / MAX_COLUMN_BLOCK]
+# (the same pass as amax) give the first block holding the row max, and only the target's block is read again.
+MAX_COLUMN_BLOCK = 256
 
 
 class VocabShard(NamedTuple):
@@ -57,14 +66,13 @@ def cross_entropy_rows(
     target_logits = torch.where(in_shard, z.gather(1, target_columns).squeeze(1), 0)
     sum_z = z.sum(1) if label_smoothing else None
     if correct_out is not None and vocab_shard is None:
-        row_max, first_max = z.max(1)  # one pass for both: the first maximum's column, as argmax
-        correct_out.copy_(first_max == targets)
+        row_max, first_max_at_target = _max_and_first_max(z, target_columns.squeeze(1))
+        correct_out.copy_(first_max_at_target)
     else:
         row_max = z.amax(1)
     if vocab_shard is not None:
         row_max = vocab_shard.all_reduce_max(row_max)
-    probs, sum_q_shifted = _shifted_exp(z, row_max, with_sum_q_shifted=entropy_out is not None)
-    sum_exp = probs.sum(1)
+    probs, sum_exp, sum_q_shifted = _softmax_sums(z, row_max, with_sum_q_shifted=entropy_out is not None)
     if vocab_shard is not None:
         sum_exp, target_logits, sum_z, sum_q_shifted = _reduce_over_shards(
             vocab_shard, sum_exp, target_logits, sum_z, sum_q_shifted
@@ -113,15 +121,55 @@ def _local_targets(targets: torch.Tensor, col_offset: int, num_cols: int):
     return inside, local.clamp(0, num_cols - 1)[:, None]
 
 
-def _shifted_exp(z: torch.Tensor, row_max: torch.Tensor, *, with_sum_q_shifted: bool):
-    """(q, sum_q_shifted): q = exp(z - m) [C, V] (unnormalized softmax; in place in z, which becomes z - m, unless
-    ``with_sum_q_shifted``, when q needs its own [C, V]) and sum_j q (z - m) [C] (the sums an online pass keeps
-    for the entropy, no log pass) or None."""
-    shifted = z.sub_(row_max[:, None])  # z - m, in place
-    if not with_sum_q_shifted:
-        return shifted.exp_(), None
-    probs = shifted.exp()
-    return probs, torch.bmm(probs.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+def _max_and_first_max(z: torch.Tensor, columns: torch.Tensor):
+    """(row_max [C], first [C] bool): the row maxima of ``z [C, V]`` (as ``amax``) and whether ``columns [C]``
+    (int64) is the row's first column holding its maximum (argmax's rule: ties go to the earliest column).
+
+    Without ``torch.max``'s slower index pass: the maxima of blocks of MAX_COLUMN_BLOCK columns (one pass, as
+    ``amax``) give the first block holding the row max; the column must be in it and be the first maximum of its
+    block, which is the only part of the row read again ([C, MAX_COLUMN_BLOCK])."""
+    num_cols, width = z.shape[1], MAX_COLUMN_BLOCK
+    full = num_cols - num_cols % width
+    block_max = [z[:, :full].unflatten(1, (-1, width)).amax(2)] if full else []
+    if full < num_cols:
+        block_max.append(z[:, full:].amax(1, keepdim=True))
+    block_max = torch.cat(block_max, 1)  # [C, ceil(V / width)]
+    row_max = block_max.amax(1)
+    first_block = (block_max == row_max[:, None]).to(torch.uint8).argmax(1)  # argmax: the first of equal values
+    block_start = columns - columns % width
+    block_columns = block_start[:, None] + torch.arange(width, device=z.device)
+    # [C, width]; columns past V (last block) read column V - 1 again: after every real one, never a first maximum
+    is_max = z.gather(1, block_columns.clamp(max=num_cols - 1)) == row_max[:, None]
+    offset = (columns - block_start)[:, None]
+    first_in_block = is_max.to(torch.uint8).argmax(1) == offset.squeeze(1)
+    first = (first_block == columns // width) & first_in_block & is_max.gather(1, offset).squeeze(1)
+    return row_max, first
+
+
+def _softmax_sums(z: torch.Tensor, row_max: torch.Tensor, *, with_sum_q_shifted: bool):
+    """(q, sum_exp, sum_q_shifted): q = exp(z - m) [C, V] in place of z (the unnormalized softmax), its row sums
+    S [C] and sum_j q (z - m) [C] (the sums an online pass keeps for the entropy, no log pass) or None.
+
+    By blocks of rows of about ROW_BLOCK_BYTES, so that each block's z - m, exp and sums read it from cache: one
+    pass over the chunk in memory. For the entropy z - m goes into a buffer of one block (then multiplied by q in
+    place), exp into the block; the same elementwise ops either way, so q and S do not depend on the metrics."""
+    num_rows, num_cols = z.shape
+    block_rows = max(1, ROW_BLOCK_BYTES // (num_cols * z.element_size()))
+    sum_exp = z.new_empty(num_rows)
+    sum_q_shifted = z.new_empty(num_rows) if with_sum_q_shifted else None
+    shifted_buffer = z.new_empty(min(block_rows, num_rows), num_cols) if with_sum_q_shifted else None
+    for start in range(0, num_rows, block_rows):
+        rows = slice(start, start + block_rows)
+        block = z[rows]
+        if shifted_buffer is None:
+            q = block.sub_(row_max[rows, None]).exp_()
+        else:
+            shifted = torch.sub(block, row_max[rows, None], out=shifted_buffer[: block.shape[0]])
+            q = torch.exp(shifted, out=block)
+        torch.sum(q, 1, out=sum_exp[rows])
+        if shifted_buffer is not None:
+            torch.sum(shifted.mul_(q), 1, out=sum_q_shifted[rows])
+    return z, sum_exp, sum_q_shifted
 
 
 def _reduce_over_shards(vocab_shard: VocabShard, sum_exp, target_logits, sum_z, sum_q_shifted):
