@@ -319,6 +319,11 @@ def test_torch_rows_accuracy_is_the_first_maximum_among_ties(dtype, softcap):
             vocab_shard=vocab_shard,
         )  # fmt: skip
         assert torch.equal(correct.double(), expected.double())
+    nan_rows = logits[:2].clone()
+    nan_rows[:, 0] = float("nan")  # no maximum: wrong, also where the target is the NaN's column
+    correct = torch.empty(2, dtype=torch.float64 if dtype == torch.float64 else None)
+    torch_rows(nan_rows, torch.tensor([0, 9]), None, softcap=softcap, label_smoothing=0.0, correct_out=correct)
+    assert correct.tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -123,7 +123,8 @@ def _local_targets(targets: torch.Tensor, col_offset: int, num_cols: int):
 
 def _max_and_first_max(z: torch.Tensor, columns: torch.Tensor):
     """(row_max [C], first [C] bool): the row maxima of ``z [C, V]`` (as ``amax``) and whether ``columns [C]``
-    (int64) is the row's first column holding its maximum (argmax's rule: ties go to the earliest column).
+    (int64) is the row's first column holding its maximum (argmax's rule: ties go to the earliest column; a row
+    with a NaN has no maximum, never True).
 
     Without ``torch.max``'s slower index pass: the maxima of blocks of MAX_COLUMN_BLOCK columns (one pass, as
     ``amax``) give the first block holding the row max; the column must be in it and be the first maximum of its
