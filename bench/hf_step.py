@@ -1,6 +1,6 @@
 """One HF Llama training step on the CPU, stock loss against the mrloss patch: ``python -m bench.hf_step``.
 
-    python -m bench.hf_step [--code DIR ...] [--steps 7] [--out FILE.md]
+    python -m bench.hf_step [--code DIR ...] [--all-variants] [--steps 7] [--out FILE.md]
 
 Times forward + backward (no optimizer) of a small Llama (H=256, V=32000, 2 layers; B x T = 4 x 512 = 2048
 tokens, the first half of every row weight 0 / label -100) with the stock HF loss ([B, T, V] logits) and with
@@ -10,7 +10,8 @@ The machine this runs on is shared and loaded, so the variants are paired: one p
 (same weights) and runs them in turn, step after step (rotating the order), and each step of a variant is divided
 by the stock step next to it; the table shows the median of those ratios. ``--code DIR`` times another checkout's
 mrloss the same way in its own process against its own stock steps (e.g. the code before a change:
-``git archive REV mrloss | tar -x -C DIR``), with metrics (what it computed on every step).
+``git archive REV mrloss | tar -x -C DIR``), with metrics (what it computed on every step); ``--all-variants``
+also without them, for code that already has the switch (``model._mrloss_token_metrics``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from bench.linear_ce import device_name
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("stock", "patched-metrics", "patched-no-metrics")
@@ -109,6 +112,9 @@ def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code", type=Path, action="append", default=[], help="another checkout to time too")
+    parser.add_argument(
+        "--all-variants", action="store_true", help="time the --code checkouts without token metrics too"
+    )
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=2048, help="B x T (B = 4)")
@@ -118,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     runs = {"this checkout": measure(REPO, list(VARIANTS), options)}
     for code in options.code:
-        runs[str(code)] = measure(code, ["stock", "patched-metrics"], options)
+        runs[str(code)] = measure(code, list(VARIANTS if options.all_variants else VARIANTS[:2]), options)
     load_after = os.getloadavg()
     lines = [
-        f"HF Llama step on the CPU (H=256, V=32000, {options.layers} layers, B x T = {options.tokens}, 50% weight 0, "
-        f"forward + backward), {options.threads} thread(s), {options.steps} paired steps per variant; load average "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (a shared machine: ratios, not absolute times).",
+        f"HF Llama step on the CPU ({device_name('cpu')}; H=256, V=32000, {options.layers} layers, "
+        f"B x T = {options.tokens}, 50% weight 0, forward + backward), {options.threads} thread(s), {options.steps} "
+        f"paired steps per variant; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (a shared "
+        "machine: ratios, not absolute times).",
         "",
         "| code | variant | step / stock step (median of pairs) | median step ms |",
         "|---|---|---|---|",
