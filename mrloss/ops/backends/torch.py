@@ -5,7 +5,7 @@ The formula and the contract are documented once, in ``mrloss.ops.chunked``; the
 float64 logits), in place on the chunk where the dtype allows (the softmax overwrites the logits), so
 the extra memory is at most two float32 copies of the ``[C, V]`` chunk (one for bf16/fp16 logits, one for the
 softcap factor) and none for float32 logits without a softcap, plus buffers of a few rows or columns
-(``ROW_BLOCK_BYTES``, ``[C, V / MAX_COLUMN_BLOCK]`` and ``[C, MAX_COLUMN_BLOCK]``).
+(with the entropy one row block of the softmax pass, ``[C, V / MAX_COLUMN_BLOCK]``, ``[C, MAX_COLUMN_BLOCK]``).
 The token metrics cost no extra pass over the chunk in memory: accuracy from the maxima of column blocks (the
 row max's own pass) and a look into the target's block, entropy from the sums of the softmax pass
 (lse - sum p z), which runs by blocks of rows that stay in cache, as the Triton kernel does it by tiles.
@@ -19,9 +19,11 @@ import torch
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
 
-# Bytes of the chunk per row block of the softmax pass: z - m, exp and the row sums (and for the entropy a copy of
-# z - m and its product with exp) all read the block from a core's cache, not from memory.
-ROW_BLOCK_BYTES = 512 * 1024
+# Bytes of the chunk per row block of the softmax pass. On a CPU z - m, exp and the row sums (and for the entropy a
+# copy of z - m and its product with exp) all read the block from a core's cache, not from memory; on a GPU blocks
+# are large (few launches) and bound the entropy's z - m buffer.
+CPU_ROW_BLOCK_BYTES = 512 * 1024
+GPU_ROW_BLOCK_BYTES = 64 * 1024 * 1024
 # Columns per block of the row max when the accuracy is asked for: the blocks' maxima [C, V / MAX_COLUMN_BLOCK]
 # (the same pass as amax) give the first block holding the row max, and only the target's block is read again.
 MAX_COLUMN_BLOCK = 256
@@ -151,11 +153,13 @@ def _softmax_sums(z: torch.Tensor, row_max: torch.Tensor, *, with_sum_q_shifted:
     """(q, sum_exp, sum_q_shifted): q = exp(z - m) [C, V] in place of z (the unnormalized softmax), its row sums
     S [C] and sum_j q (z - m) [C] (the sums an online pass keeps for the entropy, no log pass) or None.
 
-    By blocks of rows of about ROW_BLOCK_BYTES, so that each block's z - m, exp and sums read it from cache: one
-    pass over the chunk in memory. For the entropy z - m goes into a buffer of one block (then multiplied by q in
-    place), exp into the block; the same elementwise ops either way, so q and S do not depend on the metrics."""
+    By blocks of rows of about CPU_ROW_BLOCK_BYTES on a CPU, so that each block's z - m, exp and sums read it from
+    cache: one pass over the chunk in memory (GPU_ROW_BLOCK_BYTES elsewhere). For the entropy z - m goes into a
+    buffer of one block (then multiplied by q in place), exp into the block; the same elementwise ops either way,
+    so q and S do not depend on the metrics."""
     num_rows, num_cols = z.shape
-    block_rows = max(1, ROW_BLOCK_BYTES // (num_cols * z.element_size()))
+    block_bytes = CPU_ROW_BLOCK_BYTES if z.device.type == "cpu" else GPU_ROW_BLOCK_BYTES
+    block_rows = max(1, block_bytes // (num_cols * z.element_size()))
     sum_exp = z.new_empty(num_rows)
     sum_q_shifted = z.new_empty(num_rows) if with_sum_q_shifted else None
     shifted_buffer = z.new_empty(min(block_rows, num_rows), num_cols) if with_sum_q_shifted else None
