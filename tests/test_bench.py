@@ -308,14 +308,17 @@ def test_compile_table_has_a_column_per_target_and_triton_version():
 
 
 def test_hf_step_pairs_each_variant_with_the_stock_step_next_to_it(tmp_path):
-    """bench.hf_step on a tiny size: a row per variant, the stock one at ratio 1, ratios from adjacent steps."""
+    """bench.hf_step on a tiny size: a row per variant, the stock one at ratio 1, ratios from adjacent steps; with
+    ``--code DIR --all-variants`` the same rows for that checkout."""
     from bench import hf_step
 
     assert hf_step.paired_ratios({"stock": [10.0, 20.0, 40.0], "x": [5.0, 20.0, 10.0]}) == {"stock": 1.0, "x": 0.5}
     out = tmp_path / "step.md"
-    assert hf_step.main(["--steps", "1", "--layers", "1", "--tokens", "128", "--out", str(out)]) == 0
-    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| this checkout")]
-    assert [row[1] for row in rows] == list(hf_step.VARIANTS) and rows[0][2] == "1.000"
-    assert all(float(row[2]) > 0 for row in rows)
+    options = ["--steps", "1", "--layers", "1", "--tokens", "128", "--code", str(hf_step.REPO), "--all-variants"]
+    assert hf_step.main([*options, "--out", str(out)]) == 0
+    for code in ("this checkout", str(hf_step.REPO)):
+        rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith(f"| {code} |")]
+        assert [row[1] for row in rows] == list(hf_step.VARIANTS) and rows[0][2] == "1.000"
+        assert all(float(row[2]) > 0 for row in rows)
     times = json.loads(out.with_suffix(".json").read_text())["times"]["this checkout"]
     assert all(len(values) == 1 for values in times.values())
