@@ -322,3 +322,17 @@ def test_hf_step_pairs_each_variant_with_the_stock_step_next_to_it(tmp_path):
         assert all(float(row[2]) > 0 for row in rows)
     times = json.loads(out.with_suffix(".json").read_text())["times"]["this checkout"]
     assert all(len(values) == 1 for values in times.values())
+
+
+def test_row_op_times_every_case_for_every_checkout(tmp_path):
+    """bench.row_op on a tiny size: a row per case (dtype x grad_scales x metrics), a column per checkout, times > 0."""
+    from bench import row_op
+
+    out = tmp_path / "rows.md"
+    options = ["--rows", "8", "--vocab", "300", "--repeats", "1", "--code", str(row_op.REPO), "--out", str(out)]
+    assert row_op.main(options) == 0
+    lines = out.read_text().splitlines()
+    assert lines[2] == f"| case | this checkout | {row_op.REPO} |"
+    rows = [line.strip("| ").split(" | ") for line in lines[4:]]
+    assert [row[0] for row in rows] == [row_op.case_name(*case) for case in row_op.CASES] and len(rows) == 8
+    assert all(float(value) > 0 for row in rows for value in row[1:])
