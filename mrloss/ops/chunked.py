@@ -124,8 +124,7 @@ def defers_weight_grad(num_rows: int, hidden_size: int, dtype: torch.dtype) -> b
     (M <= 2 H for bf16/fp16, M <= H for fp32/fp64). The deferred gradient is one matmul with K = M, written once in
     the inputs' dtype, instead of one float32 [V, H] read-modify-write per chunk plus a scale and a cast: with few
     learned rows (many zero weights) those fixed passes over [V, H] would cost as much as the matmuls."""
-    acc_itemsize = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
-    return num_rows * torch.empty((), dtype=dtype).element_size() <= hidden_size * acc_itemsize
+    return num_rows * dtype.itemsize <= hidden_size * accumulation_dtype(dtype).itemsize
 
 
 MIN_VOCAB_SLICE = 1024
