@@ -369,6 +369,24 @@ def test_weight_gradient_is_deferred_exactly_when_the_logit_gradients_are_no_lar
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deferred_weight_gradient_accumulates_in_float32_and_rounds_once(dtype):
+    """The deferred weight gradient (one matmul over all M learned rows) sums its M products in float32 and rounds
+    once: within half a unit of the dtype (relative L2) of the float64 product of the same operands, at M = 3001
+    where a half-precision accumulation would be ~sqrt(M) units off; the upstream gradient is folded into the
+    hidden rows (a power of two: exactly)."""
+    from mrloss.ops.chunked import deferred_weight_grad
+
+    gen = torch.Generator().manual_seed(3)
+    grad_logits = torch.randn(3001, 257, generator=gen).to(dtype)
+    hidden = torch.randn(3100, 129, generator=gen).to(dtype)
+    rows = torch.randperm(3100, generator=gen)[:3001]
+    grad_weight = deferred_weight_grad(grad_logits, hidden, rows, torch.tensor(0.25))
+    exact = grad_logits.double().T @ (hidden[rows].double() * 0.25)
+    assert grad_weight.dtype == dtype
+    assert relative_error(grad_weight, exact) <= torch.finfo(dtype).eps / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_upstream_scaling_rounds_once(dtype):
     """Half-precision hidden gradients are scaled in float32 (the upstream gradient is not rounded to
     half precision first) and rounded once; an upstream of 1 leaves them bitwise unchanged."""

@@ -300,28 +300,19 @@ def deferred_weight_grad(
     grad_logits: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor, upstream: torch.Tensor
 ) -> torch.Tensor:
     """The deferred weight gradient ``[V, H] = grad_logits^T [V, M] @ (upstream * hidden[rows]) [M, H]``, in the
-    inputs' dtype: one matmul with K = M that accumulates in float32 (fp64 for fp64; on CUDA cuBLAS's
-    reduced-precision reductions are switched off for it) and rounds once into the inputs' dtype.
+    inputs' dtype: one matmul with K = M that accumulates in float32 (fp64 for fp64: cuBLAS with its
+    reduced-precision reductions switched off, oneDNN / PyTorch's CPU BLAS in float32 for half/bfloat16) and rounds
+    once into the inputs' dtype.
 
     grad_logits [M, V] and hidden [N, H] in one dtype, rows [M] int64, upstream a 0-dim float tensor (the
     upstream gradient of the reduced loss), folded into the [M, H] operand: computed in float32 and rounded
     once to the inputs' dtype, exact when upstream is a power of two (1, 1/2, ... as gradient accumulation over
     2^k micro-batches gives) or the inputs are float32/float64; otherwise bf16/fp16 operands carry one more
-    rounding (relative 2^-9 / 2^-12 per element, the size of the logit gradients' own rounding). On a CPU:
-    float32 products of upcast blocks (exact for bf16/fp16), each rounded once.
+    rounding (relative 2^-9 / 2^-12 per element, the size of the logit gradients' own rounding).
     """
     scaled_rows = scale_gradient(hidden.index_select(0, rows), upstream, hidden.dtype)
-    left = grad_logits.T
-    if hidden.dtype == accumulation_dtype(hidden.dtype):
-        return left @ scaled_rows
-    if hidden.is_cuda:
-        with _full_precision_reductions():
-            return left @ scaled_rows
-    grad_weight = torch.empty(left.shape[0], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-    right = scaled_rows.to(accumulation_dtype(hidden.dtype))
-    for block in _row_blocks(left.shape[0], left.shape[1]):
-        grad_weight[block] = left[block].to(right.dtype) @ right
-    return grad_weight
+    with _full_precision_reductions():
+        return grad_logits.T @ scaled_rows
 
 
 @contextlib.contextmanager
