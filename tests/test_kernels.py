@@ -333,7 +333,8 @@ def test_torch_rows_by_row_blocks_match_float64_reference(monkeypatch, dtype, bl
     logit gradients against float64; losses and gradients bit-identical with and without the token metrics."""
     logits, targets, scales = row_inputs(10, 1001, dtype, seed=3)
     acc_bytes = 8 if dtype == torch.float64 else 4
-    monkeypatch.setattr(torch_backend, "CPU_ROW_BLOCK_BYTES", block_rows * 1001 * acc_bytes)
+    per_thread = -(-block_rows * 1001 * acc_bytes // torch.get_num_threads())  # blocks of block_rows rows
+    monkeypatch.setattr(torch_backend, "CPU_ROW_BLOCK_BYTES", per_thread)
     z = logits.double().clone().requires_grad_()
     expected_losses = torch.nn.functional.cross_entropy(z, targets, reduction="none")
     (expected_losses * scales.double()).sum().backward()

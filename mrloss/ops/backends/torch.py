@@ -19,9 +19,9 @@ import torch
 
 from mrloss.ops.backends.dtypes import accumulation_dtype
 
-# Bytes of the chunk per row block of the softmax pass. On a CPU z - m, exp and the row sums (and for the entropy a
-# copy of z - m and its product with exp) all read the block from a core's cache, not from memory; on a GPU blocks
-# are large (few launches) and bound the entropy's z - m buffer.
+# Bytes of the chunk per row block of the softmax pass. On a CPU, per thread: z - m, exp and the row sums (and for
+# the entropy a copy of z - m and its product with exp) all read the block from the cores' caches, not from memory,
+# and every thread has work; on a GPU blocks are large (few launches) and bound the entropy's z - m buffer.
 CPU_ROW_BLOCK_BYTES = 512 * 1024
 GPU_ROW_BLOCK_BYTES = 64 * 1024 * 1024
 # Columns per block of the row max when the accuracy is asked for: the blocks' maxima [C, V / MAX_COLUMN_BLOCK]
@@ -153,12 +153,12 @@ def _softmax_sums(z: torch.Tensor, row_max: torch.Tensor, *, with_sum_q_shifted:
     """(q, sum_exp, sum_q_shifted): q = exp(z - m) [C, V] in place of z (the unnormalized softmax), its row sums
     S [C] and sum_j q (z - m) [C] (the sums an online pass keeps for the entropy, no log pass) or None.
 
-    By blocks of rows of about CPU_ROW_BLOCK_BYTES on a CPU, so that each block's z - m, exp and sums read it from
-    cache: one pass over the chunk in memory (GPU_ROW_BLOCK_BYTES elsewhere). For the entropy z - m goes into a
-    buffer of one block (then multiplied by q in place), exp into the block; the same elementwise ops either way,
-    so q and S do not depend on the metrics."""
+    By blocks of rows of about CPU_ROW_BLOCK_BYTES per thread on a CPU, so that each block's z - m, exp and sums
+    read it from cache: one pass over the chunk in memory (GPU_ROW_BLOCK_BYTES elsewhere). For the entropy z - m
+    goes into a buffer of one block (then multiplied by q in place), exp into the block; the same elementwise ops
+    either way, so q and S do not depend on the metrics."""
     num_rows, num_cols = z.shape
-    block_bytes = CPU_ROW_BLOCK_BYTES if z.device.type == "cpu" else GPU_ROW_BLOCK_BYTES
+    block_bytes = CPU_ROW_BLOCK_BYTES * torch.get_num_threads() if z.device.type == "cpu" else GPU_ROW_BLOCK_BYTES
     block_rows = max(1, block_bytes // (num_cols * z.element_size()))
     sum_exp = z.new_empty(num_rows)
     sum_q_shifted = z.new_empty(num_rows) if with_sum_q_shifted else None
