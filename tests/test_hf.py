@@ -258,6 +258,32 @@ def test_a_head_replaced_after_apply_mrloss_is_found_again():
     assert causal_lm.lm_head is holder
 
 
+def test_the_patched_forward_has_the_models_signature_so_generate_matches_the_stock_model():
+    """Before (found for a #24 follow-up): the patched forward's signature was ``(*args, labels, ..., **kwargs)``.
+    transformers' ``generate`` builds ``attention_mask`` and ``position_ids`` only for a forward that names them,
+    so a left-padded prompt given without a mask was run unmasked: scores off by 0.44 on this tiny Llama (5.10.4
+    and 5.25). Code that looks for the cache keyword (``past_key_values`` up to 5.2x, ``cache`` since) or the
+    columns a forward takes now sees the model's own, plus ``token_weights`` and the other patched keywords."""
+    import inspect
+
+    model = tiny_model("llama").eval()
+    input_ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    input_ids[1, :3] = model.config.pad_token_id  # left padding, no attention_mask given
+
+    def scores():
+        out = model.generate(
+            input_ids=input_ids, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        return torch.stack(out.scores)
+
+    stock, stock_parameters = scores(), list(inspect.signature(model.forward).parameters)
+    apply_mrloss(model)
+    parameters = list(inspect.signature(model.forward).parameters)
+    assert [name for name in parameters if name in stock_parameters] == stock_parameters
+    assert {"attention_mask", "position_ids", "labels", "token_weights", "num_items_in_batch"} <= set(parameters)
+    torch.testing.assert_close(scores(), stock, rtol=0, atol=1e-6)
+
+
 def test_lora_on_lm_head_is_a_clear_error():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
