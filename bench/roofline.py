@@ -14,10 +14,13 @@ where it does not):
 
 - ``mrloss-fast`` (after #24) and ``mrloss-fast-before``: mrloss.ops.chunked with the Triton row op. Before:
   chunks of C ~ N H / V rows (at least 256), each chunk's bf16 weight-gradient product written by vocabulary
-  slices and added into the float32 [V, H] buffer (~12 V H bytes per chunk), buffer zero-filled. After:
-  C from ``default_chunk_size`` (2048 where the memory budget allows), ``add_product``: one cuBLAS
-  addmm(out_dtype=float32) into the buffer (8 V H bytes per chunk, 4 for the first, which overwrites it).
-  Backward of both: the buffers scaled in place, then the weight gradient cast to bf16.
+  slices and added into the float32 [V, H] buffer (~12 V H bytes per chunk), buffer zero-filled; backward scaled
+  the buffers in place, then cast the weight gradient to bf16. After: C from ``default_chunk_size`` (2048 where
+  the memory budget allows). With few learned rows (``defers_weight_grad``: the [M, V] bf16 logit gradients no
+  larger than the float32 [V, H] buffer, M <= 2 H) the logit gradients are kept and backward makes the weight
+  gradient in one GEMM with K = M, written once in bf16; otherwise ``add_product``: one cuBLAS
+  addmm(out_dtype=float32) into the buffer per chunk (8 V H bytes, 4 for the first, which overwrites it), and
+  backward scales and casts it in one pass (6 V H bytes). grad_hidden is scaled in place in one pass.
 - ``mrloss-low``: memory="low": a loss-only pass over the chunks, then per vocabulary slice x chunk: the block
   recomputed, the slice gradient, both products added in float32 (``add_product``).
 - ``liger``: Liger-Kernel's fused_linear_cross_entropy (0.8.x, accum_dtype None): all N rows, chunks of
@@ -44,9 +47,11 @@ import functools
 import math
 import sys
 
+import torch
+
 from bench.cases import PRESETS, Case
 from bench.cases import learned_tokens as _count_learned
-from mrloss.ops.chunked import MIN_CHUNK_SIZE, default_chunk_size, vocab_slice_size
+from mrloss.ops.chunked import MIN_CHUNK_SIZE, default_chunk_size, defers_weight_grad, vocab_slice_size
 
 BF16 = 2  # bytes per element of the inputs
 FP32 = 4
@@ -108,14 +113,14 @@ def old_default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -
     return max(MIN_CHUNK_SIZE, -(-chunk // 8) * 8)
 
 
-def mrloss_fast(
-    case: Case, *, chunk_size: int | None = None, before: bool = False, deferred: bool = False
-) -> list[Launch]:
-    """deferred: the proposal of bench/README.md (not implemented): keep the bf16 logit gradients [M, V] instead of
-    the float32 [V, H] buffer when they are smaller (M <= 2 H) and build the weight gradient in backward, one GEMM
-    with K = M accumulating in float32 and writing bf16 once (the upstream scale folded into the [M, H] operand)."""
+def mrloss_fast(case: Case, *, chunk_size: int | None = None, before: bool = False) -> list[Launch]:
+    """memory="fast" as written (``before``: as it was before #24). After: where ``defers_weight_grad`` allows
+    (M <= 2 H for bf16) the chunks' logits and then their gradients go into one [M, V] bf16 buffer and backward
+    makes the weight gradient in one GEMM with K = M written once in bf16 (the upstream scale folded into the
+    [M, H] hidden rows); otherwise each chunk adds its product into the float32 buffer and backward scales and
+    casts it in one pass."""
     n, h, v, m = case.tokens, case.head.hidden, case.head.vocab, learned_tokens(case)
-    deferred = deferred and m <= 2 * h
+    deferred = not before and defers_weight_grad(m, h, torch.bfloat16)
     chunk = chunk_size or (old_default_chunk_size if before else default_chunk_size)(n, h, v)
     launches = [
         Launch("learned rows: mask, nonzero, gathers [N]", 0, 40 * n),
@@ -152,18 +157,19 @@ def mrloss_fast(
                     BF16 * (c * v + c * h) + buffer_bytes,
                 )
             )
-    launches.append(
-        Launch("backward: scale grad_hidden in place (bf16 via float32 blocks)", 0, (2 * BF16 + 2 * FP32) * n * h)
-    )
+    if before:
+        return launches + [
+            Launch("backward: scale grad_hidden in place (bf16 via float32 blocks)", 0, (2 * BF16 + 2 * FP32) * n * h),
+            Launch("backward: scale float32 weight buffer in place", 0, 2 * FP32 * v * h),
+            Launch("backward: cast weight gradient to bf16", 0, (FP32 + BF16) * v * h),
+        ]
+    launches.append(Launch("backward: scale grad_hidden in place (one pass)", 0, 2 * BF16 * n * h))
     if deferred:
         return launches + [
-            Launch("backward: upstream-scaled learned hidden rows [M, H]", 0, 3 * BF16 * m * h),
+            Launch("backward: gather learned hidden rows [M, H], scale them in place", 0, 4 * BF16 * m * h),
             Launch("backward: weight-grad GEMM G^T h -> bf16 (K = M)", 2 * m * h * v, BF16 * (m * v + m * h + v * h)),
         ]
-    return launches + [
-        Launch("backward: scale float32 weight buffer in place", 0, 2 * FP32 * v * h),
-        Launch("backward: cast weight gradient to bf16", 0, (FP32 + BF16) * v * h),
-    ]
+    return launches + [Launch("backward: scale float32 weight buffer into bf16 (one pass)", 0, (FP32 + BF16) * v * h)]
 
 
 def mrloss_low(case: Case, *, chunk_size: int | None = None) -> list[Launch]:
@@ -281,7 +287,6 @@ def trl(case: Case) -> list[Launch]:
 ALGORITHMS = {
     "mrloss-fast": mrloss_fast,
     "mrloss-fast-before": lambda case: mrloss_fast(case, before=True),
-    "mrloss-fast-deferred (proposal)": lambda case: mrloss_fast(case, deferred=True),
     "mrloss-low": mrloss_low,
     "liger": liger,
     "cce": cce,

@@ -9,6 +9,10 @@ import torch
 
 BACKENDS = ["torch", "triton"]
 HIDDEN, VOCAB = 48, 1001
+# memory modes of the loss tests: "fast-buffered" is memory="fast" with the float32 weight-gradient buffer forced,
+# the path of more learned rows than ``mrloss.ops.chunked.defers_weight_grad`` allows (the small test sizes would
+# otherwise always defer), so both weight-gradient paths of the fast mode meet the float64 tests
+MEMORY_MODES = ["fast", "fast-buffered", "low"]
 GRADIENT_NAMES = ("loss", "grad_hidden", "grad_weight", "grad_bias")
 
 
@@ -44,6 +48,17 @@ def make_inputs(
     return dict(
         hidden=cast(hidden), weight=cast(weight), bias=cast(bias_), targets=targets, token_weights=token_weights
     )
+
+
+def memory_option(memory: str, monkeypatch) -> dict:
+    """The loss keyword of a test's ``memory`` mode (`MEMORY_MODES`): {"memory": ...}, forcing the weight-gradient
+    buffer for "fast-buffered" (through ``monkeypatch``)."""
+    if memory != "fast-buffered":
+        return {"memory": memory}
+    import mrloss.ops.chunked
+
+    monkeypatch.setattr(mrloss.ops.chunked, "defers_weight_grad", lambda *args: False)
+    return {"memory": "fast"}
 
 
 def loss_and_grads(fn, inputs, options, compute=None, upstream_seed=1):

@@ -210,8 +210,9 @@ def test_chunk_size_variants_resolve_to_mrloss_with_that_chunk(monkeypatch):
 
 def test_roofline_predicts_the_goal_cases_before_and_after():
     """The prediction (not a measurement) the README quotes: the float32 weight-gradient accumulation with large
-    chunks brings mrloss's predicted step to <= 1.2x its matmul time at 0 and 50 % zero weights on both goal heads
-    (it was 2-3x); every algorithm of every goal case has positive FLOPs and bytes."""
+    chunks, and the weight gradient deferred to one GEMM when few rows are learned, bring mrloss's predicted step
+    to <= 1.2x its matmul time at 0, 50 and 90 % zero weights on both goal heads, on the H100 and the H200 (it was
+    2-3.8x); every algorithm of every goal case has positive FLOPs and bytes."""
     from bench import roofline
 
     h100 = roofline.DEVICES["h100"]
@@ -220,9 +221,8 @@ def test_roofline_predicts_the_goal_cases_before_and_after():
             result = roofline.predict(case, algorithm, h100)
             assert result["flops"] > 0 and result["bytes"] > 0 and result["ratio"] >= 1.0
         after, before = (roofline.predict(case, name, h100)["ratio"] for name in ("mrloss-fast", "mrloss-fast-before"))
-        assert after < before
-        if case.zero_frac < 0.9:
-            assert after <= 1.2 and before >= 1.9, case.id
+        assert after <= 1.2 < 1.9 <= before, case.id
+        assert roofline.predict(case, "mrloss-fast", roofline.DEVICES["h200"])["ratio"] <= 1.2, case.id
     case = roofline.goal_cases()[0]
     assert roofline.predict_bench_impl(case, "mrloss-triton@2048", h100) == roofline.predict(case, "mrloss-fast", h100)
     assert roofline.predict_bench_impl(case, "plain", h100) is None

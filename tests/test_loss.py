@@ -10,7 +10,17 @@ import contextlib
 
 import pytest
 import torch
-from helpers import BACKENDS, GRADIENT_NAMES, assert_matches, cast_by_hand, loss_and_grads, make_inputs, relative_error
+from helpers import (
+    BACKENDS,
+    GRADIENT_NAMES,
+    MEMORY_MODES,
+    assert_matches,
+    cast_by_hand,
+    loss_and_grads,
+    make_inputs,
+    memory_option,
+    relative_error,
+)
 
 import mrloss.ops.backends.torch
 from mrloss import LinearCrossEntropyLoss, LossOutput, linear_cross_entropy
@@ -29,7 +39,7 @@ CASES = {
     "mean-zloss-softcap-smoothing": ((37,), True, dict(z_loss_scale=0.01, softcap=4.0, label_smoothing=0.1)),
     "none-zloss-shift": ((3, 13), False, dict(reduction="none", shift=True, z_loss_scale=0.05)),
 }
-MEMORY = ["fast", "low"]
+MEMORY = MEMORY_MODES
 
 
 def case_inputs(case, dtype=torch.float32):
@@ -44,9 +54,11 @@ def case_inputs(case, dtype=torch.float32):
 @pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_float32_matches_float64_reference(backend, case, memory):
+def test_float32_matches_float64_reference(backend, case, memory, monkeypatch):
     inputs, options = case_inputs(case)
-    ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend=backend, memory=memory))
+    ours = loss_and_grads(
+        linear_cross_entropy, inputs, dict(options, backend=backend, **memory_option(memory, monkeypatch))
+    )
     expected = loss_and_grads(reference_linear_cross_entropy, inputs, options, compute=torch.float64)
     assert ours[0].dtype == torch.float32
     assert ours[1].dtype == ours[2].dtype == torch.float32
@@ -65,11 +77,13 @@ def test_float32_matches_float64_reference(backend, case, memory):
     ],
 )
 @pytest.mark.parametrize("memory", MEMORY)
-def test_half_precision_no_worse_than_plain_pytorch(backend, dtype, case, memory):
+def test_half_precision_no_worse_than_plain_pytorch(backend, dtype, case, memory, monkeypatch):
     """Our error against float64 is at most that of plain PyTorch run in the same dtype (x1.25, plus a
     sixteenth of the dtype's epsilon for results where plain PyTorch happens to round luckily)."""
     inputs, options = case_inputs(case, dtype)
-    ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend=backend, memory=memory))
+    ours = loss_and_grads(
+        linear_cross_entropy, inputs, dict(options, backend=backend, **memory_option(memory, monkeypatch))
+    )
     plain = loss_and_grads(reference_linear_cross_entropy, inputs, dict(options, compute_dtype=None))
     exact = loss_and_grads(reference_linear_cross_entropy, inputs, options, compute=torch.float64)
     assert [g.dtype for g in ours[1:] if g is not None] == [dtype] * (3 if inputs["bias"] is not None else 2)
@@ -115,11 +129,13 @@ def test_float64_triton_matches_reference():
 @pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["sum-softcap-smoothing", "none-shift", "mean-zloss-softcap-smoothing"])
-def test_float64_is_exact_with_label_smoothing_softcap_and_z_loss(case, backend, memory):
+def test_float64_is_exact_with_label_smoothing_softcap_and_z_loss(case, backend, memory, monkeypatch):
     """Loss and every gradient within 1e-14 (relative L2) of the float64 reference. Before: the Triton row kernel
     formed label_smoothing / vocab_size (and softcap, z_loss_scale) in float32: errors 1e-12 (loss) to 1e-10."""
     inputs, options = case_inputs(case, torch.float64)
-    ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend=backend, memory=memory))
+    ours = loss_and_grads(
+        linear_cross_entropy, inputs, dict(options, backend=backend, **memory_option(memory, monkeypatch))
+    )
     expected = loss_and_grads(reference_linear_cross_entropy, inputs, options)
     for name, actual, exact in zip(GRADIENT_NAMES, ours, expected):
         if exact is not None:
@@ -177,13 +193,13 @@ def test_non_positive_normalizer_gives_zero(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("memory", MEMORY)
-def test_nan_tensor_normalizer_gives_nan_loss_and_gradients(backend, memory):
+def test_nan_tensor_normalizer_gives_nan_loss_and_gradients(backend, memory, monkeypatch):
     """A NaN 0-dim normalizer (used as given: no host sync) propagates as a plain division would: NaN loss, NaN
     gradients of the learned rows and of the head. Before: loss 0 and zero gradients (training did nothing)."""
     inputs = make_inputs((37,))
     normalizer = torch.tensor(float("nan"))
     loss, grad_hidden, grad_weight, grad_bias = loss_and_grads(
-        linear_cross_entropy, inputs, dict(normalizer=normalizer, backend=backend, memory=memory)
+        linear_cross_entropy, inputs, dict(normalizer=normalizer, backend=backend, **memory_option(memory, monkeypatch))
     )
     learned = (inputs["targets"] != -100) & (inputs["token_weights"] > 0)
     assert loss.isnan()
@@ -282,30 +298,92 @@ def test_module_takes_the_normalizer_per_call():
         assert torch.equal(module(*args, normalizer=normalizer), expected)
 
 
-def test_backward_scales_in_place_without_host_sync(monkeypatch):
-    """A non-unit upstream gradient (DDP, sequence parallelism) scales the gradient buffers built in the
-    forward pass in place: the weight gradient IS the saved float32 [V, H] buffer (no second one), no
-    device -> host sync happens in backward, and the values are the upstream times those at upstream 1."""
+@contextlib.contextmanager
+def saved_for_backward():
+    """A list of the tensors autograd saves for backward inside the block."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        yield saved
+
+
+@pytest.mark.parametrize("path", ["deferred", "buffered"])
+def test_backward_scales_without_host_sync(path, monkeypatch):
+    """A non-unit upstream gradient (DDP, sequence parallelism) scales the gradients built in the forward pass with
+    no device -> host sync in backward, and the values are the upstream times those at upstream 1. Buffered (more
+    learned rows than ``defers_weight_grad`` allows): the weight gradient IS the saved float32 [V, H] buffer, scaled
+    in place. Deferred: no [V, H] tensor is saved, only the [M, V] logit gradients; the weight gradient is made in
+    backward (the upstream folded into the hidden rows: bitwise the scaled gradient for a power of two)."""
+    if path == "buffered":
+        memory_option("fast-buffered", monkeypatch)
     inputs = make_inputs((37,))
     hidden, weight, bias = (inputs[name].clone().requires_grad_() for name in ("hidden", "weight", "bias"))
-    upstream = torch.tensor(1 / 3)
+    learned_rows = int(((inputs["targets"] != -100) & (inputs["token_weights"] > 0)).sum())
     at_one = torch.autograd.grad(
         linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias),
         (hidden, weight, bias),
     )
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias)
+    for upstream in (torch.tensor(1 / 3), torch.tensor(0.25)):
+        with saved_for_backward() as saved:
+            loss = linear_cross_entropy(hidden, weight, inputs["targets"], inputs["token_weights"], bias=bias)
 
-    def no_sync(*args):
-        raise AssertionError("device -> host sync in backward")
+        def no_sync(*args):
+            raise AssertionError("device -> host sync in backward")
 
-    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, no_sync)
-    grads = torch.autograd.grad(loss, (hidden, weight, bias), upstream)
-    monkeypatch.undo()
-    assert any(grads[1].data_ptr() == t.data_ptr() for t in saved if t.shape == weight.shape)
-    assert all(torch.equal(g, g1 * upstream) for g, g1 in zip(grads, at_one))
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+                patch.setattr(torch.Tensor, name, no_sync)
+            grads = torch.autograd.grad(loss, (hidden, weight, bias), upstream)
+        buffers = [t for t in saved if t.shape == weight.shape]
+        if path == "buffered":
+            assert any(grads[1].data_ptr() == t.data_ptr() for t in buffers)
+        else:
+            assert not buffers and any(t.shape == (learned_rows, weight.shape[0]) for t in saved)
+        exact = path == "buffered" or upstream == 0.25
+        for name, grad, grad_at_one in zip(GRADIENT_NAMES[1:], grads, at_one):
+            if exact or name != "grad_weight":
+                assert torch.equal(grad, grad_at_one * upstream), (name, upstream)
+            else:  # float32 rows times 1/3, rounded once each
+                torch.testing.assert_close(grad, grad_at_one * upstream, rtol=0, atol=1e-6 * grad.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_weight_gradient_is_deferred_exactly_when_the_logit_gradients_are_no_larger(dtype, monkeypatch):
+    """memory="fast" keeps the learned rows' [M, V] logit gradients instead of the [V, H] accumulation-dtype buffer
+    when they take no more memory (M <= 2 H for half dtypes, M <= H otherwise), and the two paths give the same
+    gradients to the dtype's precision (the upstream gradient, not a power of two here, is folded into the hidden
+    rows on one path and into the float32 sums on the other)."""
+    hidden_size = 16
+    limit = 2 * hidden_size if dtype in (torch.bfloat16, torch.float16) else hidden_size
+    for rows in (limit, limit + 1):
+        inputs = make_inputs((rows,), dtype, hidden_size=hidden_size, vocab=101, ignored_fraction=0.0)
+        inputs["token_weights"] = torch.rand(rows) + 0.5
+        with saved_for_backward() as saved:
+            grads = loss_and_grads(linear_cross_entropy, inputs, {})
+        deferred = any(t.shape == (rows, 101) for t in saved)
+        assert deferred == (rows == limit) and deferred != any(t.shape == (101, hidden_size) for t in saved)
+        with monkeypatch.context() as patch:
+            memory_option("fast-buffered", patch)
+            buffered = loss_and_grads(linear_cross_entropy, inputs, {})
+        for name, ours, theirs in zip(GRADIENT_NAMES, grads, buffered):
+            assert relative_error(ours, theirs) <= torch.finfo(dtype).eps, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deferred_weight_gradient_accumulates_in_float32_and_rounds_once(dtype):
+    """The deferred weight gradient (one matmul over all M learned rows) sums its M products in float32 and rounds
+    once: within half a unit of the dtype (relative L2) of the float64 product of the same operands, at M = 3001
+    where a half-precision accumulation would be ~sqrt(M) units off; the upstream gradient is folded into the
+    hidden rows (a power of two: exactly)."""
+    from mrloss.ops.chunked import deferred_weight_grad
+
+    gen = torch.Generator().manual_seed(3)
+    grad_logits = torch.randn(3001, 257, generator=gen).to(dtype)
+    hidden = torch.randn(3100, 129, generator=gen).to(dtype)
+    rows = torch.randperm(3100, generator=gen)[:3001]
+    grad_weight = deferred_weight_grad(grad_logits, hidden, rows, torch.tensor(0.25))
+    exact = grad_logits.double().T @ (hidden[rows].double() * 0.25)
+    assert grad_weight.dtype == dtype
+    assert relative_error(grad_weight, exact) <= torch.finfo(dtype).eps / 2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -732,14 +810,19 @@ def test_gpu_loss_only_triton_holds_no_logits_chunk():
 @pytest.mark.gpu
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 30.0], ids=["no-softcap", "softcap"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction,path", [("mean", "buffered"), ("mean", "deferred"), ("none", "in-backward")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_training_path_matches_float64_reference(dtype, reduction, softcap, bias, monkeypatch):
+def test_triton_training_path_matches_float64_reference(dtype, reduction, path, softcap, bias, monkeypatch):
     """N=4099, H=1031, V=50257 (10% ignored targets, 40% zero weights). fp32 (TF32 off): loss, gradients within
     1e-5 of the float64 values (max error relative to the largest reference entry). bf16: the relative error (L2)
     of each output against float64 is at most 1.25x that of plain PyTorch in bf16 (materialized logits,
-    F.cross_entropy), plus a sixteenth of bf16's epsilon."""
+    F.cross_entropy), plus a sixteenth of bf16's epsilon. "mean" with each weight-gradient path of the fast mode
+    (``defers_weight_grad`` forced either way: these ~2200 learned rows would be buffered)."""
+    from mrloss.ops import chunked
+
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    if path != "in-backward":
+        monkeypatch.setattr(chunked, "defers_weight_grad", lambda *args: path == "deferred")
     inputs = make_inputs((4099,), dtype, bias, hidden_size=1031, vocab=50257, device="cuda", ignored_fraction=0.1)
     options = {"reduction": reduction, "softcap": softcap}
     ours = loss_and_grads(linear_cross_entropy, inputs, dict(options, backend="triton"))
@@ -856,18 +939,19 @@ def test_chunk_default_size_from_memory_budget(tokens, hidden_size, vocab, expec
 
 
 @pytest.mark.parametrize("memory", MEMORY)
-def test_chunk_first_chunk_overwrites_and_no_chunk_gives_zeros(memory):
+def test_chunk_first_chunk_overwrites_and_no_chunk_gives_zeros(memory, monkeypatch):
     """The float32 weight-gradient buffer is not zero-filled: the first chunk overwrites it. Several chunks (5
     rows each) equal one; with nothing to learn the weight gradient is exactly zero."""
     inputs = make_inputs((37,), torch.bfloat16, bias=False)
-    many = loss_and_grads(linear_cross_entropy, inputs, dict(backend="torch", memory=memory, chunk_size=5))
-    one = loss_and_grads(linear_cross_entropy, inputs, dict(backend="torch", memory=memory, chunk_size=64))
+    options = dict(backend="torch", **memory_option(memory, monkeypatch))
+    many = loss_and_grads(linear_cross_entropy, inputs, dict(options, chunk_size=5))
+    one = loss_and_grads(linear_cross_entropy, inputs, dict(options, chunk_size=64))
     assert torch.isfinite(many[2]).all()
     exact = loss_and_grads(reference_linear_cross_entropy, inputs, {}, compute=torch.float64)
     assert relative_error(many[2], exact[2]) < 2 * relative_error(one[2], exact[2]) + torch.finfo(torch.bfloat16).eps
     nothing = dict(inputs, token_weights=torch.zeros_like(inputs["token_weights"]))
     assert torch.equal(
-        loss_and_grads(linear_cross_entropy, nothing, dict(backend="torch", memory=memory))[2],
+        loss_and_grads(linear_cross_entropy, nothing, options)[2],
         torch.zeros_like(inputs["weight"]),
     )
 

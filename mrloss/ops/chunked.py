@@ -50,6 +50,8 @@ the same losses l_i (and lse_i, and the token metrics) without any logits in mem
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 from typing import Callable, NamedTuple
 
@@ -84,13 +86,16 @@ class ChunkedResult(NamedTuple):
     """rows: `RowStats`; gradients are None unless asked for.
 
     grad_hidden [N, H] in hidden's dtype (zero rows for tokens not in ``rows``);
-    grad_weight [V, H] and grad_bias [V] in the accumulation dtype (fp32, or fp64 for fp64 inputs).
+    grad_weight [V, H] and grad_bias [V] in the accumulation dtype (fp32, or fp64 for fp64 inputs);
+    grad_logits [M, V] in the inputs' dtype: the learned rows' logit gradients, kept instead of grad_weight (None)
+    when the weight gradient is deferred (``defers_weight_grad``; ``deferred_weight_grad`` builds it later).
     """
 
     rows: RowStats
     grad_hidden: torch.Tensor | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
+    grad_logits: torch.Tensor | None = None
 
 
 MIN_CHUNK_SIZE = 256
@@ -111,6 +116,15 @@ def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> in
     chunks also mean fewer passes over the float32 ``[V, H]`` buffer (one per chunk, ``add_product``)."""
     chunk = max(MIN_CHUNK_SIZE, -(-num_tokens * hidden_size // vocab_size), min(WEIGHT_GRAD_CHUNK_SIZE, hidden_size))
     return -(-chunk // 8) * 8
+
+
+def defers_weight_grad(num_rows: int, hidden_size: int, dtype: torch.dtype) -> bool:
+    """Whether the weight gradient of ``num_rows`` learned rows is deferred to backward: when their logit gradients
+    ``[M, V]`` in the inputs' ``dtype`` take no more memory than the accumulation-dtype ``[V, H]`` buffer they replace
+    (M <= 2 H for bf16/fp16, M <= H for fp32/fp64). The deferred gradient is one matmul with K = M, written once in
+    the inputs' dtype, instead of one float32 [V, H] read-modify-write per chunk plus a scale and a cast: with few
+    learned rows (many zero weights) those fixed passes over [V, H] would cost as much as the matmuls."""
+    return num_rows * dtype.itemsize <= hidden_size * accumulation_dtype(dtype).itemsize
 
 
 MIN_VOCAB_SLICE = 1024
@@ -140,11 +154,14 @@ class RowOptions(NamedTuple):
         return losses + self.z_loss_scale * lse.square() if self.z_loss_scale else losses
 
 
-def chunk_logits(chunk_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Raw logits ``[C, V] = chunk_hidden [C, H] @ weight [V, H]^T (+ bias [V])``, one matmul in the inputs' dtype."""
+def chunk_logits(
+    chunk_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Raw logits ``[C, V] = chunk_hidden [C, H] @ weight [V, H]^T (+ bias [V])``, one matmul in the inputs' dtype
+    (into ``out`` [C, V], contiguous, when given)."""
     if bias is None:
-        return chunk_hidden @ weight.T
-    return torch.addmm(bias, chunk_hidden, weight.T)
+        return torch.mm(chunk_hidden, weight.T, out=out)
+    return torch.addmm(bias, chunk_hidden, weight.T, out=out)
 
 
 def chunked_linear_cross_entropy(
@@ -160,6 +177,7 @@ def chunked_linear_cross_entropy(
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     metrics: bool = False,
+    defer_weight_grad: bool = False,
 ) -> ChunkedResult:
     """Per-token losses of the rows ``rows`` of ``hidden`` and, with ``grad_scales``, the gradients of
     ``sum_i grad_scales[i] * (losses[i] + z_loss_scale * lse[i]^2)``.
@@ -169,15 +187,18 @@ def chunked_linear_cross_entropy(
     options (`RowOptions`); needs_grad: which of (hidden, weight, bias) gradients to build; metrics: fill the
     token metrics. The weight and bias gradients are accumulated across chunks in fp32 (fp64 for fp64 inputs);
     each chunk's weight-gradient product multiplies in the inputs' dtype and adds in fp32 (``add_product``: never
-    rounded to bf16). Deterministic: chunks run in order, rows are written with ``index_copy_``.
+    rounded to bf16). defer_weight_grad: where ``defers_weight_grad`` allows, keep the logit gradients of all rows
+    (``grad_logits``) instead (the chunks' logits are computed into it) and leave grad_weight None.
+    Deterministic: chunks run in order, rows are written with ``index_copy_``.
     """
     wanted = tuple(grad_scales is not None and need for need in needs_grad)
-    result = _result_buffers(hidden, weight, bias, rows.numel(), wanted, metrics)
+    defer = defer_weight_grad and wanted[1] and defers_weight_grad(rows.numel(), hidden.shape[1], hidden.dtype)
+    result = _result_buffers(hidden, weight, bias, rows.numel(), wanted, metrics, defer)
     stats = result.rows
     for start in range(0, rows.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
         chunk_hidden = hidden.index_select(0, rows[chunk])
-        logits = chunk_logits(chunk_hidden, weight, bias)
+        logits = chunk_logits(chunk_hidden, weight, bias, out=None if not defer else result.grad_logits[chunk])
         chunk_scales = None if grad_scales is None else grad_scales[chunk]
         stats.losses[chunk] = row_op(
             logits,
@@ -193,19 +214,23 @@ def chunked_linear_cross_entropy(
     return result
 
 
-def _result_buffers(hidden, weight, bias, num_rows: int, wanted: tuple[bool, bool, bool], metrics: bool):
+def _result_buffers(hidden, weight, bias, num_rows: int, wanted: tuple[bool, bool, bool], metrics: bool, defer: bool):
     """The `ChunkedResult` the chunks fill: [M] row statistics in the accumulation dtype (the metrics with
-    ``metrics``), and the gradients of ``wanted`` (hidden, weight, bias) as in `ChunkedResult`, else None."""
+    ``metrics``), and the gradients of ``wanted`` (hidden, weight, bias) as in `ChunkedResult`, else None; with
+    ``defer`` the [M, V] logit gradients instead of the weight gradient's buffer."""
     acc_dtype = accumulation_dtype(hidden.dtype)
     stats = RowStats(*(torch.empty(num_rows, dtype=acc_dtype, device=hidden.device) for _ in range(2 + 2 * metrics)))
     want_hidden, want_weight, want_bias = wanted
     grad_hidden = torch.zeros_like(hidden) if want_hidden else None
-    # every chunk adds into it, the first one with beta=0: no zero fill unless there is no chunk
-    allocate_grad_weight = torch.empty if num_rows else torch.zeros
-    grad_weight = allocate_grad_weight(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+    grad_weight = grad_logits = None
+    if defer:
+        grad_logits = torch.empty(num_rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    elif want_weight:  # every chunk adds into it, the first one with beta=0: no zero fill unless there is no chunk
+        allocate_grad_weight = torch.empty if num_rows else torch.zeros
+        grad_weight = allocate_grad_weight(weight.shape, dtype=acc_dtype, device=weight.device)
     want_bias = want_bias and bias is not None
     grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_bias else None
-    return ChunkedResult(stats, grad_hidden, grad_weight, grad_bias)
+    return ChunkedResult(stats, grad_hidden, grad_weight, grad_bias, grad_logits)
 
 
 def _add_chunk_gradients(result: ChunkedResult, grad_logits, chunk_rows, chunk_hidden, weight, *, first: bool) -> None:
@@ -219,8 +244,14 @@ def _add_chunk_gradients(result: ChunkedResult, grad_logits, chunk_rows, chunk_h
         result.grad_bias.add_(grad_logits.sum(0, dtype=result.grad_bias.dtype))
 
 
-FALLBACK_BLOCK_ELEMENTS = 1 << 22  # float32 temporary of add_product's upcast path: at most 16 MiB per block
+FALLBACK_BLOCK_ELEMENTS = 1 << 22  # accumulation-dtype temporaries of the CPU paths below: at most 16 MiB per block
 _out_dtype_failure: list[str] = []  # why this torch's CUDA addmm(out_dtype=...) could not be used, once
+
+
+def _row_blocks(num_rows: int, row_elements: int) -> list[slice]:
+    """Slices of ``num_rows`` rows, each holding at most FALLBACK_BLOCK_ELEMENTS elements (at least one row)."""
+    rows_per_block = max(1, FALLBACK_BLOCK_ELEMENTS // max(1, row_elements))
+    return [slice(start, start + rows_per_block) for start in range(0, num_rows, rows_per_block)]
 
 
 def add_product(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, first: bool = False) -> None:
@@ -254,14 +285,60 @@ def add_product(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tens
                 RuntimeWarning,
                 stacklevel=2,
             )
-    rows_per_block = max(1, FALLBACK_BLOCK_ELEMENTS // max(1, left.shape[1]))
+    blocks = _row_blocks(left.shape[0], left.shape[1])
     if accumulator.is_cuda:
-        for start in range(0, left.shape[0], rows_per_block):
-            block = slice(start, start + rows_per_block)
+        for block in blocks:
             product = left[block] @ right
             accumulator[block] = product if first else accumulator[block] + product
         return
     right = right.to(accumulator.dtype)
-    for start in range(0, left.shape[0], rows_per_block):
-        block = slice(start, start + rows_per_block)
+    for block in blocks:
         accumulator[block].addmm_(left[block].to(accumulator.dtype), right, beta=beta)
+
+
+def deferred_weight_grad(
+    grad_logits: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor, upstream: torch.Tensor
+) -> torch.Tensor:
+    """The deferred weight gradient ``[V, H] = grad_logits^T [V, M] @ (upstream * hidden[rows]) [M, H]``, in the
+    inputs' dtype: one matmul with K = M that accumulates in float32 (fp64 for fp64: cuBLAS with its
+    reduced-precision reductions switched off, oneDNN / PyTorch's CPU BLAS in float32 for half/bfloat16) and rounds
+    once into the inputs' dtype.
+
+    grad_logits [M, V] and hidden [N, H] in one dtype, rows [M] int64, upstream a 0-dim float tensor (the
+    upstream gradient of the reduced loss), folded into the [M, H] operand: computed in float32 and rounded
+    once to the inputs' dtype, exact when upstream is a power of two (1, 1/2, ... as gradient accumulation over
+    2^k micro-batches gives) or the inputs are float32/float64; otherwise bf16/fp16 operands carry one more
+    rounding (relative 2^-9 / 2^-12 per element, the size of the logit gradients' own rounding).
+    """
+    scaled_rows = scale_gradient(hidden.index_select(0, rows), upstream, hidden.dtype)
+    with _full_precision_reductions():
+        return grad_logits.T @ scaled_rows
+
+
+@contextlib.contextmanager
+def _full_precision_reductions():
+    """cuBLAS half/bfloat16 matmuls reduce in float32 only (no reduced-precision split-K reductions) inside."""
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
+
+
+def scale_gradient(grad: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad * upstream as ``dtype`` (in place when grad has it): computed in grad's accumulation dtype (float32 at
+    least), rounded once. upstream: a 0-dim float tensor on grad's device (no host sync).
+
+    On CUDA one elementwise kernel (reads grad, writes the result: a float32 [V, H] buffer scaled and cast to
+    bf16 in one pass, a bf16 gradient scaled in place). upstream is passed as a 1-element 1-dim tensor so that it
+    takes part in type promotion: a 0-dim one would be rounded to a half dtype first. On a CPU the same, in row
+    blocks (its elementwise ops would otherwise make float32 copies of the whole tensor)."""
+    upstream = upstream.to(accumulation_dtype(grad.dtype)).reshape(1)
+    out = grad if grad.dtype == dtype else torch.empty_like(grad, dtype=dtype)
+    if grad.is_cuda or (grad.dtype == upstream.dtype and dtype == grad.dtype):
+        return torch.mul(grad, upstream, out=out)
+    for block in _row_blocks(grad.shape[0], math.prod(grad.shape[1:])):
+        torch.mul(grad[block], upstream, out=out[block])
+    return out

@@ -9,7 +9,6 @@ backward ("none", and memory="low" through the vocabulary-sliced ``mrloss.ops.lo
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,8 @@ from mrloss.ops.chunked import (
     RowStats,
     SliceGradOp,
     chunked_linear_cross_entropy,
+    deferred_weight_grad,
+    scale_gradient,
 )
 from mrloss.ops.low_memory import low_memory_gradients
 from mrloss.ops.options import LossOptions
@@ -59,7 +60,8 @@ class Plan:
         return self.options.reduction == "none"
 
     @_without_autocast
-    def run(self, hidden, weight, bias, rows, targets, grad_scales, *, metrics=False) -> ChunkedResult:
+    def run(self, hidden, weight, bias, rows, targets, grad_scales, *, metrics=False, defer_weight_grad=False):
+        """The chunks (or the fused loss-only forward) over the learned rows: a `ChunkedResult`."""
         if grad_scales is None and self.fused_losses is not None and self.slice_grad_op is None:
             lse, correct, entropy = (
                 torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device) if wanted else None
@@ -79,7 +81,16 @@ class Plan:
             )
             return ChunkedResult(RowStats(losses, lse, correct, entropy), None, None, None)
         return chunked_linear_cross_entropy(
-            hidden, weight, bias, rows, targets, grad_scales, row_op=self.row_op, metrics=metrics, **self._chunking()
+            hidden,
+            weight,
+            bias,
+            rows,
+            targets,
+            grad_scales,
+            row_op=self.row_op,
+            metrics=metrics,
+            defer_weight_grad=defer_weight_grad,
+            **self._chunking(),
         )
 
     @_without_autocast
@@ -108,8 +119,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     Per-row objective o_i = l_i + zeta lse_i^2 (``RowOptions.objective``). Reduced (plan.per_token False):
     loss = sum_i scales_i o_i. With plan.slice_grad_op None (memory="fast") the gradients are built in
-    forward and backward multiplies those buffers in place by the scalar upstream gradient (no copy, no host
-    sync), so they serve one backward only: a second one through the same graph raises. Per token: loss [M] =
+    forward and backward multiplies them by the scalar upstream gradient (``scale_gradient``: in place, or into the
+    weight's dtype in the same pass; no host sync), so they serve one backward only: a second one through the same
+    graph raises. Where ``defers_weight_grad`` allows, forward keeps the learned rows' logit gradients instead of
+    the float32 weight-gradient buffer and backward makes the weight gradient in one matmul
+    (``deferred_weight_grad``). Per token: loss [M] =
     scales_i o_i (scales are the token weights). Per token or memory="low": backward builds the gradients
     with grad scales scales_i * upstream_i (any number of backward passes).
     """
@@ -120,12 +134,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.in_backward = plan.per_token or plan.slice_grad_op is not None
         build_grads = any(plan.needs_grad) and not ctx.in_backward
         metrics = plan.options.return_token_metrics
-        result = plan.run(hidden, weight, bias, rows, targets, scales if build_grads else None, metrics=metrics)
+        grad_scales = scales if build_grads else None
+        result = plan.run(hidden, weight, bias, rows, targets, grad_scales, metrics=metrics, defer_weight_grad=True)
         stats = result.rows
         if ctx.in_backward:
             ctx.save_for_backward(hidden, weight, bias, rows, targets, scales, stats.lse)
         else:
-            ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
+            deferred = result.grad_logits is not None
+            ctx.save_for_backward(
+                result.grad_hidden, result.grad_weight, result.grad_bias, result.grad_logits,
+                hidden if deferred else None, rows if deferred else None,
+            )  # fmt: skip
         objective = plan.row_options.objective(stats.losses, stats.lse)
         loss = objective * scales if plan.per_token else (objective * scales).sum()
         ctx.mark_non_differentiable(*(t for t in stats if t is not None))
@@ -146,10 +165,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     'by the first backward. Recompute the loss (or use reduction="none" and reduce it).'
                 )
             ctx.grads_consumed = True
-            grads = ctx.saved_tensors
-            for grad in grads:
-                if grad is not None:
-                    _scale_in_place(grad, grad_loss)
+            grads = _scaled_forward_gradients(ctx, grad_loss)
         return (
             *(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)),
             None,
@@ -198,20 +214,18 @@ def _differentiable_gradients(ctx, grad_loss: torch.Tensor) -> tuple:
     return tuple(next(grads) if wanted else None for wanted in plan.needs_grad)
 
 
-SCALE_BLOCK_ELEMENTS = 1 << 24  # float32 temporary of the half-precision scaling: at most 64 MiB
-
-
-def _scale_in_place(grad: torch.Tensor, upstream: torch.Tensor) -> None:
-    """grad *= upstream (0-dim, grad's device), in float32 at least and rounded once into grad's dtype.
-
-    float32/float64 buffers: one ``mul_``. Half-precision buffers (grad_hidden of bf16/fp16 inputs): in
-    blocks of rows through a float32 temporary, because a half-precision ``mul_`` by a 0-dim device
-    tensor would first round the upstream gradient itself to half precision (on CUDA)."""
-    acc_dtype = accumulation_dtype(grad.dtype)
-    upstream = upstream.to(acc_dtype)
-    if grad.dtype == acc_dtype:
-        grad.mul_(upstream)
-        return
-    rows_per_block = max(1, SCALE_BLOCK_ELEMENTS // max(1, math.prod(grad.shape[1:])))
-    for block in grad.split(rows_per_block):
-        block.copy_(block.to(acc_dtype) * upstream)
+def _scaled_forward_gradients(ctx, grad_loss: torch.Tensor) -> tuple:
+    """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes from the gradients the forward built: each
+    multiplied by the scalar ``grad_loss`` (``scale_gradient``), the weight gradient made now where it was
+    deferred (``deferred_weight_grad``)."""
+    grad_hidden, grad_weight, grad_bias, grad_logits, hidden, rows = ctx.saved_tensors
+    hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    if grad_logits is not None:
+        grad_weight = deferred_weight_grad(grad_logits, hidden, rows, grad_loss)
+    elif grad_weight is not None:
+        grad_weight = scale_gradient(grad_weight, grad_loss, weight_dtype)
+    if grad_hidden is not None:
+        grad_hidden = scale_gradient(grad_hidden, grad_loss, hidden_dtype)
+    if grad_bias is not None:
+        grad_bias = scale_gradient(grad_bias, grad_loss, bias_dtype)
+    return grad_hidden, grad_weight, grad_bias

@@ -45,8 +45,11 @@ class LossOptions:
             target-aligned (index 0 of each sequence is 0).
         backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "triton" (on the CPU: TRITON_INTERPRET=1)
             or "torch".
-        chunk_size: learned tokens per chunk, an int >= 1, or None (chunk logits about the size of hidden).
-        memory: "fast": gradients built in the forward into a float32 [V, H] buffer (~6·N·H·V FLOPs); "low": no
+        chunk_size: learned tokens per chunk, an int >= 1, or None (``chunked.default_chunk_size``: 2048 where a
+            [C, V] chunk is no larger than the weight, else about the size of hidden, at least 256).
+        memory: "fast": gradients built in the forward into a float32 [V, H] buffer, or with few learned rows
+            (M <= 2 H in bf16) their [M, V] logit gradients kept for one weight-gradient matmul in backward
+            (~6·N·H·V FLOPs); "low": no
             [V, H] float32 buffer and no [N, V], the gradients built in backward by vocabulary slices
             (~8·N·H·V FLOPs); same results to rounding.
         z_loss_scale: zeta >= 0, finite: each token's loss is l + zeta·lse² (PaLM's z-loss, Liger's
