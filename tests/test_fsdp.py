@@ -92,11 +92,12 @@ def check_fsdp(
     from torch.distributed.tensor import DTensor
 
     from mrloss.integrations.hf import apply_mrloss
+    from mrloss.integrations.patch import weight_sum
     from mrloss.ops.normalization import valid_weight_sum
 
     world, rank = mesh.size(), mesh.get_local_rank()
     input_ids, labels, weights = global_batch(world, seed, zero_rank, all_zero)
-    normalizer = valid_weight_sum(labels, weights).float()
+    normalizer = weight_sum(valid_weight_sum(labels, weights).float())  # what MultiRegionTrainer passes
     reference = apply_mrloss(tiny_llama(tie), backend="torch")
     ref_loss = reference(input_ids=input_ids, labels=labels, token_weights=weights, num_items_in_batch=normalizer).loss
     ref_loss.backward()

@@ -209,6 +209,81 @@ def test_peft_lora_model_matches_and_trains_only_the_adapter():
         torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_lm_head_is_found_once_per_model_not_on_every_step(monkeypatch):
+    """Before (a #24 follow-up): every patched forward walked ``named_modules()`` to find lm_head. Now the patch's
+    own check (which runs the forward with a fake head) finds it, and the steps walk nothing."""
+    model = tiny_model("llama")
+    walks = []
+    walk = model.named_modules
+    monkeypatch.setattr(model, "named_modules", lambda *args, **kwargs: walks.append(1) or walk(*args, **kwargs))
+    apply_mrloss(model)
+    assert walks
+    walks.clear()
+    batch = random_batch()
+    losses = [model(**batch).loss for _ in range(3)]
+    assert not walks and losses[0].item() == losses[2].item()
+
+
+def test_a_head_replaced_after_apply_mrloss_is_found_again():
+    """The remembered path is checked on every step: a head that PEFT wraps after apply_mrloss (a new module at
+    the same path; the patched forward is the wrapped model's) gets the gradient, and a head that moves to another
+    path is found there (the module at the old path is kept, not replaced by the head)."""
+    peft = pytest.importorskip("peft")
+    model = apply_mrloss(tiny_model("llama"))
+    batch = random_batch(seed=3)
+    model(**batch)  # remembers lm_head's path
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    params = [(name, p) for name, p in trainable(model) if "modules_to_save" in name]
+    assert params
+    out = model(**batch)  # the patched forward of the model inside
+    expected, _ = oracle(model, batch)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.loss, [p for _, p in params])
+    expected_grads = torch.autograd.grad(expected, [p for _, p in params])
+    for (name, _), grad, expected_grad in zip(params, grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6, msg=name)
+
+    class Holder(torch.nn.Module):  # the head one level down, as its model's get_output_embeddings says
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, hidden):
+            return self.head(hidden)
+
+    causal_lm = model.get_base_model()
+    holder = causal_lm.lm_head = Holder(causal_lm.lm_head)
+    causal_lm.get_output_embeddings = lambda: holder.head
+    torch.testing.assert_close(model(**batch).loss, out.loss)
+    assert causal_lm.lm_head is holder
+
+
+def test_the_patched_forward_has_the_models_signature_so_generate_matches_the_stock_model():
+    """Before (found for a #24 follow-up): the patched forward's signature was ``(*args, labels, ..., **kwargs)``.
+    transformers' ``generate`` builds ``attention_mask`` and ``position_ids`` only for a forward that names them,
+    so a left-padded prompt given without a mask was run unmasked: scores off by 0.44 on this tiny Llama (5.10.4
+    and 5.25). Code that looks for the cache keyword (``past_key_values`` up to 5.2x, ``cache`` since) or the
+    columns a forward takes now sees the model's own, plus ``token_weights`` and the other patched keywords."""
+    import inspect
+
+    model = tiny_model("llama").eval()
+    input_ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    input_ids[1, :3] = model.config.pad_token_id  # left padding, no attention_mask given
+
+    def scores():
+        out = model.generate(
+            input_ids=input_ids, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        return torch.stack(out.scores)
+
+    stock, stock_parameters = scores(), list(inspect.signature(model.forward).parameters)
+    apply_mrloss(model)
+    parameters = list(inspect.signature(model.forward).parameters)
+    assert [name for name in parameters if name in stock_parameters] == stock_parameters
+    assert {"attention_mask", "position_ids", "labels", "token_weights", "num_items_in_batch"} <= set(parameters)
+    torch.testing.assert_close(scores(), stock, rtol=0, atol=1e-6)
+
+
 def test_lora_on_lm_head_is_a_clear_error():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))

@@ -10,6 +10,7 @@ import torch
 from mrloss.data.encode import encode_batch
 from mrloss.data.records import Record, parse_records, read_records
 from mrloss.formats import FormatError
+from mrloss.ops.normalization import learned_mask
 
 RAW_DATA_OPTIONS = ("format", "overlap", "extra_keys")  # options of parsing raw samples (`mrloss.formats.parse`)
 
@@ -184,8 +185,35 @@ class MultiRegionDataset(torch.utils.data.Dataset):
             "region_type_ids": sample_type_ids[region_ids],  # index -1 picks the trailing -1
         }
 
+    def learned_samples(self) -> tuple[torch.Tensor, bool]:
+        """(whether each sample has a learned token: [N] bool; whether a learned token lies outside every region).
+        The rule is `mrloss.ops.normalization.learned_mask` of the token weights. Tokenized data reads only its
+        token-weight and region-id columns, in batches (no item is built)."""
+        if isinstance(self._items, list):
+            batches = [_concatenated(self._items)] if self._items else []
+        else:
+            batches = self._items.token_weight_batches()
+        learned, outside = [], False
+        for token_weights, region_ids, lengths in batches:
+            mask = learned_mask(None, token_weights)
+            counted = torch.cat([torch.zeros(1, dtype=torch.int64), mask.cumsum(0)])  # learned tokens before each
+            ends = lengths.cumsum(0)
+            learned.append(counted[ends] > counted[ends - lengths])
+            outside = outside or bool((mask & (region_ids < 0)).any())  # region id -1: outside every region
+        return (torch.cat(learned) if learned else torch.zeros(0, dtype=torch.bool)), outside
+
     def __len__(self) -> int:
         return len(self._items)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return dict(self._items[index])
+
+
+def _concatenated(items: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(token_weights [ΣT], region_ids [ΣT], lengths [n])`` of in-memory items, their tokens end to end."""
+    lengths = torch.tensor([len(item["token_weights"]) for item in items], dtype=torch.int64)
+    return (
+        torch.cat([item["token_weights"] for item in items]),
+        torch.cat([item["region_ids"] for item in items]),
+        lengths,
+    )

@@ -26,6 +26,7 @@ SUFFIX = ".tokenized"
 METADATA = "mrloss_tokenized.json"
 TOKENIZER_DIR = "tokenizer"
 VERSION = 1
+BATCH_ROWS = 4096  # rows read at a time when only some columns are needed (`TokenizedItems.token_weight_batches`)
 
 
 def schema():
@@ -187,6 +188,20 @@ class TokenizedItems:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def token_weight_batches(self):
+        """``(token_weights [ΣT] float32, region_ids [ΣT] int64, lengths [n] int64)`` of `BATCH_ROWS` rows at a
+        time, the rows' tokens end to end: only those two columns are read (as Arrow), no item is built."""
+        import pyarrow.compute as pc
+
+        columns = self._rows.with_format("arrow", columns=["token_weights", "region_ids"])
+        for table in columns.iter(batch_size=BATCH_ROWS):
+            weights, region_ids = (table.column(name).combine_chunks() for name in ("token_weights", "region_ids"))
+            yield (
+                torch.tensor(weights.flatten().to_numpy(zero_copy_only=False)),  # a copy: the memory map is read-only
+                torch.from_numpy(region_ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)),
+                torch.from_numpy(pc.list_value_length(weights).to_numpy(zero_copy_only=False).astype(np.int64)),
+            )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self._rows[int(index)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -61,14 +62,35 @@ def _no_logits(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.new_zeros(*hidden.shape[:-1], 1)
 
 
+# causal LM -> the submodule path of its output embeddings (found once per model; checked on every use, so that a
+# head replaced later, e.g. wrapped by PEFT after apply_mrloss, is found again)
+_LM_HEAD_PATHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lm_head_path(causal_lm, lm_head: torch.nn.Module) -> str:
+    """The submodule path of ``lm_head`` in ``causal_lm``: the remembered one while it still leads to ``lm_head``,
+    else found by walking ``named_modules()`` (and remembered). TypeError when it is not a submodule."""
+    path = _LM_HEAD_PATHS.get(causal_lm)
+    if path is None or _submodule(causal_lm, path) is not lm_head:
+        path = next((name for name, module in causal_lm.named_modules() if module is lm_head), None)
+        if not path:
+            raise TypeError(f"{type(causal_lm).__name__}: its output embeddings are not one of its submodules")
+        _LM_HEAD_PATHS[causal_lm] = path
+    return path
+
+
+def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 @contextlib.contextmanager
 def _lm_head_replaced(causal_lm, replacement: torch.nn.Module):
     """``causal_lm``'s output embedding module replaced by ``replacement`` (set on its parent module) inside."""
     lm_head = causal_lm.get_output_embeddings()
-    path = next((name for name, module in causal_lm.named_modules() if module is lm_head), None)
-    if not path:
-        raise TypeError(f"{type(causal_lm).__name__}: its output embeddings are not one of its submodules")
-    parent_path, _, name = path.rpartition(".")
+    parent_path, _, name = _lm_head_path(causal_lm, lm_head).rpartition(".")
     parent = causal_lm.get_submodule(parent_path)
     setattr(parent, name, replacement)
     try:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import types
 import warnings
+from typing import Callable
 
 import torch
 
@@ -22,6 +24,7 @@ from mrloss.integrations.heads import check_loss_options, head_loss, lm_head_of,
 from mrloss.ops.api import linear_cross_entropy
 
 CALLER = "apply_mrloss"
+KEYWORD_ONLY, VAR_KEYWORD = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD
 # attribute of the patched model: False makes its forward skip the token metrics (None in the output);
 # MultiRegionTrainer sets it per step (only steps that log, and evaluation, compute them)
 TOKEN_METRICS_FLAG = "_mrloss_token_metrics"
@@ -92,7 +95,7 @@ def apply_mrloss(model, **loss_options):
     stock_forward = causal_lm._mrloss.stock_forward if "_mrloss" in causal_lm.__dict__ else causal_lm.forward
     head = check_head(causal_lm, stock_forward, options.pop("softcap", None), caller=CALLER)
     causal_lm._mrloss = _Patch(stock_forward, head, options)
-    causal_lm.forward = types.MethodType(mrloss_forward, causal_lm)
+    causal_lm.forward = types.MethodType(_with_signature(mrloss_forward, stock_forward), causal_lm)
     causal_lm.accepts_loss_kwargs = True
     return model
 
@@ -144,6 +147,26 @@ def mrloss_forward(
         token_entropy=None if metrics is None else metrics.entropy,
     )
     return result.to_tuple() if return_dict is False else result
+
+
+def _with_signature(forward: Callable, stock_forward: Callable) -> Callable:
+    """``forward`` (called with the model first) as a new function whose signature is ``stock_forward``'s plus the
+    patched forward's own keywords: what code that inspects ``model.forward`` expects (transformers' ``generate``
+    builds ``attention_mask`` / ``position_ids`` only for a forward that names them; the Trainer keeps the dataset
+    columns it names)."""
+
+    def patched(causal_lm, *args, **kwargs):
+        return forward(causal_lm, *args, **kwargs)
+
+    stock = inspect.signature(stock_forward)
+    own = ("labels", "shift_labels", "token_weights", "num_items_in_batch")
+    added = [inspect.Parameter(name, KEYWORD_ONLY, default=None) for name in own if name not in stock.parameters]
+    fixed = [p for p in stock.parameters.values() if p.kind != VAR_KEYWORD]
+    variadic = [p for p in stock.parameters.values() if p.kind == VAR_KEYWORD]
+    model = inspect.Parameter("causal_lm", inspect.Parameter.POSITIONAL_ONLY)
+    patched.__signature__ = stock.replace(parameters=[model, *fixed, *added, *variadic])
+    patched.__name__, patched.__doc__ = forward.__name__, forward.__doc__
+    return patched
 
 
 def _warn_if_not_weight_sum(causal_lm, num_items_in_batch) -> None:

@@ -47,21 +47,18 @@ def ensure_data_files(data: DataConfig) -> None:
 def check_learned_tokens(dataset, data: DataConfig) -> bool:
     """ConfigError when no training sample has a learned token (weight > 0): the run would train nothing and log
     losses of 0 (most often a ``data.format`` that does not match the files); a warning naming how many samples
-    have none otherwise. ``dataset``: a `MultiRegionDataset` of ``data.train_files``. Returns whether a learned
+    have none otherwise. ``dataset``: a `MultiRegionDataset` of ``data.train_files`` (tokenized data: only its
+    token-weight and region-id columns are read, `MultiRegionDataset.learned_samples`). Returns whether a learned
     token lies outside every region (``default_weight > 0``: what a multiplier shared by all types acts against)."""
-    learned, weighted_outside = [], False
-    for item in dataset:
-        weighted = item["token_weights"] > 0
-        learned.append(bool(weighted.any()))
-        weighted_outside = weighted_outside or bool((weighted & (item["region_type_ids"] < 0)).any())
-    count, without = len(learned), learned.count(False)
+    learned, weighted_outside = dataset.learned_samples()
+    count, without = len(learned), int((~learned).sum())
     if without == count:
         raise ConfigError(
             f"config data.train_files: 0 of {count} samples in {', '.join(data.train_files)} have a learned token "
             f"(weight > 0), so nothing would be trained: {_likely_cause(dataset, data)}"
         )
     if without:
-        example = dataset.sample_ids[learned.index(False)]
+        example = dataset.sample_ids[int((~learned).nonzero()[0])]
         warnings.warn(
             f"{without} of {count} training samples have no learned token (weight > 0) and train nothing, "
             f"e.g. {example}",
