@@ -19,7 +19,8 @@ Row op contract (the one place for the formula; ``mrloss.ops.backends.torch`` an
         z_i = c * tanh(a_i / c)  with softcap c, else a_i;   lse_i = logsumexp(z_i)
         l_i = lse_i - (1 - eps) * z_i[t_i] - eps / V * sum_j z_i[j]     (eps = label_smoothing)
     the *_out rows [C] (accumulation dtype), each filled when given, at no extra matmul:
-        lse_out lse_i;  correct_out 1.0 where argmax_j z_i[j] == t_i else 0.0 (first maximum);
+        lse_out lse_i;  correct_out 1.0 where argmax_j z_i[j] == t_i else 0.0 (first maximum; the PyTorch row op
+        counts a row with a NaN as wrong);
         entropy_out -sum_j p_ij log p_ij with p_i = softmax(z_i)
     and, when grad_scales is given, logits[i] is overwritten (in its own dtype) with the gradient of
     s_i * (l_i + zeta * lse_i^2) (zeta = z_loss_scale):
