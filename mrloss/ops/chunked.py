@@ -199,7 +199,8 @@ def chunked_linear_cross_entropy(
     for start in range(0, rows.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
         chunk_hidden = hidden.index_select(0, rows[chunk])
-        logits = chunk_logits(chunk_hidden, weight, bias, out=None if not defer else result.grad_logits[chunk])
+        kept = result.grad_logits  # deferred: the chunk's logits, then their gradients, are its rows
+        logits = chunk_logits(chunk_hidden, weight, bias, out=None if kept is None else kept[chunk])
         chunk_scales = None if grad_scales is None else grad_scales[chunk]
         stats.losses[chunk] = row_op(
             logits,
